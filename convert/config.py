@@ -1,0 +1,328 @@
+"""NeMo `model_config.yaml` -> `config.json` (ARCHITECTURE.md schema).
+
+Any value the MLX model does not implement is refused, naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from convert.errors import ConversionError
+
+FORMAT_VERSION = 1
+_NEMO_REF = "nemo:"
+_LANG_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_MISSING = object()
+
+
+def _get(cfg: dict, dotted: str, default: Any = _MISSING) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _MISSING:
+                raise ConversionError(f"{dotted}: missing from model_config.yaml")
+            return default
+        node = node[part]
+    return node
+
+
+def _require(field: str, value: Any, supported: Iterable[Any]) -> Any:
+    supported = list(supported)
+    if value not in supported or isinstance(value, bool) != isinstance(supported[0], bool):
+        raise ConversionError(
+            f"{field}: unsupported value {value!r} (supported: {', '.join(map(repr, supported))})"
+        )
+    return value
+
+
+def _int(field: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConversionError(f"{field}: unsupported value {value!r} (supported: an integer >= {minimum})")
+    return value
+
+
+def _float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"{field}: unsupported value {value!r} (supported: a number)")
+    return float(value)
+
+
+def _target(field: str, value: Any, *suffixes: str) -> None:
+    if not isinstance(value, str) or not any(value == s or value.endswith("." + s) for s in suffixes):
+        raise ConversionError(f"{field}: unsupported value {value!r} (supported: {', '.join(suffixes)})")
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+
+
+def _member(field: str, ref: Any) -> str:
+    if not isinstance(ref, str) or not ref.startswith(_NEMO_REF):
+        raise ConversionError(
+            f"{field}: unsupported value {ref!r} (supported: a 'nemo:<file>' archive reference)"
+        )
+    return ref[len(_NEMO_REF) :]
+
+
+def tokenizer_sources(cfg: dict) -> tuple[str, list[tuple[str, str]]]:
+    """("aggregate" | "unified", [(name, archive member of its SentencePiece .model)]), in config order."""
+    tok = _get(cfg, "tokenizer")
+    kind = _require("tokenizer.type", _get(cfg, "tokenizer.type"), ["agg", "bpe"])
+    custom = _get(cfg, "tokenizer.custom_tokenizer._target_", None)
+    if kind == "bpe":
+        _target("tokenizer.custom_tokenizer._target_", custom, "CanaryBPETokenizer")
+        return "unified", [("", _member("tokenizer.model_path", tok.get("model_path")))]
+    if custom is not None:
+        _target("tokenizer.custom_tokenizer._target_", custom, "CanaryTokenizer")
+    langs = tok.get("langs")
+    if not isinstance(langs, dict) or not langs:
+        raise ConversionError(
+            f"tokenizer.langs: unsupported value {langs!r} (supported: a mapping of languages)"
+        )
+    if next(iter(langs)) != "spl_tokens":
+        raise ConversionError(
+            f"tokenizer.langs: unsupported value {list(langs)} (supported: spl_tokens first)"
+        )
+    sources = []
+    for name, sub in langs.items():
+        if not isinstance(name, str) or not _LANG_NAME.match(name):
+            raise ConversionError(f"tokenizer.langs: unsupported language name {name!r}")
+        _require(f"tokenizer.langs.{name}.type", _get(sub, "type"), ["bpe"])
+        sources.append((name, _member(f"tokenizer.langs.{name}.model_path", _get(sub, "model_path"))))
+    return "aggregate", sources
+
+
+def tokenizer_members(cfg: dict) -> list[str]:
+    return [member for _, member in tokenizer_sources(cfg)[1]]
+
+
+def _tokenizer_json(cfg: dict) -> dict:
+    kind, sources = tokenizer_sources(cfg)
+    if kind == "unified":
+        return {"type": "unified", "file": "tokenizer.model"}
+    return {"type": "aggregate", "langs": [{"name": n, "file": f"tokenizer.{n}.model"} for n, _ in sources]}
+
+
+def tokenizer_filenames(cfg: dict) -> dict[str, str]:
+    """Archive member -> file name in the converted directory."""
+    kind, sources = tokenizer_sources(cfg)
+    if kind == "unified":
+        return {sources[0][1]: "tokenizer.model"}
+    return {member: f"tokenizer.{name}.model" for name, member in sources}
+
+
+# ---- sections ----------------------------------------------------------------------------------------------
+
+
+def _preprocessor(cfg: dict, sample_rate: int) -> dict:
+    p = _get(cfg, "preprocessor")
+    _target("preprocessor._target_", p.get("_target_"), "AudioToMelSpectrogramPreprocessor")
+    _require("preprocessor.sample_rate", p.get("sample_rate", 16000), [sample_rate])
+    _require("preprocessor.normalize", p.get("normalize", "per_feature"), ["per_feature"])
+    _require("preprocessor.window", p.get("window", "hann"), ["hann"])
+    _require("preprocessor.log", p.get("log", True), [True])
+    _require("preprocessor.log_zero_guard_type", p.get("log_zero_guard_type", "add"), ["add"])
+    _require("preprocessor.mel_norm", p.get("mel_norm", "slaney"), ["slaney"])
+    _require("preprocessor.frame_splicing", p.get("frame_splicing", 1), [1])
+    _require("preprocessor.exact_pad", p.get("exact_pad", False), [False])
+    _require("preprocessor.lowfreq", p.get("lowfreq", 0), [0])
+    _require("preprocessor.highfreq", p.get("highfreq"), [None, sample_rate / 2])
+    _require("preprocessor.stft_exact_pad", p.get("stft_exact_pad", False), [False])
+    _require("preprocessor.stft_conv", p.get("stft_conv", False), [False])
+    n_fft = _int("preprocessor.n_fft", p.get("n_fft", 512))
+    win = int(_float("preprocessor.window_size", p.get("window_size", 0.02)) * sample_rate)
+    hop = int(_float("preprocessor.window_stride", p.get("window_stride", 0.01)) * sample_rate)
+    if not 0 < win <= n_fft:
+        raise ConversionError(
+            f"preprocessor.window_size: unsupported value {p.get('window_size')} (window > n_fft)"
+        )
+    return {
+        "features": _int("preprocessor.features", p.get("features", 64)),
+        "n_fft": n_fft,
+        "win_length": win,
+        "hop_length": _int("preprocessor.window_stride", hop),
+        "preemph": _float("preprocessor.preemph", p.get("preemph", 0.97)),
+        "log_zero_guard_value": _float(
+            "preprocessor.log_zero_guard_value", p.get("log_zero_guard_value", 2**-24)
+        ),
+        "mag_power": _float("preprocessor.mag_power", p.get("mag_power", 2.0)),
+        "pad_to": _int("preprocessor.pad_to", p.get("pad_to", 16), minimum=0),
+        "pad_value": _float("preprocessor.pad_value", p.get("pad_value", 0.0)),
+    }
+
+
+def _encoder(cfg: dict, features: int) -> dict:
+    e = _get(cfg, "encoder")
+    _target("encoder._target_", e.get("_target_"), "ConformerEncoder")
+    d_model = _int("encoder.d_model", _get(e, "d_model"))
+    _require("encoder.feat_in", _get(e, "feat_in"), [features])
+    _require("encoder.feat_out", e.get("feat_out", -1), [-1])
+    _require("encoder.subsampling", e.get("subsampling", "striding"), ["dw_striding"])
+    _require("encoder.subsampling_factor", e.get("subsampling_factor", 4), [8])
+    _require("encoder.causal_downsampling", e.get("causal_downsampling", False), [False])
+    _require("encoder.self_attention_model", e.get("self_attention_model", "rel_pos"), ["rel_pos"])
+    _require("encoder.untie_biases", e.get("untie_biases", True), [True])
+    _require("encoder.use_bias", e.get("use_bias", True), [True])
+    _require("encoder.conv_norm_type", e.get("conv_norm_type", "batch_norm"), ["batch_norm"])
+    _require("encoder.conv_context_size", e.get("conv_context_size"), [None])
+    _require("encoder.att_context_size", list(e.get("att_context_size") or [-1, -1]), [[-1, -1]])
+    _require("encoder.att_context_style", e.get("att_context_style", "regular"), ["regular"])
+    _require("encoder.global_tokens", e.get("global_tokens", 0), [0])
+    _require("encoder.reduction", e.get("reduction"), [None])
+    channels = e.get("subsampling_conv_channels", -1)
+    kernel = _int("encoder.conv_kernel_size", e.get("conv_kernel_size", 31))
+    if kernel % 2 == 0:
+        raise ConversionError(f"encoder.conv_kernel_size: unsupported value {kernel} (supported: odd sizes)")
+    n_heads = _int("encoder.n_heads", e.get("n_heads", 4))
+    if d_model % n_heads:
+        raise ConversionError(f"encoder.n_heads: unsupported value {n_heads} (must divide d_model {d_model})")
+    return {
+        "feat_in": features,
+        "n_layers": _int("encoder.n_layers", _get(e, "n_layers")),
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "ff_expansion_factor": _int("encoder.ff_expansion_factor", e.get("ff_expansion_factor", 4)),
+        "conv_kernel_size": kernel,
+        "subsampling_factor": 8,
+        "subsampling_conv_channels": d_model
+        if channels == -1
+        else _int("encoder.subsampling_conv_channels", channels),
+        "pos_emb_max_len": _int("encoder.pos_emb_max_len", e.get("pos_emb_max_len", 5000)),
+        "xscaling": _require("encoder.xscaling", e.get("xscaling", True), [True, False]),
+    }
+
+
+def _decoder(cfg: dict, vocab_size: int) -> dict:
+    _require("transf_encoder.num_layers", _get(cfg, "transf_encoder.num_layers", 0), [0])
+    t = _get(cfg, "transf_decoder")
+    _target("transf_decoder._target_", t.get("_target_"), "get_nemo_transformer")
+    _require("transf_decoder.model_name", t.get("model_name"), [None])
+    _require("transf_decoder.pretrained", t.get("pretrained", False), [False])
+    _require("transf_decoder.pre_ln_final_layer_norm", t.get("pre_ln_final_layer_norm", True), [True])
+    c = _get(t, "config_dict")
+    f = "transf_decoder.config_dict."
+    _require(f + "pre_ln", c.get("pre_ln", False), [True])
+    _require(f + "hidden_act", c.get("hidden_act", "relu"), ["relu"])
+    _require(f + "learn_positional_encodings", c.get("learn_positional_encodings", False), [False])
+    _require(f + "num_token_types", c.get("num_token_types", 0), [0])
+    _require(f + "vocab_size", c.get("vocab_size"), [None, vocab_size])
+    hidden = _int(f + "hidden_size", _get(c, "hidden_size"))
+    heads = _int(f + "num_attention_heads", _get(c, "num_attention_heads"))
+    if hidden % heads:
+        raise ConversionError(f"{f}num_attention_heads: unsupported value {heads} (must divide {hidden})")
+    h = _get(cfg, "head")
+    _target("head._target_", h.get("_target_"), "TokenClassifier")
+    _require("head.num_layers", h.get("num_layers", 1), [1])
+    _require("head.log_softmax", h.get("log_softmax", True), [True])
+    _require("head.hidden_size", h.get("hidden_size", hidden), [hidden])
+    _require("head.num_classes", h.get("num_classes"), [None, vocab_size])
+    return {
+        "num_layers": _int(f + "num_layers", _get(c, "num_layers")),
+        "hidden_size": hidden,
+        "inner_size": _int(f + "inner_size", _get(c, "inner_size")),
+        "num_attention_heads": heads,
+        "max_sequence_length": _int(f + "max_sequence_length", _get(c, "max_sequence_length")),
+        "vocab_size": vocab_size,
+    }
+
+
+def _decoding(cfg: dict) -> dict:
+    d = cfg.get("decoding") or {}
+    strategy = _require("decoding.strategy", d.get("strategy", "beam"), ["beam", "greedy"])
+    section = d.get(strategy) or {}
+    beam_size = (
+        _int(f"decoding.{strategy}.beam_size", section.get("beam_size", 1)) if strategy == "beam" else 1
+    )
+    return {
+        "beam_size": beam_size,
+        # NeMo's factory reads `length_penalty` and ignores the configured `len_pen` (reference 6.1).
+        "length_penalty": _float(f"decoding.{strategy}.length_penalty", section.get("length_penalty", 0.0)),
+        "max_generation_delta": _int(
+            f"decoding.{strategy}.max_generation_delta", section.get("max_generation_delta", -1), minimum=-1
+        ),
+    }
+
+
+def _lang(field: str, value: Any) -> str:
+    m = re.fullmatch(r"<\|([^|<>]+)\|>|([A-Za-z][A-Za-z0-9_-]*)", str(value))
+    if m is None:
+        raise ConversionError(f"{field}: unsupported value {value!r} (supported: a language like '<|en|>')")
+    return m.group(1) or m.group(2)
+
+
+def _pnc(value: Any) -> bool:
+    truthy = {True, "yes", "true", "<|pnc|>", "pnc"}
+    falsy = {False, "no", "false", "<|nopnc|>", "nopnc"}
+    v = value.lower() if isinstance(value, str) else value
+    if v in truthy:
+        return True
+    if v in falsy:
+        return False
+    raise ConversionError(
+        f"prompt_defaults.pnc: unsupported value {value!r} (supported: <|pnc|>, <|nopnc|>, yes, no)"
+    )
+
+
+def _prompt_defaults(cfg: dict) -> dict:
+    """Flatten NeMo's [{role: user, slots: {...}}] to {source_lang, target_lang, pnc}; en/en/pnc if absent."""
+    slots: dict = {}
+    for turn in cfg.get("prompt_defaults") or []:
+        if isinstance(turn, dict) and turn.get("role") == "user":
+            slots = turn.get("slots") or {}
+    source = _lang("prompt_defaults.source_lang", slots.get("source_lang", "en"))
+    return {
+        "source_lang": source,
+        "target_lang": _lang("prompt_defaults.target_lang", slots.get("target_lang", source)),
+        "pnc": _pnc(slots.get("pnc", True)),
+    }
+
+
+def padded_vocab_size(tokenizer_vocab: int) -> int:
+    """NeMo sizes the embedding and head as 8*ceil(tokenizer vocab / 8) (reference 5.1)."""
+    return 8 * math.ceil(tokenizer_vocab / 8)
+
+
+def build_config(
+    cfg: dict,
+    *,
+    tokenizer_vocab: int,
+    head_rows: int,
+    source_file: str,
+    dtype: str,
+    enc_dec_proj_present: bool,
+) -> dict:
+    """The config.json dict for a NeMo config, given facts read from the tokenizers and the checkpoint."""
+    _target("target", cfg.get("target"), "EncDecMultiTaskModel")
+    vocab_size = padded_vocab_size(tokenizer_vocab)
+    if vocab_size != head_rows:
+        raise ConversionError(
+            f"vocab_size: tokenizer has {tokenizer_vocab} pieces (padded {vocab_size}), "
+            f"but the head has {head_rows} rows"
+        )
+    sample_rate = _require("sample_rate", cfg.get("sample_rate", 16000), [16000])
+    preprocessor = _preprocessor(cfg, sample_rate)
+    encoder = _encoder(cfg, preprocessor["features"])
+    decoder = _decoder(cfg, vocab_size)
+    enc_dec_proj = encoder["d_model"] != decoder["hidden_size"]
+    if enc_dec_proj != enc_dec_proj_present:
+        raise ConversionError(
+            f"encoder_decoder_proj: checkpoint {'has' if enc_dec_proj_present else 'lacks'} it but d_model "
+            f"{encoder['d_model']} vs decoder hidden_size {decoder['hidden_size']} says otherwise"
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": "canary",
+        "source": {"file": source_file, "nemo_version": str(cfg.get("nemo_version", "unknown"))},
+        "dtype": dtype,
+        "sample_rate": sample_rate,
+        "prompt_format": _require("prompt_format", cfg.get("prompt_format"), ["canary", "canary2"]),
+        "prompt_defaults": _prompt_defaults(cfg),
+        "preprocessor": preprocessor,
+        "encoder": encoder,
+        "enc_dec_proj": enc_dec_proj,
+        "decoder": decoder,
+        "tokenizer": _tokenizer_json(cfg),
+        "decoding": _decoding(cfg),
+    }
