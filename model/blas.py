@@ -37,6 +37,8 @@ def preload_openblas() -> str | None:
         _loaded = name
         return _loaded
     _loaded = ""
-    print("canary-server: libopenblas.so.0 not found; fp32 matmuls will be slow "
-          "(apt-get install libopenblas0-pthread)", file=sys.stderr)
+    print(
+        "canary-server: libopenblas.so.0 not found; fp32 matmuls will be slow (apt-get install libopenblas0-pthread)",
+        file=sys.stderr,
+    )
     return _loaded

@@ -1,0 +1,158 @@
+"""The Canary encoder-decoder as one MLX module, plus batched transcription."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from model.audio import SAMPLE_RATE, AudioSource, load_audio, pad_to_min_duration
+from model.config import ModelConfig, PreprocessorConfig
+from model.conformer import ConformerEncoder
+from model.decoder import TransformerDecoder
+from model.decoding import greedy_decode
+from model.features import log_mel
+from model.prompt import PromptSpec, build_prompt, supported_languages
+from model.tokenizer import CanaryTokenizer
+
+MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
+
+
+class Preprocessor(nn.Module):
+    def __init__(self, cfg: PreprocessorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window = mx.zeros((cfg.win_length,))
+        self.fb = mx.zeros((cfg.features, cfg.n_fft // 2 + 1))
+
+    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        return log_mel(audio, lengths, self.fb, self.window, self.cfg)
+
+
+class Head(nn.Module):
+    """TokenClassifier: its weight is tied to the decoder token embedding, only the bias is its own."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.bias = mx.zeros((vocab,))
+
+
+@dataclass
+class Transcription:
+    text: str
+    tokens: list[int]
+    source_lang: str
+    target_lang: str
+    duration: float  # seconds of input audio (before any padding)
+    raw_text: str = field(default="", repr=False)  # NeMo's hypothesis text (leading space kept)
+    finished: bool = True  # False when decoding stopped at the length limit
+
+
+class Canary(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: CanaryTokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.preprocessor = Preprocessor(config.preprocessor)
+        self.encoder = ConformerEncoder(config.encoder)
+        if config.enc_dec_proj:
+            self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
+        self.decoder = TransformerDecoder(config.decoder)
+        self.head = Head(config.decoder.vocab_size)
+
+    # ---- network pieces -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.decoder.embedding.token_embedding.weight.dtype
+
+    def encode(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """audio (B, L) float32, lengths (B,) -> decoder-ready encoder states (B, T', H), lengths (B,)."""
+        feats, valid = self.preprocessor(audio, lengths)
+        enc, enc_lengths = self.encoder(feats.astype(self.dtype), valid)
+        if self.config.enc_dec_proj:
+            enc = self.encoder_decoder_proj(enc)
+        return enc, enc_lengths
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Tied output projection: hidden (..., H) -> logits (..., V), float32."""
+        return self.decoder.embedding.token_embedding.as_linear(hidden).astype(mx.float32) + self.head.bias
+
+    def log_probs(self, hidden: mx.array) -> mx.array:
+        logits = self.logits(hidden)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    # ---- user API -----------------------------------------------------------------------------------------
+    @property
+    def languages(self) -> list[str]:
+        return supported_languages(self.tokenizer)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def prompt_ids(self, spec: PromptSpec) -> list[int]:
+        return build_prompt(self.tokenizer, self.config.prompt_format, spec)
+
+    def transcribe(
+        self,
+        audio: AudioSource | np.ndarray | list,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        pnc: bool = True,
+        context: str | None = None,
+        batch_size: int = 8,
+    ) -> Transcription | list[Transcription]:
+        """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs.
+
+        Inputs are paths, bytes, or float32 arrays at 16 kHz mono. Batches are formed in input order, as
+        NeMo's transcribe() does (the decoder length limit depends on the longest item of a batch)."""
+        single = not isinstance(audio, list)
+        items = [audio] if single else audio
+        source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
+        spec = PromptSpec(source_lang, target_lang or source_lang, pnc=pnc, context=context or "")
+        prompt = self.prompt_ids(spec)
+        waves = [_as_waveform(x) for x in items]
+        results: list[Transcription] = []
+        for start in range(0, len(waves), batch_size):
+            results += self._transcribe_batch(waves[start : start + batch_size], prompt, spec)
+        return results[0] if single else results
+
+    def _transcribe_batch(self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec) -> list[Transcription]:
+        min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
+        padded = [pad_to_min_duration(w, min_samples) for w in waves]
+        audio, lengths = pad_batch(padded)
+        enc, enc_lengths = self.encode(audio, lengths)
+        prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
+        tok = self.tokenizer
+        result = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)
+        out = []
+        for wave, ids, finished in zip(waves, result.tokens, result.finished, strict=True):
+            raw = tok.ids_to_text(ids)
+            out.append(
+                Transcription(
+                    raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
+                )
+            )
+        return out
+
+
+def pad_batch(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+    """Right-pad with zeros: (B, L_max) float32 and lengths (B,) int32."""
+    longest = max(w.shape[0] for w in waves)
+    batch = np.zeros((len(waves), longest), dtype=np.float32)
+    for i, w in enumerate(waves):
+        batch[i, : w.shape[0]] = w
+    return mx.array(batch), mx.array([w.shape[0] for w in waves], dtype=mx.int32)
+
+
+def _as_waveform(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1:
+            raise ValueError(f"audio arrays must be 1-D float32 at 16 kHz, got shape {x.shape}")
+        return x.astype(np.float32, copy=False)
+    if isinstance(x, str | Path | bytes | bytearray) or hasattr(x, "read"):
+        return load_audio(x)
+    raise TypeError(f"unsupported audio input of type {type(x).__name__}")

@@ -1,0 +1,118 @@
+"""Frozen hyperparameter dataclasses built from a converted directory's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        # Unknown keys are ignored (as mlx-lm's BaseModelArgs), so newer converters stay loadable.
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig(_FromDict):
+    features: int = 128
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    preemph: float = 0.97
+    log_zero_guard_value: float = 2.0**-24
+    mag_power: float = 2.0
+    pad_to: int = 0
+    pad_value: float = 0.0
+
+
+@dataclass(frozen=True)
+class EncoderConfig(_FromDict):
+    feat_in: int = 128
+    n_layers: int = 17
+    d_model: int = 512
+    n_heads: int = 8
+    ff_expansion_factor: int = 4
+    conv_kernel_size: int = 9
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    pos_emb_max_len: int = 5000
+    xscaling: bool = False
+
+    @property
+    def n_subsampling_convs(self) -> int:
+        return {2: 1, 4: 2, 8: 3, 16: 4}[self.subsampling_factor]
+
+
+@dataclass(frozen=True)
+class DecoderConfig(_FromDict):
+    num_layers: int = 4
+    hidden_size: int = 1024
+    inner_size: int = 4096
+    num_attention_heads: int = 8
+    max_sequence_length: int = 1024
+    vocab_size: int = 5248
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_FromDict):
+    type: str = "aggregate"  # "aggregate" (canary-1b, flash) | "unified" (canary-1b-v2)
+    langs: tuple[tuple[str, str], ...] = ()  # aggregate: ((name, file), ...) in id order
+    file: str | None = None  # unified: the single SentencePiece model
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+        langs = tuple((x["name"], x["file"]) for x in d.get("langs", ()))
+        return cls(type=d.get("type", "aggregate"), langs=langs, file=d.get("file"))
+
+
+@dataclass(frozen=True)
+class DecodingConfig(_FromDict):
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    max_generation_delta: int = -1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preprocessor: PreprocessorConfig
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    tokenizer: TokenizerConfig
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    prompt_format: str = "canary2"
+    prompt_defaults: dict[str, Any] = field(default_factory=dict)
+    enc_dec_proj: bool = False
+    sample_rate: int = 16000
+    dtype: str = "float32"
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"config.json format_version {version!r} is not {FORMAT_VERSION}: re-convert the model")
+        return cls(
+            preprocessor=PreprocessorConfig.from_dict(d.get("preprocessor", {})),
+            encoder=EncoderConfig.from_dict(d["encoder"]),
+            decoder=DecoderConfig.from_dict(d["decoder"]),
+            tokenizer=TokenizerConfig.from_dict(d["tokenizer"]),
+            decoding=DecodingConfig.from_dict(d.get("decoding", {})),
+            prompt_format=d.get("prompt_format", "canary2"),
+            prompt_defaults=dict(d.get("prompt_defaults", {})),
+            enc_dec_proj=bool(d.get("enc_dec_proj", False)),
+            sample_rate=int(d.get("sample_rate", 16000)),
+            dtype=d.get("dtype", "float32"),
+            source=dict(d.get("source", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        d["tokenizer"]["langs"] = [{"name": n, "file": f} for n, f in self.tokenizer.langs]
+        return d

@@ -1,0 +1,186 @@
+"""FastConformer encoder (NeMo `ConformerEncoder`: dw_striding subsampling, rel-pos MHSA, macaron FF).
+
+Attribute names follow NeMo's state dict (reference §2, §4.1) so the converter only handles layouts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from model.config import EncoderConfig
+
+NEG_INF = -10000.0  # nemo/collections/asr/parts/submodules/multi_head_attention.py INF_VAL
+BN_EPS = 1e-5
+LN_EPS = 1e-5
+
+
+def _time_mask(lengths: mx.array, t: int) -> mx.array:
+    return mx.arange(t)[None, :] < lengths[:, None]  # (B, T)
+
+
+def _conv_out_len(lengths: mx.array) -> mx.array:
+    # calc_length for kernel 3, stride 2, padding 1 (both sides): floor((L + 2 - 3) / 2 + 1) = ceil(L / 2)
+    return (lengths - 1) // 2 + 1
+
+
+class ConvSubsampling(nn.Module):
+    """dw_striding x8: conv(1->C, s2) ReLU [dw(s2) pw ReLU] x2, masked like NeMo's MaskedConvSequential."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        c = cfg.subsampling_conv_channels
+        layers: list[nn.Module] = [nn.Conv2d(1, c, 3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(cfg.n_subsampling_convs - 1):
+            layers += [nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c), nn.Conv2d(c, c, 1), nn.ReLU()]
+        self.conv = layers
+        freq = cfg.feat_in
+        for _ in range(cfg.n_subsampling_convs):
+            freq = (freq - 1) // 2 + 1
+        self.out = nn.Linear(c * freq, cfg.d_model)
+
+    def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        x = x[..., None]  # (B, T, F, 1): NHWC with H = time, W = mel
+        x = x * _time_mask(lengths, x.shape[1])[:, :, None, None]
+        for layer in self.conv:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d):
+                if layer.weight.shape[1] == 3:  # stride-2 conv: lengths shrink
+                    lengths = _conv_out_len(lengths)
+                x = x * _time_mask(lengths, x.shape[1])[:, :, None, None].astype(x.dtype)
+        b, t, f, c = x.shape
+        x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)  # channel-major flatten, as NeMo's (B, C, T, F) view
+        return self.out(x), lengths
+
+
+def rel_positional_encoding(t: int, d_model: int) -> mx.array:
+    """RelPositionalEncoding table for positions t-1 .. -(t-1): (2t-1, d_model), float32 like NeMo."""
+    positions = mx.arange(t - 1, -t, -1).astype(mx.float32)[:, None]
+    div = mx.exp(mx.arange(0, d_model, 2).astype(mx.float32) * -(math.log(10000.0) / d_model))
+    angles = positions * div  # (2t-1, d/2)
+    return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(2 * t - 1, d_model)
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.h, self.d_k = n_heads, d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model)
+        self.linear_k = nn.Linear(d_model, d_model)
+        self.linear_v = nn.Linear(d_model, d_model)
+        self.linear_out = nn.Linear(d_model, d_model)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = mx.zeros((n_heads, self.d_k))
+        self.pos_bias_v = mx.zeros((n_heads, self.d_k))
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array) -> mx.array:
+        """x (B, T, D), pos_emb (2T-1, D), mask (B, 1, T, T) True where attention is NOT allowed."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).reshape(b, t, self.h, self.d_k)  # (B, T, H, d_k)
+        k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
+        v = self.linear_v(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(-1, self.h, self.d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
+        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
+        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        ac = q_u @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
+        bd = self._rel_shift(q_v @ p.transpose(0, 2, 1))[..., :t]  # (B, H, T, T): relative position i - j
+        scores = (ac + bd) / math.sqrt(self.d_k)
+        scores = mx.where(mask, NEG_INF, scores)
+        attn = mx.where(mask, 0.0, mx.softmax(scores, axis=-1, precise=True))
+        out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)  # (B, T, D)
+        return self.linear_out(out)
+
+    @staticmethod
+    def _rel_shift(x: mx.array) -> mx.array:
+        # NeMo rel_shift: pad one zero column left, view (2T, T'), drop the first row, view back.
+        b, h, t, n = x.shape  # n = 2T - 1
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)])  # (B, H, T, 2T)
+        x = x.reshape(b, h, n + 1, t)[:, :, 1:]  # (B, H, 2T-1, T)
+        return x.reshape(b, h, t, n)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.silu(self.linear1(x)))
+
+
+class BatchNorm(nn.Module):
+    """Inference-only BatchNorm1d over the channel (last) axis."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+        self.running_mean = mx.zeros((dims,))
+        self.running_var = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + BN_EPS) * self.weight + self.bias
+
+
+class ConformerConvolution(nn.Module):
+    def __init__(self, d_model: int, kernel_size: int) -> None:
+        super().__init__()
+        self.pointwise_conv1 = nn.Linear(d_model, 2 * d_model)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model)
+        self.batch_norm = BatchNorm(d_model)
+        self.pointwise_conv2 = nn.Linear(d_model, d_model)
+
+    def __call__(self, x: mx.array, pad_mask: mx.array) -> mx.array:
+        """x (B, T, D); pad_mask (B, T, 1) True on valid frames."""
+        a, gate = mx.split(self.pointwise_conv1(x), 2, axis=-1)
+        x = a * mx.sigmoid(gate)  # GLU over channels
+        x = mx.where(pad_mask, x, 0.0)
+        x = nn.silu(self.batch_norm(self.depthwise_conv(x)))
+        return self.pointwise_conv2(x)
+
+
+class ConformerLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm_feed_forward1 = nn.LayerNorm(d, eps=LN_EPS)
+        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.norm_self_att = nn.LayerNorm(d, eps=LN_EPS)
+        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads)
+        self.norm_conv = nn.LayerNorm(d, eps=LN_EPS)
+        self.conv = ConformerConvolution(d, cfg.conv_kernel_size)
+        self.norm_feed_forward2 = nn.LayerNorm(d, eps=LN_EPS)
+        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.norm_out = nn.LayerNorm(d, eps=LN_EPS)
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array, pad_mask: mx.array) -> mx.array:
+        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask)
+        x = x + self.conv(self.norm_conv(x), pad_mask)
+        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pre_encode = ConvSubsampling(cfg)
+        self.layers = [ConformerLayer(cfg) for _ in range(cfg.n_layers)]
+
+    def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """features (B, T, F), valid frame counts (B,) -> encoded (B, T', D), encoded lengths (B,)."""
+        x, lengths = self.pre_encode(features, lengths)
+        if self.cfg.xscaling:
+            x = x * math.sqrt(self.cfg.d_model)
+        t = x.shape[1]
+        pos_emb = rel_positional_encoding(t, self.cfg.d_model).astype(x.dtype)
+        valid = _time_mask(lengths, t)  # (B, T)
+        att_mask = ~(valid[:, None, :, None] & valid[:, None, None, :])  # (B, 1, T, T)
+        pad_mask = valid[..., None]  # (B, T, 1)
+        for layer in self.layers:
+            x = layer(x, pos_emb, att_mask, pad_mask)
+        return x, lengths

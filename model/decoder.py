@@ -1,0 +1,142 @@
+"""NeMo TransformerDecoder (pre-LN, final LN) with a preallocated self-attention KV cache.
+
+Reference §3. Cross-attention K/V are computed once per utterance (`cross_kv`), never inside the token loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from model.cache import KVCache
+from model.config import DecoderConfig
+
+NEG_INF = -10000.0  # nemo/collections/common/parts/transformer_utils.py NEG_INF
+LN_EPS = 1e-5
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int) -> None:
+        super().__init__()
+        self.h, self.d_k = n_heads, hidden // n_heads
+        self.scale = 1.0 / math.sqrt(self.d_k)  # NeMo scales q and k by d_k^-1/4 each
+        self.query_net = nn.Linear(hidden, hidden)
+        self.key_net = nn.Linear(hidden, hidden)
+        self.value_net = nn.Linear(hidden, hidden)
+        self.out_projection = nn.Linear(hidden, hidden)
+
+    def heads(self, x: mx.array) -> mx.array:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
+
+    def kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        return self.heads(self.key_net(x)), self.heads(self.value_net(x))
+
+    def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+        b, t, _ = x.shape
+        q = self.heads(self.query_net(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_projection(out.transpose(0, 2, 1, 3).reshape(b, t, -1))  # (B, T, D)
+
+
+class PositionWiseFF(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.dense_in = nn.Linear(hidden, inner)
+        self.dense_out = nn.Linear(inner, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.dense_out(nn.relu(self.dense_in(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.layer_norm_1 = nn.LayerNorm(h, eps=LN_EPS)
+        self.first_sub_layer = MultiHeadAttention(h, cfg.num_attention_heads)
+        self.layer_norm_2 = nn.LayerNorm(h, eps=LN_EPS)
+        self.second_sub_layer = MultiHeadAttention(h, cfg.num_attention_heads)
+        self.layer_norm_3 = nn.LayerNorm(h, eps=LN_EPS)
+        self.third_sub_layer = PositionWiseFF(h, cfg.inner_size)
+
+    def __call__(
+        self,
+        x: mx.array,
+        self_kv: tuple[mx.array, mx.array],
+        self_mask: mx.array | None,
+        cross_kv: tuple[mx.array, mx.array],
+        cross_mask: mx.array,
+    ) -> mx.array:
+        x = x + self.first_sub_layer.attend(self.layer_norm_1(x), *self_kv, self_mask)
+        x = x + self.second_sub_layer.attend(self.layer_norm_2(x), *cross_kv, cross_mask)
+        return x + self.third_sub_layer(self.layer_norm_3(x))
+
+
+class FixedPositionalEncoding(nn.Module):
+    def __init__(self, max_len: int, hidden: int) -> None:
+        super().__init__()
+        self.pos_enc = mx.zeros((max_len, hidden))  # loaded from the checkpoint (persistent buffer)
+
+
+class TransformerEmbedding(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = FixedPositionalEncoding(cfg.max_sequence_length, cfg.hidden_size)
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
+
+    def __call__(self, ids: mx.array, positions: mx.array) -> mx.array:
+        """ids (B, T), positions (B, T) or (T,) -> (B, T, H). No sqrt(d) scaling (NeMo)."""
+        pos = self.position_embedding.pos_enc[positions].astype(self.token_embedding.weight.dtype)
+        return self.layer_norm(self.token_embedding(ids) + pos)
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = TransformerEmbedding(cfg)
+        self.layers = [DecoderBlock(cfg) for _ in range(cfg.num_layers)]
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
+
+    def cross_kv(self, enc: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Per-layer cross-attention K/V (B, H, T_enc, d_k), computed once per utterance."""
+        return [layer.second_sub_layer.kv(enc) for layer in self.layers]
+
+    def __call__(
+        self,
+        ids: mx.array,
+        positions: mx.array,
+        cross: list[tuple[mx.array, mx.array]],
+        cross_mask: mx.array,
+        cache: KVCache | None = None,
+        self_mask: mx.array | None = None,
+    ) -> mx.array:
+        """ids (B, T) at `positions` -> final-LN hidden states (B, T, H).
+
+        With a cache, the new K/V are written at `cache.offset` and attention sees every cached position;
+        `self_mask` (additive, broadcastable to (B, H, T, T_cache)) adds causality / padding."""
+        x = self.embedding(ids, positions)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.first_sub_layer.kv(layer.layer_norm_1(x))
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+            x = layer(x, (k, v), self_mask, cross[i], cross_mask)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return self.final_layer_norm(x)
+
+
+def cross_attention_mask(enc_lengths: mx.array, t_enc: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Additive mask (B, 1, 1, T_enc): NEG_INF on encoder frames >= encoded length."""
+    valid = mx.arange(t_enc)[None, :] < enc_lengths[:, None]
+    return mx.where(valid, 0.0, NEG_INF).astype(dtype)[:, None, None, :]
+
+
+def causal_mask(t: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Additive (T, T) causal mask with NeMo's NEG_INF."""
+    idx = mx.arange(t)
+    return mx.where(idx[None, :] <= idx[:, None], 0.0, NEG_INF).astype(dtype)

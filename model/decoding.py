@@ -1,0 +1,69 @@
+"""Batched greedy decoding with NeMo's semantics (BeamSearchSequenceGenerator with beam_size 1).
+
+Reference §6: the first token comes from the prompt's last position; then up to `max_generation_length` more
+steps, each feeding the last token at its true position. A row that produced <|endoftext|> only emits <pad>
+afterwards; the loop stops once every row has finished. No Python loop over rows; one host sync per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from model.cache import KVCache
+from model.decoder import causal_mask, cross_attention_mask
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    tokens: list[list[int]]  # generated ids per row, without <|endoftext|> / <pad>
+    finished: list[bool]  # False where a row ran into the length limit
+
+
+def max_generation_length(t_enc: int, prompt_len: int, max_sequence_length: int, max_delta: int) -> int:
+    """NeMo `_prepare_for_search`: the limit depends on the (batch) encoder tensor length."""
+    max_seq = min(max_sequence_length, t_enc + max_delta) if max_delta >= 0 else max_sequence_length
+    return max_seq - prompt_len
+
+
+def greedy_decode(
+    model, enc: mx.array, enc_lengths: mx.array, prompts: mx.array, eos_id: int, pad_id: int
+) -> DecodeResult:
+    """enc (B, T_enc, H) projected encoder states, prompts (B, P) -> generated tokens per row."""
+    batch, prompt_len = prompts.shape
+    dec = model.decoder
+    cfg = dec.cfg
+    max_gen = max_generation_length(
+        enc.shape[1], prompt_len, cfg.max_sequence_length, model.config.decoding.max_generation_delta
+    )
+    if max_gen < 0:
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the decoder's {cfg.max_sequence_length}")
+    cross = dec.cross_kv(enc)
+    cross_mask = cross_attention_mask(enc_lengths, enc.shape[1], enc.dtype)
+    heads = cfg.num_attention_heads
+    cache = KVCache(cfg.num_layers, batch, heads, prompt_len + max_gen, cfg.hidden_size // heads, enc.dtype)
+
+    hidden = dec(prompts, mx.arange(prompt_len), cross, cross_mask, cache, causal_mask(prompt_len, enc.dtype))
+    token = mx.argmax(model.logits(hidden[:, -1]), axis=-1)  # (B,)
+    done = (token == eos_id) | (token == pad_id)  # NeMo treats <pad> like <|endoftext|>
+    steps = [token]
+    for pos in range(prompt_len, prompt_len + max_gen):
+        mx.async_eval(token, done)
+        if done.all().item():
+            break
+        hidden = dec(token[:, None], mx.array([pos]), cross, cross_mask, cache)
+        nxt = mx.argmax(model.logits(hidden[:, -1]), axis=-1)
+        token = mx.where(done, pad_id, nxt)  # finished rows only emit <pad>
+        done = done | (token == eos_id) | (token == pad_id)
+        steps.append(token)
+
+    out = np.array(mx.stack(steps, axis=1))  # (B, S)
+    tokens, finished = [], []
+    for row in out.tolist():
+        stops = [i for i, t in enumerate(row) if t in (eos_id, pad_id)]
+        n = stops[0] if stops else len(row)
+        tokens.append(row[:n])
+        finished.append(n < len(row))
+    return DecodeResult(tokens=tokens, finished=finished)

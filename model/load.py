@@ -1,0 +1,44 @@
+"""Load a converted model directory: read config, build the module, load weights strictly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from model.canary import Canary
+from model.config import ModelConfig
+from model.errors import ModelLoadError
+from model.tokenizer import load_tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+# Tensors that stay float32 whatever the checkpoint dtype (parity of features and positions).
+FLOAT32_ONLY = ("preprocessor.", "decoder.embedding.position_embedding.")
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 on Apple Silicon (Metal), float32 elsewhere (fp16/bf16 matmuls are slow on Linux CPU)."""
+    return mx.bfloat16 if sys.platform == "darwin" and mx.metal.is_available() else mx.float32
+
+
+def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
+    """Load a directory written by `canary-server convert`. `dtype` overrides the stored weight dtype."""
+    directory = Path(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{directory} is not a converted Canary model (no config.json)")
+    try:
+        config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: {exc}") from exc
+    model = Canary(config, load_tokenizer(directory, config.tokenizer))
+    weights = mx.load(str(directory / WEIGHTS_FILE))
+    if dtype is not None:
+        target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+        weights = {k: v if k.startswith(FLOAT32_ONLY) else v.astype(target) for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -1,0 +1,94 @@
+"""Decoder prompts for the `canary` (canary-1b) and `canary2` (flash, 1b-v2) formats.
+
+Mirrors nemo/collections/common/prompts/{canary,canary2}.py and CanaryTokenizer._tokenize_special_prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.errors import UnsupportedLanguageError
+from model.tokenizer import AggregateTokenizer, CanaryTokenizer, UnifiedTokenizer
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What the user asks for; translation is `target_lang != source_lang`."""
+
+    source_lang: str
+    target_lang: str
+    pnc: bool = True
+    context: str = ""  # canary2 decoder context
+    timestamps: bool = False  # canary2 <|timestamp|>
+    itn: bool = False
+
+    @property
+    def is_translation(self) -> bool:
+        return self.source_lang != self.target_lang
+
+
+def supported_languages(tokenizer: CanaryTokenizer) -> list[str]:
+    """Languages with both a prompt token and (aggregate) a text sub-tokenizer, as 2-letter codes."""
+    specials = set(tokenizer.special_languages)
+    if isinstance(tokenizer, AggregateTokenizer):
+        return [code for code in (lang.split("-")[0] for lang in tokenizer.languages) if code in specials]
+    return sorted(specials)
+
+
+def _text_lang(tokenizer: AggregateTokenizer, lang: str) -> str:
+    # NeMo maps canary1 codes to canary2 locale names when the tokenizer uses them (en -> en-US).
+    for name in tokenizer.languages:
+        if name == lang or name.split("-")[0] == lang:
+            return name
+    raise UnsupportedLanguageError(lang, supported_languages(tokenizer))
+
+
+def _check_langs(tokenizer: CanaryTokenizer, spec: PromptSpec) -> None:
+    langs = supported_languages(tokenizer)
+    if spec.source_lang not in langs:
+        raise UnsupportedLanguageError(spec.source_lang, langs, "source language")
+    if spec.target_lang not in langs:
+        raise UnsupportedLanguageError(spec.target_lang, langs, "target language")
+
+
+def _flag(on: bool, yes: str, no: str) -> str:
+    return f"<|{yes}|>" if on else f"<|{no}|>"
+
+
+def build_prompt(tokenizer: CanaryTokenizer, prompt_format: str, spec: PromptSpec) -> list[int]:
+    """Token ids of the decoder prompt (the model's answer follows them)."""
+    _check_langs(tokenizer, spec)
+    if prompt_format == "canary":
+        if spec.context or spec.timestamps:
+            raise ValueError("the 'canary' prompt format supports neither decoder context nor timestamps")
+        task = "<|translate|>" if spec.is_translation else "<|transcribe|>"
+        pieces = [
+            "<|startoftranscript|>",
+            f"<|{spec.source_lang}|>",
+            task,
+            f"<|{spec.target_lang}|>",
+            _flag(spec.pnc, "pnc", "nopnc"),
+        ]
+        return [tokenizer.special_id(p) for p in pieces]
+    if prompt_format != "canary2":
+        raise ValueError(f"unknown prompt format {prompt_format!r}")
+    tail = [
+        "<|startoftranscript|>",
+        "<|emo:undefined|>",
+        f"<|{spec.source_lang}|>",
+        f"<|{spec.target_lang}|>",
+        _flag(spec.pnc, "pnc", "nopnc"),
+        _flag(spec.itn, "itn", "noitn"),
+        _flag(spec.timestamps, "timestamp", "notimestamp"),
+        "<|nodiarize|>",
+    ]
+    if isinstance(tokenizer, UnifiedTokenizer):
+        # NeMo encodes the whole prompt string with SentencePiece: it starts with the dummy-prefix '▁' piece
+        # and the context's first word gets no '▁' (reference §5.2).
+        return tokenizer.text_to_ids("<|startofcontext|>" + spec.context + "".join(tail))
+    assert isinstance(tokenizer, AggregateTokenizer)
+    ids = [tokenizer.special_id("<|startofcontext|>")]
+    if spec.context:
+        # NeMo's "hack": the context is tokenized with the target language's sub-tokenizer.
+        ids += tokenizer.text_to_ids(spec.context, _text_lang(tokenizer, spec.target_lang))
+    return ids + [tokenizer.special_id(p) for p in tail]
