@@ -1,0 +1,116 @@
+"""`canary-server` command line: convert, transcribe, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a NeMo .nemo checkpoint into an MLX model directory")
+    p.add_argument("source", help="path to a .nemo file")
+    p.add_argument("out_dir", help="directory to create (written atomically)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=_run_convert)
+
+
+def _add_transcribe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transcribe", help="transcribe or translate audio files")
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, m4a, mp4, webm, ...)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="converted model directory, .nemo file (converted once into the cache) or Hugging Face repo id",
+    )
+    p.add_argument("--language", default=None, help="source language code (default: the model's default)")
+    p.add_argument(
+        "--target-language", default=None, help="output language; differs from --language = translation"
+    )
+    p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
+    p.add_argument("--format", choices=("json", "text"), default="text", help="json: one JSON line per input")
+    p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
+    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on Metal, else fp32)")
+    p.set_defaults(func=_run_transcribe)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    from server.serve import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from convert import convert_nemo
+
+    out = convert_nemo(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def _run_transcribe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from convert.cache import resolve_model
+
+    import model
+
+    directory = resolve_model(args.model, Path(args.cache_dir) if args.cache_dir else None)
+    m = model.load(directory, dtype=args.dtype or model.default_dtype())
+    results = m.transcribe(
+        list(args.audio),
+        source_lang=args.language,
+        target_lang=args.target_language,
+        pnc=not args.no_pnc,
+        batch_size=args.batch_size,
+    )
+    for path, res in zip(args.audio, results, strict=True):
+        if args.format == "json":
+            print(json.dumps({"file": path, "text": res.text}, ensure_ascii=False))
+        else:
+            print(res.text)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from server.serve import run_serve
+
+    run_serve(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canary-server",
+        description="Local OpenAI-compatible speech transcription and translation with NVIDIA Canary on MLX.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_transcribe(sub)
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from convert.errors import ConversionError
+    from model.errors import CanaryError
+
+    try:
+        return args.func(args)
+    except (CanaryError, ConversionError) as exc:  # unsupported language, undecodable audio, bad .nemo, ...
+        print(f"canary-server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
