@@ -28,13 +28,13 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
         help="converted model directory, .nemo file (converted once into the cache) or Hugging Face repo id",
     )
     p.add_argument("--language", default=None, help="source language code (default: the model's default)")
-    p.add_argument(
-        "--target-language", default=None, help="output language; differs from --language = translation"
-    )
+    p.add_argument("--target-language", default=None, help="output language; differs from --language = translation")
     p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
     p.add_argument("--format", choices=("json", "text"), default="text", help="json: one JSON line per input")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
-    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)")
+    p.add_argument(
+        "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on Metal, else fp32)")
     p.set_defaults(func=_run_transcribe)
 
@@ -58,9 +58,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_transcribe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from convert.cache import resolve_model
-
     import model
+    from convert.cache import resolve_model
 
     directory = resolve_model(args.model, Path(args.cache_dir) if args.cache_dir else None)
     m = model.load(directory, dtype=args.dtype or model.default_dtype())

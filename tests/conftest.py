@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import model  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 import pytest
+
+import model  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"

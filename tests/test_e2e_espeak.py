@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ESPEAK_CLIPS, ESPEAK_NEMO
 
+from conftest import ESPEAK_CLIPS, ESPEAK_NEMO
 from server.cli import main
 
 
