@@ -54,12 +54,13 @@ def _member_name(member: tarfile.TarInfo) -> str:
 
 def _open_tar(path: Path) -> tuple[tarfile.TarFile, bool]:
     """Open as a plain tar (what NeMo writes), else gzip (pre-1.7 archives). Returns (tar, compressed)."""
+    errors = []
     for mode, compressed in (("r:", False), ("r:gz", True)):
         try:
             return tarfile.open(path, mode), compressed
         except (tarfile.TarError, EOFError, OSError) as e:
-            last = e
-    raise ConversionError(f"{path}: not a readable .nemo archive (tar or tar.gz): {last}")
+            errors.append(f"{'tar.gz' if compressed else 'tar'}: {e}")
+    raise ConversionError(f"{path}: truncated or not a .nemo archive ({'; '.join(errors)})")
 
 
 def _index(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
@@ -88,16 +89,12 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, path: Pa
         if dest.stat().st_size != member.size:
             raise ConversionError(f"{path}: member {member.name!r} is truncated")
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ConversionError(
-            f"{path}: truncated or corrupt .nemo archive reading {member.name!r}: {e}"
-        ) from e
+        raise ConversionError(f"{path}: truncated or corrupt .nemo archive reading {member.name!r}: {e}") from e
 
 
 def _check_in_place(member: tarfile.TarInfo, path: Path) -> None:
     if member.offset_data + member.size > path.stat().st_size:
-        raise ConversionError(
-            f"{path}: truncated .nemo archive: {member.name!r} extends past the end of the file"
-        )
+        raise ConversionError(f"{path}: truncated .nemo archive: {member.name!r} extends past the end of the file")
 
 
 def read_nemo(path: Path, workdir: Path) -> NemoArchive:
@@ -131,9 +128,7 @@ def read_nemo(path: Path, workdir: Path) -> NemoArchive:
         tokenizer_files: dict[str, Path] = {}
         for i, member in enumerate(tokenizer_members(config)):
             if member not in index:
-                raise ConversionError(
-                    f"{path}: tokenizer file {member!r} named in the config is not in the archive"
-                )
+                raise ConversionError(f"{path}: tokenizer file {member!r} named in the config is not in the archive")
             dest = workdir / f"tokenizer_{i}.model"
             _extract(tar, index[member], dest, path)
             tokenizer_files[member] = dest
