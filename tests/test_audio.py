@@ -1,0 +1,99 @@
+"""Audio decoding: every container the OpenAI SDK documents, any rate, mono or stereo, to 16 kHz mono."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from model.audio import load_audio, pad_to_min_duration, resample
+from model.errors import AudioDecodeError
+
+
+def _tone(rate: int, seconds: float = 1.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def _soundfile_bytes(wave: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def _av_bytes(wave: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(wave[None, :].astype(np.float32), format="flt", layout="mono")
+        frame.rate = rate
+        for chunk in (frame, None):
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+def _dominant_hz(wave: np.ndarray, rate: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(wave))
+    return float(np.argmax(spectrum) * rate / wave.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"), [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None), ("OGG", "VORBIS"), ("MP3", None)]
+)
+def test_soundfile_containers_decode_to_16k_mono(fmt, subtype):
+    data = _soundfile_bytes(_tone(44100), 44100, fmt, subtype)
+    wave = load_audio(data)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(wave.shape[0] - 16000) < 1200  # lossy codecs add encoder delay / padding
+    assert _dominant_hz(wave) == pytest.approx(440, abs=2)
+
+
+@pytest.mark.parametrize(("container", "codec"), [("mp4", "aac"), ("ipod", "aac"), ("webm", "libopus")])
+def test_pyav_containers_decode_to_16k_mono(container, codec):
+    rate = 48000
+    data = _av_bytes(_tone(rate), rate, container, codec)
+    wave = load_audio(data)
+    assert wave.dtype == np.float32 and abs(wave.shape[0] - 16000) < 1600
+    assert _dominant_hz(wave) == pytest.approx(440, abs=2)
+
+
+def test_stereo_is_downmixed_and_8k_is_upsampled():
+    stereo = _tone(8000, channels=2)
+    stereo[:, 1] = 0.0  # mean of the channels halves the amplitude
+    wave = load_audio(_soundfile_bytes(stereo, 8000, "WAV", "FLOAT"))
+    assert wave.shape == (16000,)
+    assert np.abs(wave[2000:14000]).max() == pytest.approx(0.15, rel=0.02)
+
+
+def test_16k_mono_wav_is_read_bit_exactly(tmp_path):
+    wave = _tone(16000)
+    path = tmp_path / "a.wav"
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(path), wave)
+    np.testing.assert_array_equal(resample(wave, 16000), wave)
+
+
+@pytest.mark.parametrize("data", [b"", b"not audio at all" * 100, b"RIFF\x00\x00\x00\x00WAVEfmt "])
+def test_undecodable_bytes_raise_a_clear_error(data):
+    with pytest.raises(AudioDecodeError):
+        load_audio(data)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(AudioDecodeError, match="not found"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_short_audio_is_padded_on_both_sides_like_nemo():
+    x = np.ones(8001, dtype=np.float32)
+    y = pad_to_min_duration(x, 16000)
+    assert y.shape == (16000,)
+    assert y[:3999].sum() == 0 and y[3999] == 1 and y[12000 - 1] == 1 and y[12000:].sum() == 0
+    assert pad_to_min_duration(np.ones(20000, np.float32), 16000).shape == (20000,)
