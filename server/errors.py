@@ -1,0 +1,104 @@
+"""Every error leaves the server as OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+
+One handler, `error_response`, maps each kind of exception to that body and a status code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
+from server.engine import EngineNotReady
+
+log = logging.getLogger("canary.server")
+
+_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+
+class ApiError(Exception):
+    """An error a route raises on purpose, with the fields OpenAI's body carries."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("server_error" if status >= 500 else _TYPES.get(status, "invalid_request_error"))
+        self.headers = headers
+
+
+def _from_validation(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header", "path")]
+    param = loc[-1] if loc else None
+    if err.get("type") == "missing":
+        message = f"missing required parameter: {param!r}"
+    else:
+        message = f"invalid value for {param!r}: {err.get('msg', 'invalid')}"
+    return ApiError(400, message, param=param, code="invalid_value" if err.get("type") != "missing" else None)
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _from_validation(exc)
+    if isinstance(exc, StarletteHTTPException):
+        headers = dict(exc.headers) if exc.headers else None
+        return ApiError(exc.status_code, str(exc.detail), headers=headers)
+    if isinstance(exc, UnsupportedLanguageError):
+        return ApiError(400, str(exc), param=exc.role, code="unsupported_language")
+    if isinstance(exc, AudioDecodeError):
+        return ApiError(400, f"could not decode the audio file: {exc}", param="file", code="invalid_audio")
+    if isinstance(exc, CanaryError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, EngineNotReady):
+        return ApiError(503, str(exc), code="model_not_ready", headers={"Retry-After": "5"})
+    log.error("unexpected error", exc_info=exc)
+    return ApiError(500, f"internal server error: {type(exc).__name__}")
+
+
+def error_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    err = to_api_error(exc)
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+class ErrorRoute(APIRoute):
+    """Renders every exception a route raises through `error_response`, unexpected ones included, so a
+    500 is an ordinary response (Starlette's last-resort handler would also drop the connection)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return await error_response(request, exc)
+
+        return route
+
+
+def install_error_handler(app: FastAPI) -> None:
+    for cls in (ApiError, RequestValidationError, StarletteHTTPException, CanaryError, EngineNotReady):
+        app.add_exception_handler(cls, error_response)
+    app.add_exception_handler(Exception, error_response)  # 500; Starlette still logs the traceback

@@ -1,0 +1,102 @@
+"""Renderers for each `response_format`: json, text, srt, vtt, verbose_json, and the SSE stream."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+
+from server.schemas import (
+    DurationUsage,
+    TranscriptionJson,
+    TranscriptionVerbose,
+    TranscriptResult,
+    VerboseSegment,
+)
+
+# ISO-639-1 -> the language name OpenAI puts in verbose_json ("english"). Covers every Canary language.
+LANGUAGE_NAMES = {
+    "bg": "bulgarian", "cs": "czech", "da": "danish", "de": "german", "el": "greek", "en": "english",
+    "es": "spanish", "et": "estonian", "fi": "finnish", "fr": "french", "hr": "croatian",
+    "hu": "hungarian", "it": "italian", "lt": "lithuanian", "lv": "latvian", "mt": "maltese",
+    "nl": "dutch", "pl": "polish", "pt": "portuguese", "ro": "romanian", "ru": "russian",
+    "sk": "slovak", "sl": "slovenian", "sv": "swedish", "uk": "ukrainian",
+}  # fmt: skip
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = max(round(seconds * 1000), 0)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def srt_timestamp(seconds: float) -> str:
+    return _timestamp(seconds, ",")
+
+
+def vtt_timestamp(seconds: float) -> str:
+    return _timestamp(seconds, ".")
+
+
+def compression_ratio(text: str) -> float:
+    """As whisper computes it: raw bytes over zlib-compressed bytes."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def render_json(r: TranscriptResult) -> dict:
+    return TranscriptionJson(text=r.text, usage=DurationUsage(seconds=r.duration)).model_dump()
+
+
+def render_text(r: TranscriptResult) -> str:
+    return r.text + "\n"
+
+
+def render_srt(r: TranscriptResult) -> str:
+    cues = [
+        f"{i}\n{srt_timestamp(s.start)} --> {srt_timestamp(s.end)}\n{s.text}\n"
+        for i, s in enumerate(r.segments, start=1)
+    ]
+    return "\n".join(cues)
+
+
+def render_vtt(r: TranscriptResult) -> str:
+    cues = [f"{vtt_timestamp(s.start)} --> {vtt_timestamp(s.end)}\n{s.text}\n" for s in r.segments]
+    return "\n".join(["WEBVTT\n", *cues])
+
+
+def render_verbose_json(r: TranscriptResult) -> dict:
+    segments = [
+        VerboseSegment(
+            id=s.id,
+            seek=round(s.start * 100),  # whisper's seek is in 10 ms feature frames
+            start=round(s.start, 3),
+            end=round(s.end, 3),
+            text=s.text,
+            tokens=s.tokens,
+            compression_ratio=compression_ratio(s.text),
+        )
+        for s in r.segments
+    ]
+    return TranscriptionVerbose(
+        task=r.task,
+        language=LANGUAGE_NAMES.get(r.language, r.language),
+        duration=round(r.duration, 3),
+        text=r.text,
+        segments=segments,
+        usage=DurationUsage(seconds=round(r.duration, 3)),
+    ).model_dump()
+
+
+def sse_events(r: TranscriptResult) -> Iterator[str]:
+    """A `transcript.text.delta` per segment, then `transcript.text.done`; deltas add up to the text."""
+    for i, s in enumerate(r.segments):
+        delta = s.text if i == 0 else " " + s.text
+        yield _sse({"type": "transcript.text.delta", "delta": delta})
+    yield _sse({"type": "transcript.text.done", "text": r.text})
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"

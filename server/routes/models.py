@@ -1,0 +1,30 @@
+"""GET /v1/models: the loaded model and the OpenAI names it answers to."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from server.deps import get_settings
+from server.errors import ApiError, ErrorRoute
+from server.schemas import ModelCard, ModelList
+from server.settings import Settings
+
+router = APIRouter(route_class=ErrorRoute)
+
+
+def _card(request: Request, model_id: str) -> ModelCard:
+    return ModelCard(id=model_id, created=request.app.state.started_at, owned_by="canary-server")
+
+
+@router.get("/models")
+async def list_models(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> ModelList:
+    return ModelList(data=[_card(request, m) for m in settings.served_models])
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(request: Request, model_id: str, settings: Annotated[Settings, Depends(get_settings)]) -> ModelCard:
+    if model_id not in settings.served_models:
+        raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+    return _card(request, model_id)

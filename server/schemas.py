@@ -1,0 +1,102 @@
+"""Request options, internal results, and the response bodies of the OpenAI audio API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ResponseFormat(str, Enum):
+    json = "json"
+    text = "text"
+    srt = "srt"
+    vtt = "vtt"
+    verbose_json = "verbose_json"
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """A validated request: what to decode and how."""
+
+    source_lang: str
+    target_lang: str
+    pnc: bool = True
+    context: str | None = None
+
+    @property
+    def task(self) -> Literal["transcribe", "translate"]:
+        return "transcribe" if self.source_lang == self.target_lang else "translate"
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TranscriptResult:
+    text: str
+    language: str  # ISO-639-1 code of the output text
+    duration: float
+    task: Literal["transcribe", "translate"]
+    segments: list[Segment]
+
+
+# ---- response bodies ------------------------------------------------------------------------------------
+class DurationUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class TranscriptionJson(BaseModel):
+    text: str
+    usage: DurationUsage | None = None
+
+
+class VerboseSegment(BaseModel):
+    """Every field the SDK's `TranscriptionSegment` requires. Values Canary has no notion of are neutral."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float
+    no_speech_prob: float = 0.0
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe", "translate"]
+    language: str  # a name, as OpenAI sends it ("english")
+    duration: float
+    text: str
+    segments: list[VerboseSegment]
+    usage: DurationUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["loading", "ok", "failed", "closed"]
+    model: str
+    error: str | None = None

@@ -1,0 +1,100 @@
+"""Server settings: one pydantic-settings class read from an optional TOML file and `CANARY_*` env vars.
+
+Precedence, highest first: explicit overrides (CLI flags), environment variables, the TOML file, defaults.
+`config.example.toml` documents every field with its default; a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# The TOML file of the `Settings.load` call in progress (a class attribute would leak between calls).
+_config_file: ContextVar[Path | None] = ContextVar("canary_config_file", default=None)
+
+DEFAULT_ALIASES = [
+    "whisper-1",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+    "gpt-4o-mini-transcribe-2025-12-15",
+    "gpt-transcribe",
+]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="CANARY_", extra="forbid", validate_default=True)
+
+    model: str = Field(
+        "nvidia/canary-1b-flash",
+        description="Converted model directory, .nemo file, or Hugging Face repo id (converted on 1st boot).",
+    )
+    cache_dir: Path | None = Field(None, description="Where converted models are cached (None: the default).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port.")
+    api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
+    max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted request body, in MiB.")
+    max_audio_seconds: float = Field(3600.0, gt=0, description="Longer audio is rejected with 400.")
+    chunk_seconds: float = Field(30.0, gt=0, le=40, description="Longest piece of audio decoded at once.")
+    default_language: str = Field("en", description="Source language when a request names none.")
+    batch_size: int = Field(8, ge=1, description="Most audio pieces decoded in one model call.")
+    model_aliases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALIASES),
+        description="Extra model names accepted in requests and listed by /v1/models.",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Logs.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
+        return (init_settings, env_settings, toml)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from `config_file` (TOML), the environment, and `overrides` (None values are ignored)."""
+        if config_file is not None and not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        token = _config_file.set(Path(config_file) if config_file is not None else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def model_id(self) -> str:
+        """The id /v1/models lists for the loaded model: a repo id as is, a local path by its name."""
+        path = Path(self.model).expanduser()
+        if path.exists() or self.model.startswith((".", "/", "~")):
+            return path.name.removesuffix(".nemo")
+        return self.model
+
+    @property
+    def served_models(self) -> list[str]:
+        return [self.model_id, *[a for a in self.model_aliases if a != self.model_id]]

@@ -1,0 +1,78 @@
+"""From uploaded bytes to a `TranscriptResult`: decode, check limits, chunk, run the engine, join."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from server.chunking import split_audio
+from server.engine import Engine
+from server.errors import ApiError
+from server.schemas import Segment, TranscribeOptions, TranscriptResult
+
+AudioDecoder = Callable[[bytes], np.ndarray]
+
+
+def default_decoder() -> AudioDecoder:
+    from model.audio import load_audio
+
+    return load_audio
+
+
+def check_language(engine: Engine, language: str, param: str) -> str:
+    """A language the loaded model supports, else a 400 listing the ones it does."""
+    supported = engine.info.languages
+    if language not in supported:
+        raise ApiError(
+            400,
+            f"unsupported {param} {language!r}; this model supports: {', '.join(supported)}",
+            param=param,
+            code="unsupported_language",
+        )
+    return language
+
+
+async def transcribe_bytes(
+    engine: Engine,
+    decode: AudioDecoder,
+    data: bytes,
+    options: TranscribeOptions,
+    *,
+    chunk_seconds: float,
+    max_audio_seconds: float,
+) -> TranscriptResult:
+    if not data:
+        raise ApiError(400, "the uploaded file is empty", param="file", code="invalid_audio")
+    # Decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free.
+    audio = await run_in_threadpool(decode, data)
+    sample_rate = engine.info.sample_rate
+    duration = len(audio) / sample_rate
+    if len(audio) == 0:
+        raise ApiError(400, "the audio file contains no samples", param="file", code="invalid_audio")
+    if duration > max_audio_seconds:
+        raise ApiError(
+            400,
+            f"audio is {duration:.1f} s long; this server accepts at most {max_audio_seconds:g} s",
+            param="file",
+            code="audio_too_long",
+        )
+    chunks = split_audio(audio, sample_rate, chunk_seconds)
+    context = options.context if engine.info.supports_context else None
+    results = await engine.transcribe_batch(
+        [c.audio for c in chunks], options.source_lang, options.target_lang, options.pnc, context
+    )
+    segments = []
+    for chunk, res in zip(chunks, results, strict=True):
+        text = res.text.strip()
+        if text:
+            tokens = [int(t) for t in res.tokens]
+            segments.append(Segment(len(segments), chunk.start, chunk.end, text, tokens))
+    return TranscriptResult(
+        text=" ".join(s.text for s in segments),
+        language=options.target_lang,
+        duration=duration,
+        task=options.task,
+        segments=segments,
+    )

@@ -1,0 +1,95 @@
+"""Test doubles and helpers for the server tests: a fake Canary, a uvicorn runner, audio encoders."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import soundfile as sf
+import uvicorn
+
+SR = 16000
+WORDS = {"en": "hello world", "de": "hallo welt", "fr": "bonjour le monde", "es": "hola mundo"}
+
+
+@dataclass
+class FakeTranscription:
+    text: str
+    tokens: list[int]
+    source_lang: str
+    target_lang: str
+    duration: float
+
+
+@dataclass
+class FakeCanary:
+    """Same interface as `model.Canary`. Text: the target language's words, the clip length, the context.
+
+    A context of "explode" raises inside transcribe (to test failure isolation)."""
+
+    languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "fr"])
+    sample_rate: int = SR
+    config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prompt_format="canary2"))
+    calls: list[dict] = field(default_factory=list)
+
+    def transcribe(self, audio, source_lang=None, target_lang=None, pnc=True, context=None, batch_size=8):
+        items = audio if isinstance(audio, list) else [audio]
+        self.calls.append(
+            {"n": len(items), "source": source_lang, "target": target_lang, "pnc": pnc, "context": context}
+        )
+        if context == "explode":
+            raise RuntimeError("the fake model exploded")
+        target = target_lang or source_lang
+        out = []
+        for a in items:
+            text = f"{WORDS[target]} {len(a) / SR:.2f}" + ("" if pnc else " nopnc") + (f" {context}" if context else "")
+            out.append(FakeTranscription(text, [1, 2, 3], source_lang, target, len(a) / SR))
+        return out if isinstance(audio, list) else out[0]
+
+
+@contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port in a background thread; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def wait_ready(base_url: str, timeout: float = 300) -> None:
+    """Poll /health until 200 (the model loads on its own thread)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base_url) as client:
+        while client.get("/health").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready: {client.get('/health').text}")
+            time.sleep(0.01)
+
+
+def tone(seconds: float, sr: int = SR, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def wav_bytes(audio: np.ndarray, sr: int = SR, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
