@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def _convert_cached(nemo: Path, cache_dir: Path, dtype: str, name: str | None = 
     with _locked(cache_dir / f".{target.name}.lock"):
         if (target / CONFIG_FILE).is_file():  # another process finished it while we waited
             return target
+        # Staging dirs of a conversion that was killed; only lock holders create them, so none is live.
+        for stale in cache_dir.glob(f".{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("converting %s into %s (first use)", nemo, target)
         # A target without config.json can only be foreign debris (publishing is atomic): replace it.
         convert_nemo(nemo, target, dtype=dtype, overwrite=True)

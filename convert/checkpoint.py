@@ -50,9 +50,7 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(
-    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *rest
-):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *rest):
     if not isinstance(storage, _Storage):
         raise ConversionError("checkpoint: tensor built from something that is not a storage")
     ints = (storage_offset, *size, *stride)
@@ -127,21 +125,21 @@ class _Window(io.RawIOBase):
         return got
 
 
-def _data_offset(zf: zipfile.ZipFile, raw, info: zipfile.ZipInfo) -> int:
-    """Byte offset of a stored member's data: after its local header (name and extra field lengths vary)."""
-    raw.seek(info.header_offset)
-    header = raw.read(30)
+def _data_offset(mm: mmap.mmap, base: int, info: zipfile.ZipInfo) -> int:
+    """File offset of a stored member's data: after its local header (name and extra lengths vary)."""
+    start = base + info.header_offset
+    header = mm[start : start + 30]
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise ConversionError(f"checkpoint: bad local header for {info.filename!r}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return start + 30 + name_len + extra_len
 
 
 class _StorageReader:
     """Numpy arrays for storages: memory-mapped when stored uncompressed, decoded once (may be shared)."""
 
-    def __init__(self, zf: zipfile.ZipFile, raw, prefix: str, loc: WeightsLocation, mm: mmap.mmap):
-        self._zf, self._raw, self._prefix, self._loc, self._mm = zf, raw, prefix, loc, mm
+    def __init__(self, zf: zipfile.ZipFile, prefix: str, loc: WeightsLocation, mm: mmap.mmap):
+        self._zf, self._prefix, self._loc, self._mm = zf, prefix, loc, mm
         self._cache: dict[str, np.ndarray] = {}
 
     def array(self, storage: _Storage) -> np.ndarray:
@@ -151,11 +149,9 @@ class _StorageReader:
         info = self._zf.getinfo(f"{self._prefix}data/{storage.key}")
         nbytes = storage.numel * dtype.itemsize
         if info.file_size < nbytes:
-            raise ConversionError(
-                f"checkpoint: storage {storage.key} has {info.file_size} bytes, needs {nbytes}"
-            )
+            raise ConversionError(f"checkpoint: storage {storage.key} has {info.file_size} bytes, needs {nbytes}")
         if info.compress_type == zipfile.ZIP_STORED:
-            start = self._loc.offset + _data_offset(self._zf, self._raw, info)
+            start = _data_offset(self._mm, self._loc.offset, info)
             if start + nbytes > len(self._mm):
                 raise ConversionError(f"checkpoint: storage {storage.key} extends past the end of the file")
             arr = np.frombuffer(self._mm, dtype=dtype, count=storage.numel, offset=start)
@@ -192,9 +188,8 @@ def load_state_dict(loc: WeightsLocation) -> tuple[dict[str, np.ndarray], dict[s
     f = open(loc.path, "rb")  # noqa: SIM115 - kept open by the returned memory map's arrays
     try:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        raw = _Window(f, loc.offset, loc.size)
         try:
-            zf = zipfile.ZipFile(io.BufferedReader(raw))
+            zf = zipfile.ZipFile(io.BufferedReader(_Window(f, loc.offset, loc.size)))
             prefix = _prefix(zf)
             keys = {n[len(prefix) + 5 :] for n in zf.namelist() if n.startswith(f"{prefix}data/")}
             obj = _RestrictedUnpickler(zf.read(f"{prefix}data.pkl"), keys).load()
@@ -206,7 +201,7 @@ def load_state_dict(loc: WeightsLocation) -> tuple[dict[str, np.ndarray], dict[s
             isinstance(k, str) and isinstance(v, _TensorRef) for k, v in obj.items()
         ):
             raise ConversionError("checkpoint: data.pkl is not a state dict of tensors")
-        reader = _StorageReader(zf, raw, prefix, loc, mm)
+        reader = _StorageReader(zf, prefix, loc, mm)
         try:
             state = {k: reader.tensor(v) for k, v in obj.items()}
         except (zipfile.BadZipFile, KeyError, OSError) as e:

@@ -167,3 +167,25 @@ def test_a_repo_without_a_nemo_file_is_a_clear_error(tmp_path, offline_hub):
     _fake_hub_repo(offline_hub, "acme/encoder-only", {"README.md": b"# hi", "config.json": b"{}"})
     with pytest.raises(ConversionError, match="expected exactly one .nemo file in the repo, found none"):
         resolve_model("acme/encoder-only", cache_dir=tmp_path / "cache")
+
+
+def test_a_killed_conversion_leaves_no_loadable_dir_and_its_debris_is_cleared(espeak, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if interrupted while writing the weights
+
+    monkeypatch.setattr(convert.write, "write_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model(str(espeak), cache_dir=cache)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+
+    target = resolve_model(str(espeak), cache_dir=cache)
+    debris = cache / f".{target.name}.partial-dead"  # what a SIGKILLed run would leave behind
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half")
+    shutil.rmtree(target)
+    assert resolve_model(str(espeak), cache_dir=cache) == target
+    _assert_valid(target)
+    assert not debris.exists()

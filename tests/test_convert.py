@@ -102,8 +102,10 @@ def _torch_pickle(tensors: list[tuple[str, str, str, int, int, tuple, tuple]]) -
     return out + b"u."
 
 
-def _torch_zip(path: Path, pkl: bytes, storages: dict[str, bytes]) -> WeightsLocation:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+def _torch_zip(
+    path: Path, pkl: bytes, storages: dict[str, bytes], compression: int = zipfile.ZIP_STORED
+) -> WeightsLocation:
+    with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr("archive/data.pkl", pkl)
         z.writestr("archive/byteorder", "little")
         for key, data in storages.items():
@@ -228,7 +230,8 @@ def test_a_timestamps_model_bundled_in_the_archive_is_ignored(espeak, tmp_path):
 # ---- checkpoint reader without torch -----------------------------------------------------------------------
 
 
-def test_checkpoint_reader_handles_strides_offsets_shared_storages_and_dtypes(tmp_path):
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_checkpoint_reader_handles_strides_offsets_shared_storages_and_dtypes(tmp_path, compression):
     base = np.arange(12, dtype=np.float32)
     bf16 = (np.array([1.5, -2.0, 3.25], dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     pkl = _torch_pickle(
@@ -249,7 +252,7 @@ def test_checkpoint_reader_handles_strides_offsets_shared_storages_and_dtypes(tm
         "3": np.array([7], np.int64).tobytes(),
         "4": np.array([1, 9], np.int32).tobytes(),
     }
-    state, types = load_state_dict(_torch_zip(tmp_path / "w.ckpt", pkl, storages))
+    state, types = load_state_dict(_torch_zip(tmp_path / "w.ckpt", pkl, storages, compression))
     np.testing.assert_array_equal(state["a"], base.reshape(3, 4))
     np.testing.assert_array_equal(state["a_t"], base.reshape(3, 4).T)
     np.testing.assert_array_equal(state["tail"], base[6:].reshape(2, 3))
