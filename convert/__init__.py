@@ -24,9 +24,7 @@ def _piece_count(path: Path, member: str) -> int:
         raise ConversionError(f"tokenizer {member}: not a readable SentencePiece model: {e}") from e
 
 
-def convert_nemo(
-    source: str | Path, out_dir: str | Path, dtype: str = "float32", overwrite: bool = False
-) -> Path:
+def convert_nemo(source: str | Path, out_dir: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Convert a `.nemo` file into an MLX model directory (ARCHITECTURE.md) and return its path.
 
     Raises ConversionError for unsafe, corrupt or unsupported input; OUT_DIR is then absent or unchanged.

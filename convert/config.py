@@ -32,9 +32,7 @@ def _get(cfg: dict, dotted: str, default: Any = _MISSING) -> Any:
 def _require(field: str, value: Any, supported: Iterable[Any]) -> Any:
     supported = list(supported)
     if value not in supported or isinstance(value, bool) != isinstance(supported[0], bool):
-        raise ConversionError(
-            f"{field}: unsupported value {value!r} (supported: {', '.join(map(repr, supported))})"
-        )
+        raise ConversionError(f"{field}: unsupported value {value!r} (supported: {', '.join(map(repr, supported))})")
     return value
 
 
@@ -60,9 +58,7 @@ def _target(field: str, value: Any, *suffixes: str) -> None:
 
 def _member(field: str, ref: Any) -> str:
     if not isinstance(ref, str) or not ref.startswith(_NEMO_REF):
-        raise ConversionError(
-            f"{field}: unsupported value {ref!r} (supported: a 'nemo:<file>' archive reference)"
-        )
+        raise ConversionError(f"{field}: unsupported value {ref!r} (supported: a 'nemo:<file>' archive reference)")
     return ref[len(_NEMO_REF) :]
 
 
@@ -78,13 +74,9 @@ def tokenizer_sources(cfg: dict) -> tuple[str, list[tuple[str, str]]]:
         _target("tokenizer.custom_tokenizer._target_", custom, "CanaryTokenizer")
     langs = tok.get("langs")
     if not isinstance(langs, dict) or not langs:
-        raise ConversionError(
-            f"tokenizer.langs: unsupported value {langs!r} (supported: a mapping of languages)"
-        )
+        raise ConversionError(f"tokenizer.langs: unsupported value {langs!r} (supported: a mapping of languages)")
     if next(iter(langs)) != "spl_tokens":
-        raise ConversionError(
-            f"tokenizer.langs: unsupported value {list(langs)} (supported: spl_tokens first)"
-        )
+        raise ConversionError(f"tokenizer.langs: unsupported value {list(langs)} (supported: spl_tokens first)")
     sources = []
     for name, sub in langs.items():
         if not isinstance(name, str) or not _LANG_NAME.match(name):
@@ -135,18 +127,14 @@ def _preprocessor(cfg: dict, sample_rate: int) -> dict:
     win = int(_float("preprocessor.window_size", p.get("window_size", 0.02)) * sample_rate)
     hop = int(_float("preprocessor.window_stride", p.get("window_stride", 0.01)) * sample_rate)
     if not 0 < win <= n_fft:
-        raise ConversionError(
-            f"preprocessor.window_size: unsupported value {p.get('window_size')} (window > n_fft)"
-        )
+        raise ConversionError(f"preprocessor.window_size: unsupported value {p.get('window_size')} (window > n_fft)")
     return {
         "features": _int("preprocessor.features", p.get("features", 64)),
         "n_fft": n_fft,
         "win_length": win,
         "hop_length": _int("preprocessor.window_stride", hop),
         "preemph": _float("preprocessor.preemph", p.get("preemph", 0.97)),
-        "log_zero_guard_value": _float(
-            "preprocessor.log_zero_guard_value", p.get("log_zero_guard_value", 2**-24)
-        ),
+        "log_zero_guard_value": _float("preprocessor.log_zero_guard_value", p.get("log_zero_guard_value", 2**-24)),
         "mag_power": _float("preprocessor.mag_power", p.get("mag_power", 2.0)),
         "pad_to": _int("preprocessor.pad_to", p.get("pad_to", 16), minimum=0),
         "pad_value": _float("preprocessor.pad_value", p.get("pad_value", 0.0)),
@@ -186,9 +174,7 @@ def _encoder(cfg: dict, features: int) -> dict:
         "ff_expansion_factor": _int("encoder.ff_expansion_factor", e.get("ff_expansion_factor", 4)),
         "conv_kernel_size": kernel,
         "subsampling_factor": 8,
-        "subsampling_conv_channels": d_model
-        if channels == -1
-        else _int("encoder.subsampling_conv_channels", channels),
+        "subsampling_conv_channels": d_model if channels == -1 else _int("encoder.subsampling_conv_channels", channels),
         "pos_emb_max_len": _int("encoder.pos_emb_max_len", e.get("pos_emb_max_len", 5000)),
         "xscaling": _require("encoder.xscaling", e.get("xscaling", True), [True, False]),
     }
@@ -232,9 +218,7 @@ def _decoding(cfg: dict) -> dict:
     d = cfg.get("decoding") or {}
     strategy = _require("decoding.strategy", d.get("strategy", "beam"), ["beam", "greedy"])
     section = d.get(strategy) or {}
-    beam_size = (
-        _int(f"decoding.{strategy}.beam_size", section.get("beam_size", 1)) if strategy == "beam" else 1
-    )
+    beam_size = _int(f"decoding.{strategy}.beam_size", section.get("beam_size", 1)) if strategy == "beam" else 1
     return {
         "beam_size": beam_size,
         # NeMo's factory reads `length_penalty` and ignores the configured `len_pen` (reference 6.1).
@@ -260,9 +244,7 @@ def _pnc(value: Any) -> bool:
         return True
     if v in falsy:
         return False
-    raise ConversionError(
-        f"prompt_defaults.pnc: unsupported value {value!r} (supported: <|pnc|>, <|nopnc|>, yes, no)"
-    )
+    raise ConversionError(f"prompt_defaults.pnc: unsupported value {value!r} (supported: <|pnc|>, <|nopnc|>, yes, no)")
 
 
 def _prompt_defaults(cfg: dict) -> dict:

@@ -99,9 +99,7 @@ DROPS: list[tuple[str, str]] = [
 ]
 
 # Buffers the model needs in float32 whatever --dtype says.
-FLOAT32_KEYS = frozenset(
-    {"preprocessor.fb", "preprocessor.window", "decoder.embedding.position_embedding.pos_enc"}
-)
+FLOAT32_KEYS = frozenset({"preprocessor.fb", "preprocessor.window", "decoder.embedding.position_embedding.pos_enc"})
 
 _COMPILED_RULES = [(re.compile(p), t, f) for p, t, f in RULES]
 _COMPILED_DROPS = [re.compile(p) for p, _ in DROPS]

@@ -34,9 +34,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         if not out_dir.is_dir():
             raise ConversionError(f"{out_dir}: exists and is not a directory")
         if any(out_dir.iterdir()) and not overwrite:
-            raise ConversionError(
-                f"{out_dir}: directory exists and is not empty (pass overwrite=True to replace it)"
-            )
+            raise ConversionError(f"{out_dir}: directory exists and is not empty (pass overwrite=True to replace it)")
 
 
 @contextlib.contextmanager
