@@ -1,0 +1,181 @@
+"""Server pieces without HTTP: settings and config.example.toml, chunking, subtitle times, the upload limit,
+and the engine's micro-batching and failure isolation (on the fake model from server_fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+from server_fakes import SR, FakeCanary, tone
+
+from server.chunking import split_audio
+from server.engine import Engine, EngineNotReady
+from server.formats import srt_timestamp, vtt_timestamp
+from server.limits import UploadLimitMiddleware
+from server.serve import add_serve_arguments, settings_from_args
+from server.settings import Settings
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+# ---- settings --------------------------------------------------------------------------------------------
+def test_config_example_documents_every_setting_with_its_default():
+    text = EXAMPLE.read_text()
+    values = tomllib.loads(text)
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in Settings.model_fields.items()}
+    for name, default in defaults.items():
+        if default is None:  # optional settings are shown commented out
+            assert f"\n# {name} = " in text, name
+        else:
+            assert values.get(name) == default, name
+    assert set(values) <= set(defaults)
+
+
+def test_env_overrides_the_toml_file_and_flags_override_both(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = 9001\nhost = "0.0.0.0"\napi_key = "from-file"\nmodel_aliases = ["a"]\n')
+    monkeypatch.setenv("CANARY_PORT", "9002")
+    s = Settings.load(cfg)
+    assert (s.port, s.host, s.api_key, s.served_models) == (9002, "0.0.0.0", "from-file", [s.model_id, "a"])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--config", str(cfg), "--port", "9003", "--model", "/m/x.nemo"]))
+    assert (s.port, s.model_id) == (9003, "x")
+
+
+def test_unknown_settings_and_missing_config_files_are_rejected(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="prot"):
+        Settings.load(cfg)
+    with pytest.raises(FileNotFoundError):
+        Settings.load(tmp_path / "missing.toml")
+
+
+def test_hub_repo_ids_are_served_under_their_own_name():
+    assert Settings(model="nvidia/canary-180m-flash").model_id == "nvidia/canary-180m-flash"
+
+
+# ---- chunking and times ----------------------------------------------------------------------------------
+def test_short_audio_is_one_chunk():
+    chunks = split_audio(tone(3.0), SR, 30)
+    assert len(chunks) == 1 and (chunks[0].start, chunks[0].end) == (0, 3.0)
+
+
+def test_long_audio_is_cut_in_pauses_covering_everything_once():
+    speech, pause = tone(7.0), np.zeros(SR, np.float32)
+    audio = np.concatenate([speech, pause, speech, pause, speech])  # 23 s
+    chunks = split_audio(audio, SR, 10)
+    assert [round(c.start, 2) for c in chunks] == [0, 7.97, 15.97]
+    assert np.array_equal(np.concatenate([c.audio for c in chunks]), audio)
+    assert all(c.end - c.start <= 10 for c in chunks)
+
+
+def test_audio_without_pauses_is_cut_at_the_window_length():
+    chunks = split_audio(tone(25.0), SR, 10)
+    assert [(c.start, c.end) for c in chunks] == [(0, 10), (10, 20), (20, 25)]
+
+
+def test_subtitle_timestamps_are_formatted_per_spec():
+    assert srt_timestamp(3723.4567) == "01:02:03,457" and vtt_timestamp(0.0) == "00:00:00.000"
+    assert srt_timestamp(59.9996) == "00:01:00,000"
+
+
+# ---- upload limit ----------------------------------------------------------------------------------------
+def test_upload_limit_stops_reading_a_streamed_body_once_it_is_exceeded():
+    pulled, sent = [], []
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}  # an endless body
+
+    async def app(scope, receive, send):
+        while True:
+            await receive()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": []}
+    with pytest.raises(Exception, match="upload limit"):
+        asyncio.run(UploadLimitMiddleware(app, max_bytes=10_000)(scope, receive, send))
+    assert len(pulled) == 11  # stopped right after passing 10 kB
+
+
+def test_upload_limit_answers_413_from_content_length_without_reading():
+    sent = []
+
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"content-length", b"10001")]}
+    asyncio.run(UploadLimitMiddleware(None, max_bytes=10_000)(scope, receive, send))
+    assert sent[0]["status"] == 413 and b"upload limit" in sent[1]["body"]
+
+
+# ---- engine ----------------------------------------------------------------------------------------------
+def _with_engine(engine: Engine, coro_fn):
+    engine.start()
+    try:
+        return asyncio.run(coro_fn())
+    finally:
+        engine.close()
+
+
+def test_requests_waiting_together_run_in_one_model_call_per_prompt():
+    entered, gate, fake = threading.Event(), threading.Event(), FakeCanary()
+
+    class Gated(FakeCanary):
+        def transcribe(self, audio, **kw):
+            entered.set()  # the thread is busy with the first request until the gate opens
+            gate.wait(10)
+            return fake.transcribe(audio, **kw)
+
+    engine = Engine(Gated)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        while not engine.ready:
+            await asyncio.sleep(0)
+        first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
+        await loop.run_in_executor(None, entered.wait, 10)
+        pairs = [(2, "en"), (3, "de"), (4, "en")]
+        rest = [asyncio.ensure_future(engine.transcribe(tone(s), "en", t, True, None)) for s, t in pairs]
+        await asyncio.sleep(0)  # all three are queued now
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = _with_engine(engine, main)
+    texts = ["hello world 1.00", "hello world 2.00", "hallo welt 3.00", "hello world 4.00"]
+    assert [r.text for r in results] == texts
+    assert [(c["n"], c["target"]) for c in fake.calls] == [(1, "en"), (2, "en"), (1, "de")]
+
+
+def test_a_failing_request_fails_alone_and_the_thread_lives_on():
+    fake = FakeCanary()
+    engine = Engine(lambda: fake)
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        good = [engine.transcribe(tone(1.0), "en", "en", True, None) for _ in range(3)]
+        bad = engine.transcribe(tone(1.0), "en", "en", True, "explode")
+        return await asyncio.gather(*good, bad, return_exceptions=True)
+
+    *good, bad = _with_engine(engine, main)
+    assert [g.text for g in good] == ["hello world 1.00"] * 3 and isinstance(bad, RuntimeError)
+
+
+def test_requests_before_the_model_is_loaded_are_refused():
+    engine = Engine(FakeCanary)  # not started
+    with pytest.raises(EngineNotReady, match="loading"):
+        asyncio.run(engine.transcribe(tone(1.0), "en", "en", True, None))
