@@ -1,0 +1,82 @@
+"""Continuous batching: sequences joining and leaving a shared decode loop decode exactly as they do alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ESPEAK_CLIPS
+from model.audio import load_audio
+from model.batching import BatchDecoder, Sequence, encoder_frames, single_item_max_new_tokens
+from model.canary import pad_batch
+from model.prompt import PromptSpec
+
+
+def _sequence(m, wave: np.ndarray, tag) -> Sequence:
+    audio, lengths = pad_batch([wave])
+    enc, enc_len = m.encode(audio, lengths)
+    prompt = m.prompt_ids(PromptSpec("en", "en"))
+    return Sequence(enc[0], int(enc_len[0].item()), prompt, single_item_max_new_tokens(m, wave.size, len(prompt)), tag)
+
+
+def _drain(bd: BatchDecoder, pending: list[Sequence], join_every: int, join_count: int) -> dict:
+    out, step = {}, 0
+    while pending or len(bd):
+        if pending and step % join_every == 0:
+            out.update({s.tag: s for s in bd.add(pending[:join_count])})
+            pending = pending[join_count:]
+        out.update({s.tag: s for s in bd.step()})
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize(("join_every", "join_count"), [(1, 1), (2, 3), (5, 12)])
+def test_staggered_joins_decode_each_clip_exactly_as_alone(
+    espeak_model, espeak_nemo_transcripts, join_every, join_count
+):
+    names = sorted(espeak_nemo_transcripts)
+    waves = [load_audio(ESPEAK_CLIPS / n) for n in names]
+    alone = [espeak_model.transcribe(w).tokens for w in waves]
+    out = _drain(
+        BatchDecoder(espeak_model), [_sequence(espeak_model, w, i) for i, w in enumerate(waves)], join_every, join_count
+    )
+    assert [out[i].tokens for i in range(len(names))] == alone
+    assert all(out[i].finished for i in range(len(names)))
+    texts = [espeak_model.tokenizer.ids_to_text(out[i].tokens) for i in range(len(names))]
+    assert texts == [espeak_nemo_transcripts[n] for n in names]
+
+
+def test_a_sequence_stops_at_its_own_length_limit(espeak_model):
+    wave = load_audio(ESPEAK_CLIPS / "clip00.wav")
+    seq = _sequence(espeak_model, wave, "x")
+    seq.max_new_tokens = 3
+    out = _drain(BatchDecoder(espeak_model), [seq], 1, 1)
+    assert out["x"].tokens == espeak_model.transcribe(wave).tokens[:3]
+    assert not out["x"].finished
+
+
+def test_cancelled_rows_leave_and_the_others_are_unaffected(espeak_model):
+    waves = [load_audio(ESPEAK_CLIPS / n) for n in ("clip00.wav", "clip01.wav")]
+    bd = BatchDecoder(espeak_model)
+    a, b = (_sequence(espeak_model, w, i) for i, w in enumerate(waves))
+    bd.add([a, b])
+    bd.step()
+    a.cancelled = True
+    left = bd.step()
+    assert left == [a] and len(bd) == 1
+    out = _drain(bd, [], 1, 1)
+    assert out[1].tokens == espeak_model.transcribe(waves[1]).tokens
+
+
+def test_log_probs_are_recorded_per_token(espeak_model):
+    wave = load_audio(ESPEAK_CLIPS / "clip03.wav")
+    out = _drain(BatchDecoder(espeak_model), [_sequence(espeak_model, wave, 0)], 1, 1)
+    assert len(out[0].logprobs) == len(out[0].tokens)
+    assert all(lp <= 0.0 for lp in out[0].logprobs)
+
+
+def test_encoder_frames_matches_the_encoder_tensor_length(espeak_model):
+    for n in (16000, 16159, 16160, 47999, 76621):
+        audio, lengths = pad_batch([np.zeros(n, np.float32)])
+        enc, _ = espeak_model.encode(audio, lengths)
+        assert enc.shape[1] == encoder_frames(n, 160, 3)
