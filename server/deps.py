@@ -23,7 +23,7 @@ def ready_engine(request: Request) -> Engine:
     """The engine, or a 503 while the model loads."""
     engine: Engine = request.app.state.engine
     if not engine.ready:
-        raise EngineNotReady(engine._not_ready_message())
+        raise EngineNotReady(engine.not_ready_message())
     return engine
 
 

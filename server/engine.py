@@ -122,13 +122,13 @@ class Engine:
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio), decoded in the same batch."""
         if not self.ready:
-            raise EngineNotReady(self._not_ready_message())
+            raise EngineNotReady(self.not_ready_message())
         loop = asyncio.get_running_loop()
         job = _Job(list(audios), (source_lang, target_lang, pnc, context), loop, loop.create_future())
         self._queue.put(job)
         return await job.future
 
-    def _not_ready_message(self) -> str:
+    def not_ready_message(self) -> str:
         if self.state is EngineState.LOADING:
             return "the model is still loading; retry shortly"
         if self.state is EngineState.FAILED:
