@@ -11,14 +11,19 @@ computes from its own encoder length, positions are its own, and the masks hide 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from model.audio import pad_to_min_duration
 from model.decoder import NEG_INF, causal_mask
 from model.decoding import max_generation_length
+from model.prompt import PromptSpec
+
+log = logging.getLogger("canary.batching")
 
 CACHE_STEP = 128  # self-attention buffer growth, in positions
 
@@ -55,16 +60,23 @@ def encoder_frames(num_samples: int, hop: int, n_convs: int) -> int:
 
 
 class BatchDecoder:
-    """Greedy decoding of a changing set of sequences. Not thread-safe: owned by the engine thread."""
+    """Greedy decoding of a changing set of sequences. Not thread-safe: owned by the engine thread.
 
-    def __init__(self, model) -> None:
+    Steps are pipelined: step t+1 is dispatched (`mx.async_eval`) before the host reads step t's tokens,
+    so graph building overlaps compute; a row that finished at step t is dropped from step t+1's output.
+    `compile=True` runs the step through `mx.compile` (default: only on a GPU backend: on the CPU backend
+    compilation made the step slower and costs seconds per new batch shape)."""
+
+    def __init__(self, model, compile: bool | None = None) -> None:
         self.model = model
         dec = model.decoder
-        self.n_layers = dec.cfg.num_layers
         self.heads = dec.cfg.num_attention_heads
         self.d_k = dec.cfg.hidden_size // self.heads
         self.eos = model.tokenizer.eos_id
         self.pad = model.tokenizer.pad_id
+        if compile is None:
+            compile = mx.default_device() == mx.gpu
+        self._step_fn = mx.compile(self._forward) if compile else self._forward
         self.rows: list[Sequence] = []
         self._reset()
 
@@ -76,6 +88,8 @@ class BatchDecoder:
         self.cross_mask: mx.array | None = None  # (B, 1, 1, T) additive
         self.offsets: mx.array | None = None  # (B,) next position to write = tokens fed so far
         self.last: mx.array | None = None  # (B,) last generated token
+        self.positions: list[int] = []  # host copy of offsets (no sync needed to size the cache)
+        self._inflight: tuple[mx.array, mx.array, list[Sequence]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -95,9 +109,9 @@ class BatchDecoder:
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         model, dec = self.model, self.model.decoder
-        n, p = len(seqs), len(seqs[0].prompt)
+        p = len(seqs[0].prompt)
         t_max = max(s.enc.shape[0] for s in seqs)
-        enc = mx.stack([mx.pad(s.enc, [(0, t_max - s.enc.shape[0]), (0, 0)]) for s in seqs])  # (n, T, H)
+        enc = mx.stack([_pad_axis(s.enc, 0, t_max) for s in seqs])  # (n, T, H)
         enc_lens = mx.array([s.enc_len for s in seqs])
         cross_mask = mx.where(mx.arange(t_max)[None, :] < enc_lens[:, None], 0.0, NEG_INF).astype(enc.dtype)
         cross_mask = cross_mask[:, None, None, :]  # (n, 1, 1, T)
@@ -111,23 +125,24 @@ class BatchDecoder:
             self_k.append(k)
             self_v.append(v)
             x = layer(x, (k, v), mask, cross[i], cross_mask)
-        logp = model.log_probs(dec.final_layer_norm(x[:, -1]))  # (n, V)
-        first = mx.argmax(logp, axis=-1)
-        first_lp = mx.take_along_axis(logp, first[:, None], axis=-1)[:, 0]
-        self._append_rows(self_k, self_v, cross, cross_mask, mx.full((n,), p, mx.int32), first)
+        token, token_lp = _pick(model.logits(dec.final_layer_norm(x[:, -1])))
+        self._append_rows(self_k, self_v, cross, cross_mask, p, token)
         self.rows += seqs
-        return self._record(first, first_lp, range(len(self.rows) - n, len(self.rows)))
+        return self._collect(token, token_lp, seqs)
 
-    def _append_rows(self, self_k, self_v, cross, cross_mask, offsets, last) -> None:
+    def _append_rows(self, self_k, self_v, cross, cross_mask, prompt_len: int, last: mx.array) -> None:
+        n = last.shape[0]
+        offsets = mx.full((n,), prompt_len, mx.int32)
+        cap = _round_up(max(self.positions + [prompt_len]) + 1, CACHE_STEP)
+        self.positions += [prompt_len] * n
         if not self.rows:
-            cap = _round_up(int(offsets.max().item()) + 1, CACHE_STEP)
             self.self_k = [_pad_axis(k, 2, cap) for k in self_k]
             self.self_v = [_pad_axis(v, 2, cap) for v in self_v]
             self.cross_k = [k for k, _ in cross]
             self.cross_v = [v for _, v in cross]
             self.cross_mask, self.offsets, self.last = cross_mask, offsets, last
             return
-        cap = max(self.self_k[0].shape[2], _round_up(int(offsets.max().item()) + 1, CACHE_STEP))
+        cap = max(cap, self.self_k[0].shape[2])
         t_enc = max(self.cross_k[0].shape[2], cross[0][0].shape[2])
         join = _concat_padded
         self.self_k = [join(a, b, 2, cap) for a, b in zip(self.self_k, self_k, strict=True)]
@@ -140,74 +155,98 @@ class BatchDecoder:
 
     # ---- stepping ---------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Advance every row by one token. Returns the sequences that finished (and left) at this step."""
+        """Advance every row by one token. Returns the sequences that left the batch at this step."""
         if not self.rows:
             return []
-        self._ensure_capacity()
+        current = self._inflight or self._dispatch()
+        self._inflight = self._dispatch()  # built on current's device tokens: overlaps with the host work
+        return self._collect(*current)
+
+    def _dispatch(self) -> tuple[mx.array, mx.array, list[Sequence]]:
+        need = max(self.positions) + 1
+        if need > self.self_k[0].shape[2]:
+            cap = _round_up(need, CACHE_STEP)
+            self.self_k = [_pad_axis(k, 2, cap) for k in self.self_k]
+            self.self_v = [_pad_axis(v, 2, cap) for v in self.self_v]
+        token, token_lp, self.self_k, self.self_v = self._step_fn(
+            self.last, self.offsets, self.self_k, self.self_v, self.cross_k, self.cross_v, self.cross_mask
+        )
+        self.offsets = self.offsets + 1
+        self.positions = [p + 1 for p in self.positions]
+        self.last = token
+        mx.async_eval(token, token_lp, self.self_k, self.self_v)
+        return token, token_lp, list(self.rows)
+
+    def _forward(self, last, offsets, self_k, self_v, cross_k, cross_v, cross_mask):
+        """One decoder step for every row at its own position (pure: compilable)."""
         dec = self.model.decoder
-        b, cap = len(self.rows), self.self_k[0].shape[2]
-        positions = self.offsets[:, None]  # (B, 1)
-        x = dec.embedding(self.last[:, None], positions)
-        key_pos = mx.arange(cap)[None, :]
-        self_mask = mx.where(key_pos <= positions, 0.0, NEG_INF).astype(x.dtype)[:, None, None, :]  # (B,1,1,L)
-        write_idx = mx.broadcast_to(self.offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
+        b, cap = last.shape[0], self_k[0].shape[2]
+        positions = offsets[:, None]  # (B, 1)
+        x = dec.embedding(last[:, None], positions)
+        self_mask = mx.where(mx.arange(cap)[None, :] <= positions, 0.0, NEG_INF).astype(x.dtype)
+        self_mask = self_mask[:, None, None, :]  # (B, 1, 1, L): each row sees its own past only
+        write_idx = mx.broadcast_to(offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
+        new_k, new_v = [], []
         for i, layer in enumerate(dec.layers):
             k, v = layer.first_sub_layer.kv(layer.layer_norm_1(x))  # (B, H, 1, d_k)
-            self.self_k[i] = mx.put_along_axis(self.self_k[i], write_idx, k, axis=2)
-            self.self_v[i] = mx.put_along_axis(self.self_v[i], write_idx, v, axis=2)
-            kv = (self.self_k[i], self.self_v[i])
-            x = layer(x, kv, self_mask, (self.cross_k[i], self.cross_v[i]), self.cross_mask)
-        logp = self.model.log_probs(dec.final_layer_norm(x[:, -1]))  # (B, V)
-        token = mx.argmax(logp, axis=-1)
-        token_lp = mx.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-        self.offsets = self.offsets + 1
-        self.last = token
-        return self._record(token, token_lp, range(b))
+            new_k.append(mx.put_along_axis(self_k[i], write_idx, k, axis=2))
+            new_v.append(mx.put_along_axis(self_v[i], write_idx, v, axis=2))
+            x = layer(x, (new_k[i], new_v[i]), self_mask, (cross_k[i], cross_v[i]), cross_mask)
+        token, token_lp = _pick(self.model.logits(dec.final_layer_norm(x[:, -1])))
+        return token, token_lp, new_k, new_v
 
-    def _record(self, token: mx.array, token_lp: mx.array, rows: range) -> list[Sequence]:
-        """Host side: append this step's tokens; drop rows that finished. One sync per step."""
-        mx.eval(token, token_lp, self.offsets, *self.self_k, *self.self_v)
+    def _collect(self, token: mx.array, token_lp: mx.array, seqs: list[Sequence]) -> list[Sequence]:
+        """Host side: append one step's tokens (one sync), then drop the rows that are done."""
         tokens = np.array(token).tolist()
         lps = np.array(token_lp).tolist()
+        present = {id(s) for s in self.rows}
         done = []
-        for r, t, lp in zip(rows, tokens[-len(rows) :], lps[-len(rows) :], strict=True):
-            s = self.rows[r]
-            if t in (self.eos, self.pad):
+        for s, t, lp in zip(seqs, tokens, lps, strict=True):
+            if id(s) not in present:
+                continue  # left the batch after this step was dispatched
+            if s.cancelled:
+                done.append(s)
+            elif t in (self.eos, self.pad):  # NeMo treats <pad> like <|endoftext|>
                 s.finished = True
                 done.append(s)
-                continue
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            if len(s.tokens) >= s.max_new_tokens or s.cancelled:
-                done.append(s)
-        if done:
-            self.remove(done)
+            else:
+                s.tokens.append(t)
+                s.logprobs.append(lp)
+                if len(s.tokens) >= s.max_new_tokens:
+                    done.append(s)
+        self.remove(done)
         return done
 
     def remove(self, seqs: list[Sequence]) -> None:
-        """Drop rows (finished or cancelled) from the batch."""
+        """Drop rows (finished or cancelled) from the batch and from the step in flight."""
         drop = {id(s) for s in seqs}
         keep = [i for i, s in enumerate(self.rows) if id(s) not in drop]
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
         if not keep:
+            self.rows = []
             self._reset()
             return
         idx = mx.array(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = [self.positions[i] for i in keep]
         self.self_k = [k[idx] for k in self.self_k]
         self.self_v = [v[idx] for v in self.self_v]
         self.cross_k = [k[idx] for k in self.cross_k]
         self.cross_v = [v[idx] for v in self.cross_v]
         self.cross_mask, self.offsets, self.last = self.cross_mask[idx], self.offsets[idx], self.last[idx]
+        if self._inflight is not None:
+            token, token_lp, snapshot = self._inflight
+            kept = [i for i, s in enumerate(snapshot) if id(s) not in drop]
+            kidx = mx.array(kept)
+            self._inflight = (token[kidx], token_lp[kidx], [snapshot[i] for i in kept])
 
-    def _ensure_capacity(self) -> None:
-        cap = self.self_k[0].shape[2]
-        need = int(self.offsets.max().item()) + 1
-        if need > cap:
-            new_cap = _round_up(need, CACHE_STEP)
-            self.self_k = [_pad_axis(k, 2, new_cap) for k in self.self_k]
-            self.self_v = [_pad_axis(v, 2, new_cap) for v in self.self_v]
+
+def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Greedy token on the device and its log-probability."""
+    token = mx.argmax(logits, axis=-1)
+    lse = mx.logsumexp(logits, axis=-1)
+    return token, mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
 
 
 def _round_up(n: int, step: int) -> int:
@@ -224,3 +263,144 @@ def _pad_axis(x: mx.array, axis: int, size: int, value: float = 0.0) -> mx.array
 
 def _concat_padded(a: mx.array, b: mx.array, axis: int, size: int, value: float = 0.0) -> mx.array:
     return mx.concatenate([_pad_axis(a, axis, size, value), _pad_axis(b, axis, size, value)], axis=0)
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One piece of audio (a request, or a chunk of a long one) for the `ContinuousBatcher`.
+
+    `priority`: lower runs first (the engine uses the seconds of audio its request still has queued, so a short
+    request is never stuck behind a long file's chunks). On completion exactly one of result / error is set."""
+
+    audio: np.ndarray  # float32, 16 kHz mono
+    spec: PromptSpec
+    tag: Any = None
+    priority: float = 0.0
+    result: Any = None  # model.canary.Transcription
+    error: BaseException | None = None
+    cancelled: bool = False
+    _seq: Sequence | None = field(default=None, repr=False)
+
+
+class ContinuousBatcher:
+    """Encoder admission + the shared decoder loop. `step()` admits waiting items (one padded, masked encoder
+    batch of at most `encode_seconds` of audio) while the decoder has room, then advances every active
+    sequence by one token. Items of any language / task / prompt share the same decoder batch."""
+
+    def __init__(self, model, max_batch: int = 16, encode_seconds: float = 30.0, compile: bool | None = None):
+        self.model = model
+        self.max_batch = max_batch
+        self.encode_seconds = encode_seconds
+        self.decoder = BatchDecoder(model, compile=compile)
+        self.waiting: list[WorkItem] = []
+        self._order = 0  # FIFO tie-break among equal priorities
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.decoder)
+
+    def submit(self, items: list[WorkItem]) -> None:
+        for item in items:
+            self._order += 1
+            item._order = self._order  # type: ignore[attr-defined]
+            self.waiting.append(item)
+        self.waiting.sort(key=lambda it: (it.priority, it._order))  # type: ignore[attr-defined]
+
+    def cancel(self, items: list[WorkItem]) -> None:
+        """Forget waiting items; active ones leave the decoder at its next step."""
+        drop = {id(it) for it in items}
+        self.waiting = [it for it in self.waiting if id(it) not in drop]
+        for it in items:
+            it.cancelled = True
+            if it._seq is not None:
+                it._seq.cancelled = True
+
+    def step(self) -> list[WorkItem]:
+        """Admit, then decode one step. Returns items that completed (result or error)."""
+        done = self._admit()
+        try:
+            finished = self.decoder.step()
+        except Exception as exc:  # never seen in practice; fail the active items, keep the engine alive
+            log.exception("decoder step failed")
+            finished = list(self.decoder.rows)
+            self.decoder = BatchDecoder(self.model, compile=self.decoder._step_fn is not self.decoder._forward)
+            for seq in finished:
+                seq.tag.error = exc
+            return done + [s.tag for s in finished]
+        return done + [self._finish(s) for s in finished]
+
+    def _admit(self) -> list[WorkItem]:
+        room = self.max_batch - len(self.decoder)
+        if room <= 0 or not self.waiting:
+            return []
+        batch, seconds = [], 0.0
+        sr = self.model.sample_rate
+        while self.waiting and len(batch) < room:
+            item = self.waiting[0]
+            dur = item.audio.shape[0] / sr
+            if batch and seconds + dur > self.encode_seconds:
+                break
+            batch.append(self.waiting.pop(0))
+            seconds += dur
+        return self._start(batch)
+
+    def _start(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Encode items as one padded batch and prefill them; a failing item fails alone."""
+        try:
+            seqs = self._encode(items)
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].error = exc
+                return items
+            return [d for it in items for d in self._start([it])]  # find the culprit; the others still run
+        failed = []
+        for item, seq in zip(items, seqs, strict=True):
+            if isinstance(seq, BaseException):
+                item.error = seq
+                failed.append(item)
+        ok = [s for s in seqs if isinstance(s, Sequence)]
+        return failed + [self._finish(s) for s in self.decoder.add(ok)]
+
+    def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
+        from model.canary import MIN_AUDIO_SECONDS, pad_batch
+
+        model, sr = self.model, self.model.sample_rate
+        prompts: list[list[int] | BaseException] = []
+        for item in items:
+            try:
+                prompts.append(model.prompt_ids(item.spec))
+            except Exception as exc:
+                prompts.append(exc)
+        waves = [pad_to_min_duration(it.audio, int(MIN_AUDIO_SECONDS * sr)) for it in items]
+        audio, lengths = pad_batch(waves)
+        enc, enc_lens = model.encode(audio, lengths)
+        enc_lens = np.array(enc_lens).tolist()
+        hop, n_convs = model.config.preprocessor.hop_length, model.config.encoder.n_subsampling_convs
+        out: list[Sequence | BaseException] = []
+        for i, (item, prompt, wave) in enumerate(zip(items, prompts, waves, strict=True)):
+            if isinstance(prompt, BaseException):
+                out.append(prompt)
+                continue
+            frames = encoder_frames(wave.shape[0], hop, n_convs)
+            limit = single_item_max_new_tokens(model, wave.shape[0], len(prompt))
+            seq = Sequence(enc[i, :frames], enc_lens[i], prompt, limit, tag=item)
+            item._seq = seq
+            out.append(seq)
+        return out
+
+    def _finish(self, seq: Sequence) -> WorkItem:
+        from model.canary import Transcription
+
+        item: WorkItem = seq.tag
+        raw = self.model.tokenizer.ids_to_text(seq.tokens)
+        duration = item.audio.shape[0] / self.model.sample_rate
+        item.result = Transcription(
+            raw.strip(),
+            list(seq.tokens),
+            item.spec.source_lang,
+            item.spec.target_lang,
+            duration,
+            raw,
+            seq.finished,
+            list(seq.logprobs),
+        )
+        return item

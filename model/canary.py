@@ -49,6 +49,7 @@ class Transcription:
     duration: float  # seconds of input audio (before any padding)
     raw_text: str = field(default="", repr=False)  # NeMo's hypothesis text (leading space kept)
     finished: bool = True  # False when decoding stopped at the length limit
+    logprobs: list[float] = field(default_factory=list, repr=False)  # per generated token (when recorded)
 
 
 class Canary(nn.Module):
@@ -92,6 +93,12 @@ class Canary(nn.Module):
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
+
+    def batcher(self, **kwargs):
+        """A `ContinuousBatcher` over this model (the server's engine drives it from its thread)."""
+        from model.batching import ContinuousBatcher
+
+        return ContinuousBatcher(self, **kwargs)
 
     def prompt_ids(self, spec: PromptSpec) -> list[int]:
         return build_prompt(self.tokenizer, self.config.prompt_format, spec)

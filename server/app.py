@@ -29,7 +29,12 @@ def create_app(
     settings = settings if settings is not None else Settings.load()
     logging.getLogger("canary").setLevel(settings.log_level.upper())
     if engine is None:
-        engine = Engine(lambda: load_model(settings), batch_size=settings.batch_size)
+        engine = Engine(
+            lambda: load_model(settings),
+            batch_size=settings.batch_size,
+            encode_seconds=settings.encode_batch_seconds,
+            max_queue=settings.max_queued_requests,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

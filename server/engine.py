@@ -1,8 +1,12 @@
 """The inference engine: one dedicated thread loads the model and makes every MLX call.
 
 Requests are submitted from the event loop and awaited as asyncio futures, so the loop never blocks on MLX.
-Requests that arrive while the thread is busy are collected and run together in one `transcribe` call when
-they share (source_lang, target_lang, pnc, context): a simple micro-batch. A failing request fails alone.
+Every request, and every chunk of a long one, becomes a work item of the model's `ContinuousBatcher`: the
+encoder runs on padded batches of waiting items, and one decoder loop advances all active sequences together;
+a finished sequence leaves at once and a waiting one joins at the next step, so a short request never waits
+for a long file. Items are admitted shortest-request-first. A failing request fails alone; a cancelled one
+(the client went away) leaves the batch; a full queue is refused (429); shutdown finishes what is running
+and fails what has not started.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -27,14 +31,23 @@ class TranscriptionLike(Protocol):
     tokens: list[int]
 
 
+class BatcherLike(Protocol):
+    """What the engine drives (`model.batching.ContinuousBatcher`; tests use a fake)."""
+
+    def __len__(self) -> int: ...
+    def submit(self, items: list[Any]) -> None: ...
+    def cancel(self, items: list[Any]) -> None: ...
+    def step(self) -> list[Any]: ...
+
+
 class ModelLike(Protocol):
-    """What the engine needs from `model.Canary` (tests use a fake with the same interface)."""
+    """What the engine needs from `model.Canary`."""
 
     languages: list[str]
     sample_rate: int
     config: Any
 
-    def transcribe(self, audio: Any, **kwargs: Any) -> Any: ...
+    def batcher(self, **kwargs: Any) -> BatcherLike: ...
 
 
 class EngineState(str, Enum):
@@ -46,6 +59,10 @@ class EngineState(str, Enum):
 
 class EngineNotReady(RuntimeError):
     """The model is still loading, failed to load, or the engine is shut down."""
+
+
+class EngineBusy(RuntimeError):
+    """Too many requests are queued; the client should retry later (429)."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +78,18 @@ class ModelInfo:
         return self.prompt_format == "canary2"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """One request: its audio pieces, and the future the event loop awaits."""
+
     audios: list[np.ndarray]
-    key: tuple[str, str, bool, str | None]  # (source_lang, target_lang, pnc, context)
+    spec: Any  # model.prompt.PromptSpec
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    items: list[Any] = field(default_factory=list)
+    results: dict[int, Any] = field(default_factory=dict)
+    started: bool = False
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -87,21 +110,34 @@ _STOP = object()
 class Engine:
     """Owns the model thread. `loader` runs on that thread and returns the model."""
 
-    def __init__(self, loader: Callable[[], ModelLike], *, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        loader: Callable[[], ModelLike],
+        *,
+        batch_size: int = 16,
+        encode_seconds: float = 30.0,
+        max_queue: int = 64,
+    ) -> None:
         self._loader = loader
         self.batch_size = batch_size
+        self.encode_seconds = encode_seconds
+        self.max_queue = max_queue
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="canary-model", daemon=True)
-        self._model: ModelLike | None = None
+        self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
+        self._open_jobs = 0  # submitted and not finished, counted from the event loop side
+        self._lock = threading.Lock()
         self.state = EngineState.LOADING
         self.error: BaseException | None = None
         self.info: ModelInfo | None = None
+        self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
 
     # ---- event-loop side -------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout: float | None = 10.0) -> None:
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish running requests, fail queued ones, stop the thread."""
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
@@ -110,6 +146,10 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.state is EngineState.READY
+
+    @property
+    def queued(self) -> int:
+        return self._open_jobs
 
     async def transcribe(
         self, audio: np.ndarray, source_lang: str, target_lang: str, pnc: bool, context: str | None
@@ -120,13 +160,28 @@ class Engine:
     async def transcribe_batch(
         self, audios: Sequence[np.ndarray], source_lang: str, target_lang: str, pnc: bool, context: str | None
     ) -> list[TranscriptionLike]:
-        """Several clips of one request (e.g. the chunks of long audio), decoded in the same batch."""
+        """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
+
+        Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch."""
+        from model.prompt import PromptSpec
+
         if not self.ready:
             raise EngineNotReady(self.not_ready_message())
+        with self._lock:
+            if self._open_jobs >= self.max_queue:
+                self.stats["refused"] += 1
+                raise EngineBusy(f"the server is busy ({self._open_jobs} requests queued); retry shortly")
+            self._open_jobs += 1
         loop = asyncio.get_running_loop()
-        job = _Job(list(audios), (source_lang, target_lang, pnc, context), loop, loop.create_future())
+        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "")
+        job = _Job(list(audios), spec, loop, loop.create_future())
+        job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
         self._queue.put(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            with self._lock:
+                self._open_jobs -= 1
 
     def not_ready_message(self) -> str:
         if self.state is EngineState.LOADING:
@@ -144,70 +199,85 @@ class Engine:
                 sample_rate=int(model.sample_rate),
                 prompt_format=str(getattr(model.config, "prompt_format", "canary")),
             )
-            self._model = model
+            batcher = model.batcher(max_batch=self.batch_size, encode_seconds=self.encode_seconds)
         except BaseException as e:  # noqa: BLE001 - reported through /health and 503s
             log.exception("model failed to load")
             self.error, self.state = e, EngineState.FAILED
+            self._fail_queued(EngineNotReady(self.not_ready_message()))
             return
         self.state = EngineState.READY
         log.info("model ready: languages %s", ", ".join(self.info.languages))
-        stop = False
-        while not stop:
-            jobs, stop = self._collect()
-            groups: dict[tuple, list[_Job]] = {}
-            for job in jobs:
-                groups.setdefault(job.key, []).append(job)
-            for group in groups.values():
-                self._run_group(group)
-        self._fail_pending()
+        stopping = False
+        while not (stopping and not self._jobs):
+            # Block for work only when nothing is in flight; otherwise just take what has arrived.
+            for job in self._intake(block=not self._jobs and not stopping):
+                if job is _STOP:
+                    stopping = True
+                    self._fail_unstarted(batcher)
+                elif stopping:
+                    job.deliver(error=EngineNotReady("the server is shutting down"))
+                else:
+                    self._submit(batcher, job)
+            self._drop_cancelled(batcher)
+            if not len(batcher):
+                continue
+            for item in batcher.step():
+                self._complete(batcher, item)
 
-    def _collect(self) -> tuple[list[_Job], bool]:
-        """Block for one job, then take every job already waiting."""
-        item = self._queue.get()
-        if item is _STOP:
-            return [], True
-        jobs = [item]
+    def _intake(self, block: bool) -> list[Any]:
+        items = [self._queue.get()] if block else []
         while True:
             try:
-                item = self._queue.get_nowait()
+                items.append(self._queue.get_nowait())
             except queue.Empty:
-                return jobs, False
-            if item is _STOP:
-                return jobs, True
-            jobs.append(item)
+                return items
 
-    def _run_group(self, jobs: list[_Job]) -> None:
-        source_lang, target_lang, pnc, context = jobs[0].key
-        audios = [a for job in jobs for a in job.audios]
-        try:
-            results = self._model.transcribe(
-                audios,
-                source_lang=source_lang,
-                target_lang=target_lang,
-                pnc=pnc,
-                context=context,
-                batch_size=self.batch_size,
-            )
-        except Exception as e:
-            if len(jobs) > 1:  # find the culprit: the others must still succeed
-                for job in jobs:
-                    self._run_group([job])
-            else:
-                jobs[0].deliver(error=e)
+    def _submit(self, batcher: BatcherLike, job: _Job) -> None:
+        from model.batching import WorkItem
+
+        seconds = sum(a.shape[0] for a in job.audios) / self.info.sample_rate
+        # Shortest request first: a 5 s clip is admitted before the remaining chunks of a long file.
+        job.items = [WorkItem(a, job.spec, tag=(job, i), priority=seconds) for i, a in enumerate(job.audios)]
+        self._jobs.append(job)
+        batcher.submit(job.items)
+
+    def _complete(self, batcher: BatcherLike, item: Any) -> None:
+        job, index = item.tag
+        if job not in self._jobs:  # already failed or cancelled
             return
-        start = 0
-        for job in jobs:
-            job.deliver(list(results[start : start + len(job.audios)]))
-            start += len(job.audios)
+        job.started = True
+        if item.error is not None:
+            self._end(batcher, job, error=item.error)
+            return
+        job.results[index] = item.result
+        if len(job.results) == len(job.items):
+            self._end(batcher, job, result=[job.results[i] for i in range(len(job.items))])
 
-    def _fail_pending(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                item.deliver(error=EngineNotReady("the server is shutting down"))
+    def _end(self, batcher: BatcherLike, job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+        self._jobs.remove(job)
+        pending = [it for i, it in enumerate(job.items) if i not in job.results]
+        if pending:
+            batcher.cancel(pending)
+        if job.cancelled.is_set():
+            self.stats["cancelled"] += 1
+            return
+        self.stats["failed" if error is not None else "completed"] += 1
+        job.deliver(result, error)
+
+    def _drop_cancelled(self, batcher: BatcherLike) -> None:
+        for job in [j for j in self._jobs if j.cancelled.is_set()]:
+            log.info("request cancelled by the client: dropping %d piece(s)", len(job.items) - len(job.results))
+            self._end(batcher, job)
+
+    def _fail_unstarted(self, batcher: BatcherLike) -> None:
+        """Shutdown: requests that have not produced anything yet are failed clearly; the rest finish."""
+        for job in [j for j in self._jobs if not j.started and not any(it._seq for it in j.items)]:
+            self._end(batcher, job, error=EngineNotReady("the server is shutting down"))
+
+    def _fail_queued(self, error: BaseException) -> None:
+        for job in self._intake(block=False):
+            if job is not _STOP:
+                job.deliver(error=error)
 
 
 def load_model(settings: Any) -> ModelLike:
@@ -215,6 +285,7 @@ def load_model(settings: Any) -> ModelLike:
     import model
     from convert.cache import resolve_model
 
-    path = resolve_model(settings.model, cache_dir=settings.cache_dir, dtype=settings.dtype)
+    path = resolve_model(settings.model, cache_dir=settings.cache_dir)
     log.info("loading model from %s", path)
-    return model.load(path)
+    dtype = None if settings.dtype == "auto" else settings.dtype
+    return model.load(path, dtype=dtype or model.default_dtype())

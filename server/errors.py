@@ -16,11 +16,15 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
-from server.engine import EngineNotReady
+from server.engine import EngineBusy, EngineNotReady
 
 log = logging.getLogger("canary.server")
 
-_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its result was ready (nobody reads the answer)."""
 
 
 class ApiError(Exception):
@@ -69,6 +73,10 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc))
     if isinstance(exc, EngineNotReady):
         return ApiError(503, str(exc), code="model_not_ready", headers={"Retry-After": "5"})
+    if isinstance(exc, ClientDisconnected):
+        return ApiError(499, "the client closed the connection", code="client_disconnected")
+    if isinstance(exc, EngineBusy):
+        return ApiError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": "1"})
     log.error("unexpected error", exc_info=exc)
     return ApiError(500, f"internal server error: {type(exc).__name__}")
 
@@ -99,6 +107,14 @@ class ErrorRoute(APIRoute):
 
 
 def install_error_handler(app: FastAPI) -> None:
-    for cls in (ApiError, RequestValidationError, StarletteHTTPException, CanaryError, EngineNotReady):
+    for cls in (
+        ApiError,
+        RequestValidationError,
+        StarletteHTTPException,
+        CanaryError,
+        EngineNotReady,
+        EngineBusy,
+        ClientDisconnected,
+    ):
         app.add_exception_handler(cls, error_response)
     app.add_exception_handler(Exception, error_response)  # 500; Starlette still logs the traceback

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
         description="Converted model directory, .nemo file, or Hugging Face repo id (converted on 1st boot).",
     )
     cache_dir: Path | None = Field(None, description="Where converted models are cached (None: the default).")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute dtype; auto: bfloat16 on Apple Silicon (Metal), float32 elsewhere."
+    )
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
@@ -48,7 +50,13 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(3600.0, gt=0, description="Longer audio is rejected with 400.")
     chunk_seconds: float = Field(30.0, gt=0, le=40, description="Longest piece of audio decoded at once.")
     default_language: str = Field("en", description="Source language when a request names none.")
-    batch_size: int = Field(8, ge=1, description="Most audio pieces decoded in one model call.")
+    batch_size: int = Field(
+        16, ge=1, description="Most sequences (requests or chunks) decoded together in the shared decoder loop."
+    )
+    encode_batch_seconds: float = Field(
+        30.0, gt=0, description="Most seconds of audio encoded at once between decoder steps."
+    )
+    max_queued_requests: int = Field(64, ge=1, description="Requests accepted at once; more get 429.")
     model_aliases: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALIASES),
         description="Extra model names accepted in requests and listed by /v1/models.",

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from server.chunking import split_audio
 from server.engine import Engine
-from server.errors import ApiError
+from server.errors import ApiError, ClientDisconnected
 from server.schemas import Segment, TranscribeOptions, TranscriptResult
 
 AudioDecoder = Callable[[bytes], np.ndarray]
+T = TypeVar("T")
+
+
+async def unless_disconnected(request: Request | None, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so the request's sequences in the engine) if the client goes away.
+
+    The body is already read, so the next ASGI message can only be `http.disconnect`."""
+    task = asyncio.ensure_future(work)
+    if request is None:
+        return await task
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected()
+    return task.result()
 
 
 def default_decoder() -> AudioDecoder:
@@ -42,6 +74,7 @@ async def transcribe_bytes(
     *,
     chunk_seconds: float,
     max_audio_seconds: float,
+    request: Request | None = None,
 ) -> TranscriptResult:
     if not data:
         raise ApiError(400, "the uploaded file is empty", param="file", code="invalid_audio")
@@ -60,9 +93,10 @@ async def transcribe_bytes(
         )
     chunks = split_audio(audio, sample_rate, chunk_seconds)
     context = options.context if engine.info.supports_context else None
-    results = await engine.transcribe_batch(
+    work = engine.transcribe_batch(
         [c.audio for c in chunks], options.source_lang, options.target_lang, options.pnc, context
     )
+    results = await unless_disconnected(request, work)
     segments = []
     for chunk, res in zip(chunks, results, strict=True):
         text = res.text.strip()

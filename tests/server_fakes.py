@@ -53,6 +53,49 @@ class FakeCanary:
             out.append(FakeTranscription(text, [1, 2, 3], source_lang, target, len(a) / SR))
         return out if isinstance(audio, list) else out[0]
 
+    def batcher(self, **kwargs) -> FakeBatcher:
+        self.last_batcher = FakeBatcher(self)
+        return self.last_batcher
+
+
+@dataclass
+class FakeBatcher:
+    """The engine's view of `model.batching.ContinuousBatcher`: every waiting item completes at the next step.
+
+    `gate` (an Event), when set on the fake model, holds each step until it is set: tests use it to keep
+    requests in flight."""
+
+    model: FakeCanary
+    waiting: list = field(default_factory=list)
+    cancelled: list = field(default_factory=list)
+    steps: list = field(default_factory=list)  # the items of every step
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, items) -> None:
+        self.waiting += items
+
+    def cancel(self, items) -> None:
+        self.cancelled += items
+        self.waiting = [it for it in self.waiting if not any(it is c for c in items)]
+
+    def step(self):
+        gate = getattr(self.model, "gate", None)
+        if gate is not None:
+            gate.wait(30)
+        items, self.waiting = self.waiting, []
+        self.steps.append(items)
+        for it in items:
+            s = it.spec
+            try:
+                it.result = self.model.transcribe(
+                    it.audio, source_lang=s.source_lang, target_lang=s.target_lang, pnc=s.pnc, context=s.context or None
+                )
+            except Exception as exc:
+                it.error = exc
+        return items
+
 
 @contextmanager
 def running_server(app) -> Iterator[str]:

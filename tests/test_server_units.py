@@ -13,7 +13,7 @@ import tomllib
 from server_fakes import SR, FakeCanary, tone
 
 from server.chunking import split_audio
-from server.engine import Engine, EngineNotReady
+from server.engine import Engine, EngineBusy, EngineNotReady
 from server.formats import srt_timestamp, vtt_timestamp
 from server.limits import UploadLimitMiddleware
 from server.serve import add_serve_arguments, settings_from_args
@@ -131,33 +131,97 @@ def _with_engine(engine: Engine, coro_fn):
         engine.close()
 
 
-def test_requests_waiting_together_run_in_one_model_call_per_prompt():
-    entered, gate, fake = threading.Event(), threading.Event(), FakeCanary()
-
-    class Gated(FakeCanary):
-        def transcribe(self, audio, **kw):
-            entered.set()  # the thread is busy with the first request until the gate opens
-            gate.wait(10)
-            return fake.transcribe(audio, **kw)
-
-    engine = Engine(Gated)
+def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_language():
+    fake = FakeCanary()
+    fake.gate = threading.Event()
+    engine = Engine(lambda: fake)
 
     async def main():
-        loop = asyncio.get_running_loop()
         while not engine.ready:
             await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
-        await loop.run_in_executor(None, entered.wait, 10)
+        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
+            await asyncio.sleep(0)
         pairs = [(2, "en"), (3, "de"), (4, "en")]
         rest = [asyncio.ensure_future(engine.transcribe(tone(s), "en", t, True, None)) for s, t in pairs]
-        await asyncio.sleep(0)  # all three are queued now
-        gate.set()
+        await asyncio.sleep(0)  # all three are queued now, while the first step is held
+        fake.gate.set()
         return await asyncio.gather(first, *rest)
 
     results = _with_engine(engine, main)
     texts = ["hello world 1.00", "hello world 2.00", "hallo welt 3.00", "hello world 4.00"]
     assert [r.text for r in results] == texts
-    assert [(c["n"], c["target"]) for c in fake.calls] == [(1, "en"), (2, "en"), (1, "de")]
+    steps = [[it.spec.target_lang for it in step] for step in fake.last_batcher.steps if step]
+    assert steps == [["en"], ["en", "de", "en"]]
+
+
+def test_a_full_queue_is_refused_with_engine_busy():
+    fake = FakeCanary()
+    fake.gate = threading.Event()
+    engine = Engine(lambda: fake, max_queue=2)
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        held = [asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(EngineBusy, match="busy"):
+            await engine.transcribe(tone(1.0), "en", "en", True, None)
+        fake.gate.set()
+        return await asyncio.gather(*held)
+
+    assert len(_with_engine(engine, main)) == 2
+    assert engine.stats["refused"] == 1 and engine.queued == 0
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
+    fake = FakeCanary()
+    fake.gate = threading.Event()
+    engine = Engine(lambda: fake)
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
+        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
+            await asyncio.sleep(0)
+        doomed = asyncio.ensure_future(engine.transcribe_batch([tone(2.0), tone(3.0)], "en", "en", True, None))
+        await asyncio.sleep(0)
+        doomed.cancel()  # what a client disconnect does
+        while not doomed.done():  # the cancellation reaches the job's future on the next loop iterations
+            await asyncio.sleep(0)
+        fake.gate.set()
+        out = await first
+        while engine.stats["cancelled"] == 0 and engine.stats["completed"] < 2:
+            await asyncio.sleep(0)
+        return out
+
+    assert _with_engine(engine, main).text == "hello world 1.00"
+    assert engine.stats["cancelled"] == 1 and engine.stats["completed"] == 1
+
+
+def test_shutdown_fails_requests_that_have_not_started():
+    fake = FakeCanary()
+    fake.gate = threading.Event()
+    engine = Engine(lambda: fake)
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
+        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
+            await asyncio.sleep(0)
+        queued = asyncio.ensure_future(engine.transcribe(tone(2.0), "en", "en", True, None))
+        await asyncio.sleep(0)
+        closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
+        fake.gate.set()
+        await closing
+        return await asyncio.gather(first, queued, return_exceptions=True)
+
+    engine.start()
+    first, queued = asyncio.run(main())
+    assert first.text == "hello world 1.00"
+    assert isinstance(queued, EngineNotReady) and "shutting down" in str(queued)
 
 
 def test_a_failing_request_fails_alone_and_the_thread_lives_on():

@@ -55,6 +55,7 @@ async def _run(request: Request, engine: Engine, file: UploadFile, options: Tran
         options,
         chunk_seconds=settings.chunk_seconds,
         max_audio_seconds=settings.max_audio_seconds,
+        request=request,
     )
 
 
