@@ -11,6 +11,8 @@ import sentencepiece as spm  # noqa: E402
 
 from convert import checkpoint, config, mapping, nemo, write  # noqa: E402
 from convert.errors import ConversionError  # noqa: E402
+from convert.quantize import check_quantization, quantize_weights  # noqa: E402
+from model.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 __all__ = ["ConversionError", "convert_nemo"]
 
@@ -24,13 +26,24 @@ def _piece_count(path: Path, member: str) -> int:
         raise ConversionError(f"tokenizer {member}: not a readable SentencePiece model: {e}") from e
 
 
-def convert_nemo(source: str | Path, out_dir: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+def convert_nemo(
+    source: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> Path:
     """Convert a `.nemo` file into an MLX model directory (ARCHITECTURE.md) and return its path.
+
+    `quantize` (8 or 4 bits): MLX affine quantization, in groups of `group_size`, of the linear layers whose
+    input dim is a multiple of `group_size`; everything else stays in `dtype` (see model/quantize.py).
 
     Raises ConversionError for unsafe, corrupt or unsupported input; OUT_DIR is then absent or unchanged.
     """
     source, out_dir = Path(source), Path(out_dir).absolute()
     write.check_dtype(dtype)
+    check_quantization(quantize, group_size)
     if not source.is_file():
         raise ConversionError(f"{source}: no such .nemo file")
     write.check_out_dir(out_dir, overwrite)
@@ -50,9 +63,13 @@ def convert_nemo(source: str | Path, out_dir: str | Path, dtype: str = "float32"
             dtype=dtype,
             enc_dec_proj_present="encoder_decoder_proj.weight" in state,
         )
-        weights = mapping.map_state_dict(state, cfg)
-        write.write_weights(staging, weights, dtype)
-        del weights, state
+        arrays = write.cast_weights(mapping.map_state_dict(state, cfg), dtype)
+        del state
+        if quantize is not None:
+            cfg["quantization"] = {"bits": quantize, "group_size": group_size}
+            arrays = quantize_weights(arrays, cfg)
+        write.write_weights(staging, arrays)
+        del arrays
         names = config.tokenizer_filenames(archive.config)
         write.copy_tokenizers(staging, {names[m]: p for m, p in archive.tokenizer_files.items()})
         write.write_config(staging, cfg)
@@ -60,5 +77,5 @@ def convert_nemo(source: str | Path, out_dir: str | Path, dtype: str = "float32"
             f.unlink()
         work.rmdir()
         write.publish(staging, out_dir, overwrite)
-    log.info("converted %s -> %s (%s)", source, out_dir, dtype)
+    log.info("converted %s -> %s (%s%s)", source, out_dir, dtype, f", {quantize}-bit" if quantize else "")
     return out_dir

@@ -52,7 +52,8 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def write_weights(directory: Path, weights: dict[str, np.ndarray], dtype: str) -> None:
+def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.array]:
+    """MLX arrays in `dtype`, except the float32-only buffers (FLOAT32_KEYS) and integer tensors."""
     target = check_dtype(dtype)
     arrays = {}
     for name, value in weights.items():
@@ -60,6 +61,10 @@ def write_weights(directory: Path, weights: dict[str, np.ndarray], dtype: str) -
         if mx.issubdtype(arr.dtype, mx.floating):
             arr = arr.astype(mx.float32 if name in FLOAT32_KEYS else target)
         arrays[name] = arr
+    return arrays
+
+
+def write_weights(directory: Path, arrays: dict[str, mx.array]) -> None:
     mx.save_safetensors(str(directory / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
 
 

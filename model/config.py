@@ -79,6 +79,14 @@ class DecodingConfig(_FromDict):
 
 
 @dataclass(frozen=True)
+class QuantizationConfig(_FromDict):
+    """MLX affine quantization of the linear layers (`convert --quantize`); see model/quantize.py."""
+
+    bits: int = 8
+    group_size: int = 64
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     preprocessor: PreprocessorConfig
     encoder: EncoderConfig
@@ -91,6 +99,7 @@ class ModelConfig:
     sample_rate: int = 16000
     dtype: str = "float32"
     source: dict[str, Any] = field(default_factory=dict)
+    quantization: QuantizationConfig | None = None  # None: full-precision weights
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -109,6 +118,7 @@ class ModelConfig:
             sample_rate=int(d.get("sample_rate", 16000)),
             dtype=d.get("dtype", "float32"),
             source=dict(d.get("source", {})),
+            quantization=QuantizationConfig.from_dict(d["quantization"]) if d.get("quantization") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import mlx.core as mx
 from model.canary import Canary
 from model.config import ModelConfig
 from model.errors import ModelLoadError
+from model.quantize import quantize
 from model.tokenizer import load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -34,11 +35,21 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{config_path}: {exc}") from exc
     model = Canary(config, load_tokenizer(directory, config.tokenizer))
+    if config.quantization is not None:  # same layers as the converter quantized, so loading stays strict
+        try:
+            quantize(model, config.quantization.bits, config.quantization.group_size)
+        except ValueError as exc:
+            raise ModelLoadError(f"{config_path}: {exc}") from exc
     weights = mx.load(str(directory / WEIGHTS_FILE))
     if dtype is not None:
         target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
-        weights = {k: v if k.startswith(FLOAT32_ONLY) else v.astype(target) for k, v in weights.items()}
+        weights = {k: v if _keeps_dtype(k, v) else v.astype(target) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _keeps_dtype(name: str, value: mx.array) -> bool:
+    """float32-only buffers, and packed quantized weights (uint32), are never cast."""
+    return name.startswith(FLOAT32_ONLY) or not mx.issubdtype(value.dtype, mx.floating)
