@@ -1,0 +1,110 @@
+"""Effect of `convert --quantize` on the espeak-trained tiny test model (NOT a real Canary).
+
+Converts ../shared/models/espeak-tiny-en.nemo at float32, 8-bit and 4-bit, transcribes the 12 held-out clips
+(batch size 4, as NeMo's reference run) and prints a Markdown table: size on disk, share of linear-layer weights
+quantized, WER and exact matches against NeMo's own transcripts, and transcription time (median of --repeats
+runs after one warm-up).
+
+    .venv/bin/python bench/quantize_eval.py [--group-size 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import model  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from convert import convert_nemo  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "models"
+NEMO = SHARED / "espeak-tiny-en.nemo"
+CLIPS = SHARED / "espeak-tiny-en-clips"
+
+
+def word_errors(ref: str, hyp: str) -> int:
+    """Word-level Levenshtein distance."""
+    r, h = ref.split(), hyp.split()
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[-1]
+
+
+def quantized_share(m: nn.Module) -> float:
+    """Fraction of all Linear weights (by element count) held in QuantizedLinear layers."""
+    full = quant = 0
+    for _, layer in m.named_modules():
+        if isinstance(layer, nn.QuantizedLinear):
+            n = layer.weight.shape[0] * layer.weight.shape[1] * 32 // layer.bits
+            quant, full = quant + n, full + n
+        elif isinstance(layer, nn.Linear):
+            full += layer.weight.size
+    return quant / full
+
+
+def evaluate(directory: Path, refs: dict[str, str], repeats: int) -> dict:
+    m = model.load(directory)
+    paths = [str(CLIPS / n) for n in refs]
+    m.transcribe(paths, source_lang="en", batch_size=4)  # warm-up
+    times, results = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = m.transcribe(paths, source_lang="en", batch_size=4)
+        times.append(time.perf_counter() - start)
+    hyps = {n: r.text for n, r in zip(refs, results, strict=True)}
+    errors = sum(word_errors(refs[n], hyps[n]) for n in refs)
+    words = sum(len(t.split()) for t in refs.values())
+    return {
+        "size_mb": (directory / "model.safetensors").stat().st_size / 1e6,
+        "quantized": quantized_share(m),
+        "wer": errors / words,
+        "errors": errors,
+        "words": words,
+        "exact": sum(hyps[n] == refs[n] for n in refs),
+        "seconds": statistics.median(times),
+        "diffs": {n: (refs[n], hyps[n]) for n in refs if hyps[n] != refs[n]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    refs = {n: t.strip() for n, t in sorted(json.loads((CLIPS / "nemo_transcripts.json").read_text()).items())}
+    audio_s = sum(model.audio.load_audio(CLIPS / n).shape[0] for n in refs) / 16000
+    print(f"machine: {platform.system()} {platform.machine()}, MLX {mx.__version__} ({mx.default_device()})")
+    print(f"espeak-tiny-en (not a real Canary), {len(refs)} held-out clips, {audio_s:.1f} s of audio, batch 4\n")
+    print("| weights | size on disk | linear weights quantized | WER vs NeMo | exact matches | time, 12 clips |")
+    print("|---|---|---|---|---|---|")
+    diffs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in (None, 8, 4):
+            name = f"{bits}-bit affine, group {args.group_size}" if bits else "float32"
+            out = convert_nemo(NEMO, Path(tmp) / str(bits), quantize=bits, group_size=args.group_size)
+            r = evaluate(out, refs, args.repeats)
+            print(
+                f"| {name} | {r['size_mb']:.1f} MB | {r['quantized']:.0%} | {r['wer']:.1%} "
+                f"({r['errors']}/{r['words']} words) | {r['exact']}/{len(refs)} | {r['seconds']:.2f} s |"
+            )
+            diffs[name] = r["diffs"]
+    for name, d in diffs.items():
+        for clip, (ref, hyp) in d.items():
+            print(f"\n{name}, {clip}:\n  NeMo: {ref}\n  ours: {hyp}")
+
+
+if __name__ == "__main__":
+    main()
