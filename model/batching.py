@@ -41,6 +41,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False  # produced <|endoftext|> (False when it hit the length limit)
     cancelled: bool = False
+    score: float | None = None  # beam search: the best hypothesis' penalised score
 
 
 def single_item_max_new_tokens(model, num_samples: int, prompt_len: int) -> int:
@@ -287,11 +288,24 @@ class ContinuousBatcher:
     batch of at most `encode_seconds` of audio) while the decoder has room, then advances every active
     sequence by one token. Items of any language / task / prompt share the same decoder batch."""
 
-    def __init__(self, model, max_batch: int = 16, encode_seconds: float = 30.0, compile: bool | None = None):
+    def __init__(
+        self,
+        model,
+        max_batch: int = 16,
+        encode_seconds: float = 30.0,
+        compile: bool | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 0.0,
+    ):
         self.model = model
         self.max_batch = max_batch
         self.encode_seconds = encode_seconds
-        self.decoder = BatchDecoder(model, compile=compile)
+        self._new_decoder = lambda: (
+            BeamBatchDecoder(model, beam_size, length_penalty)
+            if beam_size > 1
+            else BatchDecoder(model, compile=compile)
+        )
+        self.decoder = self._new_decoder()
         self.waiting: list[WorkItem] = []
         self._order = 0  # FIFO tie-break among equal priorities
 
@@ -322,7 +336,7 @@ class ContinuousBatcher:
         except Exception as exc:  # never seen in practice; fail the active items, keep the engine alive
             log.exception("decoder step failed")
             finished = list(self.decoder.rows)
-            self.decoder = BatchDecoder(self.model, compile=self.decoder._step_fn is not self.decoder._forward)
+            self.decoder = self._new_decoder()
             for seq in finished:
                 seq.tag.error = exc
             return done + [s.tag for s in finished]
@@ -404,3 +418,157 @@ class ContinuousBatcher:
             list(seq.logprobs),
         )
         return item
+
+
+class BeamBatchDecoder(BatchDecoder):
+    """Beam search over a changing set of sequences, each holding `beam_size` consecutive rows.
+
+    Mirrors NeMo's BeamSearchSequenceGenerator (transformer_generators.py) step for step: top-k of the first
+    step, then per step top-k per hypothesis, finished hypotheses extended only by <pad> at +0 (their other
+    candidates pushed down by NEG_INF), top-k of k^2 by score / ((5 + len) / 6) ** length_penalty, and the
+    final argmax of the penalised scores. NeMo ignores the configured `len_pen` (it reads `length_penalty`),
+    so the effective penalty of the released configs is 0."""
+
+    def __init__(self, model, beam_size: int, length_penalty: float = 0.0) -> None:
+        super().__init__(model, compile=False)
+        self.k = beam_size
+        self.length_penalty = length_penalty
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.k
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.scores: mx.array | None = None  # (R,) cumulative log-prob per hypothesis row
+        self.hyps: list[list[int]] = []  # host: generated tokens per row
+        self.lengths: list[float] = []  # host: NeMo's prefixes_len per row
+        self.steps: list[int] = []  # host: tokens generated so far per row (same within a sequence)
+
+    def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+        k, dec = self.k, self.model.decoder
+        p = len(seqs[0].prompt)
+        t_max = max(s.enc.shape[0] for s in seqs)
+        enc = mx.stack([_pad_axis(s.enc, 0, t_max) for s in seqs])
+        enc_lens = mx.array([s.enc_len for s in seqs])
+        cross_mask = mx.where(mx.arange(t_max)[None, :] < enc_lens[:, None], 0.0, NEG_INF).astype(enc.dtype)
+        cross = dec.cross_kv(enc)
+        x = dec.embedding(mx.array([s.prompt for s in seqs], dtype=mx.int32), mx.arange(p))
+        self_k, self_v, mask = [], [], causal_mask(p, enc.dtype)
+        for i, layer in enumerate(dec.layers):
+            kk, vv = layer.first_sub_layer.kv(layer.layer_norm_1(x))
+            self_k.append(kk)
+            self_v.append(vv)
+            x = layer(x, (kk, vv), mask, cross[i], cross_mask[:, None, None, :])
+        logp = self.model.log_probs(dec.final_layer_norm(x[:, -1]))  # (n, V)
+        order = mx.argsort(-logp, axis=-1)[:, :k]  # (n, k) best first, like torch.topk
+        scores = mx.take_along_axis(logp, order, axis=-1)
+        rep = mx.repeat(mx.arange(len(seqs)), k)  # every sequence's state copied to its k rows
+        self._append_rows(
+            [a[rep] for a in self_k],
+            [a[rep] for a in self_v],
+            [(a[rep], b[rep]) for a, b in cross],
+            cross_mask[rep][:, None, None, :],
+            p,
+            order.reshape(-1),
+        )
+        self.scores = scores.reshape(-1) if self.scores is None else mx.concatenate([self.scores, scores.reshape(-1)])
+        first = np.array(order).reshape(-1).tolist()
+        self.hyps += [[t] for t in first]
+        self.lengths += [float(p + 2)] * len(first)  # NeMo: prefixes.size(1) + 1 after the first step
+        self.steps += [1] * len(first)
+        self.rows += [s for s in seqs for _ in range(k)]
+        return self._finish_done()
+
+    def step(self) -> list[Sequence]:
+        if not self.rows:
+            return []
+        need = max(self.positions) + 1
+        if need > self.self_k[0].shape[2]:
+            cap = _round_up(need, CACHE_STEP)
+            self.self_k = [_pad_axis(a, 2, cap) for a in self.self_k]
+            self.self_v = [_pad_axis(a, 2, cap) for a in self.self_v]
+        k, r = self.k, len(self.rows)
+        finished = mx.array([h[-1] in (self.eos, self.pad) for h in self.hyps])  # pad_profile
+        logits, self.self_k, self.self_v = self._logits_step()
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        order = mx.argsort(-logp, axis=-1)[:, :k]  # (R, k)
+        cand_lp = mx.take_along_axis(logp, order, axis=-1)
+        cand_tok = mx.where(finished[:, None], self.pad, order)
+        first_col = mx.arange(k)[None, :] == 0
+        factor = mx.where(finished[:, None], mx.where(first_col, 0.0, 1.0 - NEG_INF), 1.0)
+        penalty = ((5.0 + mx.array(self.lengths)) / 6.0) ** self.length_penalty  # (R,)
+        cand = (self.scores[:, None] + cand_lp * factor) / penalty[:, None]  # (R, k)
+        groups = r // k
+        flat = cand.reshape(groups, k * k)
+        top = mx.argsort(-flat, axis=-1)[:, :k]  # (G, k)
+        new_scores = mx.take_along_axis(flat, top, axis=-1).reshape(-1) * penalty  # NeMo: rank order x row penalty
+        parents = (top // k + mx.arange(groups)[:, None] * k).reshape(-1)  # global row index
+        tokens = mx.take_along_axis(cand_tok.reshape(groups, k * k), top, axis=-1).reshape(-1)
+        self.self_k = [a[parents] for a in self.self_k]
+        self.self_v = [a[parents] for a in self.self_v]
+        self.scores, self.last, self.offsets = new_scores, tokens, self.offsets + 1
+        self.positions = [q + 1 for q in self.positions]
+        parents_h, tokens_h = np.array(parents).tolist(), np.array(tokens).tolist()  # the step's one sync
+        self.hyps = [self.hyps[pa] + [t] for pa, t in zip(parents_h, tokens_h, strict=True)]
+        # NeMo's prefixes_len: 1 + the prefix's tokens (prompt included) that are not <|endoftext|>/<pad>.
+        self.lengths = [
+            1.0 + len(self.rows[i].prompt) + sum(t not in (self.eos, self.pad) for t in h)
+            for i, h in enumerate(self.hyps)
+        ]
+        self.steps = [s + 1 for s in self.steps]
+        return self._finish_done()
+
+    def _logits_step(self):
+        dec = self.model.decoder
+        b, cap = self.last.shape[0], self.self_k[0].shape[2]
+        positions = self.offsets[:, None]
+        x = dec.embedding(self.last[:, None], positions)
+        self_mask = mx.where(mx.arange(cap)[None, :] <= positions, 0.0, NEG_INF).astype(x.dtype)[:, None, None, :]
+        write_idx = mx.broadcast_to(self.offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
+        new_k, new_v = [], []
+        for i, layer in enumerate(dec.layers):
+            kk, vv = layer.first_sub_layer.kv(layer.layer_norm_1(x))
+            new_k.append(mx.put_along_axis(self.self_k[i], write_idx, kk, axis=2))
+            new_v.append(mx.put_along_axis(self.self_v[i], write_idx, vv, axis=2))
+            x = layer(x, (new_k[i], new_v[i]), self_mask, (self.cross_k[i], self.cross_v[i]), self.cross_mask)
+        return self.model.logits(dec.final_layer_norm(x[:, -1])), new_k, new_v
+
+    def _finish_done(self) -> list[Sequence]:
+        """Sequences whose k hypotheses all ended, that hit their length limit, or were cancelled."""
+        k, done, rows_done = self.k, [], []
+        penalty = None
+        for g in range(len(self.rows) // k):
+            seq, rows = self.rows[g * k], range(g * k, g * k + k)
+            ended = all(self.hyps[i][-1] in (self.eos, self.pad) for i in rows)
+            if not (ended or seq.cancelled or self.steps[g * k] >= seq.max_new_tokens):
+                continue
+            if penalty is None:
+                lengths = mx.array(self.lengths)
+                penalty = np.array(self.scores / ((5.0 + lengths) / 6.0) ** self.length_penalty).tolist()
+            best = max(rows, key=lambda i: (penalty[i], -i))  # torch.argmax: first of equal maxima
+            hyp = self.hyps[best]
+            stops = [j for j, t in enumerate(hyp) if t in (self.eos, self.pad)]
+            seq.tokens = hyp[: stops[0]] if stops else list(hyp)
+            seq.finished = bool(stops)
+            seq.score = penalty[best]
+            done.append(seq)
+            rows_done += list(rows)
+        if rows_done:
+            keep = [i for i in range(len(self.rows)) if i not in set(rows_done)]
+            self._keep_rows(keep)
+        return done
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows = []
+            self._reset()
+            return
+        idx = mx.array(keep)
+        for name in ("rows", "positions", "hyps", "lengths", "steps"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+        self.self_k = [a[idx] for a in self.self_k]
+        self.self_v = [a[idx] for a in self.self_v]
+        self.cross_k = [a[idx] for a in self.cross_k]
+        self.cross_v = [a[idx] for a in self.cross_v]
+        self.cross_mask, self.offsets, self.last = self.cross_mask[idx], self.offsets[idx], self.last[idx]
+        self.scores = self.scores[idx]

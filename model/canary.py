@@ -13,7 +13,7 @@ from model.audio import SAMPLE_RATE, AudioSource, load_audio, pad_to_min_duratio
 from model.config import ModelConfig, PreprocessorConfig
 from model.conformer import ConformerEncoder
 from model.decoder import TransformerDecoder
-from model.decoding import greedy_decode
+from model.decoding import beam_decode, greedy_decode
 from model.features import log_mel
 from model.prompt import PromptSpec, build_prompt, supported_languages
 from model.tokenizer import CanaryTokenizer
@@ -111,30 +111,38 @@ class Canary(nn.Module):
         pnc: bool = True,
         context: str | None = None,
         batch_size: int = 8,
+        beam_size: int | None = None,
     ) -> Transcription | list[Transcription]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs.
 
         Inputs are paths, bytes, or float32 arrays at 16 kHz mono. Batches are formed in input order, as
-        NeMo's transcribe() does (the decoder length limit depends on the longest item of a batch)."""
+        NeMo's transcribe() does (the decoder length limit depends on the longest item of a batch).
+        `beam_size` defaults to the converted config's (1 = greedy, as the released models)."""
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
         spec = PromptSpec(source_lang, target_lang or source_lang, pnc=pnc, context=context or "")
         prompt = self.prompt_ids(spec)
         waves = [_as_waveform(x) for x in items]
+        beam = beam_size or self.config.decoding.beam_size
         results: list[Transcription] = []
         for start in range(0, len(waves), batch_size):
-            results += self._transcribe_batch(waves[start : start + batch_size], prompt, spec)
+            results += self._transcribe_batch(waves[start : start + batch_size], prompt, spec, beam)
         return results[0] if single else results
 
-    def _transcribe_batch(self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec) -> list[Transcription]:
+    def _transcribe_batch(
+        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1
+    ) -> list[Transcription]:
         min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
         padded = [pad_to_min_duration(w, min_samples) for w in waves]
         audio, lengths = pad_batch(padded)
         enc, enc_lengths = self.encode(audio, lengths)
-        prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
         tok = self.tokenizer
-        result = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)
+        if beam_size > 1:
+            result = beam_decode(self, enc, enc_lengths, prompt, beam_size, self.config.decoding.length_penalty)
+        else:
+            prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
+            result = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)
         out = []
         for wave, ids, finished in zip(waves, result.tokens, result.finished, strict=True):
             raw = tok.ids_to_text(ids)

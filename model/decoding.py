@@ -67,3 +67,23 @@ def greedy_decode(
         tokens.append(row[:n])
         finished.append(n < len(row))
     return DecodeResult(tokens=tokens, finished=finished)
+
+
+def beam_decode(
+    model, enc: mx.array, enc_lengths: mx.array, prompt: list[int], beam_size: int, length_penalty: float = 0.0
+) -> DecodeResult:
+    """NeMo's batched beam search over one batch (the length limit of the whole batch, as NeMo computes it)."""
+    from model.batching import BeamBatchDecoder, Sequence
+
+    cfg = model.decoder.cfg
+    max_gen = max_generation_length(
+        enc.shape[1], len(prompt), cfg.max_sequence_length, model.config.decoding.max_generation_delta
+    )
+    lens = np.array(enc_lengths).tolist()
+    seqs = [Sequence(enc[i], lens[i], prompt, max_gen + 1, tag=i) for i in range(enc.shape[0])]
+    decoder = BeamBatchDecoder(model, beam_size, length_penalty)
+    done = decoder.add(seqs)
+    while len(decoder):
+        done += decoder.step()
+    done.sort(key=lambda s: s.tag)
+    return DecodeResult(tokens=[s.tokens for s in done], finished=[s.finished for s in done])

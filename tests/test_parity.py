@@ -229,3 +229,39 @@ def test_fixtures_were_made_by_nemo_3_0_0():
     for family in FAMILIES:
         assert golden(family)[0]["nemo_version"] == "3.0.0"
     assert Path(FIXTURES / "make_fixtures.py").is_file()
+
+
+def _beam_cases(family: str) -> list[dict]:
+    return [c for c in golden(family)[0]["transcribe"] if c.get("beam_size", 1) > 1]
+
+
+@pytest.mark.parametrize(("family", "case"), [(f, c["name"]) for f in FAMILIES for c in _beam_cases(f)])
+def test_beam_search_gives_nemo_tokens_and_text(models, family, case):
+    """NeMo's BeamSearchSequenceGenerator with beam_size 4 on a padded batch of three (batch length limit)."""
+    c = next(x for x in _beam_cases(family) if x["name"] == case)
+    _, g = golden(family)
+    kwargs = _spec(c["kwargs"])
+    results = models[family].transcribe(
+        [g[f"audio_{i}"] for i in c["audio"]], batch_size=c["batch_size"], beam_size=c["beam_size"], **kwargs
+    )
+    assert [r.tokens for r in results] == c["tokens"]
+    assert [r.raw_text for r in results] == c["text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_in_the_continuous_batcher_equals_beam_search_alone(models, family):
+    """Sequences joining a shared beam decoder at different steps get the result they get decoded alone."""
+    from model.batching import WorkItem
+
+    m = models[family]
+    _, g = golden(family)
+    jobs = [(g[f"audio_{i}"], target) for i, target in enumerate(["en", "de", "en"])]
+    alone = [m.transcribe(w, source_lang="en", target_lang=t, beam_size=3) for w, t in jobs]
+    batcher = m.batcher(max_batch=2, encode_seconds=1.5, beam_size=3)  # admits one or two at a time
+    items = [WorkItem(w, PromptSpec("en", t), tag=i) for i, (w, t) in enumerate(jobs)]
+    batcher.submit(items)
+    done = []
+    while len(batcher):
+        done += batcher.step()
+    assert sorted(it.tag for it in done) == [0, 1, 2]
+    assert [it.result.tokens for it in items] == [a.tokens for a in alone]
