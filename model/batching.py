@@ -417,6 +417,8 @@ class ContinuousBatcher:
             seq.finished,
             list(seq.logprobs),
         )
+        if item.spec.timestamps:  # <|timestamp|> prompt: NeMo's text, words and segments
+            item.result = self.model.add_timestamps(item.result)
         return item
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from model.config import ModelConfig, PreprocessorConfig
 from model.conformer import ConformerEncoder
 from model.decoder import TransformerDecoder
 from model.decoding import beam_decode, greedy_decode
+from model.errors import CanaryError
 from model.features import log_mel
 from model.prompt import PromptSpec, build_prompt, supported_languages
+from model.timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
 from model.tokenizer import CanaryTokenizer
 
 MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
@@ -50,6 +53,8 @@ class Transcription:
     raw_text: str = field(default="", repr=False)  # NeMo's hypothesis text (leading space kept)
     finished: bool = True  # False when decoding stopped at the length limit
     logprobs: list[float] = field(default_factory=list, repr=False)  # per generated token (when recorded)
+    words: list[Word] = field(default_factory=list)  # with timestamps=True (else empty)
+    segments: list[TimedSegment] = field(default_factory=list)  # sentences, split as NeMo does
 
 
 class Canary(nn.Module):
@@ -94,6 +99,22 @@ class Canary(nn.Module):
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
+    @property
+    def timestamp_source(self) -> TimestampSource | None:
+        return timestamp_source(self.config, self.tokenizer)
+
+    @property
+    def supports_timestamps(self) -> bool:
+        """Word/segment times available (`transcribe(timestamps=True)`): the flash models' timestamp tokens.
+        canary-1b-v2's CTC alignment ("ctc") is not implemented yet."""
+        return self.timestamp_source == "tokens"
+
+    def add_timestamps(self, result: Transcription) -> Transcription:
+        """For a `<|timestamp|>` decode: NeMo's text (timestamp tokens removed), words and segments."""
+        stride = self.config.preprocessor.hop_length / self.sample_rate  # NeMo's window_stride (0.01)
+        ts = parse_timestamps(result.raw_text, stride, self.config.encoder.subsampling_factor)
+        return dataclasses.replace(result, text=ts.text, words=ts.words, segments=ts.segments)
+
     def batcher(self, **kwargs):
         """A `ContinuousBatcher` over this model (the server's engine drives it from its thread)."""
         from model.batching import ContinuousBatcher
@@ -112,16 +133,21 @@ class Canary(nn.Module):
         context: str | None = None,
         batch_size: int = 8,
         beam_size: int | None = None,
+        timestamps: bool = False,
     ) -> Transcription | list[Transcription]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs.
 
         Inputs are paths, bytes, or float32 arrays at 16 kHz mono. Batches are formed in input order, as
         NeMo's transcribe() does (the decoder length limit depends on the longest item of a batch).
-        `beam_size` defaults to the converted config's (1 = greedy, as the released models)."""
+        `beam_size` defaults to the converted config's (1 = greedy, as the released models).
+        `timestamps=True` (only when `supports_timestamps`) fills each result's `words` and `segments`."""
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
-        spec = PromptSpec(source_lang, target_lang or source_lang, pnc=pnc, context=context or "")
+        if timestamps and not self.supports_timestamps:
+            raise CanaryError("this model does not produce timestamps (only canary2 models with timestamp tokens do)")
+        target_lang = target_lang or source_lang
+        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
         prompt = self.prompt_ids(spec)
         waves = [_as_waveform(x) for x in items]
         beam = beam_size or self.config.decoding.beam_size
@@ -146,11 +172,10 @@ class Canary(nn.Module):
         out = []
         for wave, ids, finished in zip(waves, result.tokens, result.finished, strict=True):
             raw = tok.ids_to_text(ids)
-            out.append(
-                Transcription(
-                    raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
-                )
+            res = Transcription(
+                raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
             )
+            out.append(self.add_timestamps(res) if spec.timestamps else res)
         return out
 
 
