@@ -34,6 +34,8 @@ def create_app(
             batch_size=settings.batch_size,
             encode_seconds=settings.encode_batch_seconds,
             max_queue=settings.max_queued_requests,
+            beam_size=settings.beam_size,
+            length_penalty=settings.length_penalty,
         )
 
     @asynccontextmanager

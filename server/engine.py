@@ -72,6 +72,7 @@ class ModelInfo:
     languages: tuple[str, ...]
     sample_rate: int
     prompt_format: str
+    supports_timestamps: bool = False  # word/segment times from the model (flash models' timestamp tokens)
 
     @property
     def supports_context(self) -> bool:
@@ -117,11 +118,14 @@ class Engine:
         batch_size: int = 16,
         encode_seconds: float = 30.0,
         max_queue: int = 64,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
     ) -> None:
         self._loader = loader
         self.batch_size = batch_size
         self.encode_seconds = encode_seconds
         self.max_queue = max_queue
+        self.beam_size, self.length_penalty = beam_size, length_penalty
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="canary-model", daemon=True)
         self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
@@ -158,7 +162,13 @@ class Engine:
         return (await self.transcribe_batch([audio], source_lang, target_lang, pnc, context))[0]
 
     async def transcribe_batch(
-        self, audios: Sequence[np.ndarray], source_lang: str, target_lang: str, pnc: bool, context: str | None
+        self,
+        audios: Sequence[np.ndarray],
+        source_lang: str,
+        target_lang: str,
+        pnc: bool,
+        context: str | None,
+        timestamps: bool = False,
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
@@ -173,7 +183,7 @@ class Engine:
                 raise EngineBusy(f"the server is busy ({self._open_jobs} requests queued); retry shortly")
             self._open_jobs += 1
         loop = asyncio.get_running_loop()
-        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "")
+        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
         job = _Job(list(audios), spec, loop, loop.create_future())
         job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
         self._queue.put(job)
@@ -198,8 +208,17 @@ class Engine:
                 languages=tuple(model.languages),
                 sample_rate=int(model.sample_rate),
                 prompt_format=str(getattr(model.config, "prompt_format", "canary")),
+                supports_timestamps=bool(getattr(model, "supports_timestamps", False)),
             )
-            batcher = model.batcher(max_batch=self.batch_size, encode_seconds=self.encode_seconds)
+            decoding = getattr(model.config, "decoding", None)
+            batcher = model.batcher(
+                max_batch=self.batch_size,
+                encode_seconds=self.encode_seconds,
+                beam_size=self.beam_size or getattr(decoding, "beam_size", 1),
+                length_penalty=self.length_penalty
+                if self.length_penalty is not None
+                else getattr(decoding, "length_penalty", 0.0),
+            )
         except BaseException as e:  # noqa: BLE001 - reported through /health and 503s
             log.exception("model failed to load")
             self.error, self.state = e, EngineState.FAILED

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Most seconds of audio encoded at once between decoder steps."
     )
     max_queued_requests: int = Field(64, ge=1, description="Requests accepted at once; more get 429.")
+    beam_size: int | None = Field(
+        None, ge=1, le=16, description="Beam width; unset: the model's own decoding config (1 = greedy)."
+    )
+    length_penalty: float | None = Field(
+        None, ge=0, description="Beam length penalty alpha, ((5+len)/6)**alpha; unset: the model's (NeMo: 0)."
+    )
     model_aliases: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALIASES),
         description="Extra model names accepted in requests and listed by /v1/models.",
