@@ -12,6 +12,7 @@ from server.schemas import (
     TranscriptionVerbose,
     TranscriptResult,
     VerboseSegment,
+    VerboseWord,
 )
 
 # ISO-639-1 -> the language name OpenAI puts in verbose_json ("english"). Covers every Canary language.
@@ -80,14 +81,18 @@ def render_verbose_json(r: TranscriptResult) -> dict:
         )
         for s in r.segments
     ]
+    words = None
+    if r.words is not None:
+        words = [VerboseWord(word=w.word, start=round(w.start, 3), end=round(w.end, 3)) for w in r.words]
     return TranscriptionVerbose(
         task=r.task,
         language=LANGUAGE_NAMES.get(r.language, r.language),
         duration=round(r.duration, 3),
         text=r.text,
         segments=segments,
+        words=words,
         usage=DurationUsage(seconds=round(r.duration, 3)),
-    ).model_dump()
+    ).model_dump(exclude_none=True)
 
 
 def sse_events(r: TranscriptResult) -> Iterator[str]:

@@ -25,6 +25,7 @@ class TranscribeOptions:
     target_lang: str
     pnc: bool = True
     context: str | None = None
+    timestamps: bool = False  # ask the model for word/segment times (only when the response needs them)
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -41,12 +42,20 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Word:
+    word: str
+    start: float  # seconds from the start of the file
+    end: float
+
+
+@dataclass(frozen=True)
 class TranscriptResult:
     text: str
     language: str  # ISO-639-1 code of the output text
     duration: float
     task: Literal["transcribe", "translate"]
     segments: list[Segment]
+    words: list[Word] | None = None  # None: the request did not ask for word times
 
 
 # ---- response bodies ------------------------------------------------------------------------------------
@@ -75,12 +84,19 @@ class VerboseSegment(BaseModel):
     no_speech_prob: float = 0.0
 
 
+class VerboseWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
 class TranscriptionVerbose(BaseModel):
     task: Literal["transcribe", "translate"]
     language: str  # a name, as OpenAI sends it ("english")
     duration: float
     text: str
     segments: list[VerboseSegment]
+    words: list[VerboseWord] | None = None
     usage: DurationUsage
 
 

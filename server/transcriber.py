@@ -14,7 +14,7 @@ from starlette.requests import Request
 from server.chunking import split_audio
 from server.engine import Engine
 from server.errors import ApiError, ClientDisconnected
-from server.schemas import Segment, TranscribeOptions, TranscriptResult
+from server.schemas import Segment, TranscribeOptions, TranscriptResult, Word
 
 AudioDecoder = Callable[[bytes], np.ndarray]
 T = TypeVar("T")
@@ -93,14 +93,21 @@ async def transcribe_bytes(
         )
     chunks = split_audio(audio, sample_rate, chunk_seconds)
     context = options.context if engine.info.supports_context else None
+    timestamps = options.timestamps and engine.info.supports_timestamps
     work = engine.transcribe_batch(
-        [c.audio for c in chunks], options.source_lang, options.target_lang, options.pnc, context
+        [c.audio for c in chunks], options.source_lang, options.target_lang, options.pnc, context, timestamps
     )
     results = await unless_disconnected(request, work)
-    segments = []
+    segments: list[Segment] = []
+    words: list[Word] = []
     for chunk, res in zip(chunks, results, strict=True):
         text = res.text.strip()
-        if text:
+        if timestamps and res.segments:
+            # the model's own times are chunk-relative: add the chunk's start in the file
+            for seg in res.segments:
+                segments.append(Segment(len(segments), chunk.start + seg.start, chunk.start + seg.end, seg.text))
+            words += [Word(w.word, chunk.start + w.start, chunk.start + w.end) for w in res.words]
+        elif text:  # no timestamps (or none emitted for this chunk): one segment spanning the chunk
             tokens = [int(t) for t in res.tokens]
             segments.append(Segment(len(segments), chunk.start, chunk.end, text, tokens))
     return TranscriptResult(
@@ -109,4 +116,5 @@ async def transcribe_bytes(
         duration=duration,
         task=options.task,
         segments=segments,
+        words=words if timestamps else None,
     )

@@ -26,23 +26,46 @@ class FakeTranscription:
     source_lang: str
     target_lang: str
     duration: float
+    words: list = field(default_factory=list)
+    segments: list = field(default_factory=list)
+
+
+def fake_timestamps(text: str) -> tuple[str, list, list]:
+    """Word i at [0.5 i, 0.5 i + 0.4] s; a segment every two words. Returns text, words, segments."""
+    from model.timestamps import TimedSegment, Word
+
+    words = [Word(w, 0.5 * i, 0.5 * i + 0.4, 0, 0) for i, w in enumerate(text.split())]
+    groups = [words[i : i + 2] for i in range(0, len(words), 2)]
+    segments = [TimedSegment(" ".join(w.word for w in g), g[0].start, g[-1].end, 0, 0) for g in groups]
+    return text, words, segments
 
 
 @dataclass
 class FakeCanary:
     """Same interface as `model.Canary`. Text: the target language's words, the clip length, the context.
 
-    A context of "explode" raises inside transcribe (to test failure isolation)."""
+    A context of "explode" raises inside transcribe (to test failure isolation). With `supports_timestamps`,
+    `timestamps=True` gives `fake_timestamps` words and segments (and "ts" appended to the text)."""
 
     languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "fr"])
     sample_rate: int = SR
     config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prompt_format="canary2"))
     calls: list[dict] = field(default_factory=list)
+    supports_timestamps: bool = False
 
-    def transcribe(self, audio, source_lang=None, target_lang=None, pnc=True, context=None, batch_size=8):
+    def transcribe(
+        self, audio, source_lang=None, target_lang=None, pnc=True, context=None, batch_size=8, timestamps=False
+    ):
         items = audio if isinstance(audio, list) else [audio]
         self.calls.append(
-            {"n": len(items), "source": source_lang, "target": target_lang, "pnc": pnc, "context": context}
+            {
+                "n": len(items),
+                "source": source_lang,
+                "target": target_lang,
+                "pnc": pnc,
+                "context": context,
+            }
+            | ({"timestamps": True} if timestamps else {})  # only when asked: other tests compare whole dicts
         )
         if context == "explode":
             raise RuntimeError("the fake model exploded")
@@ -50,7 +73,12 @@ class FakeCanary:
         out = []
         for a in items:
             text = f"{WORDS[target]} {len(a) / SR:.2f}" + ("" if pnc else " nopnc") + (f" {context}" if context else "")
-            out.append(FakeTranscription(text, [1, 2, 3], source_lang, target, len(a) / SR))
+            res = FakeTranscription(text, [1, 2, 3], source_lang, target, len(a) / SR)
+            if timestamps:
+                if not self.supports_timestamps:
+                    raise ValueError("this model does not produce timestamps")
+                res.text, res.words, res.segments = fake_timestamps(text + " ts")
+            out.append(res)
         return out if isinstance(audio, list) else out[0]
 
     def batcher(self, **kwargs) -> FakeBatcher:
@@ -90,7 +118,12 @@ class FakeBatcher:
             s = it.spec
             try:
                 it.result = self.model.transcribe(
-                    it.audio, source_lang=s.source_lang, target_lang=s.target_lang, pnc=s.pnc, context=s.context or None
+                    it.audio,
+                    source_lang=s.source_lang,
+                    target_lang=s.target_lang,
+                    pnc=s.pnc,
+                    context=s.context or None,
+                    timestamps=s.timestamps,
                 )
             except Exception as exc:
                 it.error = exc

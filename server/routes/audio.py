@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -46,6 +47,13 @@ def _render(result: TranscriptResult, fmt: ResponseFormat) -> Response:
     return PlainTextResponse(formats.render_vtt(result), media_type="text/vtt")
 
 
+def _wants_timestamps(fmt: ResponseFormat, granularities: set[str]) -> bool:
+    """Model times only where the response shows them; json/text keep the ordinary prompt."""
+    if fmt in (ResponseFormat.srt, ResponseFormat.vtt):
+        return True
+    return fmt is ResponseFormat.verbose_json and bool(granularities)
+
+
 async def _run(request: Request, engine: Engine, file: UploadFile, options: TranscribeOptions) -> TranscriptResult:
     settings: Settings = request.app.state.settings
     return await transcribe_bytes(
@@ -75,24 +83,26 @@ async def create_transcription(
     pnc: Annotated[bool, Form()] = True,
 ) -> Response:
     _check_model(model, settings)
-    for g in timestamp_granularities or []:
-        if g == "word":
-            raise ApiError(
-                400,
-                "word timestamps are not available yet: this server does not invent word times; "
-                "use timestamp_granularities[]=segment",
-                param="timestamp_granularities",
-                code="unsupported_value",
-            )
-        if g != "segment":
-            raise ApiError(400, f"unknown timestamp granularity {g!r}", param="timestamp_granularities")
+    granularities = set(timestamp_granularities or [])
+    for g in granularities - {"word", "segment"}:
+        raise ApiError(400, f"unknown timestamp granularity {g!r}", param="timestamp_granularities")
     if stream and response_format not in (ResponseFormat.json, ResponseFormat.text):
         raise ApiError(400, "stream=true needs response_format json or text", param="stream")
     engine = ready_engine(request)
+    if "word" in granularities and not engine.info.supports_timestamps:
+        raise ApiError(
+            400,
+            "word timestamps are not available for this model: it has no timestamp output "
+            "(only the canary flash models do); use timestamp_granularities[]=segment",
+            param="timestamp_granularities",
+            code="unsupported_value",
+        )
     source = check_language(engine, language or settings.default_language, "language")
     target = check_language(engine, target_language or source, "target_language")
-    options = TranscribeOptions(source, target, pnc, prompt or None)
+    options = TranscribeOptions(source, target, pnc, prompt or None, _wants_timestamps(response_format, granularities))
     result = await _run(request, engine, file, options)
+    if "word" not in granularities:
+        result = dataclasses.replace(result, words=None)
     if stream:
         return StreamingResponse(formats.sse_events(result), media_type="text/event-stream")
     return _render(result, response_format)
@@ -115,5 +125,6 @@ async def create_translation(
     engine = ready_engine(request)
     source = check_language(engine, language or settings.default_language, "language")
     target = check_language(engine, "en", "target_language")
-    result = await _run(request, engine, file, TranscribeOptions(source, target, pnc, prompt or None))
+    timestamps = _wants_timestamps(response_format, set())
+    result = await _run(request, engine, file, TranscribeOptions(source, target, pnc, prompt or None, timestamps))
     return _render(result, response_format)
