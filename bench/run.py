@@ -1,0 +1,346 @@
+"""Speed of the server on random-weight models with the real dimensions of canary-180m-flash / canary-1b-flash.
+
+Everything goes through the HTTP server (`bench/serve_capped.py`, i.e. `canary-server serve` with the decode length
+forced to round(4 * seconds) tokens, because random weights never stop by themselves) on 127.0.0.1, so it measures
+whatever engine is on the branch: upload, decoding, long-audio chunking (server/chunking.py), batching.
+
+* single stream: RTFx (audio seconds / wall seconds) and generated tokens/s for 5 s, 30 s and 5 min clips;
+* concurrency 1, 4, 16 (5 s clips, each client sends its next request when its last one returns): throughput in
+  audio seconds per wall second, p50 / p95 latency;
+* 5 s requests sent one after another while a 5-minute file is being transcribed: their p95 vs the idle p95;
+* peak memory: the server's peak RSS (VmHWM) and MLX's `get_peak_memory()`.
+* `--with-nemo`: bench/nemo_baseline.py (NeMo PyTorch, same dims, same forced length) in NeMo's venv, beside ours.
+
+Audio is synthetic and seeded (voiced harmonics with a syllable-rate envelope and pauses). Prints a Markdown table
+and writes JSON.
+
+    .venv/bin/python bench/run.py --model 180m-flash [--with-nemo] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import httpx
+import numpy as np
+from synth import SR, speech_like
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TOKENS_PER_SECOND = 4.0
+SINGLE_SECONDS = (5.0, 30.0, 300.0)
+CONCURRENCY = (1, 4, 16)
+
+
+# ---- audio ----------------------------------------------------------------------------------------------------
+def wav_bytes(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes((audio * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+# ---- server ---------------------------------------------------------------------------------------------------
+class Server:
+    """`bench/serve_capped.py` as a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir: Path, dtype: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stats_file = Path(tempfile.mkstemp(suffix=".json")[1])
+        env = dict(os.environ, CANARY_DTYPE=dtype, CANARY_LOG_LEVEL="warning", CANARY_BENCH_STATS=str(self.stats_file))
+        env["CANARY_BENCH_TOKENS_PER_SECOND"] = str(TOKENS_PER_SECOND)
+        cmd = [sys.executable, str(BENCH / "serve_capped.py"), "--model", str(model_dir), "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server did not become ready")
+
+    def peak_rss_bytes(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> dict:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        try:
+            return json.loads(self.stats_file.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        finally:
+            self.stats_file.unlink(missing_ok=True)
+
+
+def transcribe(client: httpx.Client, data: bytes) -> tuple[float, int]:
+    """One request -> (latency seconds, generated tokens)."""
+    t0 = time.perf_counter()
+    r = client.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("clip.wav", data, "audio/wav")},
+        data={"model": "whisper-1", "response_format": "verbose_json", "language": "en"},
+    )
+    latency = time.perf_counter() - t0
+    r.raise_for_status()
+    return latency, sum(len(s.get("tokens", [])) for s in r.json().get("segments", []))
+
+
+def client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=None)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q)) if xs else float("nan")
+
+
+# ---- measurements ---------------------------------------------------------------------------------------------
+def single_stream(url: str, seconds: float, repeats: int) -> dict:
+    data = wav_bytes(speech_like(seconds, seed=int(seconds)))
+    with client(url) as c:
+        runs = [transcribe(c, data) for _ in range(repeats)]
+    lat = statistics.median(r[0] for r in runs)
+    tokens = runs[0][1]
+    return {"seconds": seconds, "latency_s": lat, "rtfx": seconds / lat, "tokens": tokens, "tokens_per_s": tokens / lat,
+            "latencies_s": [r[0] for r in runs], "expected_tokens": expected_tokens(seconds)}  # fmt: skip
+
+
+def expected_tokens(seconds: float) -> int:
+    """round(4 * s) per chunk; long audio is cut into <= 30 s chunks, so only approximately for 5 min."""
+    return round(TOKENS_PER_SECOND * seconds)
+
+
+def concurrent(url: str, clips: list[bytes], concurrency: int, per_client: int) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        with client(url) as c:
+            for j in range(per_client):
+                lat, _ = transcribe(c, clips[(k * per_client + j) % len(clips)])
+                with lock:
+                    latencies.append(lat)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - t0
+    n = concurrency * per_client
+    return {"concurrency": concurrency, "requests": n, "wall_s": wall, "throughput": n * 5.0 / wall,
+            "p50_s": pct(latencies, 50), "p95_s": pct(latencies, 95)}  # fmt: skip
+
+
+def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
+    """5 s requests, one at a time, while a 5-minute file is in flight; only those that ended before it count."""
+    done = threading.Event()
+    long_result: dict = {}
+
+    def run_long() -> None:
+        with client(url) as c:
+            long_result["latency_s"], _ = transcribe(c, long_clip)
+        done.set()
+
+    th = threading.Thread(target=run_long)
+    th.start()
+    time.sleep(1.0)  # the long file is uploaded, chunked and being decoded
+    lat = []
+    with client(url) as c:
+        i = 0
+        while not done.is_set():
+            t, _ = transcribe(c, clips[i % len(clips)])
+            if not done.is_set():
+                lat.append(t)
+            i += 1
+    th.join()
+    return {
+        "requests": len(lat),
+        "p50_s": pct(lat, 50),
+        "p95_s": pct(lat, 95),
+        "long_latency_s": long_result["latency_s"],
+    }
+
+
+def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool) -> dict:
+    server = Server(model_dir, dtype)
+    out: dict = {}
+    try:
+        t0 = time.perf_counter()
+        server.wait_ready()
+        out["load_s"] = time.perf_counter() - t0
+        clips = [wav_bytes(speech_like(5.0, seed=100 + i)) for i in range(16)]
+        with client(server.url) as c:  # warm-up: compile, allocate
+            for data in (clips[0], wav_bytes(speech_like(30.0, seed=1))):
+                transcribe(c, data)
+        out["single"] = []
+        for s in SINGLE_SECONDS:
+            out["single"].append(single_stream(server.url, s, repeats if s < 300 else max(1, repeats - 1)))
+            log(f"single {s:g}s: {out['single'][-1]['rtfx']:.1f}x")
+        if not single_only:
+            out["concurrency"] = []
+            for c in CONCURRENCY:
+                runs = [concurrent(server.url, clips, c, max(2, 16 // c)) for _ in range(repeats)]
+                out["concurrency"].append(median_run(runs, "throughput"))
+                log(f"c={c}: {out['concurrency'][-1]['throughput']:.1f} audio s/s")
+            long_clip = wav_bytes(speech_like(300.0, seed=300))
+            out["during_long"] = [during_long(server.url, long_clip, clips) for _ in range(max(1, repeats - 1))]
+            log(f"during long: {out['during_long']}")
+        out["peak_rss_bytes"] = server.peak_rss_bytes()
+    finally:
+        out.update(server.stop())
+    return out
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run with the median `key`, plus every run's values of the main numbers."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    med = dict(ordered[len(ordered) // 2])
+    med["runs"] = [{k: r[k] for k in ("throughput", "p50_s", "p95_s")} for r in runs]
+    return med
+
+
+def run_nemo(name: str, model_dir: Path, repeats: int) -> dict | None:
+    python = os.environ.get("NEMO_PYTHON") or "/work/nemo-venv/bin/python"
+    if not Path(python).exists():
+        log(f"--with-nemo: {python} not found; skipping NeMo")
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [python, str(BENCH / "nemo_baseline.py"), "--model", name, "--tokenizers", str(model_dir),
+               "--repeats", str(repeats), "--json", f.name]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=REPO)
+        return json.loads(Path(f.name).read_text())
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def table(res: dict) -> str:
+    ours, nemo = res["ours"], res.get("nemo")
+    mib = 1024 * 1024
+    lines = [f"**{res['model']}** (random weights, real dims), {res['dtype']}, {res['machine']}, {res['date']}", ""]
+    head = "| single stream | ours: latency | ours: RTFx | ours: tokens/s |"
+    sep = "|---|---:|---:|---:|"
+    if nemo:
+        head += " NeMo: latency | NeMo: RTFx | NeMo: tokens/s | ours / NeMo |"
+        sep += "---:|---:|---:|---:|"
+    lines += [head, sep]
+    nemo_by = {r["seconds"]: r for r in (nemo or {}).get("single", [])}
+    for r in ours["single"]:
+        row = f"| {fmt_dur(r['seconds'])} | {r['latency_s']:.2f} s | {r['rtfx']:.1f}x | {r['tokens_per_s']:.0f} |"
+        if nemo:
+            n = nemo_by.get(r["seconds"])
+            ratio = r["rtfx"] / n["rtfx"] if n else 0.0
+            row += (f" {n['latency_s']:.2f} s | {n['rtfx']:.1f}x | {n['tokens_per_s']:.0f} | {ratio:.2f}x |"
+                    if n else " - | - | - | - |")  # fmt: skip
+        lines.append(row)
+    if "concurrency" in ours:
+        lines += ["", "| 5 s clips, HTTP | requests | throughput (audio s / s) | p50 latency | p95 latency |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for r in ours["concurrency"]:
+            lines.append(f"| concurrency {r['concurrency']} | {r['requests']} | {r['throughput']:.1f} | "
+                         f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")  # fmt: skip
+        idle = ours["concurrency"][0]
+        for d in ours["during_long"]:
+            lines.append(f"| one at a time during a 5-min file | {d['requests']} | - | {d['p50_s']:.2f} s | "
+                         f"{d['p95_s']:.2f} s ({d['p95_s'] / idle['p95_s']:.1f}x idle) |")  # fmt: skip
+    mem = [f"server peak RSS {ours['peak_rss_bytes'] / mib:.0f} MiB"] if ours.get("peak_rss_bytes") else []
+    if ours.get("mlx_peak_memory_bytes"):
+        mem.append(f"MLX peak memory {ours['mlx_peak_memory_bytes'] / mib:.0f} MiB")
+    if nemo and nemo.get("peak_rss_bytes"):
+        mem.append(f"NeMo process peak RSS {nemo['peak_rss_bytes'] / mib:.0f} MiB")
+    lines += ["", "Peak memory: " + ", ".join(mem) + "."]
+    return "\n".join(lines)
+
+
+def targets(res: dict) -> list[str]:
+    ours, nemo, out = res["ours"], res.get("nemo"), []
+    if "concurrency" in ours:
+        c1, c16 = ours["concurrency"][0], ours["concurrency"][-1]
+        ratio = c16["throughput"] / c1["throughput"]
+        out.append(f"throughput c=16 / c=1 = {c16['throughput']:.1f} / {c1['throughput']:.1f} = {ratio:.2f}x "
+                   f"(target >= 4x): {'met' if ratio >= 4 else 'NOT met'}")  # fmt: skip
+        p95 = statistics.median(d["p95_s"] for d in ours["during_long"])
+        ratio = p95 / c1["p95_s"]
+        out.append(f"p95 of 5 s requests during a 5-min file / idle p95 = {p95:.2f} / {c1['p95_s']:.2f} s = "
+                   f"{ratio:.1f}x (target <= 3x): {'met' if ratio <= 3 else 'NOT met'}")  # fmt: skip
+    if nemo:
+        by = {r["seconds"]: r for r in nemo["single"]}
+        parts = [f"{fmt_dur(r['seconds'])} {r['rtfx'] / by[r['seconds']]['rtfx']:.2f}x"
+                 for r in ours["single"] if r["seconds"] in by]  # fmt: skip
+        ok = all(r["rtfx"] >= by[r["seconds"]]["rtfx"] for r in ours["single"] if r["seconds"] in by)
+        out.append(f"single-stream speed vs NeMo (ours RTFx / NeMo RTFx): {', '.join(parts)} (target >= 1x): "
+                   f"{'met' if ok else 'NOT met'}")  # fmt: skip
+    return out
+
+
+def fmt_dur(s: float) -> str:
+    return f"{s / 60:g} min" if s >= 60 else f"{s:g} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("180m-flash", "1b-flash"), default="180m-flash")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
+    ap.add_argument("--single-only", action="store_true", help="skip the concurrency and long-file runs")
+    ap.add_argument("--with-nemo", action="store_true", help="also run bench/nemo_baseline.py ($NEMO_PYTHON)")
+    ap.add_argument("--model-dir", type=Path, help="where the random model is written (default: ~/.cache/...)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+
+    import random_model
+
+    model_dir = random_model.build(args.model, args.model_dir or random_model.DEFAULT_ROOT / args.model)
+    res = {"model": f"canary-{args.model}", "dtype": args.dtype, "date": date.today().isoformat(),
+           "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+           "tokens_per_second_forced": TOKENS_PER_SECOND}  # fmt: skip
+    res["ours"] = run_ours(model_dir, args.dtype, args.repeats, args.single_only)
+    if args.with_nemo:
+        res["nemo"] = run_nemo(args.model, model_dir, args.repeats)
+    print(table(res))
+    print()
+    for line in targets(res):
+        print("- " + line)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
