@@ -328,6 +328,15 @@ class ContinuousBatcher:
             if it._seq is not None:
                 it._seq.cancelled = True
 
+    def partial_text(self, item: WorkItem) -> str:
+        """The text decoded so far for an item (final once it has a result; beam search: only final)."""
+        if item.result is not None:
+            return item.result.text
+        seq = item._seq
+        if seq is None or isinstance(self.decoder, BeamBatchDecoder) or not seq.tokens:
+            return ""
+        return self.model.tokenizer.ids_to_text(seq.tokens).strip()
+
     def step(self) -> list[WorkItem]:
         """Admit, then decode one step. Returns items that completed (result or error)."""
         done = self._admit()

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ class BatcherLike(Protocol):
     def submit(self, items: list[Any]) -> None: ...
     def cancel(self, items: list[Any]) -> None: ...
     def step(self) -> list[Any]: ...
+    def partial_text(self, item: Any) -> str: ...
 
 
 class ModelLike(Protocol):
@@ -79,6 +80,25 @@ class ModelInfo:
         return self.prompt_format == "canary2"
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """`delta`: more text (chunks in order, separated by one space); `done`: the per-chunk results."""
+
+    kind: str  # "delta" | "done"
+    delta: str = ""
+    results: list[Any] | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    """Engine-thread bookkeeping of what a streaming request has been sent."""
+
+    queue: asyncio.Queue
+    chunk: int = 0  # the chunk whose text is being streamed
+    sent: str = ""  # text of that chunk sent so far
+    any_text: bool = False  # some earlier chunk had text (a separating space is due)
+
+
 @dataclass(eq=False)
 class _Job:
     """One request: its audio pieces, and the future the event loop awaits."""
@@ -91,6 +111,7 @@ class _Job:
     items: list[Any] = field(default_factory=list)
     results: dict[int, Any] = field(default_factory=dict)
     started: bool = False
+    stream: _Stream | None = None
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -173,6 +194,39 @@ class Engine:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
         Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch."""
+        job = self._new_job(audios, source_lang, target_lang, pnc, context, timestamps=timestamps)
+        try:
+            return await job.future
+        finally:
+            self._release()
+
+    async def stream_batch(
+        self, audios: Sequence[np.ndarray], source_lang: str, target_lang: str, pnc: bool, context: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        """Like `transcribe_batch`, yielding text deltas as the decoder produces them, then a `done` event.
+
+        Closing the iterator early (client disconnect) cancels the request."""
+        job = self._new_job(audios, source_lang, target_lang, pnc, context, stream=True)
+        try:
+            while True:
+                getter = asyncio.ensure_future(job.stream.queue.get())
+                await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not job.stream.queue.empty():  # deltas queued before the end
+                    yield job.stream.queue.get_nowait()
+                yield StreamEvent("done", results=job.future.result())  # raises the request's error
+                return
+        finally:
+            if not job.future.done():
+                job.future.cancel()
+            self._release()
+
+    def _new_job(
+        self, audios, source_lang, target_lang, pnc, context, stream: bool = False, timestamps: bool = False
+    ) -> _Job:
         from model.prompt import PromptSpec
 
         if not self.ready:
@@ -185,13 +239,15 @@ class Engine:
         loop = asyncio.get_running_loop()
         spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
         job = _Job(list(audios), spec, loop, loop.create_future())
+        if stream:
+            job.stream = _Stream(asyncio.Queue())
         job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
         self._queue.put(job)
-        try:
-            return await job.future
-        finally:
-            with self._lock:
-                self._open_jobs -= 1
+        return job
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open_jobs -= 1
 
     def not_ready_message(self) -> str:
         if self.state is EngineState.LOADING:
@@ -242,6 +298,7 @@ class Engine:
                 continue
             for item in batcher.step():
                 self._complete(batcher, item)
+            self._stream_progress(batcher)
 
     def _intake(self, block: bool) -> list[Any]:
         items = [self._queue.get()] if block else []
@@ -269,6 +326,8 @@ class Engine:
             self._end(batcher, job, error=item.error)
             return
         job.results[index] = item.result
+        if job.stream is not None:
+            self._stream_progress(batcher, job)
         if len(job.results) == len(job.items):
             self._end(batcher, job, result=[job.results[i] for i in range(len(job.items))])
 
@@ -282,6 +341,20 @@ class Engine:
             return
         self.stats["failed" if error is not None else "completed"] += 1
         job.deliver(result, error)
+
+    def _stream_progress(self, batcher: BatcherLike, job: _Job | None = None) -> None:
+        """Send streaming requests the text decoded since the last step, chunk by chunk, in order."""
+        for j in [job] if job else [j for j in self._jobs if j.stream is not None]:
+            st = j.stream
+            while st.chunk < len(j.items):
+                text = batcher.partial_text(j.items[st.chunk])
+                if text.startswith(st.sent) and len(text) > len(st.sent):
+                    sep = " " if st.any_text and not st.sent else ""
+                    delta, st.sent = sep + text[len(st.sent) :], text
+                    j.loop.call_soon_threadsafe(st.queue.put_nowait, StreamEvent("delta", delta))
+                if st.chunk not in j.results:
+                    break
+                st.any_text, st.chunk, st.sent = st.any_text or bool(st.sent), st.chunk + 1, ""
 
     def _drop_cancelled(self, batcher: BatcherLike) -> None:
         for job in [j for j in self._jobs if j.cancelled.is_set()]:

@@ -164,3 +164,35 @@ def _multipart(wav: bytes, boundary: str = "canaryboundary") -> bytes:
         f"--{boundary}--\r\n".encode(),
     ]
     return b"".join(parts)
+
+
+def test_streamed_deltas_arrive_per_piece_in_chunk_order_and_add_up_to_the_text(espeak_model):
+    chunks = [load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav") for i in (0, 3, 5)]
+    engine = Engine(lambda: espeak_model, batch_size=4)
+
+    async def main():
+        events = [ev async for ev in engine.stream_batch(chunks, "en", "en", True, None)]
+        return events
+
+    events = _run_engine(engine, main)
+    deltas = [e.delta for e in events if e.kind == "delta"]
+    assert events[-1].kind == "done" and len(deltas) > len(chunks)  # piece by piece, not chunk by chunk
+    expected = [espeak_model.transcribe(c).text for c in chunks]
+    assert "".join(deltas) == " ".join(expected)
+    assert [r.text for r in events[-1].results] == expected
+
+
+def test_closing_a_stream_early_cancels_the_request(espeak_model):
+    long = [load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav") for i in range(12)]
+    engine = Engine(lambda: espeak_model, batch_size=2)
+
+    async def main():
+        stream = engine.stream_batch(long, "en", "en", True, None)
+        first = await anext(stream)
+        await stream.aclose()  # what the HTTP layer does when the client goes away
+        while engine.stats["cancelled"] == 0:
+            await asyncio.sleep(0)
+        return first
+
+    assert _run_engine(engine, main).kind == "delta"
+    assert engine.stats["cancelled"] == 1 and engine.stats["completed"] == 0
