@@ -26,6 +26,37 @@ def _piece_count(path: Path, member: str) -> int:
         raise ConversionError(f"tokenizer {member}: not a readable SentencePiece model: {e}") from e
 
 
+CTC_HEAD = "decoder.decoder_layers.0.weight"
+
+
+def _convert_timestamps_model(archive: nemo.NemoArchive, staging: Path, dtype: str, sample_rate: int) -> dict:
+    """canary-1b-v2's bundled CTC model -> `timestamps/model.safetensors`; returns config.json `timestamps_ctc`.
+
+    Its tokenizer must be byte-identical to the main (unified) one: the converted directory keeps one copy.
+    Never quantized (it is small next to the main model and runs once per utterance)."""
+    ts = archive.timestamps
+    if len(archive.tokenizer_files) != 1:
+        raise ConversionError("timestamps_asr_model: a bundled CTC model needs the unified (single) tokenizer")
+    (main_tok,) = archive.tokenizer_files.values()
+    (ctc_tok,) = ts.tokenizer_files.values()
+    if ctc_tok.read_bytes() != main_tok.read_bytes():
+        raise ConversionError("timestamps_asr_model.tokenizer: differs from the main model's tokenizer (not shared)")
+    state, _ = checkpoint.load_state_dict(ts.weights)
+    if CTC_HEAD not in state:
+        raise ConversionError(f"timestamps model state dict: no {CTC_HEAD} (the CTC head)")
+    ctc_cfg = config.build_ctc_config(
+        ts.config,
+        tokenizer_vocab=_piece_count(ctc_tok, "timestamps_asr_model"),
+        head_rows=state[CTC_HEAD].shape[0],
+        sample_rate=sample_rate,
+    )
+    arrays = write.cast_weights(mapping.map_ctc_state_dict(state, ctc_cfg), dtype)
+    (staging / ctc_cfg["weights"]).parent.mkdir()
+    write.write_weights(staging, arrays, ctc_cfg["weights"])
+    log.info("timestamps CTC model: %d tensors -> %s", len(arrays), ctc_cfg["weights"])
+    return ctc_cfg
+
+
 def convert_nemo(
     source: str | Path,
     out_dir: str | Path,
@@ -70,6 +101,8 @@ def convert_nemo(
             arrays = quantize_weights(arrays, cfg)
         write.write_weights(staging, arrays)
         del arrays
+        if archive.timestamps is not None:
+            cfg["timestamps_ctc"] = _convert_timestamps_model(archive, staging, dtype, cfg["sample_rate"])
         names = config.tokenizer_filenames(archive.config)
         write.copy_tokenizers(staging, {names[m]: p for m, p in archive.tokenizer_files.items()})
         write.write_config(staging, cfg)

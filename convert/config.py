@@ -308,3 +308,46 @@ def build_config(
         "tokenizer": _tokenizer_json(cfg),
         "decoding": _decoding(cfg),
     }
+
+
+# ---- timestamps CTC model (canary-1b-v2) -------------------------------------------------------------------
+
+CTC_WEIGHTS_FILE = "timestamps/model.safetensors"
+
+
+def ctc_tokenizer_members(cfg: dict) -> list[str]:
+    """The SentencePiece model of the timestamps CTC model: a plain `bpe` tokenizer (the unified one, shared)."""
+    _require("timestamps tokenizer.type", _get(cfg, "tokenizer.type"), ["bpe"])
+    custom = _get(cfg, "tokenizer.custom_tokenizer._target_", None)
+    if custom is not None:
+        _target("timestamps tokenizer.custom_tokenizer._target_", custom, "CanaryBPETokenizer")
+    return [_member("timestamps tokenizer.model_path", _get(cfg, "tokenizer.model_path"))]
+
+
+def build_ctc_config(cfg: dict, *, tokenizer_vocab: int, head_rows: int, sample_rate: int) -> dict:
+    """config.json `timestamps_ctc` for the bundled FastConformer-CTC (`timestamps_asr_model_config.yaml`).
+
+    Field names in errors are prefixed with `timestamps_asr_model.`; the checks are those of the main encoder."""
+    try:
+        _target("target", cfg.get("target"), "EncDecCTCModelBPE")
+        _require("sample_rate", cfg.get("sample_rate", sample_rate), [sample_rate])
+        preprocessor = _preprocessor(cfg, sample_rate)
+        encoder = _encoder(cfg, preprocessor["features"])
+        d = _get(cfg, "decoder")
+        _target("decoder._target_", d.get("_target_"), "ConvASRDecoder")
+        _require("decoder.feat_in", d.get("feat_in"), [encoder["d_model"]])
+        _require("decoder.num_classes", d.get("num_classes"), [tokenizer_vocab])
+        _require("decoder.add_blank", d.get("add_blank", True), [True])
+        if head_rows != tokenizer_vocab + 1:
+            raise ConversionError(
+                f"decoder: the checkpoint head has {head_rows} classes, expected {tokenizer_vocab} pieces + blank"
+            )
+    except ConversionError as e:
+        raise ConversionError(f"timestamps_asr_model.{e}") from e
+    return {
+        "weights": CTC_WEIGHTS_FILE,
+        "preprocessor": preprocessor,
+        "encoder": encoder,
+        "vocab_size": tokenizer_vocab,
+        "blank_id": tokenizer_vocab,  # ConvASRDecoder appends the blank as the last class
+    }

@@ -43,8 +43,9 @@ _DEC = r"transf_decoder\._decoder\.layers\.(\d+)\."
 _AFFINE = r"(weight|bias)"
 _ATT = r"(query_net|key_net|value_net|out_projection)\." + _AFFINE
 
-# (NeMo key regex, MLX name template using \1.. groups, transform)
-RULES: list[tuple[str, str, Transform]] = [
+# (NeMo key regex, MLX name template using \1.. groups, transform); the preprocessor and encoder rules are shared
+# with the timestamps CTC model (same module classes, same names).
+FRONTEND_RULES: list[tuple[str, str, Transform]] = [
     (r"preprocessor\.featurizer\.window", "preprocessor.window", _same),
     (r"preprocessor\.featurizer\.fb", "preprocessor.fb", _fb),
     (r"encoder\.pre_encode\.conv\.([0256])\.weight", r"encoder.pre_encode.conv.\1.weight", _conv2d_nhwc),
@@ -69,6 +70,8 @@ RULES: list[tuple[str, str, Transform]] = [
         r"encoder.layers.\1.conv.batch_norm.\2",
         _same,
     ),
+]
+RULES: list[tuple[str, str, Transform]] = FRONTEND_RULES + [
     (r"encoder_decoder_proj\." + _AFFINE, r"encoder_decoder_proj.\1", _same),
     # NeMo ties embedding and head; the head weight is loaded last, so it wins for both (reference 4.3).
     (r"log_softmax\.mlp\.layer0\.weight", "decoder.embedding.token_embedding.weight", _same),
@@ -98,11 +101,20 @@ DROPS: list[tuple[str, str]] = [
     ),
 ]
 
+# The timestamps CTC model (NeMo EncDecCTCModelBPE): frontend + ConvASRDecoder, a Conv1d k=1 to vocab + blank.
+CTC_RULES: list[tuple[str, str, Transform]] = FRONTEND_RULES + [
+    (r"decoder\.decoder_layers\.0\.weight", "decoder.weight", _pointwise),
+    (r"decoder\.decoder_layers\.0\.bias", "decoder.bias", _same),
+]
+CTC_DROPS: list[tuple[str, str]] = DROPS[:1]  # BatchNorm counters
+
 # Buffers the model needs in float32 whatever --dtype says.
 FLOAT32_KEYS = frozenset({"preprocessor.fb", "preprocessor.window", "decoder.embedding.position_embedding.pos_enc"})
 
 _COMPILED_RULES = [(re.compile(p), t, f) for p, t, f in RULES]
 _COMPILED_DROPS = [re.compile(p) for p, _ in DROPS]
+_COMPILED_CTC_RULES = [(re.compile(p), t, f) for p, t, f in CTC_RULES]
+_COMPILED_CTC_DROPS = [re.compile(p) for p, _ in CTC_DROPS]
 
 TIED_HEAD = "log_softmax.mlp.layer0.weight"
 TIED_EMBEDDING = "transf_decoder._embedding.token_embedding.weight"
@@ -116,10 +128,45 @@ def _subsampled(features: int, factor: int) -> int:
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every MLX weight name and shape that a converted directory with this config.json must hold."""
-    pre, enc, dec = config["preprocessor"], config["encoder"], config["decoder"]
+    enc, dec = config["encoder"], config["decoder"]
+    d, h, inner, v = enc["d_model"], dec["hidden_size"], dec["inner_size"], dec["vocab_size"]
+    s = _frontend_shapes(config)
+    if config["enc_dec_proj"]:
+        s |= {"encoder_decoder_proj.weight": (h, d), "encoder_decoder_proj.bias": (h,)}
+    s |= {
+        "decoder.embedding.token_embedding.weight": (v, h),
+        "head.bias": (v,),
+        "decoder.embedding.position_embedding.pos_enc": (dec["max_sequence_length"], h),
+        "decoder.embedding.layer_norm.weight": (h,),
+        "decoder.embedding.layer_norm.bias": (h,),
+        "decoder.final_layer_norm.weight": (h,),
+        "decoder.final_layer_norm.bias": (h,),
+    }
+    for m in range(dec["num_layers"]):
+        p = f"decoder.layers.{m}."
+        s |= {f"{p}layer_norm_{i}.{a}": (h,) for i in (1, 2, 3) for a in ("weight", "bias")}
+        for sub in ("first_sub_layer", "second_sub_layer"):
+            for proj in ("query_net", "key_net", "value_net", "out_projection"):
+                s |= {f"{p}{sub}.{proj}.weight": (h, h), f"{p}{sub}.{proj}.bias": (h,)}
+        s |= {
+            f"{p}third_sub_layer.dense_in.weight": (inner, h),
+            f"{p}third_sub_layer.dense_in.bias": (inner,),
+        }
+        s |= {f"{p}third_sub_layer.dense_out.weight": (h, inner), f"{p}third_sub_layer.dense_out.bias": (h,)}
+    return s
+
+
+def ctc_expected_shapes(ctc: dict) -> dict[str, tuple[int, ...]]:
+    """The same for the timestamps CTC model (config.json `timestamps_ctc`)."""
+    classes = ctc["vocab_size"] + 1  # + blank, the last class
+    return _frontend_shapes(ctc) | {"decoder.weight": (classes, ctc["encoder"]["d_model"]), "decoder.bias": (classes,)}
+
+
+def _frontend_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Preprocessor and encoder weights (shared by the Canary and the CTC model)."""
+    pre, enc = config["preprocessor"], config["encoder"]
     d, c, k = enc["d_model"], enc["subsampling_conv_channels"], enc["conv_kernel_size"]
     ff, dk = d * enc["ff_expansion_factor"], d // enc["n_heads"]
-    h, inner, v = dec["hidden_size"], dec["inner_size"], dec["vocab_size"]
     s: dict[str, tuple[int, ...]] = {
         "preprocessor.window": (pre["win_length"],),
         "preprocessor.fb": (pre["features"], pre["n_fft"] // 2 + 1),
@@ -150,37 +197,15 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         s |= {f"{p}conv.depthwise_conv.weight": (d, k, 1), f"{p}conv.depthwise_conv.bias": (d,)}
         s |= {f"{p}conv.batch_norm.{b}": (d,) for b in ("weight", "bias", "running_mean", "running_var")}
         s |= {f"{p}conv.pointwise_conv2.weight": (d, d), f"{p}conv.pointwise_conv2.bias": (d,)}
-    if config["enc_dec_proj"]:
-        s |= {"encoder_decoder_proj.weight": (h, d), "encoder_decoder_proj.bias": (h,)}
-    s |= {
-        "decoder.embedding.token_embedding.weight": (v, h),
-        "head.bias": (v,),
-        "decoder.embedding.position_embedding.pos_enc": (dec["max_sequence_length"], h),
-        "decoder.embedding.layer_norm.weight": (h,),
-        "decoder.embedding.layer_norm.bias": (h,),
-        "decoder.final_layer_norm.weight": (h,),
-        "decoder.final_layer_norm.bias": (h,),
-    }
-    for m in range(dec["num_layers"]):
-        p = f"decoder.layers.{m}."
-        s |= {f"{p}layer_norm_{i}.{a}": (h,) for i in (1, 2, 3) for a in ("weight", "bias")}
-        for sub in ("first_sub_layer", "second_sub_layer"):
-            for proj in ("query_net", "key_net", "value_net", "out_projection"):
-                s |= {f"{p}{sub}.{proj}.weight": (h, h), f"{p}{sub}.{proj}.bias": (h,)}
-        s |= {
-            f"{p}third_sub_layer.dense_in.weight": (inner, h),
-            f"{p}third_sub_layer.dense_in.bias": (inner,),
-        }
-        s |= {f"{p}third_sub_layer.dense_out.weight": (h, inner), f"{p}third_sub_layer.dense_out.bias": (h,)}
     return s
 
 
-def map_key(key: str) -> tuple[str, Transform] | None:
+def map_key(key: str, rules=_COMPILED_RULES, drops=_COMPILED_DROPS) -> tuple[str, Transform] | None:
     """The MLX name and transform for a NeMo key; None for a dropped key; KeyError if no rule matches."""
-    for pattern, template, transform in _COMPILED_RULES:
+    for pattern, template, transform in rules:
         if m := pattern.fullmatch(key):
             return m.expand(template), transform
-    if any(p.fullmatch(key) for p in _COMPILED_DROPS):
+    if any(p.fullmatch(key) for p in drops):
         return None
     raise KeyError(key)
 
@@ -197,20 +222,31 @@ def log_tied(state: dict[str, np.ndarray]) -> bool | None:
 
 def map_state_dict(state: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
     """Rename and re-layout every NeMo tensor; raise listing all unmatched, missing and mis-shaped keys."""
+    out = _map(state, expected_shapes(config), _COMPILED_RULES, _COMPILED_DROPS, "state dict")
+    log_tied(state)
+    return out
+
+
+def map_ctc_state_dict(state: dict[str, np.ndarray], ctc_config: dict) -> dict[str, np.ndarray]:
+    """The same for the timestamps CTC model (`timestamps_asr_model_weights.ckpt`)."""
+    expected = ctc_expected_shapes(ctc_config)
+    return _map(state, expected, _COMPILED_CTC_RULES, _COMPILED_CTC_DROPS, "timestamps model state dict")
+
+
+def _map(state: dict[str, np.ndarray], expected: dict, rules, drops, what: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     unmatched: list[str] = []
     for key, value in state.items():
         try:
-            mapped = map_key(key)
+            mapped = map_key(key, rules, drops)
         except KeyError:
             unmatched.append(key)
             continue
         if mapped is not None:
             name, transform = mapped
             if name in out:
-                raise ConversionError(f"state dict: two NeMo keys map to {name}")
+                raise ConversionError(f"{what}: two NeMo keys map to {name}")
             out[name] = transform(value)
-    expected = expected_shapes(config)
     missing = sorted(set(expected) - set(out))
     unexpected = sorted(set(out) - set(expected))
     shapes = sorted(
@@ -228,6 +264,5 @@ def map_state_dict(state: dict[str, np.ndarray], config: dict) -> dict[str, np.n
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes)}")
     if problems:
-        raise ConversionError("state dict: " + " | ".join(problems))
-    log_tied(state)
+        raise ConversionError(f"{what}: " + " | ".join(problems))
     return out

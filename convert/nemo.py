@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
-# canary-1b-v2 bundles an auxiliary CTC model for timestamps; not converted (yet), so never extracted.
-IGNORED_PREFIX = "timestamps_asr_model"
+# canary-1b-v2 bundles a FastConformer-CTC model used for word timestamps (NeMo's `__restore_timestamps_asr_model`
+# in aed_multitask_models.py reads exactly these two members, and only when both are present).
+TIMESTAMPS_CONFIG_MEMBER = "timestamps_asr_model_config.yaml"
+TIMESTAMPS_WEIGHTS_MEMBER = "timestamps_asr_model_weights.ckpt"
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,20 @@ class WeightsLocation:
 
 
 @dataclass
+class TimestampsModel:
+    """The bundled timestamps CTC model: its own config and weights; tokenizer members as in `config`."""
+
+    config: dict
+    weights: WeightsLocation
+    tokenizer_files: dict[str, Path] = field(default_factory=dict)  # member -> extracted file
+
+
+@dataclass
 class NemoArchive:
     config: dict
     weights: WeightsLocation
     tokenizer_files: dict[str, Path]  # member name ("<hash>_tokenizer.model") -> extracted file
-    ignored: list[str] = field(default_factory=list)
+    timestamps: TimestampsModel | None = None
 
 
 def _member_name(member: tarfile.TarInfo) -> str:
@@ -110,35 +121,66 @@ def read_nemo(path: Path, workdir: Path) -> NemoArchive:
     tar, compressed = _open_tar(path)
     with tar:
         index = _index(tar, path)
-        ignored = sorted(n for n in index if PurePosixPath(n).name.startswith(IGNORED_PREFIX))
-        if ignored:
-            log.info("ignoring bundled timestamps model members (not converted yet): %s", ", ".join(ignored))
         for required in (CONFIG_MEMBER, WEIGHTS_MEMBER):
             if required not in index:
                 raise ConversionError(f"{path}: .nemo archive has no {required} (members: {sorted(index)})")
+        config = _read_yaml(tar, index[CONFIG_MEMBER], workdir / CONFIG_MEMBER, path)
+        tokenizer_files = _extract_tokenizers(tar, index, tokenizer_members(config), workdir, "tokenizer", path)
+        weights = _weights(tar, index[WEIGHTS_MEMBER], workdir / WEIGHTS_MEMBER, path, compressed)
+        timestamps = _timestamps_model(tar, index, workdir, path, compressed)
+    return NemoArchive(config=config, weights=weights, tokenizer_files=tokenizer_files, timestamps=timestamps)
 
-        _extract(tar, index[CONFIG_MEMBER], workdir / CONFIG_MEMBER, path)
-        try:
-            config = yaml.safe_load((workdir / CONFIG_MEMBER).read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: {CONFIG_MEMBER} is not valid YAML: {e}") from e
-        if not isinstance(config, dict):
-            raise ConversionError(f"{path}: {CONFIG_MEMBER} is not a mapping")
 
-        tokenizer_files: dict[str, Path] = {}
-        for i, member in enumerate(tokenizer_members(config)):
-            if member not in index:
-                raise ConversionError(f"{path}: tokenizer file {member!r} named in the config is not in the archive")
-            dest = workdir / f"tokenizer_{i}.model"
-            _extract(tar, index[member], dest, path)
-            tokenizer_files[member] = dest
+def _timestamps_model(
+    tar: tarfile.TarFile, index: dict[str, tarfile.TarInfo], workdir: Path, path: Path, compressed: bool
+) -> TimestampsModel | None:
+    """canary-1b-v2's bundled CTC model, or None. One member without the other is an error (NeMo would skip it)."""
+    from convert.config import ctc_tokenizer_members
 
-        wmember = index[WEIGHTS_MEMBER]
-        if compressed:
-            dest = workdir / WEIGHTS_MEMBER
-            _extract(tar, wmember, dest, path)
-            weights = WeightsLocation(dest, 0, wmember.size)
-        else:
-            _check_in_place(wmember, path)
-            weights = WeightsLocation(path, wmember.offset_data, wmember.size)
-    return NemoArchive(config=config, weights=weights, tokenizer_files=tokenizer_files, ignored=ignored)
+    present = [m for m in (TIMESTAMPS_CONFIG_MEMBER, TIMESTAMPS_WEIGHTS_MEMBER) if m in index]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise ConversionError(f"{path}: .nemo archive has {present[0]} but not its pair (incomplete timestamps model)")
+    config = _read_yaml(tar, index[TIMESTAMPS_CONFIG_MEMBER], workdir / TIMESTAMPS_CONFIG_MEMBER, path)
+    members = ctc_tokenizer_members(config)
+    tokenizer_files = _extract_tokenizers(tar, index, members, workdir, "timestamps_tokenizer", path)
+    wmember = index[TIMESTAMPS_WEIGHTS_MEMBER]
+    weights = _weights(tar, wmember, workdir / TIMESTAMPS_WEIGHTS_MEMBER, path, compressed)
+    log.info("bundled timestamps CTC model found (%s, %d bytes of weights)", TIMESTAMPS_CONFIG_MEMBER, wmember.size)
+    return TimestampsModel(config=config, weights=weights, tokenizer_files=tokenizer_files)
+
+
+def _read_yaml(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, path: Path) -> dict:
+    _extract(tar, member, dest, path)
+    try:
+        config = yaml.safe_load(dest.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: {member.name} is not valid YAML: {e}") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: {member.name} is not a mapping")
+    return config
+
+
+def _extract_tokenizers(
+    tar: tarfile.TarFile, index: dict[str, tarfile.TarInfo], members: list[str], workdir: Path, stem: str, path: Path
+) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for i, member in enumerate(members):
+        if member not in index:
+            raise ConversionError(f"{path}: tokenizer file {member!r} named in the config is not in the archive")
+        dest = workdir / f"{stem}_{i}.model"
+        _extract(tar, index[member], dest, path)
+        files[member] = dest
+    return files
+
+
+def _weights(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, path: Path, compressed: bool
+) -> WeightsLocation:
+    """A plain tar's checkpoint is read in place (a byte range of the `.nemo`); a gzip tar's is extracted."""
+    if compressed:
+        _extract(tar, member, dest, path)
+        return WeightsLocation(dest, 0, member.size)
+    _check_in_place(member, path)
+    return WeightsLocation(path, member.offset_data, member.size)

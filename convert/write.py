@@ -64,8 +64,8 @@ def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.arr
     return arrays
 
 
-def write_weights(directory: Path, arrays: dict[str, mx.array]) -> None:
-    mx.save_safetensors(str(directory / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
+def write_weights(directory: Path, arrays: dict[str, mx.array], name: str = WEIGHTS_FILE) -> None:
+    mx.save_safetensors(str(directory / name), arrays, metadata={"format": "mlx"})
 
 
 def write_config(directory: Path, config: dict) -> None:

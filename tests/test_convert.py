@@ -219,12 +219,14 @@ def test_an_existing_output_dir_is_kept_unless_overwrite_is_asked(espeak, tmp_pa
     _assert_nothing_written(tmp_path, {"out"})
 
 
-def test_a_timestamps_model_bundled_in_the_archive_is_ignored(espeak, tmp_path):
+def test_a_corrupt_bundled_timestamps_model_is_a_clear_error(espeak, tmp_path):
+    # a bundled timestamps model is converted now (tests/test_v2_ctc.py), so a broken one fails the conversion
     members = _members(espeak)
     members["./timestamps_asr_model_config.yaml"] = b"not: [valid"
     members["./timestamps_asr_model_weights.ckpt"] = b"garbage"
-    out = convert_nemo(_write_tar(tmp_path / "v2like.nemo", members), tmp_path / "out")
-    assert (out / "config.json").is_file()
+    with pytest.raises(ConversionError, match="timestamps_asr_model_config.yaml is not valid YAML"):
+        convert_nemo(_write_tar(tmp_path / "v2like.nemo", members), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ---- checkpoint reader without torch -----------------------------------------------------------------------
