@@ -46,6 +46,7 @@ def split_audio():
     """server/chunking.py's split_audio, loaded by path (the server package itself imports MLX)."""
     spec = importlib.util.spec_from_file_location("chunking", BENCH.parent / "server" / "chunking.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["chunking"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod.split_audio
 

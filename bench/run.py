@@ -332,8 +332,13 @@ def main() -> None:
            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
            "tokens_per_second_forced": TOKENS_PER_SECOND}  # fmt: skip
     res["ours"] = run_ours(model_dir, args.dtype, args.repeats, args.single_only)
+    if args.json:  # kept even if NeMo fails below
+        args.json.write_text(json.dumps(res, indent=2))
     if args.with_nemo:
-        res["nemo"] = run_nemo(args.model, model_dir, args.repeats)
+        try:
+            res["nemo"] = run_nemo(args.model, model_dir, args.repeats)
+        except subprocess.CalledProcessError as exc:
+            log(f"NeMo baseline failed ({exc}); reporting ours only")
     print(table(res))
     print()
     for line in targets(res):
