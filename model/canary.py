@@ -68,6 +68,7 @@ class Canary(nn.Module):
             self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
         self.decoder = TransformerDecoder(config.decoder)
         self.head = Head(config.decoder.vocab_size)
+        self.timestamps_model = None  # canary-1b-v2's CTC aligner (model/ctc.py), attached by model.load
 
     # ---- network pieces -------------------------------------------------------------------------------
     @property
@@ -101,12 +102,13 @@ class Canary(nn.Module):
 
     @property
     def timestamp_source(self) -> TimestampSource | None:
-        return timestamp_source(self.config, self.tokenizer)
+        source = timestamp_source(self.config, self.tokenizer)
+        return None if source == "ctc" and self.timestamps_model is None else source
 
     @property
     def supports_timestamps(self) -> bool:
         """Word/segment times available (`transcribe(timestamps=True)`): the flash models' timestamp tokens.
-        canary-1b-v2's CTC alignment ("ctc") is not implemented yet."""
+        canary-1b-v2's CTC alignment ("ctc") works in `transcribe(timestamps=True)`, not yet in the batcher."""
         return self.timestamp_source == "tokens"
 
     def add_timestamps(self, result: Transcription) -> Transcription:
@@ -114,6 +116,13 @@ class Canary(nn.Module):
         stride = self.config.preprocessor.hop_length / self.sample_rate  # NeMo's window_stride (0.01)
         ts = parse_timestamps(result.raw_text, stride, self.config.encoder.subsampling_factor)
         return dataclasses.replace(result, text=ts.text, words=ts.words, segments=ts.segments)
+
+    def add_ctc_timestamps(self, waves: list[np.ndarray], results: list[Transcription]) -> list[Transcription]:
+        """canary-1b-v2: word/segment times of each result's text by CTC forced alignment with the bundled model,
+        on the (min-duration padded) audio the encoder saw, one batch as NeMo does; the text is unchanged."""
+        stamps = self.timestamps_model.timestamps(waves, [r.raw_text for r in results])
+        pairs = zip(results, stamps, strict=True)
+        return [dataclasses.replace(r, words=s.words, segments=s.segments) for r, s in pairs]
 
     def batcher(self, **kwargs):
         """A `ContinuousBatcher` over this model (the server's engine drives it from its thread)."""
@@ -144,20 +153,23 @@ class Canary(nn.Module):
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
-        if timestamps and not self.supports_timestamps:
-            raise CanaryError("this model does not produce timestamps (only canary2 models with timestamp tokens do)")
+        source = self.timestamp_source if timestamps else None
+        if timestamps and source is None:
+            raise CanaryError("this model does not produce timestamps (flash timestamp tokens or v2's CTC aligner)")
         target_lang = target_lang or source_lang
-        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
+        # With a CTC aligner NeMo forces <|notimestamp|> and times the plain transcript afterwards.
+        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=source == "tokens")
         prompt = self.prompt_ids(spec)
         waves = [_as_waveform(x) for x in items]
         beam = beam_size or self.config.decoding.beam_size
         results: list[Transcription] = []
         for start in range(0, len(waves), batch_size):
-            results += self._transcribe_batch(waves[start : start + batch_size], prompt, spec, beam)
+            batch = waves[start : start + batch_size]
+            results += self._transcribe_batch(batch, prompt, spec, beam, ctc_timestamps=source == "ctc")
         return results[0] if single else results
 
     def _transcribe_batch(
-        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1
+        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1, ctc_timestamps=False
     ) -> list[Transcription]:
         min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
         padded = [pad_to_min_duration(w, min_samples) for w in waves]
@@ -176,7 +188,7 @@ class Canary(nn.Module):
                 raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
             )
             out.append(self.add_timestamps(res) if spec.timestamps else res)
-        return out
+        return self.add_ctc_timestamps(padded, out) if ctc_timestamps else out
 
 
 def pad_batch(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:

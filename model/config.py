@@ -87,6 +87,27 @@ class QuantizationConfig(_FromDict):
 
 
 @dataclass(frozen=True)
+class CtcConfig:
+    """canary-1b-v2's bundled timestamps model: FastConformer encoder + Conv1d k=1 head (blank = last class)."""
+
+    preprocessor: PreprocessorConfig
+    encoder: EncoderConfig
+    vocab_size: int
+    blank_id: int
+    weights: str = "timestamps/model.safetensors"  # relative to the converted directory
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CtcConfig:
+        return cls(
+            preprocessor=PreprocessorConfig.from_dict(d.get("preprocessor", {})),
+            encoder=EncoderConfig.from_dict(d["encoder"]),
+            vocab_size=int(d["vocab_size"]),
+            blank_id=int(d["blank_id"]),
+            weights=d.get("weights", "timestamps/model.safetensors"),
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     preprocessor: PreprocessorConfig
     encoder: EncoderConfig
@@ -100,6 +121,7 @@ class ModelConfig:
     dtype: str = "float32"
     source: dict[str, Any] = field(default_factory=dict)
     quantization: QuantizationConfig | None = None  # None: full-precision weights
+    timestamps_ctc: CtcConfig | None = None  # canary-1b-v2: the bundled CTC model for word timestamps
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -119,6 +141,7 @@ class ModelConfig:
             dtype=d.get("dtype", "float32"),
             source=dict(d.get("source", {})),
             quantization=QuantizationConfig.from_dict(d["quantization"]) if d.get("quantization") else None,
+            timestamps_ctc=CtcConfig.from_dict(d["timestamps_ctc"]) if d.get("timestamps_ctc") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from model.canary import Canary
 from model.config import ModelConfig
+from model.ctc import CtcTimestampsModel
 from model.errors import ModelLoadError
 from model.quantize import quantize
 from model.tokenizer import load_tokenizer
@@ -47,7 +48,26 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    if config.timestamps_ctc is not None:
+        # Kept out of the module tree (as NeMo does), so the main model's weights stay one strict set.
+        object.__setattr__(model, "timestamps_model", _load_ctc(directory, config, model.tokenizer, dtype))
     return model
+
+
+def _load_ctc(directory: Path, config: ModelConfig, tokenizer, dtype: mx.Dtype | str | None) -> CtcTimestampsModel:
+    """canary-1b-v2's timestamps CTC model (`timestamps/model.safetensors`); shares the unified tokenizer."""
+    path = directory / config.timestamps_ctc.weights
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: config.json names a timestamps model but {path.name} is missing")
+    ctc = CtcTimestampsModel(config.timestamps_ctc, getattr(tokenizer, "sp", None), config.sample_rate)
+    weights = mx.load(str(path))
+    if dtype is not None:
+        target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+        weights = {k: v if _keeps_dtype(k, v) else v.astype(target) for k, v in weights.items()}
+    ctc.load_weights(list(weights.items()), strict=True)
+    mx.eval(ctc.parameters())
+    ctc.eval()
+    return ctc
 
 
 def _keeps_dtype(name: str, value: mx.array) -> bool:
