@@ -177,23 +177,22 @@ def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
         done.set()
 
     th = threading.Thread(target=run_long)
+    t0 = time.perf_counter()
     th.start()
     time.sleep(1.0)  # the long file is uploaded, chunked and being decoded
-    lat = []
+    lat, sent = [], []
     with client(url) as c:
         i = 0
         while not done.is_set():
+            start = time.perf_counter() - t0
             t, _ = transcribe(c, clips[i % len(clips)])
             if not done.is_set():
                 lat.append(t)
+                sent.append(start)
             i += 1
     th.join()
-    return {
-        "requests": len(lat),
-        "p50_s": pct(lat, 50),
-        "p95_s": pct(lat, 95),
-        "long_latency_s": long_result["latency_s"],
-    }
+    return {"requests": len(lat), "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "latencies_s": lat,
+            "sent_at_s": sent, "long_latency_s": long_result["latency_s"]}  # fmt: skip
 
 
 def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool) -> dict:
@@ -242,7 +241,7 @@ def run_nemo(name: str, model_dir: Path, repeats: int) -> dict | None:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [python, str(BENCH / "nemo_baseline.py"), "--model", name, "--tokenizers", str(model_dir),
                "--repeats", str(repeats), "--json", f.name]  # fmt: skip
-        subprocess.run(cmd, check=True, cwd=REPO)
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stderr)  # NeMo logs to stdout
         return json.loads(Path(f.name).read_text())
 
 
