@@ -425,6 +425,7 @@ class ContinuousBatcher:
             raw,
             seq.finished,
             list(seq.logprobs),
+            pieces=self.model.token_pieces(seq.tokens),
         )
         if item.spec.timestamps:  # <|timestamp|> prompt: NeMo's text, words and segments
             item.result = self.model.add_timestamps(item.result)
@@ -452,6 +453,7 @@ class BeamBatchDecoder(BatchDecoder):
         super()._reset()
         self.scores: mx.array | None = None  # (R,) cumulative log-prob per hypothesis row
         self.hyps: list[list[int]] = []  # host: generated tokens per row
+        self.hyp_lps: list[list[float]] = []  # host: their log-probabilities
         self.lengths: list[float] = []  # host: NeMo's prefixes_len per row
         self.steps: list[int] = []  # host: tokens generated so far per row (same within a sequence)
 
@@ -485,6 +487,7 @@ class BeamBatchDecoder(BatchDecoder):
         self.scores = scores.reshape(-1) if self.scores is None else mx.concatenate([self.scores, scores.reshape(-1)])
         first = np.array(order).reshape(-1).tolist()
         self.hyps += [[t] for t in first]
+        self.hyp_lps += [[lp] for lp in np.array(scores).reshape(-1).tolist()]
         self.lengths += [float(p + 2)] * len(first)  # NeMo: prefixes.size(1) + 1 after the first step
         self.steps += [1] * len(first)
         self.rows += [s for s in seqs for _ in range(k)]
@@ -515,12 +518,15 @@ class BeamBatchDecoder(BatchDecoder):
         new_scores = mx.take_along_axis(flat, top, axis=-1).reshape(-1) * penalty  # NeMo: rank order x row penalty
         parents = (top // k + mx.arange(groups)[:, None] * k).reshape(-1)  # global row index
         tokens = mx.take_along_axis(cand_tok.reshape(groups, k * k), top, axis=-1).reshape(-1)
+        token_lps = mx.take_along_axis(cand_lp.reshape(groups, k * k), top, axis=-1).reshape(-1)
         self.self_k = [a[parents] for a in self.self_k]
         self.self_v = [a[parents] for a in self.self_v]
         self.scores, self.last, self.offsets = new_scores, tokens, self.offsets + 1
         self.positions = [q + 1 for q in self.positions]
-        parents_h, tokens_h = np.array(parents).tolist(), np.array(tokens).tolist()  # the step's one sync
+        mx.eval(parents, tokens, token_lps)  # the step's one sync
+        parents_h, tokens_h, lps_h = (np.array(a).tolist() for a in (parents, tokens, token_lps))
         self.hyps = [self.hyps[pa] + [t] for pa, t in zip(parents_h, tokens_h, strict=True)]
+        self.hyp_lps = [self.hyp_lps[pa] + [lp] for pa, lp in zip(parents_h, lps_h, strict=True)]
         # NeMo's prefixes_len: 1 + the prefix's tokens (prompt included) that are not <|endoftext|>/<pad>.
         self.lengths = [
             1.0 + len(self.rows[i].prompt) + sum(t not in (self.eos, self.pad) for t in h)
@@ -560,6 +566,7 @@ class BeamBatchDecoder(BatchDecoder):
             hyp = self.hyps[best]
             stops = [j for j, t in enumerate(hyp) if t in (self.eos, self.pad)]
             seq.tokens = hyp[: stops[0]] if stops else list(hyp)
+            seq.logprobs = self.hyp_lps[best][: len(seq.tokens)]
             seq.finished = bool(stops)
             seq.score = penalty[best]
             done.append(seq)
@@ -575,7 +582,7 @@ class BeamBatchDecoder(BatchDecoder):
             self._reset()
             return
         idx = mx.array(keep)
-        for name in ("rows", "positions", "hyps", "lengths", "steps"):
+        for name in ("rows", "positions", "hyps", "hyp_lps", "lengths", "steps"):
             setattr(self, name, [getattr(self, name)[i] for i in keep])
         self.self_k = [a[idx] for a in self.self_k]
         self.self_v = [a[idx] for a in self.self_v]

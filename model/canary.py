@@ -53,6 +53,7 @@ class Transcription:
     raw_text: str = field(default="", repr=False)  # NeMo's hypothesis text (leading space kept)
     finished: bool = True  # False when decoding stopped at the length limit
     logprobs: list[float] = field(default_factory=list, repr=False)  # per generated token (when recorded)
+    pieces: list[str] = field(default_factory=list, repr=False)  # per generated token, its text ('▁' -> ' ')
     words: list[Word] = field(default_factory=list)  # with timestamps=True (else empty)
     segments: list[TimedSegment] = field(default_factory=list)  # sentences, split as NeMo does
 
@@ -116,6 +117,10 @@ class Canary(nn.Module):
         stride = self.config.preprocessor.hop_length / self.sample_rate  # NeMo's window_stride (0.01)
         ts = parse_timestamps(result.raw_text, stride, self.config.encoder.subsampling_factor)
         return dataclasses.replace(result, text=ts.text, words=ts.words, segments=ts.segments)
+
+    def token_pieces(self, ids: list[int]) -> list[str]:
+        """The text of each token ('▁' shown as a space), as `include[]=logprobs` reports them."""
+        return [p.replace("▁", " ") for p in self.tokenizer.ids_to_tokens(ids)]
 
     def add_ctc_timestamps(self, waves: list[np.ndarray], results: list[Transcription]) -> list[Transcription]:
         """canary-1b-v2: word/segment times of each result's text by CTC forced alignment with the bundled model,
@@ -187,6 +192,7 @@ class Canary(nn.Module):
             res = Transcription(
                 raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
             )
+            res.pieces = self.token_pieces(ids)
             out.append(self.add_timestamps(res) if spec.timestamps else res)
         return self.add_ctc_timestamps(padded, out) if ctc_timestamps else out
 

@@ -296,9 +296,14 @@ class Engine:
             self._drop_cancelled(batcher)
             if not len(batcher):
                 continue
-            for item in batcher.step():
-                self._complete(batcher, item)
-            self._stream_progress(batcher)
+            try:
+                for item in batcher.step():
+                    self._complete(batcher, item)
+                self._stream_progress(batcher)
+            except Exception as exc:  # a bug, never bad input: fail what is in flight, keep serving
+                log.exception("engine step failed; failing %d request(s)", len(self._jobs))
+                for job in list(self._jobs):
+                    self._end(batcher, job, error=exc)
 
     def _intake(self, block: bool) -> list[Any]:
         items = [self._queue.get()] if block else []

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
 
 from server.schemas import (
     DurationUsage,
+    LogprobJson,
     TranscriptionJson,
     TranscriptionVerbose,
     TranscriptResult,
@@ -47,8 +47,17 @@ def compression_ratio(text: str) -> float:
     return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
-def render_json(r: TranscriptResult) -> dict:
-    return TranscriptionJson(text=r.text, usage=DurationUsage(seconds=r.duration)).model_dump()
+def render_json(r: TranscriptResult, with_logprobs: bool = False) -> dict:
+    body = TranscriptionJson(text=r.text, logprobs=_logprobs(r) if with_logprobs else None, usage=_usage(r))
+    return body.model_dump(exclude_none=True)
+
+
+def _logprobs(r: TranscriptResult) -> list[LogprobJson]:
+    return [LogprobJson(token=t.token, bytes=t.bytes, logprob=t.logprob) for t in r.logprobs or []]
+
+
+def _usage(r: TranscriptResult) -> DurationUsage:
+    return DurationUsage(seconds=round(r.duration, 3))
 
 
 def render_text(r: TranscriptResult) -> str:
@@ -77,6 +86,7 @@ def render_verbose_json(r: TranscriptResult) -> dict:
             end=round(s.end, 3),
             text=s.text,
             tokens=s.tokens,
+            avg_logprob=s.avg_logprob,
             compression_ratio=compression_ratio(s.text),
         )
         for s in r.segments
@@ -95,12 +105,21 @@ def render_verbose_json(r: TranscriptResult) -> dict:
     ).model_dump(exclude_none=True)
 
 
-def sse_events(r: TranscriptResult) -> Iterator[str]:
-    """A `transcript.text.delta` per segment, then `transcript.text.done`; deltas add up to the text."""
-    for i, s in enumerate(r.segments):
-        delta = s.text if i == 0 else " " + s.text
-        yield _sse({"type": "transcript.text.delta", "delta": delta})
-    yield _sse({"type": "transcript.text.done", "text": r.text})
+def sse_delta(delta: str) -> str:
+    return _sse({"type": "transcript.text.delta", "delta": delta})
+
+
+def sse_done(r: TranscriptResult, with_logprobs: bool = False) -> str:
+    event: dict = {"type": "transcript.text.done", "text": r.text}
+    if with_logprobs:
+        event["logprobs"] = [lp.model_dump() for lp in _logprobs(r)]
+    event["usage"] = _usage(r).model_dump()
+    return _sse(event)
+
+
+def sse_error(err) -> str:
+    """A mid-stream failure: the SDK raises APIError on an event with an `error` key."""
+    return _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
 
 
 def _sse(event: dict) -> str:

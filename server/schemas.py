@@ -39,6 +39,17 @@ class Segment:
     end: float
     text: str
     tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0  # mean log-probability of the decoded tokens of this piece of audio
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+
+    @property
+    def bytes(self) -> list[int]:
+        return list(self.token.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class TranscriptResult:
     task: Literal["transcribe", "translate"]
     segments: list[Segment]
     words: list[Word] | None = None  # None: the request did not ask for word times
+    logprobs: list[TokenLogprob] | None = None  # per decoded token, in order (chunks joined)
 
 
 # ---- response bodies ------------------------------------------------------------------------------------
@@ -64,8 +76,15 @@ class DurationUsage(BaseModel):
     seconds: float
 
 
+class LogprobJson(BaseModel):
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
 class TranscriptionJson(BaseModel):
     text: str
+    logprobs: list[LogprobJson] | None = None
     usage: DurationUsage | None = None
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from server.chunking import split_audio
+from server.chunking import Chunk, split_audio
 from server.engine import Engine
 from server.errors import ApiError, ClientDisconnected
-from server.schemas import Segment, TranscribeOptions, TranscriptResult, Word
+from server.schemas import Segment, TokenLogprob, TranscribeOptions, TranscriptResult, Word
 
 AudioDecoder = Callable[[bytes], np.ndarray]
 T = TypeVar("T")
@@ -66,7 +67,17 @@ def check_language(engine: Engine, language: str, param: str) -> str:
     return language
 
 
-async def transcribe_bytes(
+@dataclass(frozen=True)
+class PreparedAudio:
+    """Decoded, validated and chunked audio of one request, with what to ask of the model."""
+
+    chunks: list[Chunk]
+    duration: float
+    context: str | None
+    timestamps: bool
+
+
+async def prepare_audio(
     engine: Engine,
     decode: AudioDecoder,
     data: bytes,
@@ -74,8 +85,7 @@ async def transcribe_bytes(
     *,
     chunk_seconds: float,
     max_audio_seconds: float,
-    request: Request | None = None,
-) -> TranscriptResult:
+) -> PreparedAudio:
     if not data:
         raise ApiError(400, "the uploaded file is empty", param="file", code="invalid_audio")
     # Decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free.
@@ -91,30 +101,84 @@ async def transcribe_bytes(
             param="file",
             code="audio_too_long",
         )
-    chunks = split_audio(audio, sample_rate, chunk_seconds)
-    context = options.context if engine.info.supports_context else None
-    timestamps = options.timestamps and engine.info.supports_timestamps
-    work = engine.transcribe_batch(
-        [c.audio for c in chunks], options.source_lang, options.target_lang, options.pnc, context, timestamps
+    return PreparedAudio(
+        chunks=split_audio(audio, sample_rate, chunk_seconds),
+        duration=duration,
+        context=options.context if engine.info.supports_context else None,
+        timestamps=options.timestamps and engine.info.supports_timestamps,
     )
-    results = await unless_disconnected(request, work)
+
+
+def engine_args(prepared: PreparedAudio, options: TranscribeOptions) -> tuple:
+    """Positional arguments of `Engine.transcribe_batch` / `Engine.stream_batch`."""
+    audios = [c.audio for c in prepared.chunks]
+    return audios, options.source_lang, options.target_lang, options.pnc, prepared.context
+
+
+def assemble(prepared: PreparedAudio, results: list, options: TranscribeOptions) -> TranscriptResult:
+    """Join the per-chunk results: text, segments (model-timed where available), words, token log-probs."""
     segments: list[Segment] = []
     words: list[Word] = []
-    for chunk, res in zip(chunks, results, strict=True):
+    logprobs: list[TokenLogprob] = []
+    for chunk, res in zip(prepared.chunks, results, strict=True):
         text = res.text.strip()
-        if timestamps and res.segments:
+        lps = list(getattr(res, "logprobs", None) or [])
+        avg = sum(lps) / len(lps) if lps else 0.0
+        logprobs += [TokenLogprob(p, lp) for p, lp in zip(getattr(res, "pieces", None) or [], lps, strict=False)]
+        if prepared.timestamps and res.segments:
             # the model's own times are chunk-relative: add the chunk's start in the file
             for seg in res.segments:
-                segments.append(Segment(len(segments), chunk.start + seg.start, chunk.start + seg.end, seg.text))
+                start, end = chunk.start + seg.start, chunk.start + seg.end
+                segments.append(Segment(len(segments), start, end, seg.text, avg_logprob=avg))
             words += [Word(w.word, chunk.start + w.start, chunk.start + w.end) for w in res.words]
         elif text:  # no timestamps (or none emitted for this chunk): one segment spanning the chunk
             tokens = [int(t) for t in res.tokens]
-            segments.append(Segment(len(segments), chunk.start, chunk.end, text, tokens))
+            segments.append(Segment(len(segments), chunk.start, chunk.end, text, tokens, avg))
     return TranscriptResult(
         text=" ".join(s.text for s in segments),
         language=options.target_lang,
-        duration=duration,
+        duration=prepared.duration,
         task=options.task,
         segments=segments,
-        words=words if timestamps else None,
+        words=words if prepared.timestamps else None,
+        logprobs=logprobs,
     )
+
+
+async def transcribe_bytes(
+    engine: Engine,
+    decode: AudioDecoder,
+    data: bytes,
+    options: TranscribeOptions,
+    *,
+    chunk_seconds: float,
+    max_audio_seconds: float,
+    request: Request | None = None,
+) -> TranscriptResult:
+    prepared = await prepare_audio(
+        engine, decode, data, options, chunk_seconds=chunk_seconds, max_audio_seconds=max_audio_seconds
+    )
+    work = engine.transcribe_batch(*engine_args(prepared, options), prepared.timestamps)
+    results = await unless_disconnected(request, work)
+    return assemble(prepared, results, options)
+
+
+async def stream_bytes(
+    engine: Engine,
+    decode: AudioDecoder,
+    data: bytes,
+    options: TranscribeOptions,
+    *,
+    chunk_seconds: float,
+    max_audio_seconds: float,
+) -> AsyncIterator[tuple[str, str | TranscriptResult]]:
+    """("delta", text) as the decoder produces it, then ("done", result). Errors before the first event
+    (bad audio, busy, loading) raise from the first `__anext__`, so the route can still answer them."""
+    prepared = await prepare_audio(
+        engine, decode, data, options, chunk_seconds=chunk_seconds, max_audio_seconds=max_audio_seconds
+    )
+    async for event in engine.stream_batch(*engine_args(prepared, options)):
+        if event.kind == "delta":
+            yield "delta", event.delta
+        else:
+            yield "done", assemble(prepared, event.results, options)

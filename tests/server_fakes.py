@@ -108,6 +108,9 @@ class FakeBatcher:
         self.cancelled += items
         self.waiting = [it for it in self.waiting if not any(it is c for c in items)]
 
+    def partial_text(self, item) -> str:
+        return item.result.text if item.result is not None else ""
+
     def step(self):
         gate = getattr(self.model, "gate", None)
         if gate is not None:

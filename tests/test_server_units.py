@@ -243,3 +243,28 @@ def test_requests_before_the_model_is_loaded_are_refused():
     engine = Engine(FakeCanary)  # not started
     with pytest.raises(EngineNotReady, match="loading"):
         asyncio.run(engine.transcribe(tone(1.0), "en", "en", True, None))
+
+
+def test_a_failing_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on():
+    fake = FakeCanary()
+    engine = Engine(lambda: fake)
+    boom = {"left": 1}
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        step = fake.last_batcher.step
+
+        def failing_once():
+            if boom["left"]:
+                boom["left"] -= 1
+                raise RuntimeError("decoder exploded")
+            return step()
+
+        fake.last_batcher.step = failing_once
+        first = await asyncio.gather(engine.transcribe(tone(1.0), "en", "en", True, None), return_exceptions=True)
+        second = await engine.transcribe(tone(2.0), "en", "en", True, None)
+        return first[0], second
+
+    first, second = _with_engine(engine, main)
+    assert isinstance(first, RuntimeError) and second.text == "hello world 2.00"

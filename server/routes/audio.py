@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -11,10 +12,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from server import formats
 from server.deps import get_settings, ready_engine
 from server.engine import Engine
-from server.errors import ApiError, ErrorRoute
+from server.errors import ApiError, ErrorRoute, to_api_error
 from server.schemas import ResponseFormat, TranscribeOptions, TranscriptResult
 from server.settings import Settings
-from server.transcriber import check_language, transcribe_bytes
+from server.transcriber import check_language, stream_bytes, transcribe_bytes
 
 router = APIRouter(route_class=ErrorRoute)
 
@@ -35,9 +36,9 @@ def _check_model(name: str, settings: Settings) -> None:
         )
 
 
-def _render(result: TranscriptResult, fmt: ResponseFormat) -> Response:
+def _render(result: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> Response:
     if fmt is ResponseFormat.json:
-        return JSONResponse(formats.render_json(result))
+        return JSONResponse(formats.render_json(result, with_logprobs))
     if fmt is ResponseFormat.verbose_json:
         return JSONResponse(formats.render_verbose_json(result))
     if fmt is ResponseFormat.text:
@@ -45,6 +46,50 @@ def _render(result: TranscriptResult, fmt: ResponseFormat) -> Response:
     if fmt is ResponseFormat.srt:
         return PlainTextResponse(formats.render_srt(result), media_type="application/x-subrip")
     return PlainTextResponse(formats.render_vtt(result), media_type="text/vtt")
+
+
+def _wants_logprobs(include: list[str] | None, fmt: ResponseFormat) -> bool:
+    unknown = set(include or []) - {"logprobs"}
+    if unknown:
+        raise ApiError(400, f"unknown include[] value(s): {', '.join(sorted(unknown))}", param="include[]")
+    if include and fmt is not ResponseFormat.json:
+        raise ApiError(400, "include[]=logprobs needs response_format json", param="include[]")
+    return bool(include)
+
+
+async def _stream(
+    request: Request, engine: Engine, file: UploadFile, options: TranscribeOptions, with_logprobs: bool
+) -> StreamingResponse:
+    """SSE: `transcript.text.delta` as the decoder produces text, then `transcript.text.done`.
+
+    The first event is awaited before answering, so bad audio, a full queue or a loading model still get a
+    proper status code. A client that goes away closes the generator, which cancels the engine work."""
+    settings: Settings = request.app.state.settings
+    events = stream_bytes(
+        engine,
+        request.app.state.decode_audio,
+        await file.read(),
+        options,
+        chunk_seconds=settings.chunk_seconds,
+        max_audio_seconds=settings.max_audio_seconds,
+    )
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            event = first
+            while True:
+                kind, value = event
+                yield formats.sse_delta(value) if kind == "delta" else formats.sse_done(value, with_logprobs)
+                if kind == "done":
+                    return
+                event = await anext(events)
+        except Exception as exc:  # after the 200 header: the error travels as an SSE event
+            yield formats.sse_error(to_api_error(exc))
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def _wants_timestamps(fmt: ResponseFormat, granularities: set[str]) -> bool:
@@ -79,10 +124,12 @@ async def create_transcription(
     temperature: TemperatureField = 0.0,
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
     stream: Annotated[bool, Form()] = False,
+    include: Annotated[list[str] | None, Form(alias="include[]")] = None,
     target_language: TextField = None,
     pnc: Annotated[bool, Form()] = True,
 ) -> Response:
     _check_model(model, settings)
+    with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])
     for g in granularities - {"word", "segment"}:
         raise ApiError(400, f"unknown timestamp granularity {g!r}", param="timestamp_granularities")
@@ -100,12 +147,12 @@ async def create_transcription(
     source = check_language(engine, language or settings.default_language, "language")
     target = check_language(engine, target_language or source, "target_language")
     options = TranscribeOptions(source, target, pnc, prompt or None, _wants_timestamps(response_format, granularities))
+    if stream:
+        return await _stream(request, engine, file, options, with_logprobs)
     result = await _run(request, engine, file, options)
     if "word" not in granularities:
         result = dataclasses.replace(result, words=None)
-    if stream:
-        return StreamingResponse(formats.sse_events(result), media_type="text/event-stream")
-    return _render(result, response_format)
+    return _render(result, response_format, with_logprobs)
 
 
 @router.post("/audio/translations")
