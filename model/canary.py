@@ -86,7 +86,20 @@ class Canary(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Tied output projection: hidden (..., H) -> logits (..., V), float32."""
-        return self.decoder.embedding.token_embedding.as_linear(hidden).astype(mx.float32) + self.head.bias
+        head_t = self.__dict__.get("_head_t")  # CPU layout: a contiguous transposed copy of the embedding
+        out = hidden @ head_t if head_t is not None else self.decoder.embedding.token_embedding.as_linear(hidden)
+        return out.astype(mx.float32) + self.head.bias
+
+    def use_cpu_layout(self) -> None:
+        """Transposed contiguous Linear weights (faster matmuls on MLX's CPU backend); see model/cpu_layout.py."""
+        from model.cpu_layout import pretranspose_linears
+
+        pretranspose_linears(self)
+        embedding = self.decoder.embedding.token_embedding
+        if type(embedding) is nn.Embedding:
+            self.__dict__["_head_t"] = mx.contiguous(embedding.weight.T)
+            mx.eval(self.__dict__["_head_t"])
+        mx.eval(self.parameters())
 
     def log_probs(self, hidden: mx.array) -> mx.array:
         logits = self.logits(hidden)

@@ -93,8 +93,8 @@ def test_only_linears_whose_inputs_split_into_groups_are_quantized_and_the_tied_
     layer = m.encoder.layers[0]
     assert isinstance(layer.feed_forward1.linear2, nn.QuantizedLinear)  # 576 inputs
     assert isinstance(m.encoder.pre_encode.out, nn.QuantizedLinear)  # 96 channels x 16 freqs
-    assert type(layer.self_attn.linear_q) is nn.Linear  # 144 inputs: no whole groups of 64
-    assert type(m.encoder_decoder_proj) is nn.Linear  # 144 inputs too
+    assert not isinstance(layer.self_attn.linear_q, nn.QuantizedLinear)  # 144 inputs: no whole groups of 64
+    assert not isinstance(m.encoder_decoder_proj, nn.QuantizedLinear)  # 144 inputs too
     assert isinstance(m.decoder.layers[1].third_sub_layer.dense_out, nn.QuantizedLinear)
     assert isinstance(m.decoder.layers[1].second_sub_layer.key_net, nn.QuantizedLinear)
     full = mx.load(str(espeak_dir / WEIGHTS))
