@@ -11,7 +11,9 @@ computes from its own encoder length, positions are its own, and the masks hide 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +285,9 @@ class WorkItem:
     _seq: Sequence | None = field(default=None, repr=False)
 
 
+AGING_PER_SECOND = 10.0  # waiting 1 s makes a request compete like one 10 s of audio shorter
+
+
 class ContinuousBatcher:
     """Encoder admission + the shared decoder loop. `step()` admits waiting items (one padded, masked encoder
     batch of at most `encode_seconds` of audio) while the decoder has room, then advances every active
@@ -313,11 +318,15 @@ class ContinuousBatcher:
         return len(self.waiting) + len(self.decoder)
 
     def submit(self, items: list[WorkItem]) -> None:
+        now = time.monotonic()
         for item in items:
             self._order += 1
-            item._order = self._order  # type: ignore[attr-defined]
+            item._order, item._since = self._order, now  # type: ignore[attr-defined]
             self.waiting.append(item)
-        self.waiting.sort(key=lambda it: (it.priority, it._order))  # type: ignore[attr-defined]
+
+    def _urgency(self, item: WorkItem, now: float) -> float:
+        """Lower is more urgent: the item's priority, aged by its waiting time so that nothing starves."""
+        return item.priority - AGING_PER_SECOND * (now - item._since)  # type: ignore[attr-defined]
 
     def cancel(self, items: list[WorkItem]) -> None:
         """Forget waiting items; active ones leave the decoder at its next step."""
@@ -355,6 +364,14 @@ class ContinuousBatcher:
         room = self.max_batch - len(self.decoder)
         if room <= 0 or not self.waiting:
             return []
+        now = time.monotonic()
+        self.waiting.sort(key=lambda it: (self._urgency(it, now), it._order))  # type: ignore[attr-defined]
+        if self.decoder.rows:
+            # Encoding stalls every active sequence for its whole duration: never stall more urgent (shorter)
+            # requests to start less urgent work; it is admitted once they are done (or it has aged enough).
+            active = min(self._urgency(seq.tag, now) for seq in self.decoder.rows)
+            if self._urgency(self.waiting[0], now) > active:
+                return []
         batch, seconds = [], 0.0
         sr = self.model.sample_rate
         while self.waiting and len(batch) < room:
@@ -390,7 +407,7 @@ class ContinuousBatcher:
         prompts: list[list[int] | BaseException] = []
         for item in items:
             try:
-                prompts.append(model.prompt_ids(item.spec))
+                prompts.append(model.prompt_ids(self._prompt_spec(item.spec)))
             except Exception as exc:
                 prompts.append(exc)
         waves = [pad_to_min_duration(it.audio, int(MIN_AUDIO_SECONDS * sr)) for it in items]
@@ -410,6 +427,12 @@ class ContinuousBatcher:
             out.append(seq)
         return out
 
+    def _prompt_spec(self, spec: PromptSpec) -> PromptSpec:
+        # With a CTC aligner (canary-1b-v2) NeMo keeps <|notimestamp|> and times the plain transcript afterwards.
+        if spec.timestamps and self.model.timestamp_source == "ctc":
+            return dataclasses.replace(spec, timestamps=False)
+        return spec
+
     def _finish(self, seq: Sequence) -> WorkItem:
         from model.canary import Transcription
 
@@ -427,7 +450,12 @@ class ContinuousBatcher:
             list(seq.logprobs),
             pieces=self.model.token_pieces(seq.tokens),
         )
-        if item.spec.timestamps:  # <|timestamp|> prompt: NeMo's text, words and segments
+        if item.spec.timestamps and self.model.timestamp_source == "ctc":
+            from model.canary import MIN_AUDIO_SECONDS
+
+            wave = pad_to_min_duration(item.audio, int(MIN_AUDIO_SECONDS * self.model.sample_rate))
+            item.result = self.model.add_ctc_timestamps([wave], [item.result])[0]
+        elif item.spec.timestamps:  # <|timestamp|> prompt: NeMo's text, words and segments
             item.result = self.model.add_timestamps(item.result)
         return item
 

@@ -121,9 +121,9 @@ class Canary(nn.Module):
 
     @property
     def supports_timestamps(self) -> bool:
-        """Word/segment times available (`transcribe(timestamps=True)`): the flash models' timestamp tokens.
-        canary-1b-v2's CTC alignment ("ctc") works in `transcribe(timestamps=True)`, not yet in the batcher."""
-        return self.timestamp_source == "tokens"
+        """Word/segment times available: the flash models' timestamp tokens, or canary-1b-v2's CTC aligner
+        (both in `transcribe(timestamps=True)` and in the server's batcher)."""
+        return self.timestamp_source is not None
 
     def add_timestamps(self, result: Transcription) -> Transcription:
         """For a `<|timestamp|>` decode: NeMo's text (timestamp tokens removed), words and segments."""

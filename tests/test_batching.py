@@ -80,3 +80,28 @@ def test_encoder_frames_matches_the_encoder_tensor_length(espeak_model):
         audio, lengths = pad_batch([np.zeros(n, np.float32)])
         enc, _ = espeak_model.encode(audio, lengths)
         assert enc.shape[1] == encoder_frames(n, 160, 3)
+
+
+def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_model):
+    """Admitting a long file's chunk would stall every active sequence for the whole encode: it waits for the
+    shorter request to finish (or for aging to make it as urgent)."""
+    from model.batching import WorkItem
+
+    short = WorkItem(load_audio(ESPEAK_CLIPS / "clip03.wav"), PromptSpec("en", "en"), tag="short", priority=2.8)
+    long = [
+        WorkItem(load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav"), PromptSpec("en", "en"), tag=i, priority=36.4)
+        for i in range(4)
+    ]
+    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)  # one clip per admission
+    batcher.submit([short, *long])
+    batcher.step()  # admits the short request only
+    assert [s.tag.tag for s in batcher.decoder.rows] == ["short"]
+    steps = 1
+    while short.result is None:
+        batcher.step()
+        steps += 1
+        assert [s.tag.tag for s in batcher.decoder.rows] in (["short"], [])
+    assert steps == len(short.result.tokens)  # prefill + one token per step (the last emits EOS): no stalls
+    while len(batcher):
+        batcher.step()
+    assert all(it.result.tokens == espeak_model.transcribe(it.audio).tokens for it in long)

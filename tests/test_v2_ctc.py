@@ -180,3 +180,21 @@ def test_forced_alignment_of_a_text_matches_nemo(v2: model.Canary, audio, case: 
     (ts,) = v2.timestamps_model.timestamps([audio[case["audio"]]], [case["text"]])
     _assert_times_equal(_word_dicts(ts.words), case["timestamp"]["word"], case["name"])
     _assert_times_equal(_segment_dicts(ts.segments), case["timestamp"]["segment"], case["name"])
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN["transcribe"] if c["batch_size"] == 1], ids=lambda c: c["name"])
+def test_the_servers_batcher_times_words_with_the_ctc_aligner_like_nemo(v2: model.Canary, audio, case: dict):
+    """The engine path: <|notimestamp|> prompt, then CTC alignment of each item, as NeMo does for one file."""
+    from model.batching import WorkItem
+
+    assert v2.supports_timestamps
+    pnc = case["kwargs"]["pnc"] == "yes"
+    item = WorkItem(audio[case["audio"][0]], model.prompt.PromptSpec("en", "en", pnc=pnc, timestamps=True))
+    batcher = v2.batcher()
+    batcher.submit([item])
+    while len(batcher):
+        batcher.step()
+    want = case["items"][0]
+    assert item.result.tokens == want["tokens"]
+    _assert_times_equal(_word_dicts(item.result.words), want["timestamp"]["word"], "words")
+    _assert_times_equal(_segment_dicts(item.result.segments), want["timestamp"]["segment"], "segments")

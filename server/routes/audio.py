@@ -140,7 +140,7 @@ async def create_transcription(
         raise ApiError(
             400,
             "word timestamps are not available for this model: it has no timestamp output "
-            "(only the canary flash models do); use timestamp_granularities[]=segment",
+            "(the canary flash models and canary-1b-v2 do); use timestamp_granularities[]=segment",
             param="timestamp_granularities",
             code="unsupported_value",
         )
