@@ -42,11 +42,7 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
             quantize(model, config.quantization.bits, config.quantization.group_size)
         except ValueError as exc:
             raise ModelLoadError(f"{config_path}: {exc}") from exc
-    weights = mx.load(str(directory / WEIGHTS_FILE))
-    if dtype is not None:
-        target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
-        weights = {k: v if _keeps_dtype(k, v) else v.astype(target) for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(_read_weights(directory / WEIGHTS_FILE, dtype), strict=True)
     mx.eval(model.parameters())
     model.eval()
     if use_cpu_layout():
@@ -63,14 +59,19 @@ def _load_ctc(directory: Path, config: ModelConfig, tokenizer, dtype: mx.Dtype |
     if not path.is_file():
         raise ModelLoadError(f"{directory}: config.json names a timestamps model but {path.name} is missing")
     ctc = CtcTimestampsModel(config.timestamps_ctc, getattr(tokenizer, "sp", None), config.sample_rate)
+    ctc.load_weights(_read_weights(path, dtype), strict=True)
+    mx.eval(ctc.parameters())
+    ctc.eval()
+    return ctc
+
+
+def _read_weights(path: Path, dtype: mx.Dtype | str | None) -> list[tuple[str, mx.array]]:
+    """A safetensors file's tensors, cast to `dtype` except float32-only buffers and packed quantized weights."""
     weights = mx.load(str(path))
     if dtype is not None:
         target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
         weights = {k: v if _keeps_dtype(k, v) else v.astype(target) for k, v in weights.items()}
-    ctc.load_weights(list(weights.items()), strict=True)
-    mx.eval(ctc.parameters())
-    ctc.eval()
-    return ctc
+    return list(weights.items())
 
 
 def _keeps_dtype(name: str, value: mx.array) -> bool:
