@@ -62,6 +62,19 @@ def encoder_frames(num_samples: int, hop: int, n_convs: int) -> int:
     return t
 
 
+@dataclass(eq=False)
+class Parked:
+    """Rows taken out of a BatchDecoder with their state (self/cross K/V, masks, positions, last tokens)."""
+
+    seqs: list[Sequence]
+    self_k: list[mx.array]
+    self_v: list[mx.array]
+    cross: list[tuple[mx.array, mx.array]]
+    cross_mask: mx.array
+    positions: list[int]
+    last: mx.array
+
+
 class BatchDecoder:
     """Greedy decoding of a changing set of sequences. Not thread-safe: owned by the engine thread.
 
@@ -111,7 +124,16 @@ class BatchDecoder:
         return done
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
-        model, dec = self.model, self.model.decoder
+        self_k, self_v, cross, cross_mask, logits = self._run_prompts(seqs)
+        token, token_lp = _pick(logits)
+        self._append_rows(self_k, self_v, cross, cross_mask, len(seqs[0].prompt), token)
+        self.rows += seqs
+        return self._collect(token, token_lp, seqs)
+
+    def _run_prompts(self, seqs: list[Sequence]):
+        """Equal-length prompts through the decoder: per-layer self K/V (n, H, P, d_k), cross K/V, the cross
+        mask (n, 1, 1, T) and the logits at the last prompt position (n, V)."""
+        dec = self.model.decoder
         p = len(seqs[0].prompt)
         t_max = max(s.enc.shape[0] for s in seqs)
         enc = mx.stack([_pad_axis(s.enc, 0, t_max) for s in seqs])  # (n, T, H)
@@ -119,8 +141,7 @@ class BatchDecoder:
         cross_mask = mx.where(mx.arange(t_max)[None, :] < enc_lens[:, None], 0.0, NEG_INF).astype(enc.dtype)
         cross_mask = cross_mask[:, None, None, :]  # (n, 1, 1, T)
         cross = dec.cross_kv(enc)
-        ids = mx.array([s.prompt for s in seqs], dtype=mx.int32)
-        x = dec.embedding(ids, mx.arange(p))
+        x = dec.embedding(mx.array([s.prompt for s in seqs], dtype=mx.int32), mx.arange(p))
         self_k, self_v = [], []
         mask = causal_mask(p, enc.dtype)
         for i, layer in enumerate(dec.layers):
@@ -128,16 +149,15 @@ class BatchDecoder:
             self_k.append(k)
             self_v.append(v)
             x = layer(x, (k, v), mask, cross[i], cross_mask)
-        token, token_lp = _pick(model.logits(dec.final_layer_norm(x[:, -1])))
-        self._append_rows(self_k, self_v, cross, cross_mask, p, token)
-        self.rows += seqs
-        return self._collect(token, token_lp, seqs)
+        return self_k, self_v, cross, cross_mask, self.model.logits(dec.final_layer_norm(x[:, -1]))
 
-    def _append_rows(self, self_k, self_v, cross, cross_mask, prompt_len: int, last: mx.array) -> None:
+    def _append_rows(self, self_k, self_v, cross, cross_mask, positions: int | list[int], last: mx.array) -> None:
+        """Append rows with their state: self K/V (n, H, L', d_k), cross K/V, cross mask, next positions."""
         n = last.shape[0]
-        offsets = mx.full((n,), prompt_len, mx.int32)
-        cap = _round_up(max(self.positions + [prompt_len]) + 1, CACHE_STEP)
-        self.positions += [prompt_len] * n
+        positions = [positions] * n if isinstance(positions, int) else list(positions)
+        offsets = mx.array(positions, dtype=mx.int32)
+        cap = max(_round_up(max(self.positions + positions) + 1, CACHE_STEP), self_k[0].shape[2])
+        self.positions += positions
         if not self.rows:
             self.self_k = [_pad_axis(k, 2, cap) for k in self_k]
             self.self_v = [_pad_axis(v, 2, cap) for v in self_v]
@@ -155,6 +175,41 @@ class BatchDecoder:
         self.cross_mask = join(self.cross_mask, cross_mask, 3, t_enc, NEG_INF)
         self.offsets = mx.concatenate([self.offsets, offsets])
         self.last = mx.concatenate([self.last, last])
+
+    # ---- parking ----------------------------------------------------------------------------------------
+    def park(self, seqs: list[Sequence]) -> tuple[Parked | None, list[Sequence]]:
+        """Take rows out of the loop with their whole state (to let shorter requests decode alone).
+
+        Returns the parked rows (or None) and the sequences that finished in the step that was in flight."""
+        done = self._flush()
+        wanted = {id(s) for s in seqs}
+        idx = [i for i, s in enumerate(self.rows) if id(s) in wanted]
+        if not idx:
+            return None, done
+        ia = mx.array(idx)
+        parked = Parked(
+            seqs=[self.rows[i] for i in idx],
+            self_k=[a[ia] for a in self.self_k],
+            self_v=[a[ia] for a in self.self_v],
+            cross=[(k[ia], v[ia]) for k, v in zip(self.cross_k, self.cross_v, strict=True)],
+            cross_mask=self.cross_mask[ia],
+            positions=[self.positions[i] for i in idx],
+            last=self.last[ia],
+        )
+        self.remove(parked.seqs)
+        return parked, done
+
+    def unpark(self, parked: Parked) -> None:
+        """Put parked rows back; they continue exactly where they stopped."""
+        self._append_rows(parked.self_k, parked.self_v, parked.cross, parked.cross_mask, parked.positions, parked.last)
+        self.rows += parked.seqs
+
+    def _flush(self) -> list[Sequence]:
+        """Collect the step in flight (if any) so that the batch state matches the host's view."""
+        if self._inflight is None:
+            return []
+        current, self._inflight = self._inflight, None
+        return self._collect(*current)
 
     # ---- stepping ---------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
@@ -181,7 +236,13 @@ class BatchDecoder:
         return token, token_lp, list(self.rows)
 
     def _forward(self, last, offsets, self_k, self_v, cross_k, cross_v, cross_mask):
-        """One decoder step for every row at its own position (pure: compilable)."""
+        """One greedy decoder step for every row at its own position (pure: compilable)."""
+        logits, new_k, new_v = self._forward_logits(last, offsets, self_k, self_v, cross_k, cross_v, cross_mask)
+        token, token_lp = _pick(logits)
+        return token, token_lp, new_k, new_v
+
+    def _forward_logits(self, last, offsets, self_k, self_v, cross_k, cross_v, cross_mask):
+        """Feed each row's last token at its own position: logits (B, V) and the updated self K/V buffers."""
         dec = self.model.decoder
         b, cap = last.shape[0], self_k[0].shape[2]
         positions = offsets[:, None]  # (B, 1)
@@ -195,8 +256,7 @@ class BatchDecoder:
             new_k.append(mx.put_along_axis(self_k[i], write_idx, k, axis=2))
             new_v.append(mx.put_along_axis(self_v[i], write_idx, v, axis=2))
             x = layer(x, (new_k[i], new_v[i]), self_mask, (cross_k[i], cross_v[i]), cross_mask)
-        token, token_lp = _pick(self.model.logits(dec.final_layer_norm(x[:, -1])))
-        return token, token_lp, new_k, new_v
+        return self.model.logits(dec.final_layer_norm(x[:, -1])), new_k, new_v
 
     def _collect(self, token: mx.array, token_lp: mx.array, seqs: list[Sequence]) -> list[Sequence]:
         """Host side: append one step's tokens (one sync), then drop the rows that are done."""
@@ -286,6 +346,8 @@ class WorkItem:
 
 
 AGING_PER_SECOND = 10.0  # waiting 1 s makes a request compete like one 10 s of audio shorter
+# Rows of a request this much longer than the shortest one decoding step out of the loop until it is done.
+PARK_RATIO, PARK_MARGIN_SECONDS = 3.0, 20.0
 
 
 class ContinuousBatcher:
@@ -312,10 +374,14 @@ class ContinuousBatcher:
         )
         self.decoder = self._new_decoder()
         self.waiting: list[WorkItem] = []
+        self.parked: list[Parked] = []
         self._order = 0  # FIFO tie-break among equal priorities
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.decoder)
+        return len(self.waiting) + len(self.decoder) + self._parked_count()
+
+    def _parked_count(self) -> int:
+        return sum(len(p.seqs) for p in self.parked)
 
     def submit(self, items: list[WorkItem]) -> None:
         now = time.monotonic()
@@ -349,6 +415,7 @@ class ContinuousBatcher:
     def step(self) -> list[WorkItem]:
         """Admit, then decode one step. Returns items that completed (result or error)."""
         done = self._admit()
+        done += [self._finish(s) for s in self._rebalance()]
         try:
             finished = self.decoder.step()
         except Exception as exc:  # never seen in practice; fail the active items, keep the engine alive
@@ -360,17 +427,46 @@ class ContinuousBatcher:
             return done + [s.tag for s in finished]
         return done + [self._finish(s) for s in finished]
 
+    def _rebalance(self) -> list[Sequence]:
+        """Park sequences of much longer requests while shorter ones decode (each step of a big batch costs every
+        row's compute on a CPU); put them back once the shorter ones are done or they have waited long enough.
+        Greedy decoding only. Returns sequences that finished in the flushed step."""
+        if not isinstance(self.decoder, BatchDecoder) or isinstance(self.decoder, BeamBatchDecoder):
+            return []
+        now, done = time.monotonic(), []
+        rows = self.decoder.rows
+        shortest = min((s.tag.priority for s in rows), default=None)
+        for group in list(self.parked):  # back when nothing much shorter is left, or cancelled, or aged
+            if (
+                shortest is None
+                or any(s.cancelled for s in group.seqs)
+                or not self._parkable(group.seqs[0], shortest, now)
+            ):
+                self.parked.remove(group)
+                self.decoder.unpark(group)
+        if shortest is not None:
+            long = [s for s in self.decoder.rows if self._parkable(s, shortest, now)]
+            if long:
+                group, done = self.decoder.park(long)
+                if group is not None:
+                    self.parked.append(group)
+        return done
+
+    def _parkable(self, seq: Sequence, shortest: float, now: float) -> bool:
+        return self._urgency(seq.tag, now) > PARK_RATIO * shortest + PARK_MARGIN_SECONDS
+
     def _admit(self) -> list[WorkItem]:
-        room = self.max_batch - len(self.decoder)
+        room = self.max_batch - len(self.decoder) - self._parked_count()
         if room <= 0 or not self.waiting:
             return []
         now = time.monotonic()
         self.waiting.sort(key=lambda it: (self._urgency(it, now), it._order))  # type: ignore[attr-defined]
         if self.decoder.rows:
-            # Encoding stalls every active sequence for its whole duration: never stall more urgent (shorter)
-            # requests to start less urgent work; it is admitted once they are done (or it has aged enough).
-            active = min(self._urgency(seq.tag, now) for seq in self.decoder.rows)
-            if self._urgency(self.waiting[0], now) > active:
+            # Encoding stalls every active sequence for its whole duration: don't stall shorter requests to start
+            # longer work; it is admitted once they are done, or once it has waited long enough (aging).
+            # Work no longer than what is decoding joins at once (continuous batching).
+            shortest_active = min(seq.tag.priority for seq in self.decoder.rows)
+            if self._urgency(self.waiting[0], now) > shortest_active:
                 return []
         batch, seconds = [], 0.0
         sr = self.model.sample_rate
@@ -486,21 +582,9 @@ class BeamBatchDecoder(BatchDecoder):
         self.steps: list[int] = []  # host: tokens generated so far per row (same within a sequence)
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
-        k, dec = self.k, self.model.decoder
-        p = len(seqs[0].prompt)
-        t_max = max(s.enc.shape[0] for s in seqs)
-        enc = mx.stack([_pad_axis(s.enc, 0, t_max) for s in seqs])
-        enc_lens = mx.array([s.enc_len for s in seqs])
-        cross_mask = mx.where(mx.arange(t_max)[None, :] < enc_lens[:, None], 0.0, NEG_INF).astype(enc.dtype)
-        cross = dec.cross_kv(enc)
-        x = dec.embedding(mx.array([s.prompt for s in seqs], dtype=mx.int32), mx.arange(p))
-        self_k, self_v, mask = [], [], causal_mask(p, enc.dtype)
-        for i, layer in enumerate(dec.layers):
-            kk, vv = layer.first_sub_layer.kv(layer.layer_norm_1(x))
-            self_k.append(kk)
-            self_v.append(vv)
-            x = layer(x, (kk, vv), mask, cross[i], cross_mask[:, None, None, :])
-        logp = self.model.log_probs(dec.final_layer_norm(x[:, -1]))  # (n, V)
+        k, p = self.k, len(seqs[0].prompt)
+        self_k, self_v, cross, cross_mask, logits = self._run_prompts(seqs)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (n, V)
         order = mx.argsort(-logp, axis=-1)[:, :k]  # (n, k) best first, like torch.topk
         scores = mx.take_along_axis(logp, order, axis=-1)
         rep = mx.repeat(mx.arange(len(seqs)), k)  # every sequence's state copied to its k rows
@@ -508,7 +592,7 @@ class BeamBatchDecoder(BatchDecoder):
             [a[rep] for a in self_k],
             [a[rep] for a in self_v],
             [(a[rep], b[rep]) for a, b in cross],
-            cross_mask[rep][:, None, None, :],
+            cross_mask[rep],
             p,
             order.reshape(-1),
         )
@@ -531,7 +615,9 @@ class BeamBatchDecoder(BatchDecoder):
             self.self_v = [_pad_axis(a, 2, cap) for a in self.self_v]
         k, r = self.k, len(self.rows)
         finished = mx.array([h[-1] in (self.eos, self.pad) for h in self.hyps])  # pad_profile
-        logits, self.self_k, self.self_v = self._logits_step()
+        logits, self.self_k, self.self_v = self._forward_logits(
+            self.last, self.offsets, self.self_k, self.self_v, self.cross_k, self.cross_v, self.cross_mask
+        )
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         order = mx.argsort(-logp, axis=-1)[:, :k]  # (R, k)
         cand_lp = mx.take_along_axis(logp, order, axis=-1)
@@ -562,21 +648,6 @@ class BeamBatchDecoder(BatchDecoder):
         ]
         self.steps = [s + 1 for s in self.steps]
         return self._finish_done()
-
-    def _logits_step(self):
-        dec = self.model.decoder
-        b, cap = self.last.shape[0], self.self_k[0].shape[2]
-        positions = self.offsets[:, None]
-        x = dec.embedding(self.last[:, None], positions)
-        self_mask = mx.where(mx.arange(cap)[None, :] <= positions, 0.0, NEG_INF).astype(x.dtype)[:, None, None, :]
-        write_idx = mx.broadcast_to(self.offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
-        new_k, new_v = [], []
-        for i, layer in enumerate(dec.layers):
-            kk, vv = layer.first_sub_layer.kv(layer.layer_norm_1(x))
-            new_k.append(mx.put_along_axis(self.self_k[i], write_idx, kk, axis=2))
-            new_v.append(mx.put_along_axis(self.self_v[i], write_idx, vv, axis=2))
-            x = layer(x, (new_k[i], new_v[i]), self_mask, (self.cross_k[i], self.cross_v[i]), self.cross_mask)
-        return self.model.logits(dec.final_layer_norm(x[:, -1])), new_k, new_v
 
     def _finish_done(self) -> list[Sequence]:
         """Sequences whose k hypotheses all ended, that hit their length limit, or were cancelled."""

@@ -42,6 +42,12 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
     p.add_argument("--format", choices=("json", "text"), default="text", help="json: one JSON line per input")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: the model's, 1)")
+    p.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="word and segment times (flash models, canary-1b-v2); with --format json adds words/segments",
+    )
     p.add_argument(
         "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
     )
@@ -86,10 +92,16 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         target_lang=args.target_language,
         pnc=not args.no_pnc,
         batch_size=args.batch_size,
+        beam_size=args.beam_size,
+        timestamps=args.timestamps,
     )
     for path, res in zip(args.audio, results, strict=True):
         if args.format == "json":
-            print(json.dumps({"file": path, "text": res.text}, ensure_ascii=False))
+            line = {"file": path, "text": res.text}
+            if args.timestamps:
+                line["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in res.words]
+                line["segments"] = [{"text": s.text, "start": s.start, "end": s.end} for s in res.segments]
+            print(json.dumps(line, ensure_ascii=False))
         else:
             print(res.text)
     return 0

@@ -105,3 +105,43 @@ def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_mo
     while len(batcher):
         batcher.step()
     assert all(it.result.tokens == espeak_model.transcribe(it.audio).tokens for it in long)
+
+
+def test_requests_of_equal_length_arriving_later_join_the_running_batch(espeak_model):
+    from model.batching import WorkItem
+
+    wave = load_audio(ESPEAK_CLIPS / "clip02.wav")
+    batcher = espeak_model.batcher(max_batch=8)
+    first = WorkItem(wave, PromptSpec("en", "en"), tag="first", priority=4.6)
+    batcher.submit([first])
+    batcher.step()
+    later = WorkItem(wave, PromptSpec("en", "en"), tag="later", priority=4.6)
+    batcher.submit([later])
+    batcher.step()
+    assert sorted(s.tag.tag for s in batcher.decoder.rows) == ["first", "later"]
+
+
+def test_long_rows_step_out_while_a_much_shorter_request_decodes_and_finish_unchanged(espeak_model):
+    from model.batching import WorkItem
+
+    long = [
+        WorkItem(load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav"), PromptSpec("en", "en"), tag=i, priority=300.0)
+        for i in (0, 1, 2)
+    ]
+    short = WorkItem(load_audio(ESPEAK_CLIPS / "clip07.wav"), PromptSpec("en", "en"), tag="short", priority=2.0)
+    batcher = espeak_model.batcher(max_batch=8)
+    batcher.submit(long)
+    for _ in range(3):
+        batcher.step()
+    assert len(batcher.decoder.rows) == 3
+    batcher.submit([short])
+    batcher.step()
+    assert [s.tag.tag for s in batcher.decoder.rows] == ["short"]  # the long rows are parked
+    assert sorted(s.tag.tag for g in batcher.parked for s in g.seqs) == [0, 1, 2]
+    while short.result is None:
+        batcher.step()
+    while len(batcher):
+        batcher.step()
+    assert not batcher.parked
+    for it in [*long, short]:
+        assert it.result.tokens == espeak_model.transcribe(it.audio).tokens, it.tag

@@ -84,3 +84,13 @@ def test_audio_shorter_than_one_second_is_padded_like_nemo(espeak_model):
     short = wave[:12000]  # 0.75 s
     manual = np.pad(short, (2000, 2000))  # NeMo pads to 1 s, left = pad // 2
     assert espeak_model.transcribe(short, source_lang="en").tokens == espeak_model.transcribe(manual).tokens
+
+
+def test_cli_beam_search_and_timestamps_flags(espeak_dir, espeak_model, capsys):
+    clip = str(ESPEAK_CLIPS / "clip06.wav")
+    argv = ["transcribe", clip, "--model", str(espeak_dir), "--beam-size", "3", "--format", "json", "--timestamps"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out)
+    # This model was never trained with <|timestamp|>: it emits no timestamp tokens, so no words are invented.
+    assert line["text"] == espeak_model.transcribe(clip, beam_size=3, timestamps=True).text
+    assert line["words"] == [] and isinstance(line["segments"], list)
