@@ -68,7 +68,7 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, UnsupportedLanguageError):
         return ApiError(400, str(exc), param=exc.role, code="unsupported_language")
     if isinstance(exc, AudioDecodeError):
-        return ApiError(400, f"could not decode the audio file: {exc}", param="file", code="invalid_audio")
+        return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, CanaryError):
         return ApiError(400, str(exc))
     if isinstance(exc, EngineNotReady):
