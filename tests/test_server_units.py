@@ -131,6 +131,12 @@ def _with_engine(engine: Engine, coro_fn):
         engine.close()
 
 
+async def _until_a_step_is_held(fake: FakeCanary) -> None:
+    """Yield to the loop until the engine thread has submitted work and its step waits at the fake's gate."""
+    while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
+        await asyncio.sleep(0)
+
+
 def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_language():
     fake = FakeCanary()
     fake.gate = threading.Event()
@@ -140,8 +146,7 @@ def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_l
         while not engine.ready:
             await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
-        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
-            await asyncio.sleep(0)
+        await _until_a_step_is_held(fake)
         pairs = [(2, "en"), (3, "de"), (4, "en")]
         rest = [asyncio.ensure_future(engine.transcribe(tone(s), "en", t, True, None)) for s, t in pairs]
         await asyncio.sleep(0)  # all three are queued now, while the first step is held
@@ -183,8 +188,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
         while not engine.ready:
             await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
-        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
-            await asyncio.sleep(0)
+        await _until_a_step_is_held(fake)
         doomed = asyncio.ensure_future(engine.transcribe_batch([tone(2.0), tone(3.0)], "en", "en", True, None))
         await asyncio.sleep(0)
         doomed.cancel()  # what a client disconnect does
@@ -209,8 +213,7 @@ def test_shutdown_fails_requests_that_have_not_started():
         while not engine.ready:
             await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
-        while not getattr(fake, "last_batcher", None) or not fake.last_batcher.waiting:
-            await asyncio.sleep(0)
+        await _until_a_step_is_held(fake)
         queued = asyncio.ensure_future(engine.transcribe(tone(2.0), "en", "en", True, None))
         await asyncio.sleep(0)
         closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
