@@ -671,7 +671,8 @@ class BeamBatchDecoder(BatchDecoder):
             done.append(seq)
             rows_done += list(rows)
         if rows_done:
-            keep = [i for i in range(len(self.rows)) if i not in set(rows_done)]
+            leaving = set(rows_done)
+            keep = [i for i in range(len(self.rows)) if i not in leaving]
             self._keep_rows(keep)
         return done
 

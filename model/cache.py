@@ -26,8 +26,3 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.offset += n
-
-    def reorder(self, index: mx.array) -> None:
-        """Gather rows (beam search / dropping finished rows)."""
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
