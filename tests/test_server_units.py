@@ -124,9 +124,16 @@ def test_upload_limit_answers_413_from_content_length_without_reading():
 
 # ---- engine ----------------------------------------------------------------------------------------------
 def _with_engine(engine: Engine, coro_fn):
+    """Start the engine, run `coro_fn()` once the model is loaded, close the engine."""
+
+    async def when_ready():
+        while not engine.ready:
+            await asyncio.sleep(0)
+        return await coro_fn()
+
     engine.start()
     try:
-        return asyncio.run(coro_fn())
+        return asyncio.run(when_ready())
     finally:
         engine.close()
 
@@ -143,8 +150,6 @@ def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_l
     engine = Engine(lambda: fake)
 
     async def main():
-        while not engine.ready:
-            await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
         await _until_a_step_is_held(fake)
         pairs = [(2, "en"), (3, "de"), (4, "en")]
@@ -166,8 +171,6 @@ def test_a_full_queue_is_refused_with_engine_busy():
     engine = Engine(lambda: fake, max_queue=2)
 
     async def main():
-        while not engine.ready:
-            await asyncio.sleep(0)
         held = [asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(EngineBusy, match="busy"):
@@ -185,8 +188,6 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
     engine = Engine(lambda: fake)
 
     async def main():
-        while not engine.ready:
-            await asyncio.sleep(0)
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
         await _until_a_step_is_held(fake)
         doomed = asyncio.ensure_future(engine.transcribe_batch([tone(2.0), tone(3.0)], "en", "en", True, None))
@@ -232,8 +233,6 @@ def test_a_failing_request_fails_alone_and_the_thread_lives_on():
     engine = Engine(lambda: fake)
 
     async def main():
-        while not engine.ready:
-            await asyncio.sleep(0)
         good = [engine.transcribe(tone(1.0), "en", "en", True, None) for _ in range(3)]
         bad = engine.transcribe(tone(1.0), "en", "en", True, "explode")
         return await asyncio.gather(*good, bad, return_exceptions=True)
@@ -254,8 +253,6 @@ def test_a_failing_engine_step_fails_the_requests_in_flight_and_the_engine_goes_
     boom = {"left": 1}
 
     async def main():
-        while not engine.ready:
-            await asyncio.sleep(0)
         step = fake.last_batcher.step
 
         def failing_once():
