@@ -18,6 +18,7 @@ import pytest
 import model
 from conftest import FIXTURES
 from convert import convert_nemo
+from model import cpu_math
 from model.batching import BatchDecoder, Sequence, single_item_max_new_tokens
 from model.cache import KVCache
 from model.canary import pad_batch
@@ -96,8 +97,11 @@ def test_features_equal_nemo_for_each_clip_and_as_a_padded_batch(models, family)
     _assert_features_close(feats, g["batch_features"])
 
 
+@pytest.mark.parametrize("mlx_kernels", [False, True], ids=["cpu_math", "mlx_kernels"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_encoder_and_projection_equal_nemo_single_and_batched(models, family):
+def test_encoder_and_projection_equal_nemo_single_and_batched(models, family, mlx_kernels, monkeypatch):
+    """Both activation paths (model/cpu_math.py on the CPU backend, MLX's own kernels on GPUs) match NeMo."""
+    monkeypatch.setattr(cpu_math, "ENABLED", False if mlx_kernels else None)
     _, g = golden(family)
     m = models[family]
     waves = [g[f"audio_{i}"] for i in range(3)]
