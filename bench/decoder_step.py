@@ -15,6 +15,7 @@ import model  # noqa: F401  (loads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 from model.batching import BatchDecoder, Sequence  # noqa: E402
 from model.canary import Canary  # noqa: E402
+from model.cpu_layout import use_cpu_buffer_cache  # noqa: E402
 from model.config import (  # noqa: E402
     DecoderConfig,
     DecodingConfig,
@@ -45,6 +46,7 @@ def build(cpu_layout: bool) -> Canary:
     mx.eval(m.parameters())
     if cpu_layout:
         m.use_cpu_layout()
+        use_cpu_buffer_cache()
     return m
 
 

@@ -140,7 +140,7 @@ class BatchDecoder:
         enc_lens = mx.array([s.enc_len for s in seqs])
         cross_mask = mx.where(mx.arange(t_max)[None, :] < enc_lens[:, None], 0.0, NEG_INF).astype(enc.dtype)
         cross_mask = cross_mask[:, None, None, :]  # (n, 1, 1, T)
-        cross = dec.cross_kv(enc)
+        cross = [(mx.contiguous(k), mx.contiguous(v)) for k, v in dec.cross_kv(enc)]  # read every step: no views
         x = dec.embedding(mx.array([s.prompt for s in seqs], dtype=mx.int32), mx.arange(p))
         self_k, self_v = [], []
         mask = causal_mask(p, enc.dtype)

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from model.canary import Canary
 from model.config import ModelConfig
-from model.cpu_layout import use_cpu_layout
+from model.cpu_layout import use_cpu_buffer_cache, use_cpu_layout
 from model.ctc import CtcTimestampsModel
 from model.errors import ModelLoadError
 from model.quantize import quantize
@@ -47,6 +47,7 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
     model.eval()
     if use_cpu_layout():
         model.use_cpu_layout()
+        use_cpu_buffer_cache()
     if config.timestamps_ctc is not None:
         # Kept out of the module tree (as NeMo does), so the main model's weights stay one strict set.
         object.__setattr__(model, "timestamps_model", _load_ctc(directory, config, model.tokenizer, dtype))
