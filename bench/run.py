@@ -279,6 +279,10 @@ def table(res: dict) -> str:
         for d in ours["during_long"]:
             lines.append(f"| one at a time during a 5-min file | {d['requests']} | - | {d['p50_s']:.2f} s | "
                          f"{d['p95_s']:.2f} s ({d['p95_s'] / idle['p95_s']:.1f}x idle) |")  # fmt: skip
+        alone = next((r["latency_s"] for r in ours["single"] if r["seconds"] == 300), None)
+        took = ", ".join(f"{d['long_latency_s']:.1f} s" for d in ours["during_long"])
+        lines += ["", f"The 5-min file itself took {took} with those requests running beside it"
+                      + (f" ({alone:.1f} s alone)." if alone else ".")]  # fmt: skip
     mem = [f"server peak RSS {ours['peak_rss_bytes'] / mib:.0f} MiB"] if ours.get("peak_rss_bytes") else []
     if ours.get("mlx_peak_memory_bytes"):
         mem.append(f"MLX peak memory {ours['mlx_peak_memory_bytes'] / mib:.0f} MiB")

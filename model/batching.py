@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from model.audio import pad_to_min_duration
+from model.conformer import drain
 from model.decoder import NEG_INF, causal_mask
 from model.decoding import max_generation_length
 from model.prompt import PromptSpec
@@ -332,28 +334,50 @@ def _concat_padded(a: mx.array, b: mx.array, axis: int, size: int, value: float 
 class WorkItem:
     """One piece of audio (a request, or a chunk of a long one) for the `ContinuousBatcher`.
 
-    `priority`: lower runs first (the engine uses the seconds of audio its request still has queued, so a short
-    request is never stuck behind a long file's chunks). On completion exactly one of result / error is set."""
+    `priority`: lower runs first (the engine uses the seconds of audio of the item's request, so a short request
+    is never stuck behind a long file's chunks). `group`: items of one request (the engine's job); while the group
+    makes progress its waiting items do not age. On completion exactly one of result / error is set."""
 
     audio: np.ndarray  # float32, 16 kHz mono
     spec: PromptSpec
     tag: Any = None
     priority: float = 0.0
+    group: Any = None
     result: Any = None  # model.canary.Transcription
     error: BaseException | None = None
     cancelled: bool = False
     _seq: Sequence | None = field(default=None, repr=False)
 
 
-AGING_PER_SECOND = 10.0  # waiting 1 s makes a request compete like one 10 s of audio shorter
-# Rows of a request this much longer than the shortest one decoding step out of the loop until it is done.
+@dataclass(eq=False)
+class _Encoding:
+    """A padded encoder batch in progress, evaluated one stage per `step()`."""
+
+    items: list[WorkItem]
+    prompts: list[list[int] | BaseException]
+    waves: list[np.ndarray]
+    stages: Generator[mx.array, None, tuple]
+
+
+# Waiting 1 s (without the request making progress) makes it compete like one 10 s of audio shorter.
+AGING_PER_SECOND = 10.0
+# Rows (and encodes) of a request this much longer than the shortest one in progress step aside until it is done.
 PARK_RATIO, PARK_MARGIN_SECONDS = 3.0, 20.0
+# An encoder batch runs in about this many + 1 pieces (subsampling, groups of layers), one per step, so that
+# a short request arriving during a long batch's encoding waits for one piece, not the whole batch.
+ENCODE_STAGES = 6
 
 
 class ContinuousBatcher:
-    """Encoder admission + the shared decoder loop. `step()` admits waiting items (one padded, masked encoder
-    batch of at most `encode_seconds` of audio) while the decoder has room, then advances every active
-    sequence by one token. Items of any language / task / prompt share the same decoder batch."""
+    """Encoder admission + the shared decoder loop. `step()` evaluates one stage of the encoder batch in progress
+    (padded, masked, at most `encode_seconds` of audio; a new one is started from the waiting items while the
+    decoder has room), then advances every active sequence by one token. Items of any language / task / prompt
+    share the same decoder batch.
+
+    Scheduling (greedy decoding): shortest request first, by `WorkItem.priority` aged by waiting time. Longer
+    work is not started while shorter requests decode; an encode in progress of a much longer request is paused
+    for a short one (its stages resume afterwards), and decoder rows of much longer requests are parked while
+    shorter work is encoding or decoding, so a short request runs at nearly its idle speed during a long file."""
 
     def __init__(
         self,
@@ -363,10 +387,12 @@ class ContinuousBatcher:
         compile: bool | None = None,
         beam_size: int = 1,
         length_penalty: float = 0.0,
+        encode_stages: int = ENCODE_STAGES,
     ):
         self.model = model
         self.max_batch = max_batch
         self.encode_seconds = encode_seconds
+        self.encode_stages = encode_stages
         self._new_decoder = lambda: (
             BeamBatchDecoder(model, beam_size, length_penalty)
             if beam_size > 1
@@ -374,14 +400,18 @@ class ContinuousBatcher:
         )
         self.decoder = self._new_decoder()
         self.waiting: list[WorkItem] = []
+        self.encoding: list[_Encoding] = []  # in progress; the last one runs, earlier ones were paused for it
         self.parked: list[Parked] = []
         self._order = 0  # FIFO tie-break among equal priorities
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.decoder) + self._parked_count()
+        return len(self.waiting) + self._encoding_count() + len(self.decoder) + self._parked_count()
 
     def _parked_count(self) -> int:
         return sum(len(p.seqs) for p in self.parked)
+
+    def _encoding_count(self) -> int:
+        return sum(len(e.items) for e in self.encoding)
 
     def submit(self, items: list[WorkItem]) -> None:
         now = time.monotonic()
@@ -394,14 +424,21 @@ class ContinuousBatcher:
         """Lower is more urgent: the item's priority, aged by its waiting time so that nothing starves."""
         return item.priority - AGING_PER_SECOND * (now - item._since)  # type: ignore[attr-defined]
 
+    def _waiting_again(self, items: list[WorkItem], now: float) -> None:
+        """Paused or parked items wait (and age) from now."""
+        for item in items:
+            item._since = now  # type: ignore[attr-defined]
+
     def cancel(self, items: list[WorkItem]) -> None:
-        """Forget waiting items; active ones leave the decoder at its next step."""
+        """Forget waiting items; encoding ones are dropped with their batch or leave the decoder at its first step,
+        active ones at its next step."""
         drop = {id(it) for it in items}
         self.waiting = [it for it in self.waiting if id(it) not in drop]
         for it in items:
             it.cancelled = True
             if it._seq is not None:
                 it._seq.cancelled = True
+        self.encoding = [e for e in self.encoding if not all(it.cancelled for it in e.items)]
 
     def partial_text(self, item: WorkItem) -> str:
         """The text decoded so far for an item (final once it has a result; beam search: only final)."""
@@ -413,9 +450,16 @@ class ContinuousBatcher:
         return self.model.tokenizer.ids_to_text(seq.tokens).strip()
 
     def step(self) -> list[WorkItem]:
-        """Admit, then decode one step. Returns items that completed (result or error)."""
-        done = self._admit()
+        """One stage of the encoder batch in progress (starting one from the waiting items when the decoder has
+        room); once no encode is left mid-way, one decoder step. Returns items that completed (result or error).
+
+        The decoder waits while a batch is encoded, as it would for a one-piece encode: on a CPU, decoder steps
+        between the stages would run at smaller batches and cost more steps in all. The stages only give the
+        caller (the engine) a chance to submit a short request, which then pauses a longer encode."""
+        done, encoding = self._encode_step()
         done += [self._finish(s) for s in self._rebalance()]
+        if encoding:
+            return done
         try:
             finished = self.decoder.step()
         except Exception as exc:  # never seen in practice; fail the active items, keep the engine alive
@@ -427,76 +471,108 @@ class ContinuousBatcher:
             return done + [s.tag for s in finished]
         return done + [self._finish(s) for s in finished]
 
+    # ---- scheduling -------------------------------------------------------------------------------------
+    def _shortest_in_progress(self) -> float | None:
+        """The lowest priority among decoding rows and the encode that is running (parked rows excluded)."""
+        prios = [s.tag.priority for s in self.decoder.rows]
+        if self.encoding:
+            prios += [it.priority for it in self.encoding[-1].items]
+        return min(prios, default=None)
+
     def _rebalance(self) -> list[Sequence]:
-        """Park sequences of much longer requests while shorter ones decode (each step of a big batch costs every
-        row's compute on a CPU); put them back once the shorter ones are done or they have waited long enough.
-        Greedy decoding only. Returns sequences that finished in the flushed step."""
+        """Park sequences of much longer requests while shorter ones are encoding or decoding (each step of a big
+        batch costs every row's compute on a CPU); put them back once the shorter ones are done or they have
+        waited long enough. Greedy decoding only. Returns sequences that finished in the flushed step."""
         if not isinstance(self.decoder, BatchDecoder) or isinstance(self.decoder, BeamBatchDecoder):
             return []
         now, done = time.monotonic(), []
-        rows = self.decoder.rows
-        shortest = min((s.tag.priority for s in rows), default=None)
+        shortest = self._shortest_in_progress()
         for group in list(self.parked):  # back when nothing much shorter is left, or cancelled, or aged
             if (
                 shortest is None
                 or any(s.cancelled for s in group.seqs)
-                or not self._parkable(group.seqs[0], shortest, now)
+                or not self._parkable(group.seqs[0].tag, shortest, now)
             ):
                 self.parked.remove(group)
                 self.decoder.unpark(group)
         if shortest is not None:
-            long = [s for s in self.decoder.rows if self._parkable(s, shortest, now)]
+            long = [s for s in self.decoder.rows if self._parkable(s.tag, shortest, now)]
             if long:
                 group, done = self.decoder.park(long)
                 if group is not None:
+                    self._waiting_again([s.tag for s in group.seqs], now)
                     self.parked.append(group)
         return done
 
-    def _parkable(self, seq: Sequence, shortest: float, now: float) -> bool:
-        return self._urgency(seq.tag, now) > PARK_RATIO * shortest + PARK_MARGIN_SECONDS
+    def _parkable(self, item: WorkItem, shortest: float, now: float) -> bool:
+        return self._urgency(item, now) > PARK_RATIO * shortest + PARK_MARGIN_SECONDS
 
-    def _admit(self) -> list[WorkItem]:
-        room = self.max_batch - len(self.decoder) - self._parked_count()
+    def _held_back(self, items: list[WorkItem], now: float) -> bool:
+        """Encoding stalls every active sequence while it runs: don't stall shorter requests to encode longer
+        work; it goes on once they are done, or once it has waited long enough (aging). Work no longer than what
+        is decoding joins at once (continuous batching)."""
+        if not self.decoder.rows:
+            return False
+        shortest_active = min(seq.tag.priority for seq in self.decoder.rows)
+        return min(self._urgency(it, now) for it in items) > shortest_active
+
+    def _encode_step(self) -> tuple[list[WorkItem], bool]:
+        """Returns the items that completed and whether an encode was left mid-way."""
+        now = time.monotonic()
+        done = self._maybe_start(now)
+        if not self.encoding:
+            return done, False
+        enc = self.encoding[-1]
+        if self._held_back(enc.items, now):
+            return done, False
+        try:
+            mx.eval(next(enc.stages))
+            return done, True
+        except StopIteration as finished:
+            self.encoding.pop()
+            try:
+                seqs = self._sequences(enc, finished.value)
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                return done + self._isolate(enc.items, exc), False
+            return done + self._join(enc.items, seqs), False
+        except Exception as exc:  # noqa: BLE001 - a failing batch: find the culprit, the others still run
+            self.encoding.pop()
+            return done + self._isolate(enc.items, exc), False
+
+    def _maybe_start(self, now: float) -> list[WorkItem]:
+        """Start encoding the most urgent waiting items when nothing is encoding, or pause the running encode for
+        them when it belongs to a much longer request."""
+        room = self.max_batch - len(self.decoder) - self._parked_count() - self._encoding_count()
         if room <= 0 or not self.waiting:
             return []
-        now = time.monotonic()
         self.waiting.sort(key=lambda it: (self._urgency(it, now), it._order))  # type: ignore[attr-defined]
-        if self.decoder.rows:
-            # Encoding stalls every active sequence for its whole duration: don't stall shorter requests to start
-            # longer work; it is admitted once they are done, or once it has waited long enough (aging).
-            # Work no longer than what is decoding joins at once (continuous batching).
-            shortest_active = min(seq.tag.priority for seq in self.decoder.rows)
-            if self._urgency(self.waiting[0], now) > shortest_active:
+        first = self.waiting[0]
+        if self.encoding:
+            running = self.encoding[-1].items
+            if not all(self._parkable(it, first.priority, now) for it in running):
                 return []
+        if self._held_back([first], now):
+            return []
         batch, seconds = [], 0.0
         sr = self.model.sample_rate
         while self.waiting and len(batch) < room:
-            item = self.waiting[0]
-            dur = item.audio.shape[0] / sr
+            dur = self.waiting[0].audio.shape[0] / sr
             if batch and seconds + dur > self.encode_seconds:
                 break
             batch.append(self.waiting.pop(0))
             seconds += dur
-        return self._start(batch)
-
-    def _start(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Encode items as one padded batch and prefill them; a failing item fails alone."""
+        if self.encoding:
+            self._waiting_again(self.encoding[-1].items, now)
+        started = {id(it.group) for it in batch if it.group is not None}
+        self._waiting_again([it for it in self.waiting if it.group is not None and id(it.group) in started], now)
         try:
-            seqs = self._encode(items)
-        except Exception as exc:
-            if len(items) == 1:
-                items[0].error = exc
-                return items
-            return [d for it in items for d in self._start([it])]  # find the culprit; the others still run
-        failed = []
-        for item, seq in zip(items, seqs, strict=True):
-            if isinstance(seq, BaseException):
-                item.error = seq
-                failed.append(item)
-        ok = [s for s in seqs if isinstance(s, Sequence)]
-        return failed + [self._finish(s) for s in self.decoder.add(ok)]
+            self.encoding.append(self._begin(batch))
+        except Exception as exc:  # noqa: BLE001
+            return self._isolate(batch, exc)
+        return []
 
-    def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
+    # ---- encoding ---------------------------------------------------------------------------------------
+    def _begin(self, items: list[WorkItem]) -> _Encoding:
         from model.canary import MIN_AUDIO_SECONDS, pad_batch
 
         model, sr = self.model, self.model.sample_rate
@@ -504,24 +580,58 @@ class ContinuousBatcher:
         for item in items:
             try:
                 prompts.append(model.prompt_ids(self._prompt_spec(item.spec)))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fails that item alone
                 prompts.append(exc)
         waves = [pad_to_min_duration(it.audio, int(MIN_AUDIO_SECONDS * sr)) for it in items]
         audio, lengths = pad_batch(waves)
-        enc, enc_lens = model.encode(audio, lengths)
+        return _Encoding(items, prompts, waves, model.encode_stages(audio, lengths, self.encode_stages))
+
+    def _sequences(self, encoding: _Encoding, value: tuple) -> list[Sequence | BaseException]:
+        enc, enc_lens = value
         enc_lens = np.array(enc_lens).tolist()
+        model = self.model
         hop, n_convs = model.config.preprocessor.hop_length, model.config.encoder.n_subsampling_convs
         out: list[Sequence | BaseException] = []
-        for i, (item, prompt, wave) in enumerate(zip(items, prompts, waves, strict=True)):
+        for i, (item, prompt, wave) in enumerate(zip(encoding.items, encoding.prompts, encoding.waves, strict=True)):
             if isinstance(prompt, BaseException):
                 out.append(prompt)
                 continue
             frames = encoder_frames(wave.shape[0], hop, n_convs)
             limit = single_item_max_new_tokens(model, wave.shape[0], len(prompt))
-            seq = Sequence(enc[i, :frames], enc_lens[i], prompt, limit, tag=item)
+            seq = Sequence(enc[i, :frames], enc_lens[i], prompt, limit, tag=item, cancelled=item.cancelled)
             item._seq = seq
             out.append(seq)
         return out
+
+    def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
+        """Encode items as one padded batch, all stages at once."""
+        encoding = self._begin(items)
+        return self._sequences(encoding, drain(encoding.stages))
+
+    def _isolate(self, items: list[WorkItem], exc: BaseException) -> list[WorkItem]:
+        """A batch failed: fail it if it is one item, else encode the items one by one (the others still run)."""
+        if len(items) == 1:
+            items[0].error = exc
+            return items
+        return [d for it in items for d in self._start([it])]
+
+    def _start(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Encode items as one padded batch at once and prefill them; a failing item fails alone."""
+        try:
+            seqs = self._encode(items)
+        except Exception as exc:  # noqa: BLE001
+            return self._isolate(items, exc)
+        return self._join(items, seqs)
+
+    def _join(self, items: list[WorkItem], seqs: list[Sequence | BaseException]) -> list[WorkItem]:
+        """Prefill the encoded items into the decoder; items whose prompt failed fail alone."""
+        failed = []
+        for item, seq in zip(items, seqs, strict=True):
+            if isinstance(seq, BaseException):
+                item.error = seq
+                failed.append(item)
+        ok = [s for s in seqs if isinstance(s, Sequence)]
+        return failed + [self._finish(s) for s in self.decoder.add(ok)]
 
     def _prompt_spec(self, spec: PromptSpec) -> PromptSpec:
         # With a CTC aligner (canary-1b-v2) NeMo keeps <|notimestamp|> and times the plain transcript afterwards.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from model.audio import SAMPLE_RATE, AudioSource, load_audio, pad_to_min_duration
 from model.config import ModelConfig, PreprocessorConfig
-from model.conformer import ConformerEncoder
+from model.conformer import ConformerEncoder, drain
 from model.decoder import TransformerDecoder
 from model.decoding import beam_decode, greedy_decode
 from model.errors import CanaryError
@@ -78,8 +79,15 @@ class Canary(nn.Module):
 
     def encode(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """audio (B, L) float32, lengths (B,) -> decoder-ready encoder states (B, T', H), lengths (B,)."""
+        return drain(self.encode_stages(audio, lengths, stages=0))
+
+    def encode_stages(self, audio: mx.array, lengths: mx.array, stages: int) -> Generator[mx.array, None, tuple]:
+        """`encode` in about `stages` + 1 pieces of similar cost (the subsampling, then groups of layers; 0: one
+        piece): yields arrays to evaluate between pieces and returns what `encode` returns. The continuous batcher
+        evaluates one piece per step, so a long batch being encoded can be paused for a short request."""
         feats, valid = self.preprocessor(audio, lengths)
-        enc, enc_lengths = self.encoder(feats.astype(self.dtype), valid)
+        per_stage = -(-self.config.encoder.n_layers // stages) if stages > 0 else None
+        enc, enc_lengths = yield from self.encoder.stages(feats.astype(self.dtype), valid, per_stage)
         if self.config.enc_dec_proj:
             enc = self.encoder_decoder_proj(enc)
         return enc, enc_lengths

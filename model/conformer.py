@@ -6,6 +6,8 @@ Attribute names follow NeMo's state dict (reference §2, §4.1) so the converter
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -184,6 +186,15 @@ class ConformerLayer(nn.Module):
         return self.norm_out(x)
 
 
+def drain(stages: Generator) -> Any:
+    """Run a stage generator to its end without evaluating anything in between; return its value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
+
+
 class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -193,14 +204,26 @@ class ConformerEncoder(nn.Module):
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features (B, T, F), valid frame counts (B,) -> encoded (B, T', D), encoded lengths (B,)."""
+        return drain(self.stages(features, lengths, None))
+
+    def stages(
+        self, features: mx.array, lengths: mx.array, layers_per_stage: int | None
+    ) -> Generator[mx.array, None, tuple]:
+        """The encoder cut into stages: yields the hidden states after the subsampling and after every
+        `layers_per_stage` layers (the caller may evaluate them and pause there; None: never), returns (encoded,
+        lengths). The graph is the same as one call's, so the result is too."""
         x, lengths = self.pre_encode(features, lengths)
         if self.cfg.xscaling:
             x = x * math.sqrt(self.cfg.d_model)
+        if layers_per_stage is not None:
+            yield x
         t = x.shape[1]
         pos_emb = rel_positional_encoding(t, self.cfg.d_model).astype(x.dtype)
         valid = _time_mask(lengths, t)  # (B, T)
         att_mask = ~(valid[:, None, :, None] & valid[:, None, None, :])  # (B, 1, T, T)
         pad_mask = valid[..., None]  # (B, T, 1)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, pos_emb, att_mask, pad_mask)
+            if layers_per_stage is not None and (i + 1) % layers_per_stage == 0 and i + 1 < len(self.layers):
+                yield x
         return x, lengths

@@ -318,7 +318,7 @@ class Engine:
 
         seconds = sum(a.shape[0] for a in job.audios) / self.info.sample_rate
         # Shortest request first: a 5 s clip is admitted before the remaining chunks of a long file.
-        job.items = [WorkItem(a, job.spec, tag=(job, i), priority=seconds) for i, a in enumerate(job.audios)]
+        job.items = [WorkItem(a, job.spec, tag=(job, i), priority=seconds, group=job) for i, a in enumerate(job.audios)]
         self._jobs.append(job)
         batcher.submit(job.items)
 

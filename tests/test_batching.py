@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -82,66 +83,143 @@ def test_encoder_frames_matches_the_encoder_tensor_length(espeak_model):
         assert enc.shape[1] == encoder_frames(n, 160, 3)
 
 
-def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_model):
-    """Admitting a long file's chunk would stall every active sequence for the whole encode: it waits for the
-    shorter request to finish (or for aging to make it as urgent)."""
+def _item(clip: int, priority: float, tag=None, group=None):
     from model.batching import WorkItem
 
-    short = WorkItem(load_audio(ESPEAK_CLIPS / "clip03.wav"), PromptSpec("en", "en"), tag="short", priority=2.8)
-    long = [
-        WorkItem(load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav"), PromptSpec("en", "en"), tag=i, priority=36.4)
-        for i in range(4)
-    ]
-    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)  # one clip per admission
-    batcher.submit([short, *long])
-    batcher.step()  # admits the short request only
-    assert [s.tag.tag for s in batcher.decoder.rows] == ["short"]
-    steps = 1
-    while short.result is None:
+    wave = load_audio(ESPEAK_CLIPS / f"clip{clip:02d}.wav")
+    return WorkItem(wave, PromptSpec("en", "en"), tag=clip if tag is None else tag, priority=priority, group=group)
+
+
+def _rows(batcher) -> list:
+    return [s.tag.tag for s in batcher.decoder.rows]
+
+
+def _step_until(batcher, done, limit: int = 100) -> int:
+    """Step until `done()`; returns the number of steps."""
+    for n in range(1, limit + 1):
         batcher.step()
-        steps += 1
-        assert [s.tag.tag for s in batcher.decoder.rows] in (["short"], [])
-    assert steps == len(short.result.tokens)  # prefill + one token per step (the last emits EOS): no stalls
+        if done():
+            return n
+    raise AssertionError("condition never reached")
+
+
+def _run_all(batcher) -> None:
     while len(batcher):
         batcher.step()
+
+
+def test_staged_encoding_equals_encoding_at_once(espeak_model):
+    from model.conformer import drain
+
+    audio, lengths = pad_batch([load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav") for i in (0, 3)])
+    whole, whole_lens = espeak_model.encode(audio, lengths)
+    stages = espeak_model.encode_stages(audio, lengths, stages=espeak_model.config.encoder.n_layers)
+    pieces = 0
+    while True:
+        try:
+            mx.eval(next(stages))
+            pieces += 1
+        except StopIteration as finished:
+            staged, staged_lens = finished.value
+            break
+    assert pieces == espeak_model.config.encoder.n_layers  # after the subsampling and each layer but the last
+    assert np.array_equal(np.array(staged), np.array(whole))
+    assert np.array_equal(np.array(staged_lens), np.array(whole_lens))
+    assert np.array_equal(np.array(drain(espeak_model.encode_stages(audio, lengths, 0))[0]), np.array(whole))
+
+
+def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_model):
+    """Encoding a long file's chunk would stall every active sequence: it waits for the shorter request to finish
+    (or for aging to make it as urgent)."""
+    short = _item(3, 2.8, tag="short")
+    long = [_item(i, 36.4) for i in range(4)]
+    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)  # one clip per encoder batch
+    batcher.submit([short, *long])
+    _step_until(batcher, lambda: batcher.decoder.rows)  # the short request's encode, in stages
+    assert _rows(batcher) == ["short"]
+    steps = 1
+    while short.result is None:
+        assert not batcher.encoding  # nothing longer is started meanwhile
+        batcher.step()
+        steps += 1
+        assert _rows(batcher) in (["short"], [])
+    assert steps == len(short.result.tokens)  # prefill + one token per step (the last emits EOS): no stalls
+    _run_all(batcher)
     assert all(it.result.tokens == espeak_model.transcribe(it.audio).tokens for it in long)
 
 
 def test_requests_of_equal_length_arriving_later_join_the_running_batch(espeak_model):
-    from model.batching import WorkItem
-
-    wave = load_audio(ESPEAK_CLIPS / "clip02.wav")
     batcher = espeak_model.batcher(max_batch=8)
-    first = WorkItem(wave, PromptSpec("en", "en"), tag="first", priority=4.6)
+    first = _item(2, 4.6, tag="first")
     batcher.submit([first])
-    batcher.step()
-    later = WorkItem(wave, PromptSpec("en", "en"), tag="later", priority=4.6)
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    later = _item(2, 4.6, tag="later")
     batcher.submit([later])
-    batcher.step()
-    assert sorted(s.tag.tag for s in batcher.decoder.rows) == ["first", "later"]
+    _step_until(batcher, lambda: "later" in _rows(batcher))
+    assert sorted(_rows(batcher)) == ["first", "later"]
+    assert first.result is None
 
 
-def test_long_rows_step_out_while_a_much_shorter_request_decodes_and_finish_unchanged(espeak_model):
-    from model.batching import WorkItem
-
-    long = [
-        WorkItem(load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav"), PromptSpec("en", "en"), tag=i, priority=300.0)
-        for i in (0, 1, 2)
-    ]
-    short = WorkItem(load_audio(ESPEAK_CLIPS / "clip07.wav"), PromptSpec("en", "en"), tag="short", priority=2.0)
+def test_long_rows_step_out_while_a_much_shorter_request_runs_and_finish_unchanged(espeak_model):
+    long = [_item(i, 300.0) for i in (0, 1, 2)]
+    short = _item(7, 2.0, tag="short")
     batcher = espeak_model.batcher(max_batch=8)
     batcher.submit(long)
-    for _ in range(3):
-        batcher.step()
-    assert len(batcher.decoder.rows) == 3
+    _step_until(batcher, lambda: len(batcher.decoder.rows) == 3)
     batcher.submit([short])
     batcher.step()
-    assert [s.tag.tag for s in batcher.decoder.rows] == ["short"]  # the long rows are parked
+    assert [it.tag for it in batcher.encoding[-1].items] == ["short"]
+    assert _rows(batcher) == []  # parked while the short request is encoded ...
     assert sorted(s.tag.tag for g in batcher.parked for s in g.seqs) == [0, 1, 2]
-    while short.result is None:
-        batcher.step()
-    while len(batcher):
-        batcher.step()
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    assert _rows(batcher) == ["short"]  # ... and while it decodes
+    _step_until(batcher, lambda: short.result is not None)
+    _run_all(batcher)
     assert not batcher.parked
     for it in [*long, short]:
         assert it.result.tokens == espeak_model.transcribe(it.audio).tokens, it.tag
+
+
+def test_a_long_encode_in_progress_pauses_for_a_short_request_and_resumes(espeak_model):
+    n_layers = espeak_model.config.encoder.n_layers
+    long, short = _item(0, 300.0, tag="long"), _item(7, 2.0, tag="short")
+    batcher = espeak_model.batcher(max_batch=8, encode_stages=n_layers)
+    batcher.submit([long])
+    batcher.step()
+    assert [e.items for e in batcher.encoding] == [[long]]  # one stage of several done
+    batcher.submit([short])
+    batcher.step()
+    assert [e.items for e in batcher.encoding] == [[long], [short]]  # paused under the short one
+    _step_until(batcher, lambda: short.result is not None)
+    assert long._seq is None  # not a single stage more while the short request ran
+    _run_all(batcher)
+    for it in (long, short):
+        assert it.result.tokens == espeak_model.transcribe(it.audio).tokens, it.tag
+
+
+def test_a_request_that_makes_progress_does_not_age(espeak_model, monkeypatch):
+    from model import batching
+
+    clock = [1000.0]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
+    job = object()
+    chunks = [_item(i, 90.0, group=job) for i in (0, 1)]
+    other = _item(2, 90.0)
+    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)
+    batcher.submit([*chunks, other])
+    clock[0] += 5.0  # all three have waited 5 s
+    batcher.step()  # the first chunk starts: its job is making progress
+    assert batcher.encoding[-1].items == [chunks[0]]
+    assert batcher._urgency(chunks[1], clock[0]) == 90.0
+    assert batcher._urgency(other, clock[0]) == 90.0 - 5.0 * batching.AGING_PER_SECOND
+
+
+def test_cancelling_an_item_being_encoded_drops_its_batch(espeak_model):
+    batcher = espeak_model.batcher(max_batch=8, encode_stages=espeak_model.config.encoder.n_layers)
+    item = _item(0, 3.0)
+    batcher.submit([item])
+    batcher.step()
+    assert batcher.encoding
+    batcher.cancel([item])
+    assert not batcher.encoding and len(batcher) == 0
+    assert batcher.step() == []
