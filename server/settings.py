@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         16, ge=1, description="Most sequences (requests or chunks) decoded together in the shared decoder loop."
     )
     encode_batch_seconds: float = Field(
-        30.0, gt=0, description="Most seconds of audio encoded at once between decoder steps."
+        30.0, gt=0, description="Most seconds of audio in one encoder batch (the decoder loop waits for it)."
     )
     max_queued_requests: int = Field(64, ge=1, description="Requests accepted at once; more get 429.")
     beam_size: int | None = Field(
