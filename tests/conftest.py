@@ -15,6 +15,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 SHARED = REPO.parent / "shared"
 ESPEAK_NEMO = SHARED / "models" / "espeak-tiny-en.nemo"
 ESPEAK_CLIPS = SHARED / "models" / "espeak-tiny-en-clips"
+ESPEAK_SERVER_CHUNK_SECONDS = 8.0  # long-audio chunking of the shared espeak server
 
 
 def _require_espeak() -> None:
@@ -40,3 +41,26 @@ def espeak_model(espeak_dir: Path):
 def espeak_nemo_transcripts() -> dict[str, str]:
     _require_espeak()
     return json.loads((ESPEAK_CLIPS / "nemo_transcripts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def espeak_server(espeak_dir: Path):
+    """The server on the espeak model (uvicorn on loopback), shared by the end-to-end test files: its base URL."""
+    from server_fakes import running_server, wait_ready
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(model=str(espeak_dir), chunk_seconds=ESPEAK_SERVER_CHUNK_SECONDS, batch_size=8)
+    with running_server(create_app(settings)) as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture
+def espeak_client(espeak_server: str):
+    """The real `openai` SDK client for `espeak_server`."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{espeak_server}/v1", api_key="unused", max_retries=0) as c:
+        yield c
