@@ -6,9 +6,9 @@ swaps every nn.Linear for `TransposedLinear` once. The math is the same; GPU bac
 
 MLX keeps at most 32 MB of freed buffers for reuse on its CPU backend; every larger temporary (the encoder's
 subsampling activations are ~100 MB for 30 s of audio) is then a fresh allocation whose pages fault in on first
-touch, so an add over 98 MB took 64 ms instead of 10 ms. `use_cpu_buffer_cache` raises that limit to
-`CPU_CACHE_LIMIT` = 512 MB (never lowers one set higher; 512 MB and 1 GB measured the same): the process keeps up
-to that much freed memory for reuse instead of returning it between requests.
+touch, so an add over 98 MB took ~60 ms instead of ~8 ms (bench/encoder_ops.py). `use_cpu_buffer_cache` raises that
+limit to `CPU_CACHE_LIMIT` = 512 MB (never lowers one set higher): the process keeps up to that much freed memory
+for reuse instead of returning it between requests.
 """
 
 from __future__ import annotations

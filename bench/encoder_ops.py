@@ -1,0 +1,124 @@
+# isort: skip_file
+"""Where the encoder's time goes on the MLX backend in use, and what the CPU-only paths change (model/cpu_math.py,
+the shift-and-add subsampling conv, the buffer cache of model/cpu_layout.py). Random weights, float32.
+
+    .venv/bin/python bench/encoder_ops.py [--model 180m-flash] [--repeats 7]
+
+Prints Markdown tables: single ops (MLX kernel vs the CPU path), and whole-encoder time for a 6 x 5 s batch and one
+30 s clip with the CPU paths on and off. The model directory is written by bench/random_model.py if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import model  # noqa: E402, F401  (first: preloads OpenBLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from model import cpu_math  # noqa: E402
+from model.conformer import _depthwise_shift_add  # noqa: E402
+from model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
+
+DEFAULT_ROOT = Path.home() / ".cache" / "canary-bench"
+MLX_CPU_DEFAULT_CACHE = 32 << 20
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `fn()` evaluated, in ms (one warm-up call)."""
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def with_math(enabled: bool, fn):
+    def run():
+        cpu_math.ENABLED = enabled
+        try:
+            return fn()
+        finally:
+            cpu_math.ENABLED = None
+
+    return run
+
+
+def ops_table(repeats: int) -> list[str]:
+    h = mx.random.normal((6, 63, 2048)) * 3  # FF hidden of a 6 x 5 s batch at 180m dims
+    scores = mx.random.normal((1, 8, 375, 375))  # attention scores of one 30 s clip
+    sub = mx.random.normal((6, 250, 64, 256))  # subsampling activations of a 6 x 5 s batch
+    conv = nn.Conv2d(256, 256, 3, stride=2, padding=1, groups=256)
+    mx.eval(h, scores, sub, conv.parameters())
+    rows = [
+        ("SiLU, 0.77 M values: MLX kernel -> cpu_math", lambda: cpu_math.silu(h)),
+        ("sigmoid, 0.77 M values: MLX kernel -> cpu_math", lambda: cpu_math.sigmoid(h)),
+        ("softmax, 1.1 M values: MLX kernel -> cpu_math", lambda: cpu_math.softmax(scores)),
+        ("depthwise 3x3 s2 conv, 6 x 250 x 64 x 256: grouped conv -> shift-add", lambda: (
+            _depthwise_shift_add(sub, conv) if cpu_math.enabled() else conv(sub))),
+    ]  # fmt: skip
+    out = ["| op | before (ms) | after (ms) |", "|---|---:|---:|"]
+    use_cpu_buffer_cache()  # as model.load does on the CPU backend
+    for name, fn in rows:
+        mlx_ms, cpu_ms = timed(with_math(False, fn), repeats), timed(with_math(True, fn), repeats)
+        out.append(f"| {name} | {mlx_ms:.1f} | {cpu_ms:.1f} |")
+    cells = []
+    for limit in (MLX_CPU_DEFAULT_CACHE, CPU_CACHE_LIMIT):
+        mx.set_cache_limit(limit)
+        mx.clear_cache()
+        cells.append(timed(lambda: sub + 1.0, repeats))
+    name = f"add over 98 MB: buffer cache 32 MB (MLX's) -> {CPU_CACHE_LIMIT >> 20} MB"
+    out.append(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    x, w = mx.random.normal((6 * 63, 512)), mx.random.normal((512, 2048))  # an FF matmul of a 6 x 5 s batch
+    ms = timed(lambda: x @ w, repeats)
+    out += ["", f"FF matmul (378 x 512) @ (512 x 2048): {ms:.2f} ms = {2 * 378 * 512 * 2048 / ms / 1e6:.0f} GFLOP/s"]
+    return out
+
+
+def encoder_table(model_dir: Path, repeats: int) -> list[str]:
+    m = model.load(model_dir)  # sets the CPU buffer cache and weight layout
+    out = [
+        "| encoder input (512 MB cache) | MLX kernels (ms) | CPU paths (ms) | audio s / s with CPU paths |",
+        "|---|---:|---:|---:|",
+    ]
+    for batch, seconds in ((1, 5), (6, 5), (1, 30)):
+        frames = seconds * 100 + 1
+        feats = mx.random.normal((batch, frames, 128))
+        lens = mx.array([frames - 1] * batch)
+
+        def run(feats=feats, lens=lens):
+            return m.encoder(feats, lens)[0]
+
+        off, on = timed(with_math(False, run), repeats), timed(with_math(True, run), repeats)
+        out.append(f"| {batch} x {seconds} s | {off:.0f} | {on:.0f} | {batch * seconds / on * 1e3:.1f} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="180m-flash", choices=["180m-flash", "1b-flash"])
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    model_dir = args.model_dir or DEFAULT_ROOT / args.model
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "bench" / "random_model.py"), args.model, "--out", str(model_dir)],
+                       check=True)  # fmt: skip
+    print(f"device {mx.default_device()}, float32, medians of {args.repeats}")
+    print("\n".join(ops_table(args.repeats)))
+    print()
+    print(f"canary-{args.model} dims, random weights:")
+    print("\n".join(encoder_table(model_dir, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
