@@ -11,12 +11,12 @@ import argparse
 import statistics
 import time
 
-import model  # noqa: F401  (loads OpenBLAS before MLX)
+from canary_server import model  # noqa: F401  (loads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
-from model.batching import BatchDecoder, Sequence  # noqa: E402
-from model.canary import Canary  # noqa: E402
-from model.cpu_layout import use_cpu_buffer_cache  # noqa: E402
-from model.config import (  # noqa: E402
+from canary_server.model.batch_decoder import BatchDecoder, Sequence  # noqa: E402
+from canary_server.model.canary import Canary  # noqa: E402
+from canary_server.model.cpu_layout import use_cpu_buffer_cache  # noqa: E402
+from canary_server.model.config import (  # noqa: E402
     DecoderConfig,
     DecodingConfig,
     EncoderConfig,

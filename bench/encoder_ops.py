@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import model  # noqa: E402, F401  (first: preloads OpenBLAS before MLX)
+from canary_server import model  # noqa: E402, F401  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from model import cpu_math  # noqa: E402
-from model.conformer import _depthwise_shift_add  # noqa: E402
-from model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
+from canary_server.model import cpu_math  # noqa: E402
+from canary_server.model.conformer import _depthwise_shift_add  # noqa: E402
+from canary_server.model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
 
 DEFAULT_ROOT = Path.home() / ".cache" / "canary-bench"
 MLX_CPU_DEFAULT_CACHE = 32 << 20

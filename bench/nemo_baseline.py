@@ -9,7 +9,7 @@ canary-180m-flash / canary-1b-flash dimensions (random weights: NeMo's own init)
 bench/random_model.py wrote. <|endoftext|> and <pad> get a -1000 head bias (as ours) and the generator's
 `max_seq_length` is set per call so every row emits exactly round(4 * seconds) tokens (seconds of the longest item
 in the batch: NeMo's batch limit is shared). Times `model.transcribe()` single-stream on 5 s, 30 s and 5 min
-(the 5 min file cut with server/chunking.py, all chunks in one batch), torch threads = 2, median of --repeats.
+(the 5 min file cut with pipeline/chunking.py, all chunks in one batch), torch threads = 2, median of --repeats.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ LANGS = ("spl_tokens", "en", "de", "es", "fr")
 
 
 def split_audio():
-    """server/chunking.py's split_audio, loaded by path (the server package itself imports MLX)."""
-    spec = importlib.util.spec_from_file_location("chunking", BENCH.parent / "server" / "chunking.py")
+    """pipeline/chunking.py's split_audio, loaded by path (the package itself imports MLX)."""
+    spec = importlib.util.spec_from_file_location("chunking", BENCH.parent / "pipeline" / "chunking.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["chunking"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)

@@ -14,18 +14,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import model  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
+from canary_server import model  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from convert import convert_nemo  # noqa: E402
+from canary_server.convert import convert_nemo  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
 NEMO = SHARED / "espeak-tiny-en.nemo"
@@ -58,11 +56,11 @@ def quantized_share(m: nn.Module) -> float:
 def evaluate(directory: Path, refs: dict[str, str], repeats: int) -> dict:
     m = model.load(directory)
     paths = [str(CLIPS / n) for n in refs]
-    m.transcribe(paths, source_lang="en", batch_size=4)  # warm-up
+    m.generate(paths, source_lang="en", batch_size=4)  # warm-up
     times, results = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        results = m.transcribe(paths, source_lang="en", batch_size=4)
+        results = m.generate(paths, source_lang="en", batch_size=4)
         times.append(time.perf_counter() - start)
     hyps = {n: r.text for n, r in zip(refs, results, strict=True)}
     errors = sum(word_errors(refs[n], hyps[n]) for n in refs)

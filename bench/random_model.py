@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import model  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
+from canary_server import model  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from model.canary import Canary  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
+from canary_server.model.canary import Canary  # noqa: E402
+from canary_server.model.config import ModelConfig  # noqa: E402
 
 LANGS = ("en", "de", "es", "fr")
 LANG_VOCAB = 1024

@@ -2,7 +2,7 @@
 
 Everything goes through the HTTP server (`bench/serve_capped.py`, i.e. `canary-server serve` with the decode length
 forced to round(4 * seconds) tokens, because random weights never stop by themselves) on 127.0.0.1, so it measures
-whatever engine is on the branch: upload, decoding, long-audio chunking (server/chunking.py), batching.
+whatever engine is on the branch: upload, decoding, long-audio chunking (pipeline/chunking.py), batching.
 
 * single stream: RTFx (audio seconds / wall seconds) and generated tokens/s for 5 s, 30 s and 5 min clips;
 * concurrency 1, 4, 16 (5 s clips, each client sends its next request when its last one returns): throughput in
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from synth import SR, speech_like
 
 BENCH = Path(__file__).resolve().parent

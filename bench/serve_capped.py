@@ -2,9 +2,9 @@
 
 The random-weight models never emit <|endoftext|> (bench/random_model.py), so every sequence runs to its length
 limit. This wrapper lowers that limit to round(CANARY_BENCH_TOKENS_PER_SECOND * seconds) tokens (default 4, a
-realistic rate for speech) by wrapping `model.batching.single_item_max_new_tokens`, the one place the
-continuous batcher takes a sequence's limit from; NeMo's own limit still applies when it is lower. Nothing in
-server/ or model/ is changed. It keeps `mx.get_peak_memory()` in $CANARY_BENCH_STATS (JSON) if set.
+realistic rate for speech) by replacing `single_item_max_new_tokens` in pipeline/scheduler.py, the one place the
+continuous batcher takes a sequence's limit from; NeMo's own limit still applies when it is lower. Nothing in the
+package is changed. It keeps `mx.get_peak_memory()` in $CANARY_BENCH_STATS (JSON) if set.
 
     .venv/bin/python bench/serve_capped.py --model DIR --port 8123      # same flags as `canary-server serve`
 """
@@ -18,15 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
 
-import model  # noqa: E402, F401, I001  (first: preloads OpenBLAS before MLX)
-import mlx.core as mx  # noqa: E402
-from model import batching  # noqa: E402
-from server.cli import main  # noqa: E402
+import canary_server  # noqa: F401, I001  (first: preloads OpenBLAS before MLX)
+from canary_server.cli import main
+from canary_server.pipeline import scheduler
 
 RATE = float(os.environ.get("CANARY_BENCH_TOKENS_PER_SECOND", "4"))
-_nemo_limit = batching.single_item_max_new_tokens
+_nemo_limit = scheduler.single_item_max_new_tokens
 
 
 def capped_max_new_tokens(m, num_samples: int, prompt_len: int) -> int:
@@ -42,7 +41,7 @@ def _write_stats(path: str) -> None:
 
 
 if __name__ == "__main__":
-    batching.single_item_max_new_tokens = capped_max_new_tokens
+    scheduler.single_item_max_new_tokens = capped_max_new_tokens
     if os.environ.get("CANARY_BENCH_STATS"):
         threading.Thread(target=_write_stats, args=(os.environ["CANARY_BENCH_STATS"],), daemon=True).start()
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,18 +1,15 @@
 """Convert NeMo Canary `.nemo` checkpoints into MLX model directories, without PyTorch."""
 
-from model.blas import preload_openblas
+import logging
+from pathlib import Path
 
-preload_openblas()
+import sentencepiece as spm
 
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
+from canary_server.model.quantize import DEFAULT_GROUP_SIZE
 
-import sentencepiece as spm  # noqa: E402
-
-from convert import checkpoint, config, mapping, nemo, write  # noqa: E402
-from convert.errors import ConversionError  # noqa: E402
-from convert.quantize import check_quantization, quantize_weights  # noqa: E402
-from model.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
+from . import checkpoint, config, mapping, nemo, write
+from .errors import ConversionError
+from .quantize import check_quantization, quantize_weights
 
 __all__ = ["ConversionError", "convert_nemo"]
 

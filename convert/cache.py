@@ -16,9 +16,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from convert.config import FORMAT_VERSION
-from convert.errors import ConversionError
-from convert.write import CONFIG_FILE, check_dtype
+from .config import FORMAT_VERSION
+from .errors import ConversionError
+from .write import CONFIG_FILE, check_dtype
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 
 def _convert_cached(nemo: Path, cache_dir: Path, dtype: str, name: str | None = None) -> Path:
-    from convert import convert_nemo  # the package imports this module's siblings; avoid a cycle
+    from . import convert_nemo  # the package imports this module's siblings; avoid a cycle
 
     target = cache_dir / f"{name or nemo.stem}-{cache_key(nemo, dtype)}"
     if (target / CONFIG_FILE).is_file():

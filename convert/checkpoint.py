@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convert.errors import ConversionError
-from convert.nemo import WeightsLocation
+from .errors import ConversionError
+from .nemo import WeightsLocation
 
 # torch storage class name -> numpy dtype of its elements (bfloat16 is read as uint16 bits).
 STORAGE_DTYPES = {

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from convert.errors import ConversionError
+from .errors import ConversionError
 
 FORMAT_VERSION = 1
 _NEMO_REF = "nemo:"

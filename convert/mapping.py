@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from convert.errors import ConversionError
+from .errors import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from convert.errors import ConversionError
+from .errors import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def read_nemo(path: Path, workdir: Path) -> NemoArchive:
 
     A plain tar's weights are read in place (a byte range of the `.nemo`); a gzip tar's are extracted.
     """
-    from convert.config import tokenizer_members  # config parsing lives in config.py
+    from .config import tokenizer_members  # config parsing lives in config.py
 
     path = Path(path)
     if not path.is_file():
@@ -135,7 +135,7 @@ def _timestamps_model(
     tar: tarfile.TarFile, index: dict[str, tarfile.TarInfo], workdir: Path, path: Path, compressed: bool
 ) -> TimestampsModel | None:
     """canary-1b-v2's bundled CTC model, or None. One member without the other is an error (NeMo would skip it)."""
-    from convert.config import ctc_tokenizer_members
+    from .config import ctc_tokenizer_members
 
     present = [m for m in (TIMESTAMPS_CONFIG_MEMBER, TIMESTAMPS_WEIGHTS_MEMBER) if m in index]
     if not present:

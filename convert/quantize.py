@@ -11,10 +11,11 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.errors import ConversionError
-from model.canary import Canary
-from model.config import ModelConfig
-from model.quantize import BITS, GROUP_SIZES, quantize
+from canary_server.model.canary import Canary
+from canary_server.model.config import ModelConfig
+from canary_server.model.quantize import BITS, GROUP_SIZES, quantize
+
+from .errors import ConversionError
 
 
 def check_quantization(bits: int | None, group_size: int) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from convert.errors import ConversionError
-from convert.mapping import FLOAT32_KEYS
+from .errors import ConversionError
+from .mapping import FLOAT32_KEYS
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHTS_FILE = "model.safetensors"

@@ -1,11 +1,7 @@
-"""MLX implementation of NVIDIA Canary (EncDecMultiTaskModel)."""
+"""MLX implementation of NVIDIA Canary (EncDecMultiTaskModel): the network, tokenizers, prompts, batch decoders."""
 
-from model.blas import preload_openblas
-
-preload_openblas()
-
-from model import audio, errors  # noqa: E402
-from model.canary import Canary, Transcription  # noqa: E402
-from model.load import default_dtype, load  # noqa: E402
+from . import audio, errors
+from .canary import Canary, Transcription
+from .load import default_dtype, load
 
 __all__ = ["Canary", "Transcription", "audio", "default_dtype", "errors", "load"]

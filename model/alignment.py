@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sentencepiece as spm
 
-from model.timestamps import TimedSegment, Timestamps, Word
+from .timestamps import TimedSegment, Timestamps, Word
 
 PADDING_VALUE = -3.4e38  # aligner_utils.viterbi_decoding / get_batch_variables
 SEGMENT_SEPARATORS = (".", "?", "!", "...")  # only single characters can match, as in NeMo's per-letter scan

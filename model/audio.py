@@ -7,12 +7,14 @@ import io
 import os
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import soxr
 
-from model.errors import AudioDecodeError
+from .errors import AudioDecodeError
 
 SAMPLE_RATE = 16000
+MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase
 
 
@@ -95,3 +97,12 @@ def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
     if pad <= 0:
         return samples
     return np.pad(samples, (pad // 2, pad - pad // 2))
+
+
+def pad_batch(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+    """Right-pad with zeros: (B, L_max) float32 and lengths (B,) int32."""
+    longest = max(w.shape[0] for w in waves)
+    batch = np.zeros((len(waves), longest), dtype=np.float32)
+    for i, w in enumerate(waves):
+        batch[i, : w.shape[0]] = w
+    return mx.array(batch), mx.array([w.shape[0] for w in waves], dtype=mx.int32)

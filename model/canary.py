@@ -11,29 +11,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from model.audio import SAMPLE_RATE, AudioSource, load_audio, pad_to_min_duration
-from model.config import ModelConfig, PreprocessorConfig
-from model.conformer import ConformerEncoder, drain
-from model.decoder import TransformerDecoder
-from model.decoding import beam_decode, greedy_decode
-from model.errors import CanaryError
-from model.features import log_mel
-from model.prompt import PromptSpec, build_prompt, supported_languages
-from model.timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
-from model.tokenizer import CanaryTokenizer
-
-MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
-
-
-class Preprocessor(nn.Module):
-    def __init__(self, cfg: PreprocessorConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.window = mx.zeros((cfg.win_length,))
-        self.fb = mx.zeros((cfg.features, cfg.n_fft // 2 + 1))
-
-    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        return log_mel(audio, lengths, self.fb, self.window, self.cfg)
+from .audio import MIN_AUDIO_SECONDS, SAMPLE_RATE, AudioSource, load_audio, pad_batch, pad_to_min_duration
+from .config import ModelConfig
+from .conformer import ConformerEncoder, drain
+from .decoder import TransformerDecoder
+from .decoding import beam_decode, greedy_decode
+from .errors import CanaryError
+from .features import Preprocessor
+from .prompt import PromptSpec, build_prompt, supported_languages
+from .timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
+from .tokenizer import CanaryTokenizer
 
 
 class Head(nn.Module):
@@ -100,7 +87,7 @@ class Canary(nn.Module):
 
     def use_cpu_layout(self) -> None:
         """Transposed contiguous Linear weights (faster matmuls on MLX's CPU backend); see model/cpu_layout.py."""
-        from model.cpu_layout import pretranspose_linears
+        from .cpu_layout import pretranspose_linears
 
         pretranspose_linears(self)
         embedding = self.decoder.embedding.token_embedding
@@ -150,16 +137,41 @@ class Canary(nn.Module):
         pairs = zip(results, stamps, strict=True)
         return [dataclasses.replace(r, words=s.words, segments=s.segments) for r, s in pairs]
 
-    def batcher(self, **kwargs):
-        """A `ContinuousBatcher` over this model (the server's engine drives it from its thread)."""
-        from model.batching import ContinuousBatcher
-
-        return ContinuousBatcher(self, **kwargs)
-
     def prompt_ids(self, spec: PromptSpec) -> list[int]:
-        return build_prompt(self.tokenizer, self.config.prompt_format, spec)
+        return build_prompt(self.tokenizer, self.config.prompt_format, self.decode_spec(spec))
 
-    def transcribe(
+    def decode_spec(self, spec: PromptSpec) -> PromptSpec:
+        """The prompt actually decoded for `spec`: with a CTC aligner (canary-1b-v2) NeMo keeps <|notimestamp|>
+        and times the plain transcript afterwards."""
+        if spec.timestamps and self.timestamp_source == "ctc":
+            return dataclasses.replace(spec, timestamps=False)
+        return spec
+
+    def result(
+        self,
+        ids: list[int],
+        spec: PromptSpec,
+        num_samples: int,
+        finished: bool = True,
+        logprobs: list[float] | None = None,
+    ) -> Transcription:
+        """The Transcription of generated `ids` (for `<|timestamp|>` decodes: NeMo's text, words, segments).
+        CTC timestamps need the audio: `add_ctc_timestamps`."""
+        raw = self.tokenizer.ids_to_text(ids)
+        res = Transcription(
+            raw.strip(),
+            list(ids),
+            spec.source_lang,
+            spec.target_lang,
+            num_samples / self.sample_rate,
+            raw,
+            finished,
+            list(logprobs or []),
+            pieces=self.token_pieces(ids),
+        )
+        return self.add_timestamps(res) if self.decode_spec(spec).timestamps else res
+
+    def generate(
         self,
         audio: AudioSource | np.ndarray | list,
         source_lang: str | None = None,
@@ -170,61 +182,48 @@ class Canary(nn.Module):
         beam_size: int | None = None,
         timestamps: bool = False,
     ) -> Transcription | list[Transcription]:
-        """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs.
+        """NeMo's `transcribe()` on whole inputs: each one decoded in a single pass, batches formed in input order
+        (the decoder length limit depends on the longest item of a batch), exactly as NeMo 3.0.0 does.
 
-        Inputs are paths, bytes, or float32 arrays at 16 kHz mono. Batches are formed in input order, as
-        NeMo's transcribe() does (the decoder length limit depends on the longest item of a batch).
-        `beam_size` defaults to the converted config's (1 = greedy, as the released models).
-        `timestamps=True` (only when `supports_timestamps`) fills each result's `words` and `segments`."""
+        No cutting of long audio: that is the pipeline's job (`canary_server.load(...).transcribe()`), which this
+        low-level method is the parity reference for. Inputs are paths, bytes, or float32 arrays at 16 kHz mono;
+        target_lang None or == source_lang is transcription, a different one translation. `beam_size` defaults to
+        the converted config's. `timestamps=True` (only when `supports_timestamps`) fills `words` and `segments`."""
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
-        source = self.timestamp_source if timestamps else None
-        if timestamps and source is None:
+        if timestamps and not self.supports_timestamps:
             raise CanaryError("this model does not produce timestamps (flash timestamp tokens or v2's CTC aligner)")
-        target_lang = target_lang or source_lang
-        # With a CTC aligner NeMo forces <|notimestamp|> and times the plain transcript afterwards.
-        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=source == "tokens")
+        spec = PromptSpec(
+            source_lang, target_lang or source_lang, pnc=pnc, context=context or "", timestamps=timestamps
+        )
         prompt = self.prompt_ids(spec)
         waves = [_as_waveform(x) for x in items]
         beam = beam_size or self.config.decoding.beam_size
         results: list[Transcription] = []
         for start in range(0, len(waves), batch_size):
-            batch = waves[start : start + batch_size]
-            results += self._transcribe_batch(batch, prompt, spec, beam, ctc_timestamps=source == "ctc")
+            results += self._generate_batch(waves[start : start + batch_size], prompt, spec, beam)
         return results[0] if single else results
 
-    def _transcribe_batch(
-        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1, ctc_timestamps=False
+    def _generate_batch(
+        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1
     ) -> list[Transcription]:
-        min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
-        padded = [pad_to_min_duration(w, min_samples) for w in waves]
+        padded = [pad_to_min_duration(w, int(MIN_AUDIO_SECONDS * SAMPLE_RATE)) for w in waves]
         audio, lengths = pad_batch(padded)
         enc, enc_lengths = self.encode(audio, lengths)
         tok = self.tokenizer
         if beam_size > 1:
-            result = beam_decode(self, enc, enc_lengths, prompt, beam_size, self.config.decoding.length_penalty)
+            decoded = beam_decode(self, enc, enc_lengths, prompt, beam_size, self.config.decoding.length_penalty)
         else:
             prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
-            result = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)
-        out = []
-        for wave, ids, finished in zip(waves, result.tokens, result.finished, strict=True):
-            raw = tok.ids_to_text(ids)
-            res = Transcription(
-                raw.strip(), ids, spec.source_lang, spec.target_lang, wave.shape[0] / SAMPLE_RATE, raw, finished
-            )
-            res.pieces = self.token_pieces(ids)
-            out.append(self.add_timestamps(res) if spec.timestamps else res)
-        return self.add_ctc_timestamps(padded, out) if ctc_timestamps else out
-
-
-def pad_batch(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
-    """Right-pad with zeros: (B, L_max) float32 and lengths (B,) int32."""
-    longest = max(w.shape[0] for w in waves)
-    batch = np.zeros((len(waves), longest), dtype=np.float32)
-    for i, w in enumerate(waves):
-        batch[i, : w.shape[0]] = w
-    return mx.array(batch), mx.array([w.shape[0] for w in waves], dtype=mx.int32)
+            decoded = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)
+        out = [
+            self.result(ids, spec, wave.shape[0], finished)
+            for wave, ids, finished in zip(waves, decoded.tokens, decoded.finished, strict=True)
+        ]
+        if spec.timestamps and self.timestamp_source == "ctc":
+            out = self.add_ctc_timestamps(padded, out)
+        return out
 
 
 def _as_waveform(x) -> np.ndarray:

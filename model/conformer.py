@@ -12,8 +12,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from model import cpu_math
-from model.config import EncoderConfig
+from . import cpu_math
+from .config import EncoderConfig
 
 NEG_INF = -10000.0  # nemo/collections/asr/parts/submodules/multi_head_attention.py INF_VAL
 BN_EPS = 1e-5

@@ -8,11 +8,12 @@ import mlx.nn as nn
 import numpy as np
 import sentencepiece as spm
 
-from model.alignment import align
-from model.canary import Preprocessor
-from model.config import CtcConfig
-from model.conformer import ConformerEncoder
-from model.timestamps import Timestamps
+from .alignment import align
+from .audio import pad_batch
+from .config import CtcConfig
+from .conformer import ConformerEncoder
+from .features import Preprocessor
+from .timestamps import Timestamps
 
 
 class CtcTimestampsModel(nn.Module):
@@ -39,8 +40,6 @@ class CtcTimestampsModel(nn.Module):
 
     def log_probs(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """One batch, right-padded with lengths (as NeMo's CTC transcribe); each item cut to its own frames."""
-        from model.canary import pad_batch
-
         audio, lengths = pad_batch(waves)
         lp, lens = self(audio, lengths)
         lp, lens = np.array(lp), np.array(lens)

@@ -10,8 +10,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from model.cache import KVCache
-from model.config import DecoderConfig
+from .cache import KVCache
+from .config import DecoderConfig
 
 NEG_INF = -10000.0  # nemo/collections/common/parts/transformer_utils.py NEG_INF
 LN_EPS = 1e-5

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from model.cache import KVCache
-from model.decoder import causal_mask, cross_attention_mask
+from .batch_decoder import Sequence
+from .beam_decoder import BeamBatchDecoder
+from .cache import KVCache
+from .decoder import causal_mask, cross_attention_mask
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,22 @@ def max_generation_length(t_enc: int, prompt_len: int, max_sequence_length: int,
     """NeMo `_prepare_for_search`: the limit depends on the (batch) encoder tensor length."""
     max_seq = min(max_sequence_length, t_enc + max_delta) if max_delta >= 0 else max_sequence_length
     return max_seq - prompt_len
+
+
+def single_item_max_new_tokens(model, num_samples: int, prompt_len: int) -> int:
+    """NeMo's limit for an utterance decoded alone: generated tokens <= max_generation_length + 1."""
+    t_enc = encoder_frames(num_samples, model.config.preprocessor.hop_length, model.config.encoder.n_subsampling_convs)
+    cfg = model.config
+    limit = max_generation_length(t_enc, prompt_len, cfg.decoder.max_sequence_length, cfg.decoding.max_generation_delta)
+    return limit + 1
+
+
+def encoder_frames(num_samples: int, hop: int, n_convs: int) -> int:
+    """Encoder output tensor length for one unpadded item (includes NeMo's extra padded STFT frame)."""
+    t = num_samples // hop + 1
+    for _ in range(n_convs):
+        t = (t - 1) // 2 + 1
+    return t
 
 
 def greedy_decode(
@@ -73,8 +91,6 @@ def beam_decode(
     model, enc: mx.array, enc_lengths: mx.array, prompt: list[int], beam_size: int, length_penalty: float = 0.0
 ) -> DecodeResult:
     """NeMo's batched beam search over one batch (the length limit of the whole batch, as NeMo computes it)."""
-    from model.batching import BeamBatchDecoder, Sequence
-
     cfg = model.decoder.cfg
     max_gen = max_generation_length(
         enc.shape[1], len(prompt), cfg.max_sequence_length, model.config.decoding.max_generation_delta

@@ -8,8 +8,9 @@ unbiased std over valid frames (+1e-5 on the std), padded frames zeroed. Everyth
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from model.config import PreprocessorConfig
+from .config import PreprocessorConfig
 
 NORM_EPS = 1e-5  # nemo/collections/asr/parts/preprocessing/features.py CONSTANT
 
@@ -60,3 +61,16 @@ def _normalize_per_feature(x: mx.array, valid: mx.array) -> mx.array:
     var = mx.where(mask, (x - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / (n - 1.0)
     std = mx.where(n > 1.0, mx.sqrt(var), 0.0)  # NeMo: NaN (one frame) -> 0
     return (x - mean) / (std + NORM_EPS)
+
+
+class Preprocessor(nn.Module):
+    """NeMo's AudioToMelSpectrogramPreprocessor: the window and mel filterbank come from the checkpoint."""
+
+    def __init__(self, cfg: PreprocessorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window = mx.zeros((cfg.win_length,))
+        self.fb = mx.zeros((cfg.features, cfg.n_fft // 2 + 1))
+
+    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        return log_mel(audio, lengths, self.fb, self.window, self.cfg)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from model.canary import Canary
-from model.config import ModelConfig
-from model.cpu_layout import use_cpu_buffer_cache, use_cpu_layout
-from model.ctc import CtcTimestampsModel
-from model.errors import ModelLoadError
-from model.quantize import quantize
-from model.tokenizer import load_tokenizer
+from .canary import Canary
+from .config import ModelConfig
+from .cpu_layout import use_cpu_buffer_cache, use_cpu_layout
+from .ctc import CtcTimestampsModel
+from .errors import ModelLoadError
+from .quantize import quantize
+from .tokenizer import load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 # Tensors that stay float32 whatever the checkpoint dtype (parity of features and positions).

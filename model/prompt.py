@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.errors import UnsupportedLanguageError
-from model.tokenizer import AggregateTokenizer, CanaryTokenizer, UnifiedTokenizer
+from .errors import UnsupportedLanguageError
+from .tokenizer import AggregateTokenizer, CanaryTokenizer, UnifiedTokenizer
 
 
 @dataclass(frozen=True)

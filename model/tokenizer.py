@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from model.config import TokenizerConfig
+from .config import TokenizerConfig
 
 BOS, EOS, PAD, NOSPEECH = "<|startoftranscript|>", "<|endoftext|>", "<pad>", "<|nospeech|>"
 SPECIAL_LANG = "spl_tokens"

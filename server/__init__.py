@@ -1,5 +1,1 @@
-"""OpenAI-compatible HTTP server for Canary models."""
-
-from model.blas import preload_openblas
-
-preload_openblas()
+"""The OpenAI-compatible HTTP front door: routes, request parsing, response rendering, HTTP errors, settings."""

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)` wires settings, engine, limits, errors and routes."""
+"""The FastAPI application: `create_app(settings)` wires settings, the pipeline, limits, errors and routes."""
 
 from __future__ import annotations
 
@@ -10,44 +10,49 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from server.deps import require_api_key
-from server.engine import Engine, load_model
-from server.errors import install_error_handler
-from server.limits import UploadLimitMiddleware
-from server.routes import audio, health, models
-from server.settings import Settings
-from server.transcriber import AudioDecoder, default_decoder
+from canary_server.pipeline import Pipeline
+from canary_server.pipeline.engine import Engine, load_model
+from canary_server.pipeline.pipeline import AudioDecoder
+from canary_server.server.deps import require_api_key
+from canary_server.server.errors import install_error_handler
+from canary_server.server.limits import UploadLimitMiddleware
+from canary_server.server.routes import audio, health, models
+from canary_server.server.settings import Settings
+
+
+def build_pipeline(settings: Settings, *, engine: Engine | None = None, decode_audio: AudioDecoder | None = None):
+    """The pipeline the settings describe (`engine` and `decode_audio` default to the real model and decoder)."""
+
+    def loader():
+        return load_model(settings.model, settings.cache_dir, settings.dtype)
+
+    return Pipeline(loader, settings.pipeline_config(), engine=engine, decode_audio=decode_audio)
 
 
 def create_app(
     settings: Settings | None = None,
     *,
+    pipeline: Pipeline | None = None,
     engine: Engine | None = None,
     decode_audio: AudioDecoder | None = None,
 ) -> FastAPI:
-    """The app. `engine` and `decode_audio` default to the real model and decoder (tests inject fakes)."""
+    """The app over `pipeline` (default: the one `settings` describe; tests inject fake engines or decoders).
+    The app's lifespan starts the pipeline's engine and closes it on shutdown."""
     settings = settings if settings is not None else Settings.load()
     logging.getLogger("canary").setLevel(settings.log_level.upper())
-    if engine is None:
-        engine = Engine(
-            lambda: load_model(settings),
-            batch_size=settings.batch_size,
-            encode_seconds=settings.encode_batch_seconds,
-            max_queue=settings.max_queued_requests,
-            beam_size=settings.beam_size,
-            length_penalty=settings.length_penalty,
-        )
+    if pipeline is None:
+        pipeline = build_pipeline(settings, engine=engine, decode_audio=decode_audio)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()  # loads the model on its own thread; /health says 503 until it is ready
+        pipeline.start()  # loads the model on its own thread; /health says 503 until it is ready
         yield
-        await run_in_threadpool(engine.close)
+        await run_in_threadpool(pipeline.close)
 
-    app = FastAPI(title="canary-server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="canary-server", version=_version(), lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = engine
-    app.state.decode_audio = decode_audio or default_decoder()
+    app.state.pipeline = pipeline
+    app.state.engine = pipeline.engine
     app.state.started_at = int(time.time())
     install_error_handler(app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
@@ -55,3 +60,9 @@ def create_app(
     app.include_router(audio.router, prefix="/v1", dependencies=[Depends(require_api_key)])
     app.include_router(models.router, prefix="/v1", dependencies=[Depends(require_api_key)])
     return app
+
+
+def _version() -> str:
+    from canary_server import __version__
+
+    return __version__

@@ -6,25 +6,21 @@ import hmac
 
 from fastapi import Request
 
-from server.engine import Engine, EngineNotReady
-from server.errors import ApiError
-from server.settings import Settings
+from canary_server.pipeline import EngineNotReady, Pipeline
+from canary_server.server.errors import ApiError
+from canary_server.server.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-def ready_engine(request: Request) -> Engine:
-    """The engine, or a 503 while the model loads."""
-    engine: Engine = request.app.state.engine
-    if not engine.ready:
-        raise EngineNotReady(engine.not_ready_message())
-    return engine
+def ready_pipeline(request: Request) -> Pipeline:
+    """The pipeline, or a 503 while the model loads."""
+    pipeline: Pipeline = request.app.state.pipeline
+    if not pipeline.ready:
+        raise EngineNotReady(pipeline.engine.not_ready_message())
+    return pipeline
 
 
 def require_api_key(request: Request) -> None:

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
-from server.engine import EngineBusy, EngineNotReady
+from canary_server.model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
+from canary_server.pipeline.errors import AudioTooLong, EngineBusy, EngineNotReady, InvalidAudio
 
 log = logging.getLogger("canary.server")
 
@@ -67,8 +67,10 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.status_code, str(exc.detail), headers=headers)
     if isinstance(exc, UnsupportedLanguageError):
         return ApiError(400, str(exc), param=exc.role, code="unsupported_language")
-    if isinstance(exc, AudioDecodeError):
+    if isinstance(exc, AudioDecodeError | InvalidAudio):
         return ApiError(400, str(exc), param="file", code="invalid_audio")
+    if isinstance(exc, AudioTooLong):
+        return ApiError(400, str(exc), param="file", code="audio_too_long")
     if isinstance(exc, CanaryError):
         return ApiError(400, str(exc))
     if isinstance(exc, EngineNotReady):

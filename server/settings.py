@@ -18,6 +18,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from canary_server.pipeline.fairness import DEFAULT_SHARE
+from canary_server.pipeline.options import PipelineConfig
+
 # The TOML file of the `Settings.load` call in progress (a class attribute would leak between calls).
 _config_file: ContextVar[Path | None] = ContextVar("canary_config_file", default=None)
 
@@ -63,6 +66,12 @@ class Settings(BaseSettings):
     length_penalty: float | None = Field(
         None, ge=0, description="Beam length penalty alpha, ((5+len)/6)**alpha; unset: the model's (NeMo: 0)."
     )
+    long_request_share: float = Field(
+        DEFAULT_SHARE,
+        ge=0,
+        le=1,
+        description="Share of engine time kept by work deferred for shorter requests (0: pure short-first).",
+    )
     model_aliases: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALIASES),
         description="Extra model names accepted in requests and listed by /v1/models.",
@@ -96,6 +105,18 @@ class Settings(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         finally:
             _config_file.reset(token)
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            chunk_seconds=self.chunk_seconds,
+            max_audio_seconds=self.max_audio_seconds,
+            batch_size=self.batch_size,
+            encode_batch_seconds=self.encode_batch_seconds,
+            max_queued_requests=self.max_queued_requests,
+            beam_size=self.beam_size,
+            length_penalty=self.length_penalty,
+            long_request_share=self.long_request_share,
+        )
 
     @property
     def max_upload_bytes(self) -> int:

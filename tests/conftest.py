@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import model  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
+from canary_server import model  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -27,7 +27,7 @@ def _require_espeak() -> None:
 def espeak_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The espeak-trained tiny Canary-architecture model (NOT a real Canary), converted once per session."""
     _require_espeak()
-    from convert import convert_nemo
+    from canary_server.convert import convert_nemo
 
     return convert_nemo(ESPEAK_NEMO, tmp_path_factory.mktemp("espeak") / "model")
 
@@ -46,10 +46,9 @@ def espeak_nemo_transcripts() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def espeak_server(espeak_dir: Path):
     """The server on the espeak model (uvicorn on loopback), shared by the end-to-end test files: its base URL."""
+    from canary_server.server.app import create_app
+    from canary_server.server.settings import Settings
     from server_fakes import running_server, wait_ready
-
-    from server.app import create_app
-    from server.settings import Settings
 
     settings = Settings(model=str(espeak_dir), chunk_seconds=ESPEAK_SERVER_CHUNK_SECONDS, batch_size=8)
     with running_server(create_app(settings)) as url:

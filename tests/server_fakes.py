@@ -32,7 +32,7 @@ class FakeTranscription:
 
 def fake_timestamps(text: str) -> tuple[str, list, list]:
     """Word i at [0.5 i, 0.5 i + 0.4] s; a segment every two words. Returns text, words, segments."""
-    from model.timestamps import TimedSegment, Word
+    from canary_server.model.timestamps import TimedSegment, Word
 
     words = [Word(w, 0.5 * i, 0.5 * i + 0.4, 0, 0) for i, w in enumerate(text.split())]
     groups = [words[i : i + 2] for i in range(0, len(words), 2)]
@@ -81,14 +81,10 @@ class FakeCanary:
             out.append(res)
         return out if isinstance(audio, list) else out[0]
 
-    def batcher(self, **kwargs) -> FakeBatcher:
-        self.last_batcher = FakeBatcher(self)
-        return self.last_batcher
-
 
 @dataclass
 class FakeBatcher:
-    """The engine's view of `model.batching.ContinuousBatcher`: every waiting item completes at the next step.
+    """The engine's view of `pipeline.scheduler.ContinuousBatcher`: every waiting item completes at the next step.
 
     `gate` (an Event), when set on the fake model, holds each step until it is set: tests use it to keep
     requests in flight."""
@@ -131,6 +127,20 @@ class FakeBatcher:
             except Exception as exc:
                 it.error = exc
         return items
+
+
+def fake_batcher(model: FakeCanary, **settings) -> FakeBatcher:
+    """The engine's batcher factory for a FakeCanary (remembered as `model.last_batcher`)."""
+    model.last_batcher = FakeBatcher(model)
+    return model.last_batcher
+
+
+def fake_engine(fake: FakeCanary | None = None, **kwargs):
+    """An Engine over `fake` (a new FakeCanary by default) driving a FakeBatcher."""
+    from canary_server.pipeline.engine import Engine
+
+    model = fake if fake is not None else FakeCanary()
+    return Engine(lambda: model, batcher=fake_batcher, **kwargs)
 
 
 @contextmanager

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from model.audio import load_audio, pad_to_min_duration, resample
-from model.errors import AudioDecodeError
+from canary_server.model.audio import load_audio, pad_to_min_duration, resample
+from canary_server.model.errors import AudioDecodeError
 
 
 def _tone(rate: int, seconds: float = 1.0, channels: int = 1) -> np.ndarray:

@@ -6,11 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from canary_server.model.audio import load_audio, pad_batch
+from canary_server.model.batch_decoder import BatchDecoder, Sequence
+from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
+from canary_server.model.prompt import PromptSpec
+from canary_server.pipeline.scheduler import ContinuousBatcher
 from conftest import ESPEAK_CLIPS
-from model.audio import load_audio
-from model.batching import BatchDecoder, Sequence, encoder_frames, single_item_max_new_tokens
-from model.canary import pad_batch
-from model.prompt import PromptSpec
 
 
 def _sequence(m, wave: np.ndarray, tag) -> Sequence:
@@ -37,7 +38,7 @@ def test_staggered_joins_decode_each_clip_exactly_as_alone(
 ):
     names = sorted(espeak_nemo_transcripts)
     waves = [load_audio(ESPEAK_CLIPS / n) for n in names]
-    alone = [espeak_model.transcribe(w).tokens for w in waves]
+    alone = [espeak_model.generate(w).tokens for w in waves]
     out = _drain(
         BatchDecoder(espeak_model), [_sequence(espeak_model, w, i) for i, w in enumerate(waves)], join_every, join_count
     )
@@ -52,7 +53,7 @@ def test_a_sequence_stops_at_its_own_length_limit(espeak_model):
     seq = _sequence(espeak_model, wave, "x")
     seq.max_new_tokens = 3
     out = _drain(BatchDecoder(espeak_model), [seq], 1, 1)
-    assert out["x"].tokens == espeak_model.transcribe(wave).tokens[:3]
+    assert out["x"].tokens == espeak_model.generate(wave).tokens[:3]
     assert not out["x"].finished
 
 
@@ -66,7 +67,7 @@ def test_cancelled_rows_leave_and_the_others_are_unaffected(espeak_model):
     left = bd.step()
     assert left == [a] and len(bd) == 1
     out = _drain(bd, [], 1, 1)
-    assert out[1].tokens == espeak_model.transcribe(waves[1]).tokens
+    assert out[1].tokens == espeak_model.generate(waves[1]).tokens
 
 
 def test_log_probs_are_recorded_per_token(espeak_model):
@@ -84,7 +85,7 @@ def test_encoder_frames_matches_the_encoder_tensor_length(espeak_model):
 
 
 def _item(clip: int, priority: float, tag=None, group=None):
-    from model.batching import WorkItem
+    from canary_server.pipeline.scheduler import WorkItem
 
     wave = load_audio(ESPEAK_CLIPS / f"clip{clip:02d}.wav")
     return WorkItem(wave, PromptSpec("en", "en"), tag=clip if tag is None else tag, priority=priority, group=group)
@@ -109,7 +110,7 @@ def _run_all(batcher) -> None:
 
 
 def test_staged_encoding_equals_encoding_at_once(espeak_model):
-    from model.conformer import drain
+    from canary_server.model.conformer import drain
 
     audio, lengths = pad_batch([load_audio(ESPEAK_CLIPS / f"clip{i:02d}.wav") for i in (0, 3)])
     whole, whole_lens = espeak_model.encode(audio, lengths)
@@ -133,7 +134,7 @@ def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_mo
     (or for aging to make it as urgent)."""
     short = _item(3, 2.8, tag="short")
     long = [_item(i, 36.4) for i in range(4)]
-    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)  # one clip per encoder batch
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0)  # one clip per encoder batch
     batcher.submit([short, *long])
     _step_until(batcher, lambda: batcher.decoder.rows)  # the short request's encode, in stages
     assert _rows(batcher) == ["short"]
@@ -145,11 +146,11 @@ def test_longer_work_waits_while_shorter_requests_decode_and_then_runs(espeak_mo
         assert _rows(batcher) in (["short"], [])
     assert steps == len(short.result.tokens)  # prefill + one token per step (the last emits EOS): no stalls
     _run_all(batcher)
-    assert all(it.result.tokens == espeak_model.transcribe(it.audio).tokens for it in long)
+    assert all(it.result.tokens == espeak_model.generate(it.audio).tokens for it in long)
 
 
 def test_requests_of_equal_length_arriving_later_join_the_running_batch(espeak_model):
-    batcher = espeak_model.batcher(max_batch=8)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8)
     first = _item(2, 4.6, tag="first")
     batcher.submit([first])
     _step_until(batcher, lambda: batcher.decoder.rows)
@@ -163,7 +164,7 @@ def test_requests_of_equal_length_arriving_later_join_the_running_batch(espeak_m
 def test_long_rows_step_out_while_a_much_shorter_request_runs_and_finish_unchanged(espeak_model):
     long = [_item(i, 300.0) for i in (0, 1, 2)]
     short = _item(7, 2.0, tag="short")
-    batcher = espeak_model.batcher(max_batch=8)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8)
     batcher.submit(long)
     _step_until(batcher, lambda: len(batcher.decoder.rows) == 3)
     batcher.submit([short])
@@ -177,13 +178,13 @@ def test_long_rows_step_out_while_a_much_shorter_request_runs_and_finish_unchang
     _run_all(batcher)
     assert not batcher.parked
     for it in [*long, short]:
-        assert it.result.tokens == espeak_model.transcribe(it.audio).tokens, it.tag
+        assert it.result.tokens == espeak_model.generate(it.audio).tokens, it.tag
 
 
 def test_a_long_encode_in_progress_pauses_for_a_short_request_and_resumes(espeak_model):
     n_layers = espeak_model.config.encoder.n_layers
     long, short = _item(0, 300.0, tag="long"), _item(7, 2.0, tag="short")
-    batcher = espeak_model.batcher(max_batch=8, encode_stages=n_layers)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_stages=n_layers)
     batcher.submit([long])
     batcher.step()
     assert [e.items for e in batcher.encoding] == [[long]]  # one stage of several done
@@ -194,28 +195,27 @@ def test_a_long_encode_in_progress_pauses_for_a_short_request_and_resumes(espeak
     assert long._seq is None  # not a single stage more while the short request ran
     _run_all(batcher)
     for it in (long, short):
-        assert it.result.tokens == espeak_model.transcribe(it.audio).tokens, it.tag
+        assert it.result.tokens == espeak_model.generate(it.audio).tokens, it.tag
 
 
-def test_a_request_that_makes_progress_does_not_age(espeak_model, monkeypatch):
-    from model import batching
+def test_a_request_that_makes_progress_does_not_age(espeak_model):
+    from canary_server.pipeline import scheduler
 
     clock = [1000.0]
-    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
     job = object()
     chunks = [_item(i, 90.0, group=job) for i in (0, 1)]
     other = _item(2, 90.0)
-    batcher = espeak_model.batcher(max_batch=8, encode_seconds=1.0)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0, clock=lambda: clock[0])
     batcher.submit([*chunks, other])
     clock[0] += 5.0  # all three have waited 5 s
     batcher.step()  # the first chunk starts: its job is making progress
     assert batcher.encoding[-1].items == [chunks[0]]
     assert batcher._urgency(chunks[1], clock[0]) == 90.0
-    assert batcher._urgency(other, clock[0]) == 90.0 - 5.0 * batching.AGING_PER_SECOND
+    assert batcher._urgency(other, clock[0]) == 90.0 - 5.0 * scheduler.AGING_PER_SECOND
 
 
 def test_cancelling_an_item_being_encoded_drops_its_batch(espeak_model):
-    batcher = espeak_model.batcher(max_batch=8, encode_stages=espeak_model.config.encoder.n_layers)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_stages=espeak_model.config.encoder.n_layers)
     item = _item(0, 3.0)
     batcher.submit([item])
     batcher.step()

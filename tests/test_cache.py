@@ -12,10 +12,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import convert
-from convert import ConversionError
-from convert.cache import resolve_model
-from convert.mapping import expected_shapes
+from canary_server import convert
+from canary_server.convert import ConversionError
+from canary_server.convert.cache import resolve_model
+from canary_server.convert.mapping import expected_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

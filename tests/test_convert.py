@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from convert import ConversionError, convert_nemo
-from convert.checkpoint import load_state_dict
-from convert.mapping import expected_shapes
-from convert.nemo import WeightsLocation
+from canary_server.convert import ConversionError, convert_nemo
+from canary_server.convert.checkpoint import load_state_dict
+from canary_server.convert.mapping import expected_shapes
+from canary_server.convert.nemo import WeightsLocation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ESPEAK = SHARED / "models" / "espeak-tiny-en.nemo"

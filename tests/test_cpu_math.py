@@ -8,8 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from model import cpu_math
-from model.conformer import _depthwise_shift_add
+from canary_server.model import cpu_math
+from canary_server.model.conformer import _depthwise_shift_add
 
 
 @pytest.fixture

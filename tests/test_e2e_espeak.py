@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from canary_server.cli import main
 from conftest import ESPEAK_CLIPS, ESPEAK_NEMO
-from server.cli import main
 
 
 def test_cli_transcribes_the_nemo_file_exactly_as_nemo_did(tmp_path, capsys, espeak_nemo_transcripts):
@@ -49,7 +49,7 @@ def test_cli_rejects_an_unsupported_language_listing_the_supported_ones(espeak_d
 
 def test_cli_text_format_prints_one_line_per_file_from_the_console_script(espeak_dir, espeak_nemo_transcripts):
     clips = ["clip07.wav", "clip09.wav"]
-    script = [sys.executable, "-m", "server.cli", "transcribe", "--model", str(espeak_dir)]
+    script = [sys.executable, "-m", "canary_server", "transcribe", "--model", str(espeak_dir)]
     out = subprocess.run(
         script + [str(ESPEAK_CLIPS / c) for c in clips], check=True, capture_output=True, text=True
     ).stdout
@@ -62,8 +62,8 @@ def test_arrays_and_paths_give_the_same_text(espeak_model, espeak_nemo_transcrip
     name = "clip01.wav"
     wave, rate = sf.read(ESPEAK_CLIPS / name, dtype="float32")
     assert rate == 16000
-    from_array = espeak_model.transcribe(wave, source_lang="en")
-    from_path = espeak_model.transcribe(str(ESPEAK_CLIPS / name), source_lang="en")
+    from_array = espeak_model.generate(wave, source_lang="en")
+    from_path = espeak_model.generate(str(ESPEAK_CLIPS / name), source_lang="en")
     assert from_array.text == from_path.text == espeak_nemo_transcripts[name].strip()
     assert from_array.raw_text == espeak_nemo_transcripts[name]
     assert from_array.duration == pytest.approx(wave.shape[0] / 16000)
@@ -72,8 +72,8 @@ def test_arrays_and_paths_give_the_same_text(espeak_model, espeak_nemo_transcrip
 def test_batch_of_clips_equals_the_clips_one_by_one(espeak_model):
     names = ["clip00.wav", "clip04.wav", "clip08.wav", "clip11.wav"]
     paths = [str(ESPEAK_CLIPS / n) for n in names]
-    batched = espeak_model.transcribe(paths, source_lang="en", batch_size=4)
-    single = [espeak_model.transcribe(p, source_lang="en") for p in paths]
+    batched = espeak_model.generate(paths, source_lang="en", batch_size=4)
+    single = [espeak_model.generate(p, source_lang="en") for p in paths]
     assert [b.tokens for b in batched] == [s.tokens for s in single]
 
 
@@ -83,14 +83,24 @@ def test_audio_shorter_than_one_second_is_padded_like_nemo(espeak_model):
     wave, _ = sf.read(ESPEAK_CLIPS / "clip08.wav", dtype="float32")
     short = wave[:12000]  # 0.75 s
     manual = np.pad(short, (2000, 2000))  # NeMo pads to 1 s, left = pad // 2
-    assert espeak_model.transcribe(short, source_lang="en").tokens == espeak_model.transcribe(manual).tokens
+    assert espeak_model.generate(short, source_lang="en").tokens == espeak_model.generate(manual).tokens
 
 
 def test_cli_beam_search_and_timestamps_flags(espeak_dir, espeak_model, capsys):
     clip = str(ESPEAK_CLIPS / "clip06.wav")
-    argv = ["transcribe", clip, "--model", str(espeak_dir), "--beam-size", "3", "--format", "json", "--timestamps"]
+    argv = [
+        "transcribe",
+        clip,
+        "--model",
+        str(espeak_dir),
+        "--beam-size",
+        "3",
+        "--format",
+        "verbose_json",
+        "--timestamps",
+    ]
     assert main(argv) == 0
     line = json.loads(capsys.readouterr().out)
     # This model was never trained with <|timestamp|>: it emits no timestamp tokens, so no words are invented.
-    assert line["text"] == espeak_model.transcribe(clip, beam_size=3, timestamps=True).text
+    assert line["text"] == espeak_model.generate(clip, beam_size=3, timestamps=True).text
     assert line["words"] == [] and isinstance(line["segments"], list)

@@ -12,15 +12,15 @@ import time
 import numpy as np
 import openai
 import pytest
-from server_fakes import FakeCanary, running_server, tone, wait_ready, wav_bytes
 
-import model
+from canary_server import model
+from canary_server.convert import convert_nemo
+from canary_server.model.audio import load_audio
+from canary_server.pipeline.engine import Engine
+from canary_server.server.app import create_app
+from canary_server.server.settings import Settings
 from conftest import ESPEAK_CLIPS, FIXTURES
-from convert import convert_nemo
-from model.audio import load_audio
-from server.app import create_app
-from server.engine import Engine
-from server.settings import Settings
+from server_fakes import FakeCanary, fake_batcher, running_server, tone, wait_ready, wav_bytes
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_many_concurrent_requests_each_equal_their_single_request_nemo_output(fl
     jobs = [(i, "en", True, nemo[f"asr_en_{i}"]) for i in range(3)]
     jobs += [(1, "en", False, nemo["asr_en_nopnc_1"]), (3, "en", True, nemo["asr_en_short_3"])]
     jobs += [
-        (i, t, True, flash.transcribe(audios[i], source_lang="en", target_lang=t).tokens)
+        (i, t, True, flash.generate(audios[i], source_lang="en", target_lang=t).tokens)
         for i, t in [(0, "de"), (1, "es"), (2, "fr"), (2, "de")]
     ]
     jobs = jobs * 3  # 27 requests in flight at once, 8 rows at a time
@@ -86,8 +86,8 @@ def test_a_short_request_finishes_while_a_long_file_is_still_decoding(espeak_mod
 
     quick, long = _run_engine(engine, main)
     assert order == ["short", "long"]
-    assert quick.tokens == espeak_model.transcribe(short).tokens
-    assert [r.tokens for r in long] == [espeak_model.transcribe(c).tokens for c in long_chunks]
+    assert quick.tokens == espeak_model.generate(short).tokens
+    assert [r.tokens for r in long] == [espeak_model.generate(c).tokens for c in long_chunks]
 
 
 def test_the_server_decodes_with_beam_search_when_configured(espeak_dir, espeak_model):
@@ -98,13 +98,16 @@ def test_the_server_decodes_with_beam_search_when_configured(espeak_dir, espeak_
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
             path = ESPEAK_CLIPS / "clip06.wav"
             res = client.audio.transcriptions.create(model="whisper-1", file=path.read_bytes())
-    assert res.text == espeak_model.transcribe(str(path), beam_size=3).text
+    assert res.text == espeak_model.generate(str(path), beam_size=3).text
 
 
 def test_a_full_queue_answers_429_with_retry_after_over_http():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    app = create_app(Settings(model="/models/fake", max_queued_requests=1), engine=Engine(lambda: fake, max_queue=1))
+    app = create_app(
+        Settings(model="/models/fake", max_queued_requests=1),
+        engine=Engine(lambda: fake, batcher=fake_batcher, max_queue=1),
+    )
     with running_server(app) as url:
         wait_ready(url)
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
@@ -126,7 +129,7 @@ def test_a_full_queue_answers_429_with_retry_after_over_http():
 def test_a_client_that_disconnects_has_its_request_cancelled():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
     app = create_app(Settings(model="/models/fake"), engine=engine)
     with running_server(app) as url:
         wait_ready(url)
@@ -177,7 +180,7 @@ def test_streamed_deltas_arrive_per_piece_in_chunk_order_and_add_up_to_the_text(
     events = _run_engine(engine, main)
     deltas = [e.delta for e in events if e.kind == "delta"]
     assert events[-1].kind == "done" and len(deltas) > len(chunks)  # piece by piece, not chunk by chunk
-    expected = [espeak_model.transcribe(c).text for c in chunks]
+    expected = [espeak_model.generate(c).text for c in chunks]
     assert "".join(deltas) == " ".join(expected)
     assert [r.text for r in events[-1].results] == expected
 

@@ -15,15 +15,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import model
+from canary_server import model
+from canary_server.convert import convert_nemo
+from canary_server.model import cpu_math
+from canary_server.model.audio import pad_batch
+from canary_server.model.batch_decoder import BatchDecoder, Sequence
+from canary_server.model.cache import KVCache
+from canary_server.model.decoder import causal_mask, cross_attention_mask
+from canary_server.model.decoding import single_item_max_new_tokens
+from canary_server.model.prompt import PromptSpec
+from canary_server.pipeline.scheduler import ContinuousBatcher
 from conftest import FIXTURES
-from convert import convert_nemo
-from model import cpu_math
-from model.batching import BatchDecoder, Sequence, single_item_max_new_tokens
-from model.cache import KVCache
-from model.canary import pad_batch
-from model.decoder import causal_mask, cross_attention_mask
-from model.prompt import PromptSpec
 
 FAMILIES = ["v1_agg", "flash_agg", "v2_unified"]
 FEATURE_TOL, ENCODER_TOL, LOGPROB_TOL = 1e-4, 1e-4, 1e-3
@@ -172,7 +174,7 @@ def test_transcribe_gives_nemo_prompt_tokens_and_text(models, family, case):
     kwargs = _spec(c["kwargs"])
     spec = PromptSpec(kwargs["source_lang"], kwargs["target_lang"], kwargs["pnc"], kwargs["context"] or "")
     assert m.prompt_ids(spec) == c["prompt_ids"]
-    results = m.transcribe([g[f"audio_{i}"] for i in c["audio"]], batch_size=c["batch_size"], **kwargs)
+    results = m.generate([g[f"audio_{i}"] for i in c["audio"]], batch_size=c["batch_size"], **kwargs)
     assert [r.tokens for r in results] == c["tokens"]
     assert [r.raw_text for r in results] == c["text"]
     assert [r.finished for r in results] == c["ended_with_eos"]
@@ -224,7 +226,7 @@ def test_the_espeak_model_matches_nemo_features_encoder_and_log_probs(espeak_mod
             lp = _teacher_forced(espeak_model, proj, enc_len, tf["ids"], cached=True)
             assert _max_diff(lp, g["tf_clip00_logprobs"]) < LOGPROB_TOL
     case = meta["transcribe"][0]
-    results = espeak_model.transcribe([str(ESPEAK_CLIPS / c) for c in case["clips"]], batch_size=case["batch_size"])
+    results = espeak_model.generate([str(ESPEAK_CLIPS / c) for c in case["clips"]], batch_size=case["batch_size"])
     assert [r.tokens for r in results] == case["tokens"]
     assert [r.raw_text for r in results] == case["text"]
 
@@ -245,7 +247,7 @@ def test_beam_search_gives_nemo_tokens_and_text(models, family, case):
     c = next(x for x in _beam_cases(family) if x["name"] == case)
     _, g = golden(family)
     kwargs = _spec(c["kwargs"])
-    results = models[family].transcribe(
+    results = models[family].generate(
         [g[f"audio_{i}"] for i in c["audio"]], batch_size=c["batch_size"], beam_size=c["beam_size"], **kwargs
     )
     assert [r.tokens for r in results] == c["tokens"]
@@ -255,13 +257,13 @@ def test_beam_search_gives_nemo_tokens_and_text(models, family, case):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_in_the_continuous_batcher_equals_beam_search_alone(models, family):
     """Sequences joining a shared beam decoder at different steps get the result they get decoded alone."""
-    from model.batching import WorkItem
+    from canary_server.pipeline.scheduler import WorkItem
 
     m = models[family]
     _, g = golden(family)
     jobs = [(g[f"audio_{i}"], target) for i, target in enumerate(["en", "de", "en"])]
-    alone = [m.transcribe(w, source_lang="en", target_lang=t, beam_size=3) for w, t in jobs]
-    batcher = m.batcher(max_batch=2, encode_seconds=1.5, beam_size=3)  # admits one or two at a time
+    alone = [m.generate(w, source_lang="en", target_lang=t, beam_size=3) for w, t in jobs]
+    batcher = ContinuousBatcher(m, max_batch=2, encode_seconds=1.5, beam_size=3)  # admits one or two at a time
     items = [WorkItem(w, PromptSpec("en", t), tag=i) for i, (w, t) in enumerate(jobs)]
     batcher.submit(items)
     done = []

@@ -16,12 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-import model
+from canary_server import model
+from canary_server.cli import main
+from canary_server.convert import ConversionError, convert_nemo
+from canary_server.model.config import ModelConfig
+from canary_server.model.errors import ModelLoadError
 from conftest import ESPEAK_CLIPS, ESPEAK_NEMO
-from convert import ConversionError, convert_nemo
-from model.config import ModelConfig
-from model.errors import ModelLoadError
-from server.cli import main
 
 WEIGHTS = "model.safetensors"
 
@@ -40,7 +40,7 @@ def q4_dir(espeak_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _transcripts(directory: Path, names: list[str]) -> dict[str, str]:
     m = model.load(directory)
-    results = m.transcribe([str(ESPEAK_CLIPS / n) for n in names], source_lang="en", batch_size=4)
+    results = m.generate([str(ESPEAK_CLIPS / n) for n in names], source_lang="en", batch_size=4)
     return {n: r.text for n, r in zip(names, results, strict=True)}
 
 

@@ -12,11 +12,11 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from server_fakes import SR, FakeCanary, running_server, tone, wait_ready, wav_bytes
 
-from server.app import create_app
-from server.engine import Engine
-from server.settings import Settings
+from canary_server.pipeline.engine import Engine
+from canary_server.server.app import create_app
+from canary_server.server.settings import Settings
+from server_fakes import SR, FakeCanary, fake_batcher, running_server, tone, wait_ready, wav_bytes
 
 KEY = "test-key"
 
@@ -31,7 +31,7 @@ def base_url(fake):
     settings = Settings(
         model="/models/fake-canary", api_key=KEY, max_upload_mb=0.5, chunk_seconds=4, max_audio_seconds=30
     )
-    app = create_app(settings, engine=Engine(lambda: fake, batch_size=4))
+    app = create_app(settings, engine=Engine(lambda: fake, batcher=fake_batcher, batch_size=4))
     with running_server(app) as url:
         wait_ready(url)
         yield url
@@ -238,7 +238,7 @@ def test_health_and_requests_are_503_while_loading_then_ready():
         gate.wait(60)
         return FakeCanary()
 
-    app = create_app(Settings(model="slow-model"), engine=Engine(slow_loader))
+    app = create_app(Settings(model="slow-model"), engine=Engine(slow_loader, batcher=fake_batcher))
     with running_server(app) as url:
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -255,7 +255,7 @@ def test_a_model_that_fails_to_load_reports_why_with_503():
     def broken_loader():
         raise FileNotFoundError("no such model directory")
 
-    app = create_app(Settings(model="broken"), engine=Engine(broken_loader))
+    app = create_app(Settings(model="broken"), engine=Engine(broken_loader, batcher=fake_batcher))
     with running_server(app) as url:
         deadline_polls = 0
         while (r := httpx.get(f"{url}/health")).json()["status"] == "loading" and deadline_polls < 10_000:

@@ -21,9 +21,9 @@ import pytest
 import soundfile as sf
 import soxr
 from openai import AsyncOpenAI
-from server_fakes import wav_bytes
 
 from conftest import ESPEAK_SERVER_CHUNK_SECONDS
+from server_fakes import wav_bytes
 
 CLIPS = Path(__file__).resolve().parents[2] / "shared" / "models" / "espeak-tiny-en-clips"
 

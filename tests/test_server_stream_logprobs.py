@@ -30,6 +30,7 @@ def test_streaming_sends_text_as_it_is_decoded_and_the_deltas_add_up(espeak_clie
 def test_async_streaming_of_long_audio_keeps_chunk_order(espeak_server, espeak_nemo_transcripts):
     import numpy as np
     import soundfile as sf
+
     from server_fakes import wav_bytes
 
     names = ["clip03.wav", "clip05.wav", "clip07.wav"]

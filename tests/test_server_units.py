@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from server_fakes import SR, FakeCanary, tone
 
-from server.chunking import split_audio
-from server.engine import Engine, EngineBusy, EngineNotReady
-from server.formats import srt_timestamp, vtt_timestamp
-from server.limits import UploadLimitMiddleware
-from server.serve import add_serve_arguments, settings_from_args
-from server.settings import Settings
+from canary_server.cli.serve import add_serve_arguments, settings_from_args
+from canary_server.pipeline.chunking import split_audio
+from canary_server.pipeline.engine import Engine
+from canary_server.pipeline.errors import EngineBusy, EngineNotReady
+from canary_server.pipeline.formats import srt_timestamp, vtt_timestamp
+from canary_server.server.limits import UploadLimitMiddleware
+from canary_server.server.settings import Settings
+from server_fakes import SR, FakeCanary, fake_batcher, tone
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
 
@@ -147,7 +148,7 @@ async def _until_a_step_is_held(fake: FakeCanary) -> None:
 def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_language():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
 
     async def main():
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
@@ -168,7 +169,7 @@ def test_requests_arriving_while_a_step_runs_join_the_next_step_whatever_their_l
 def test_a_full_queue_is_refused_with_engine_busy():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    engine = Engine(lambda: fake, max_queue=2)
+    engine = Engine(lambda: fake, batcher=fake_batcher, max_queue=2)
 
     async def main():
         held = [asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None)) for _ in range(2)]
@@ -185,7 +186,7 @@ def test_a_full_queue_is_refused_with_engine_busy():
 def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
 
     async def main():
         first = asyncio.ensure_future(engine.transcribe(tone(1.0), "en", "en", True, None))
@@ -208,7 +209,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish():
 def test_shutdown_fails_requests_that_have_not_started():
     fake = FakeCanary()
     fake.gate = threading.Event()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
 
     async def main():
         while not engine.ready:
@@ -230,7 +231,7 @@ def test_shutdown_fails_requests_that_have_not_started():
 
 def test_a_failing_request_fails_alone_and_the_thread_lives_on():
     fake = FakeCanary()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
 
     async def main():
         good = [engine.transcribe(tone(1.0), "en", "en", True, None) for _ in range(3)]
@@ -242,14 +243,14 @@ def test_a_failing_request_fails_alone_and_the_thread_lives_on():
 
 
 def test_requests_before_the_model_is_loaded_are_refused():
-    engine = Engine(FakeCanary)  # not started
+    engine = Engine(FakeCanary, batcher=fake_batcher)  # not started
     with pytest.raises(EngineNotReady, match="loading"):
         asyncio.run(engine.transcribe(tone(1.0), "en", "en", True, None))
 
 
 def test_a_failing_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on():
     fake = FakeCanary()
-    engine = Engine(lambda: fake)
+    engine = Engine(lambda: fake, batcher=fake_batcher)
     boom = {"left": 1}
 
     async def main():

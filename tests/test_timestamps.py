@@ -15,13 +15,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import model
+from canary_server import model
+from canary_server.convert import convert_nemo
+from canary_server.model.errors import CanaryError
+from canary_server.model.prompt import PromptSpec
+from canary_server.model.timestamps import has_timestamp_tokens, parse_timestamps, timestamp_source
+from canary_server.pipeline.scheduler import ContinuousBatcher, WorkItem
 from conftest import FIXTURES
-from convert import convert_nemo
-from model.batching import WorkItem
-from model.errors import CanaryError
-from model.prompt import PromptSpec
-from model.timestamps import has_timestamp_tokens, parse_timestamps, timestamp_source
 
 TIME_TOL = 1e-6
 
@@ -110,9 +110,7 @@ def test_transcribe_with_timestamps_matches_nemo(flash, case):
     assert flash.prompt_ids(spec) == case["prompt_ids"]
     old = _with_timestamp_bias(flash, case["timestamp_bias"])
     try:
-        out = flash.transcribe(
-            [audios()[i] for i in case["audio"]], "en", batch_size=case["batch_size"], timestamps=True
-        )
+        out = flash.generate([audios()[i] for i in case["audio"]], "en", batch_size=case["batch_size"], timestamps=True)
     finally:
         flash.head.bias = old
     _check_results(out, case)
@@ -126,7 +124,7 @@ SINGLE_CASES = [c for c in golden()["transcribe"] if c["batch_size"] == 1]
 def test_the_continuous_batcher_gives_the_same_timestamps(flash, case):
     old = _with_timestamp_bias(flash, case["timestamp_bias"])
     try:
-        batcher = flash.batcher(max_batch=4)
+        batcher = ContinuousBatcher(flash, max_batch=4)
         items = [WorkItem(audios()[i], PromptSpec("en", "en", timestamps=True)) for i in [0, 1, 2, *case["audio"]]]
         batcher.submit(items)
         while len(batcher):
@@ -148,13 +146,13 @@ def test_timestamp_support_follows_prompt_format_and_tokenizer(flash, v1):
     assert has_timestamp_tokens(flash.tokenizer)
     assert not v1.supports_timestamps and v1.timestamp_source is None
     with pytest.raises(CanaryError, match="timestamps"):
-        v1.transcribe(audios()[0], "en", timestamps=True)
+        v1.generate(audios()[0], "en", timestamps=True)
     # the canary-1b-v2 hook: a config carrying a CTC aligner gets its timestamps from it, never from the prompt
     ctc_cfg = dataclasses.make_dataclass("Cfg", [("prompt_format", str), ("timestamps_ctc", str)])("canary2", "x")
     assert timestamp_source(ctc_cfg, flash.tokenizer) == "ctc"
 
 
 def test_without_timestamps_the_results_carry_none(flash):
-    res = flash.transcribe(audios()[0], "en")
+    res = flash.generate(audios()[0], "en")
     assert res.words == [] and res.segments == []
     assert flash.prompt_ids(PromptSpec("en", "en"))[-2] != flash.prompt_ids(PromptSpec("en", "en", timestamps=True))[-2]

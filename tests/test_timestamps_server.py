@@ -9,13 +9,13 @@ from __future__ import annotations
 import openai
 import pytest
 from openai import OpenAI
-from server_fakes import SR, FakeCanary, running_server, tone, wait_ready, wav_bytes
 
+from canary_server.pipeline.chunking import split_audio
+from canary_server.pipeline.engine import Engine
+from canary_server.server.app import create_app
+from canary_server.server.settings import Settings
 from conftest import ESPEAK_CLIPS, FIXTURES
-from server.app import create_app
-from server.chunking import split_audio
-from server.engine import Engine
-from server.settings import Settings
+from server_fakes import SR, FakeCanary, fake_batcher, running_server, tone, wait_ready, wav_bytes
 
 SDK_SEGMENT_FIELDS = {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                       "compression_ratio", "no_speech_prob"}  # fmt: skip
@@ -37,7 +37,7 @@ def fake():
 @pytest.fixture(scope="module")
 def client(fake):
     settings = Settings(model="/models/fake-canary", chunk_seconds=CHUNK_SECONDS, max_audio_seconds=60)
-    yield from _serve(settings, Engine(lambda: fake, batch_size=4))
+    yield from _serve(settings, Engine(lambda: fake, batcher=fake_batcher, batch_size=4))
 
 
 def _long() -> tuple[bytes, list]:
@@ -128,7 +128,7 @@ def test_espeak_model_answers_word_and_segment_granularities_in_the_sdk_shapes(e
 
 @pytest.fixture(scope="module")
 def v1_client(tmp_path_factory):
-    from convert import convert_nemo
+    from canary_server.convert import convert_nemo
 
     path = convert_nemo(FIXTURES / "v1_agg" / "model.nemo", tmp_path_factory.mktemp("v1") / "canary-1b-like")
     yield from _serve(Settings(model=str(path), chunk_seconds=CHUNK_SECONDS))

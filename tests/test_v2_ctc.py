@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-import model
-from convert import ConversionError, convert_nemo
-from convert.mapping import ctc_expected_shapes
-from model.errors import CanaryError
+from canary_server import model
+from canary_server.convert import ConversionError, convert_nemo
+from canary_server.convert.mapping import ctc_expected_shapes
+from canary_server.model.errors import CanaryError
+from canary_server.pipeline.scheduler import ContinuousBatcher
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V2_CTC = FIXTURES / "v2_ctc"
@@ -87,7 +88,7 @@ def test_a_nemo_without_the_bundled_model_converts_as_before(tmp_path: Path, aud
     m = model.load(out)
     assert m.timestamps_model is None and m.timestamp_source is None
     with pytest.raises(CanaryError, match="does not produce timestamps"):
-        m.transcribe(audio[0], timestamps=True)
+        m.generate(audio[0], timestamps=True)
 
 
 def test_the_loaded_model_times_words_with_its_ctc_aligner(v2: model.Canary):
@@ -165,7 +166,7 @@ def test_transcribe_with_timestamps_matches_nemo(v2: model.Canary, audio, case: 
     pnc = case["kwargs"]["pnc"] == "yes"
     prompt = v2.prompt_ids(model.prompt.PromptSpec("en", "en", pnc=pnc))  # <|notimestamp|>, as NeMo forces
     assert prompt == case["prompt_ids"]
-    results = v2.transcribe([audio[i] for i in case["audio"]], batch_size=case["batch_size"], pnc=pnc, timestamps=True)
+    results = v2.generate([audio[i] for i in case["audio"]], batch_size=case["batch_size"], pnc=pnc, timestamps=True)
     for k, (res, want) in enumerate(zip(results, case["items"], strict=True)):
         assert res.tokens == want["tokens"]
         # NeMo's single-audio call goes through its chunk merge, which strips hyp.text; times are unaffected
@@ -185,12 +186,12 @@ def test_forced_alignment_of_a_text_matches_nemo(v2: model.Canary, audio, case: 
 @pytest.mark.parametrize("case", [c for c in GOLDEN["transcribe"] if c["batch_size"] == 1], ids=lambda c: c["name"])
 def test_the_servers_batcher_times_words_with_the_ctc_aligner_like_nemo(v2: model.Canary, audio, case: dict):
     """The engine path: <|notimestamp|> prompt, then CTC alignment of each item, as NeMo does for one file."""
-    from model.batching import WorkItem
+    from canary_server.pipeline.scheduler import WorkItem
 
     assert v2.supports_timestamps
     pnc = case["kwargs"]["pnc"] == "yes"
     item = WorkItem(audio[case["audio"][0]], model.prompt.PromptSpec("en", "en", pnc=pnc, timestamps=True))
-    batcher = v2.batcher()
+    batcher = ContinuousBatcher(v2)
     batcher.submit([item])
     while len(batcher):
         batcher.step()

@@ -9,13 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from server import formats
-from server.deps import get_settings, ready_engine
-from server.engine import Engine
-from server.errors import ApiError, ErrorRoute, to_api_error
-from server.schemas import ResponseFormat, TranscribeOptions, TranscriptResult
-from server.settings import Settings
-from server.transcriber import check_language, stream_bytes, transcribe_bytes
+from canary_server.pipeline import Pipeline, TextDelta, TranscribeOptions, TranscriptResult, formats
+from canary_server.pipeline.formats import ResponseFormat
+from canary_server.server.deps import get_settings, ready_pipeline
+from canary_server.server.disconnect import unless_disconnected
+from canary_server.server.errors import ApiError, ErrorRoute, to_api_error
+from canary_server.server.settings import Settings
 
 router = APIRouter(route_class=ErrorRoute)
 
@@ -37,15 +36,11 @@ def _check_model(name: str, settings: Settings) -> None:
 
 
 def _render(result: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> Response:
-    if fmt is ResponseFormat.json:
-        return JSONResponse(formats.render_json(result, with_logprobs))
-    if fmt is ResponseFormat.verbose_json:
-        return JSONResponse(formats.render_verbose_json(result))
-    if fmt is ResponseFormat.text:
-        return PlainTextResponse(formats.render_text(result))
-    if fmt is ResponseFormat.srt:
-        return PlainTextResponse(formats.render_srt(result), media_type="application/x-subrip")
-    return PlainTextResponse(formats.render_vtt(result), media_type="text/vtt")
+    body = formats.render(result, fmt, with_logprobs)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    media = {ResponseFormat.srt: "application/x-subrip", ResponseFormat.vtt: "text/vtt"}.get(fmt, "text/plain")
+    return PlainTextResponse(body, media_type=media)
 
 
 def _wants_logprobs(include: list[str] | None, fmt: ResponseFormat) -> bool:
@@ -57,31 +52,22 @@ def _wants_logprobs(include: list[str] | None, fmt: ResponseFormat) -> bool:
     return bool(include)
 
 
-async def _stream(
-    request: Request, engine: Engine, file: UploadFile, options: TranscribeOptions, with_logprobs: bool
-) -> StreamingResponse:
+async def _stream(pipeline: Pipeline, data: bytes, options: TranscribeOptions, with_logprobs: bool) -> Response:
     """SSE: `transcript.text.delta` as the decoder produces text, then `transcript.text.done`.
 
     The first event is awaited before answering, so bad audio, a full queue or a loading model still get a
     proper status code. A client that goes away closes the generator, which cancels the engine work."""
-    settings: Settings = request.app.state.settings
-    events = stream_bytes(
-        engine,
-        request.app.state.decode_audio,
-        await file.read(),
-        options,
-        chunk_seconds=settings.chunk_seconds,
-        max_audio_seconds=settings.max_audio_seconds,
-    )
+    events = pipeline.stream(data, options)
     first = await anext(events)
 
     async def body() -> AsyncIterator[str]:
         try:
             event = first
             while True:
-                kind, value = event
-                yield formats.sse_delta(value) if kind == "delta" else formats.sse_done(value, with_logprobs)
-                if kind == "done":
+                if isinstance(event, TextDelta):
+                    yield formats.sse_delta(event.text)
+                else:
+                    yield formats.sse_done(event, with_logprobs)
                     return
                 event = await anext(events)
         except Exception as exc:  # after the 200 header: the error travels as an SSE event
@@ -99,17 +85,8 @@ def _wants_timestamps(fmt: ResponseFormat, granularities: set[str]) -> bool:
     return fmt is ResponseFormat.verbose_json and bool(granularities)
 
 
-async def _run(request: Request, engine: Engine, file: UploadFile, options: TranscribeOptions) -> TranscriptResult:
-    settings: Settings = request.app.state.settings
-    return await transcribe_bytes(
-        engine,
-        request.app.state.decode_audio,
-        await file.read(),
-        options,
-        chunk_seconds=settings.chunk_seconds,
-        max_audio_seconds=settings.max_audio_seconds,
-        request=request,
-    )
+async def _run(request: Request, pipeline: Pipeline, file: UploadFile, options: TranscribeOptions) -> TranscriptResult:
+    return await unless_disconnected(request, pipeline.transcribe(await file.read(), options))
 
 
 @router.post("/audio/transcriptions")
@@ -135,8 +112,8 @@ async def create_transcription(
         raise ApiError(400, f"unknown timestamp granularity {g!r}", param="timestamp_granularities")
     if stream and response_format not in (ResponseFormat.json, ResponseFormat.text):
         raise ApiError(400, "stream=true needs response_format json or text", param="stream")
-    engine = ready_engine(request)
-    if "word" in granularities and not engine.info.supports_timestamps:
+    pipeline = ready_pipeline(request)
+    if "word" in granularities and not pipeline.info.supports_timestamps:
         raise ApiError(
             400,
             "word timestamps are not available for this model: it has no timestamp output "
@@ -144,12 +121,16 @@ async def create_transcription(
             param="timestamp_granularities",
             code="unsupported_value",
         )
-    source = check_language(engine, language or settings.default_language, "language")
-    target = check_language(engine, target_language or source, "target_language")
-    options = TranscribeOptions(source, target, pnc, prompt or None, _wants_timestamps(response_format, granularities))
+    options = pipeline.options(
+        language or settings.default_language,
+        target_language,
+        pnc=pnc,
+        context=prompt,
+        timestamps=_wants_timestamps(response_format, granularities),
+    )
     if stream:
-        return await _stream(request, engine, file, options, with_logprobs)
-    result = await _run(request, engine, file, options)
+        return await _stream(pipeline, await file.read(), options, with_logprobs)
+    result = await _run(request, pipeline, file, options)
     if "word" not in granularities:
         result = dataclasses.replace(result, words=None)
     return _render(result, response_format, with_logprobs)
@@ -169,9 +150,12 @@ async def create_translation(
 ) -> Response:
     """Translate to English; the source language comes from `language` or the configured default."""
     _check_model(model, settings)
-    engine = ready_engine(request)
-    source = check_language(engine, language or settings.default_language, "language")
-    target = check_language(engine, "en", "target_language")
-    timestamps = _wants_timestamps(response_format, set())
-    result = await _run(request, engine, file, TranscribeOptions(source, target, pnc, prompt or None, timestamps))
-    return _render(result, response_format)
+    pipeline = ready_pipeline(request)
+    options = pipeline.options(
+        language or settings.default_language,
+        "en",
+        pnc=pnc,
+        context=prompt,
+        timestamps=_wants_timestamps(response_format, set()),
+    )
+    return _render(await _run(request, pipeline, file, options), response_format)

@@ -5,19 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.engine import Engine, EngineState
-from server.errors import ErrorRoute
-from server.schemas import Health
+from canary_server.pipeline import Pipeline
+from canary_server.pipeline.engine import EngineState
+from canary_server.server.errors import ErrorRoute
+from canary_server.server.schemas import Health
 
 router = APIRouter(route_class=ErrorRoute)
 
 
 @router.get("/health", response_model=Health)
 async def health(request: Request) -> JSONResponse:
-    engine: Engine = request.app.state.engine
+    pipeline: Pipeline = request.app.state.pipeline
+    engine = pipeline.engine
     body = Health(
         status="ok" if engine.state is EngineState.READY else engine.state.value,
         model=request.app.state.settings.model_id,
         error=str(engine.error) if engine.error is not None else None,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if engine.ready else 503)
+    return JSONResponse(body.model_dump(), status_code=200 if pipeline.ready else 503)

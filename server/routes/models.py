@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from server.deps import get_settings
-from server.errors import ApiError, ErrorRoute
-from server.schemas import ModelCard, ModelList
-from server.settings import Settings
+from canary_server.server.deps import get_settings
+from canary_server.server.errors import ApiError, ErrorRoute
+from canary_server.server.schemas import ModelCard, ModelList
+from canary_server.server.settings import Settings
 
 router = APIRouter(route_class=ErrorRoute)
 

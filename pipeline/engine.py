@@ -1,7 +1,7 @@
 """The inference engine: one dedicated thread loads the model and makes every MLX call.
 
 Requests are submitted from the event loop and awaited as asyncio futures, so the loop never blocks on MLX.
-Every request, and every chunk of a long one, becomes a work item of the model's `ContinuousBatcher`: the
+Every request, and every chunk of a long one, becomes a work item of the scheduler (`ContinuousBatcher`): the
 encoder runs on padded batches of waiting items, and one decoder loop advances all active sequences together;
 a finished sequence leaves at once and a waiting one joins at the next step, so a short request never waits
 for a long file. Items are admitted shortest-request-first. A failing request fails alone; a cancelled one
@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from canary_server.pipeline.errors import EngineBusy, EngineNotReady
+
 log = logging.getLogger("canary.engine")
 
 
@@ -32,7 +34,7 @@ class TranscriptionLike(Protocol):
 
 
 class BatcherLike(Protocol):
-    """What the engine drives (`model.batching.ContinuousBatcher`; tests use a fake)."""
+    """What the engine drives (`pipeline.scheduler.ContinuousBatcher`; tests use a fake)."""
 
     def __len__(self) -> int: ...
     def submit(self, items: list[Any]) -> None: ...
@@ -48,7 +50,14 @@ class ModelLike(Protocol):
     sample_rate: int
     config: Any
 
-    def batcher(self, **kwargs: Any) -> BatcherLike: ...
+
+BatcherFactory = Callable[..., BatcherLike]  # (model, **scheduling settings) -> the batcher the engine drives
+
+
+def default_batcher(model: ModelLike, **kwargs: Any) -> BatcherLike:
+    from canary_server.pipeline.scheduler import ContinuousBatcher
+
+    return ContinuousBatcher(model, **kwargs)
 
 
 class EngineState(str, Enum):
@@ -58,14 +67,6 @@ class EngineState(str, Enum):
     CLOSED = "closed"
 
 
-class EngineNotReady(RuntimeError):
-    """The model is still loading, failed to load, or the engine is shut down."""
-
-
-class EngineBusy(RuntimeError):
-    """Too many requests are queued; the client should retry later (429)."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """Plain facts about the loaded model, copied off the engine thread once."""
@@ -73,7 +74,8 @@ class ModelInfo:
     languages: tuple[str, ...]
     sample_rate: int
     prompt_format: str
-    supports_timestamps: bool = False  # word/segment times from the model (flash models' timestamp tokens)
+    supports_timestamps: bool = False  # word/segment times (flash models' timestamp tokens, v2's CTC aligner)
+    default_language: str = "en"  # the model's prompt default source language
 
     @property
     def supports_context(self) -> bool:
@@ -112,6 +114,7 @@ class _Job:
     results: dict[int, Any] = field(default_factory=dict)
     started: bool = False
     stream: _Stream | None = None
+    beam_size: int | None = None  # None: the engine's
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -136,17 +139,21 @@ class Engine:
         self,
         loader: Callable[[], ModelLike],
         *,
+        batcher: BatcherFactory = default_batcher,
         batch_size: int = 16,
         encode_seconds: float = 30.0,
         max_queue: int = 64,
         beam_size: int | None = None,
         length_penalty: float | None = None,
+        long_request_share: float | None = None,
     ) -> None:
         self._loader = loader
+        self._batcher_factory = batcher
         self.batch_size = batch_size
         self.encode_seconds = encode_seconds
         self.max_queue = max_queue
         self.beam_size, self.length_penalty = beam_size, length_penalty
+        self.long_request_share = long_request_share
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="canary-model", daemon=True)
         self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
@@ -190,23 +197,30 @@ class Engine:
         pnc: bool,
         context: str | None,
         timestamps: bool = False,
+        beam_size: int | None = None,
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
         Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch."""
-        job = self._new_job(audios, source_lang, target_lang, pnc, context, timestamps=timestamps)
+        job = self._new_job(audios, source_lang, target_lang, pnc, context, timestamps=timestamps, beam_size=beam_size)
         try:
             return await job.future
         finally:
             self._release()
 
     async def stream_batch(
-        self, audios: Sequence[np.ndarray], source_lang: str, target_lang: str, pnc: bool, context: str | None
+        self,
+        audios: Sequence[np.ndarray],
+        source_lang: str,
+        target_lang: str,
+        pnc: bool,
+        context: str | None,
+        beam_size: int | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Like `transcribe_batch`, yielding text deltas as the decoder produces them, then a `done` event.
 
         Closing the iterator early (client disconnect) cancels the request."""
-        job = self._new_job(audios, source_lang, target_lang, pnc, context, stream=True)
+        job = self._new_job(audios, source_lang, target_lang, pnc, context, stream=True, beam_size=beam_size)
         try:
             while True:
                 getter = asyncio.ensure_future(job.stream.queue.get())
@@ -225,9 +239,17 @@ class Engine:
             self._release()
 
     def _new_job(
-        self, audios, source_lang, target_lang, pnc, context, stream: bool = False, timestamps: bool = False
+        self,
+        audios,
+        source_lang,
+        target_lang,
+        pnc,
+        context,
+        stream: bool = False,
+        timestamps: bool = False,
+        beam_size: int | None = None,
     ) -> _Job:
-        from model.prompt import PromptSpec
+        from canary_server.model.prompt import PromptSpec
 
         if not self.ready:
             raise EngineNotReady(self.not_ready_message())
@@ -238,7 +260,7 @@ class Engine:
             self._open_jobs += 1
         loop = asyncio.get_running_loop()
         spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
-        job = _Job(list(audios), spec, loop, loop.create_future())
+        job = _Job(list(audios), spec, loop, loop.create_future(), beam_size=beam_size)
         if stream:
             job.stream = _Stream(asyncio.Queue())
         job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
@@ -265,15 +287,18 @@ class Engine:
                 sample_rate=int(model.sample_rate),
                 prompt_format=str(getattr(model.config, "prompt_format", "canary")),
                 supports_timestamps=bool(getattr(model, "supports_timestamps", False)),
+                default_language=str(getattr(model.config, "prompt_defaults", {}).get("source_lang", "en")),
             )
             decoding = getattr(model.config, "decoding", None)
-            batcher = model.batcher(
+            batcher = self._batcher_factory(
+                model,
                 max_batch=self.batch_size,
                 encode_seconds=self.encode_seconds,
                 beam_size=self.beam_size or getattr(decoding, "beam_size", 1),
                 length_penalty=self.length_penalty
                 if self.length_penalty is not None
                 else getattr(decoding, "length_penalty", 0.0),
+                **({} if self.long_request_share is None else {"long_request_share": self.long_request_share}),
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and 503s
             log.exception("model failed to load")
@@ -314,11 +339,14 @@ class Engine:
                 return items
 
     def _submit(self, batcher: BatcherLike, job: _Job) -> None:
-        from model.batching import WorkItem
+        from canary_server.pipeline.scheduler import WorkItem
 
         seconds = sum(a.shape[0] for a in job.audios) / self.info.sample_rate
         # Shortest request first: a 5 s clip is admitted before the remaining chunks of a long file.
-        job.items = [WorkItem(a, job.spec, tag=(job, i), priority=seconds, group=job) for i, a in enumerate(job.audios)]
+        job.items = [
+            WorkItem(a, job.spec, tag=(job, i), priority=seconds, group=job, beam_size=job.beam_size)
+            for i, a in enumerate(job.audios)
+        ]
         self._jobs.append(job)
         batcher.submit(job.items)
 
@@ -377,12 +405,11 @@ class Engine:
                 job.deliver(error=error)
 
 
-def load_model(settings: Any) -> ModelLike:
-    """Resolve the configured model (converting it on first boot) and load it. Runs on the engine thread."""
-    import model
-    from convert.cache import resolve_model
+def load_model(spec: str, cache_dir: Any = None, dtype: str = "auto") -> ModelLike:
+    """Resolve a MODEL spec (converting a .nemo on first use) and load it. Runs on the engine thread."""
+    from canary_server import model
+    from canary_server.convert.cache import resolve_model
 
-    path = resolve_model(settings.model, cache_dir=settings.cache_dir)
+    path = resolve_model(spec, cache_dir=cache_dir)
     log.info("loading model from %s", path)
-    dtype = None if settings.dtype == "auto" else settings.dtype
-    return model.load(path, dtype=dtype or model.default_dtype())
+    return model.load(path, dtype=model.default_dtype() if dtype == "auto" else dtype)

@@ -1,10 +1,14 @@
-"""`canary-server serve`: read settings, build the app, run uvicorn."""
+"""`canary-server serve`: read settings, build the HTTP app over the pipeline, run uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 
-from server.settings import Settings
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_serve_arguments(p)
+    p.set_defaults(func=run)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,15 +18,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="bind port (default 8000)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace):
     """Flags override environment variables, which override the TOML file."""
+    from canary_server.server.settings import Settings
+
     return Settings.load(args.config, model=args.model, host=args.host, port=args.port)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from canary_server.server.app import create_app
 
     settings = settings_from_args(args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

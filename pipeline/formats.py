@@ -1,19 +1,73 @@
-"""Renderers for each `response_format`: json, text, srt, vtt, verbose_json, and the SSE stream."""
+"""OpenAI's transcript formats (json, text, srt, vtt, verbose_json) and stream events, rendered from a
+`TranscriptResult`: the same bodies whichever front door (HTTP, the CLI) asked for them."""
 
 from __future__ import annotations
 
 import json
 import zlib
+from enum import Enum
+from typing import Literal
 
-from server.schemas import (
-    DurationUsage,
-    LogprobJson,
-    TranscriptionJson,
-    TranscriptionVerbose,
-    TranscriptResult,
-    VerboseSegment,
-    VerboseWord,
-)
+from pydantic import BaseModel
+
+from canary_server.pipeline.results import TranscriptResult
+
+
+class ResponseFormat(str, Enum):
+    json = "json"
+    text = "text"
+    srt = "srt"
+    vtt = "vtt"
+    verbose_json = "verbose_json"
+
+
+class DurationUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class LogprobJson(BaseModel):
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+class TranscriptionJson(BaseModel):
+    text: str
+    logprobs: list[LogprobJson] | None = None
+    usage: DurationUsage | None = None
+
+
+class VerboseSegment(BaseModel):
+    """Every field the SDK's `TranscriptionSegment` requires. Values Canary has no notion of are neutral."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float
+    no_speech_prob: float = 0.0
+
+
+class VerboseWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe", "translate"]
+    language: str  # a name, as OpenAI sends it ("english")
+    duration: float
+    text: str
+    segments: list[VerboseSegment]
+    words: list[VerboseWord] | None = None
+    usage: DurationUsage
+
 
 # ISO-639-1 -> the language name OpenAI puts in verbose_json ("english"). Covers every Canary language.
 LANGUAGE_NAMES = {
@@ -103,6 +157,17 @@ def render_verbose_json(r: TranscriptResult) -> dict:
         words=words,
         usage=DurationUsage(seconds=round(r.duration, 3)),
     ).model_dump(exclude_none=True)
+
+
+def render(r: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> dict | str:
+    """The body of `fmt`: a dict for json / verbose_json, text for the others."""
+    if fmt is ResponseFormat.json:
+        return render_json(r, with_logprobs)
+    if fmt is ResponseFormat.verbose_json:
+        return render_verbose_json(r)
+    if fmt is ResponseFormat.text:
+        return render_text(r)
+    return render_srt(r) if fmt is ResponseFormat.srt else render_vtt(r)
 
 
 def sse_delta(delta: str) -> str:

@@ -1,0 +1,121 @@
+"""`canary-server transcribe`: files of any length through the same pipeline and renderers as the server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from canary_server.cli.convert import DTYPES
+
+FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
+EXTENSIONS = {"text": "txt", "json": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transcribe",
+        help="transcribe or translate audio files (any length: cut at pauses like the server)",
+        description="Transcribe or translate audio files. Long audio is cut at pauses and decoded exactly as the "
+        "server does; every --format gives the server's body for that response_format.",
+    )
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, m4a, mp4, webm, ...)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="converted model directory, .nemo file (converted once into the cache) or Hugging Face repo id",
+    )
+    p.add_argument("--language", default=None, help="source language code (default: the model's default)")
+    p.add_argument("--target-language", default=None, help="output language; differs from --language = translation")
+    p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
+    p.add_argument("--prompt", default=None, help="decoder context text (canary2-format models; ignored otherwise)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text: the transcript; json / verbose_json: the server's body, one JSON line per file (with 'file'); "
+        "srt / vtt: subtitles (default: text)",
+    )
+    p.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json "
+        "(srt/vtt always use the model's times where it has them)",
+    )
+    p.add_argument("--output-dir", default=None, help="write <name>.<ext> per input there instead of to stdout")
+    p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: the model's decoding)")
+    p.add_argument(
+        "--chunk-seconds", type=float, default=30.0, help="longest piece decoded at once, <= 40 (default: 30)"
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on Metal, else fp32)")
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace, parser_error) -> None:
+    if args.timestamps and args.format in ("text", "json"):
+        parser_error("--timestamps needs --format verbose_json, srt or vtt (text and json carry no times)")
+    if args.format in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
+        parser_error(f"--format {args.format} with several files needs --output-dir")
+    if not 0 < args.chunk_seconds <= 40:
+        parser_error("--chunk-seconds must be in (0, 40]")
+    if args.batch_size < 1:
+        parser_error("--batch-size must be at least 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    from canary_server.model.errors import CanaryError
+    from canary_server.pipeline import Transcriber
+    from canary_server.pipeline.formats import ResponseFormat, render
+    from canary_server.pipeline.options import PipelineConfig
+
+    def parser_error(message: str) -> None:
+        raise CanaryError(message)
+
+    _check(args, parser_error)
+    fmt = ResponseFormat(args.format)
+    config = PipelineConfig(chunk_seconds=args.chunk_seconds, batch_size=max(args.batch_size, 1))
+    with Transcriber(args.model, cache_dir=args.cache_dir, dtype=args.dtype or "auto", config=config) as m:
+        results = m.transcribe(
+            list(args.audio),
+            source_lang=args.language,
+            target_lang=args.target_language,
+            pnc=not args.no_pnc,
+            context=args.prompt,
+            batch_size=args.batch_size,
+            beam_size=args.beam_size,
+            # the server asks the model for times exactly when the response shows them
+            timestamps=args.timestamps or fmt in (ResponseFormat.srt, ResponseFormat.vtt),
+        )
+    for path, result in zip(args.audio, results, strict=True):
+        if fmt is ResponseFormat.verbose_json and not args.timestamps:
+            result = _without_words(result)
+        body = render(result, fmt)
+        _emit(path, body, args)
+    return 0
+
+
+def _without_words(result):
+    import dataclasses
+
+    return dataclasses.replace(result, words=None)
+
+
+def _emit(path: str, body: dict | str, args: argparse.Namespace) -> None:
+    if isinstance(body, dict):
+        text = json.dumps(body if args.output_dir else {"file": path, **body}, ensure_ascii=False)
+        text += "\n"
+    else:
+        text = body
+    if args.output_dir is None:
+        sys.stdout.write(text)
+        return
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{Path(path).stem}.{EXTENSIONS[args.format]}"
+    target.write_text(text, encoding="utf-8")
+    print(target, file=sys.stderr)

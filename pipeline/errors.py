@@ -1,0 +1,27 @@
+"""Errors the pipeline raises for a request; every front door maps them to its own error shape.
+
+Input errors subclass `canary_server.model.errors.CanaryError` (a ValueError), like the model's own
+(`UnsupportedLanguageError`, `AudioDecodeError`), so "the caller's fault" is one class to catch.
+"""
+
+from __future__ import annotations
+
+from canary_server.model.errors import CanaryError
+
+
+class InvalidAudio(CanaryError):
+    """Empty, silent-by-construction or otherwise unusable audio (after it decoded)."""
+
+
+class AudioTooLong(CanaryError):
+    def __init__(self, seconds: float, limit: float) -> None:
+        self.seconds, self.limit = seconds, limit
+        super().__init__(f"audio is {seconds:.1f} s long; this server accepts at most {limit:g} s")
+
+
+class EngineNotReady(RuntimeError):
+    """The model is still loading, failed to load, or the engine is shut down."""
+
+
+class EngineBusy(RuntimeError):
+    """Too many requests are queued; the caller should retry later."""

@@ -1,0 +1,37 @@
+"""What a caller asks of the pipeline: per request (`TranscribeOptions`) and per process (`PipelineConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from canary_server.pipeline.fairness import DEFAULT_SHARE
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """A validated request: what to decode and how."""
+
+    source_lang: str
+    target_lang: str
+    pnc: bool = True
+    context: str | None = None  # decoder context (canary2 models; dropped for others)
+    timestamps: bool = False  # ask the model for word/segment times (only when the caller shows them)
+
+    @property
+    def task(self) -> Literal["transcribe", "translate"]:
+        return "transcribe" if self.source_lang == self.target_lang else "translate"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Limits and scheduling of one pipeline (the server's settings of the same names)."""
+
+    chunk_seconds: float = 30.0  # longest piece decoded at once; longer audio is cut at pauses
+    max_audio_seconds: float = 3600.0  # longer audio is refused, never truncated
+    batch_size: int = 16  # most sequences decoded together
+    encode_batch_seconds: float = 30.0  # most seconds of audio in one encoder batch
+    max_queued_requests: int = 64  # requests accepted at once; more are refused (EngineBusy)
+    beam_size: int | None = None  # None: the model's own decoding config
+    length_penalty: float | None = None  # None: the model's
+    long_request_share: float = DEFAULT_SHARE  # engine time kept by work deferred for shorter requests

@@ -1,0 +1,208 @@
+"""One pipeline beneath every front door: audio in -> limits -> cutting at pauses -> the engine -> a transcript.
+
+`Pipeline` owns the engine (its thread loads the model and makes every MLX call). Front doors (HTTP routes, the
+CLI, the Python API, Wyoming) validate their own input format, build `TranscribeOptions` with
+`Pipeline.options()`, then await `transcribe()` or iterate `stream()`; they only render what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from canary_server.model.errors import UnsupportedLanguageError
+from canary_server.pipeline.chunking import Chunk, split_audio
+from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
+from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio
+from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
+from canary_server.pipeline.results import TranscriptResult, assemble
+
+AudioInput = bytes | bytearray | memoryview | str | Path | np.ndarray  # encoded file, path, or 16 kHz float32
+AudioDecoder = Callable[[bytes], np.ndarray]
+
+
+def default_decoder() -> AudioDecoder:
+    from canary_server.model.audio import load_audio
+
+    return load_audio
+
+
+@dataclass(frozen=True)
+class PreparedAudio:
+    """Decoded, validated and cut audio of one request, with what to ask of the model."""
+
+    chunks: list[Chunk]
+    duration: float
+    options: TranscribeOptions
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """More text of a streamed transcript (chunks in order, separated by one space)."""
+
+    text: str
+
+
+class Pipeline:
+    """Limits, cutting and joining around one `Engine`. Use from one event loop at a time per call; any number
+    of calls may be in flight together (they share the engine's continuous batching)."""
+
+    def __init__(
+        self,
+        loader: Callable[[], ModelLike] | None = None,
+        config: PipelineConfig | None = None,
+        *,
+        engine: Engine | None = None,
+        decode_audio: AudioDecoder | None = None,
+    ) -> None:
+        self.config = config or PipelineConfig()
+        if engine is None:
+            if loader is None:
+                raise ValueError("Pipeline needs a model loader or an engine")
+            engine = Engine(
+                loader,
+                batch_size=self.config.batch_size,
+                encode_seconds=self.config.encode_batch_seconds,
+                max_queue=self.config.max_queued_requests,
+                beam_size=self.config.beam_size,
+                length_penalty=self.config.length_penalty,
+                long_request_share=self.config.long_request_share,
+            )
+        self.engine = engine
+        self.decode_audio = decode_audio or default_decoder()
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.engine.start()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    @property
+    def state(self) -> EngineState:
+        return self.engine.state
+
+    @property
+    def info(self) -> ModelInfo:
+        """Facts about the loaded model; raises EngineNotReady while it loads (or if it failed)."""
+        if not self.engine.ready or self.engine.info is None:
+            raise EngineNotReady(self.engine.not_ready_message())
+        return self.engine.info
+
+    async def wait_ready(self) -> ModelInfo:
+        """Wait until the model is loaded; raises EngineNotReady if loading failed."""
+        while self.engine.state is EngineState.LOADING:
+            await asyncio.sleep(0.01)
+        return self.info
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def check_language(self, language: str, role: str = "language") -> str:
+        """A language the loaded model supports, else UnsupportedLanguageError listing the ones it does."""
+        supported = list(self.info.languages)
+        if language not in supported:
+            raise UnsupportedLanguageError(language, supported, role)
+        return language
+
+    def options(
+        self,
+        language: str,
+        target_language: str | None = None,
+        *,
+        pnc: bool = True,
+        context: str | None = None,
+        timestamps: bool = False,
+        language_role: str = "language",
+        target_role: str = "target_language",
+    ) -> TranscribeOptions:
+        """Validated options: languages the model supports; context and timestamps only where the model has
+        them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner)."""
+        info = self.info
+        source = self.check_language(language, language_role)
+        target = self.check_language(target_language or source, target_role)
+        return TranscribeOptions(
+            source,
+            target,
+            pnc,
+            (context or None) if info.supports_context else None,
+            timestamps and info.supports_timestamps,
+        )
+
+    async def prepare(self, audio: AudioInput, options: TranscribeOptions) -> PreparedAudio:
+        """Decode (off the event loop), check the limits, cut at pauses."""
+        samples = await self._samples(audio)
+        sample_rate = self.info.sample_rate
+        duration = len(samples) / sample_rate
+        if len(samples) == 0:
+            raise InvalidAudio("the audio contains no samples")
+        if duration > self.config.max_audio_seconds:
+            raise AudioTooLong(duration, self.config.max_audio_seconds)
+        return PreparedAudio(split_audio(samples, sample_rate, self.config.chunk_seconds), duration, options)
+
+    async def _samples(self, audio: AudioInput) -> np.ndarray:
+        if isinstance(audio, np.ndarray):
+            if audio.ndim != 1:
+                raise InvalidAudio(f"audio arrays must be 1-D float32 at 16 kHz, got shape {audio.shape}")
+            return audio.astype(np.float32, copy=False)
+        if isinstance(audio, str | Path):
+            path = Path(audio)
+            if not path.is_file():
+                raise InvalidAudio(f"audio file not found: {path}")
+            audio = await asyncio.to_thread(path.read_bytes)
+        if not audio:
+            raise InvalidAudio("the audio file is empty")
+        # Decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free.
+        return await asyncio.to_thread(self.decode_audio, bytes(audio))
+
+    async def transcribe(
+        self, audio: AudioInput | PreparedAudio, options: TranscribeOptions, *, beam_size: int | None = None
+    ) -> TranscriptResult:
+        """The whole transcript of one input. Cancelling the awaiting task removes its work from the engine.
+        `beam_size`: None for the engine's decoding (the model's config unless the settings override it)."""
+        prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
+        o = prepared.options
+        results = await self.engine.transcribe_batch(*self._engine_args(prepared), o.timestamps, beam_size)
+        return self._assemble(prepared, results)
+
+    async def stream(
+        self, audio: AudioInput | PreparedAudio, options: TranscribeOptions, *, beam_size: int | None = None
+    ) -> AsyncIterator[TextDelta | TranscriptResult]:
+        """`TextDelta`s as the decoder produces text, then the `TranscriptResult`. Errors before the first event
+        (bad audio, busy, loading) raise from the first `__anext__`; closing the iterator cancels the work.
+        With beam search the text comes at the end of each chunk (beams are only final then)."""
+        prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
+        events = self.engine.stream_batch(*self._engine_args(prepared), beam_size)
+        try:
+            async for event in events:
+                if event.kind == "delta":
+                    yield TextDelta(event.delta)
+                else:
+                    yield self._assemble(prepared, event.results)
+        finally:
+            await events.aclose()
+
+    @staticmethod
+    def _engine_args(prepared: PreparedAudio) -> tuple[Any, ...]:
+        o = prepared.options
+        return [c.audio for c in prepared.chunks], o.source_lang, o.target_lang, o.pnc, o.context
+
+    @staticmethod
+    def _assemble(prepared: PreparedAudio, results: list[Any]) -> TranscriptResult:
+        o = prepared.options
+        return assemble(
+            prepared.chunks,
+            results,
+            duration=prepared.duration,
+            language=o.target_lang,
+            task=o.task,
+            source_language=o.source_lang,
+            timestamps=o.timestamps,
+        )

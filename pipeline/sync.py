@@ -1,0 +1,129 @@
+"""The blocking Python API (and the CLI's): a `Pipeline` driven from a private event loop thread.
+
+    import canary_server
+    m = canary_server.load("./canary-180m-flash-mlx")
+    r = m.transcribe("talk.wav", source_lang="en")      # any length: cut at pauses, decoded together
+    print(r.text, r.segments)
+
+Works from plain scripts and from inside a running event loop (a notebook): calls block the caller, the engine
+and its loop run on their own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from canary_server.pipeline.engine import ModelLike, load_model
+from canary_server.pipeline.options import PipelineConfig
+from canary_server.pipeline.pipeline import AudioInput, Pipeline
+from canary_server.pipeline.results import TranscriptResult
+
+T = TypeVar("T")
+
+
+class Transcriber:
+    """A loaded model behind the full pipeline. `model`: a converted directory, a `.nemo` file (converted once
+    into the cache), a Hugging Face repo id, or an already loaded `canary_server.model.Canary`."""
+
+    def __init__(
+        self,
+        model: str | Path | ModelLike,
+        *,
+        cache_dir: str | Path | None = None,
+        dtype: str = "auto",
+        config: PipelineConfig | None = None,
+    ) -> None:
+        if isinstance(model, str | Path):
+            spec = str(model)
+            loader = lambda: load_model(spec, cache_dir, dtype)  # noqa: E731
+        else:
+            loader = lambda: model  # noqa: E731
+        self.pipeline = Pipeline(loader, config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="canary-api-loop", daemon=True)
+        self._thread.start()
+        self.pipeline.start()
+        try:
+            self._run(self.pipeline.wait_ready())
+        except BaseException:
+            self.close()
+            if self.pipeline.engine.error is not None:  # the load error itself (a bad path, a bad .nemo, ...)
+                raise self.pipeline.engine.error from None
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.pipeline.info.languages)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.pipeline.info.sample_rate
+
+    def transcribe(
+        self,
+        audio: AudioInput | Sequence[AudioInput],
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        pnc: bool = True,
+        context: str | None = None,
+        batch_size: int = 8,
+        beam_size: int | None = None,
+        timestamps: bool = False,
+    ) -> TranscriptResult | list[TranscriptResult]:
+        """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs of any
+        length: paths, encoded bytes, or 16 kHz mono float32 arrays. Long audio is cut at pauses and its pieces
+        decoded together, exactly as the server does. At most `batch_size` inputs are in flight at once;
+        `beam_size` (default: the model's decoding config) picks NeMo's beam search; `timestamps=True` adds
+        word and segment times on models that have them (flash models, canary-1b-v2)."""
+        single = not isinstance(audio, list | tuple)
+        items = [audio] if single else list(audio)
+        language = source_lang or self.pipeline.info.default_language
+        options = self.pipeline.options(
+            language,
+            target_lang,
+            pnc=pnc,
+            context=context,
+            timestamps=timestamps,
+            language_role="source language",
+            target_role="target language",
+        )
+        results = self._run(self._transcribe_all(items, options, max(1, batch_size), beam_size))
+        return results[0] if single else results
+
+    async def _transcribe_all(self, items, options, batch_size: int, beam_size: int | None) -> list[TranscriptResult]:
+        gate = asyncio.Semaphore(batch_size)
+
+        async def one(item: AudioInput) -> TranscriptResult:
+            async with gate:
+                return await self.pipeline.transcribe(item, options, beam_size=beam_size)
+
+        return list(await asyncio.gather(*(one(x) for x in items)))
+
+    def close(self) -> None:
+        """Stop the engine and the private loop (idempotent)."""
+        self.pipeline.close()
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Transcriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(
+    model: str | Path | ModelLike, *, cache_dir: str | Path | None = None, dtype: str = "auto", **config: Any
+) -> Transcriber:
+    """`Transcriber(model, ...)`; extra keyword arguments are `PipelineConfig` fields (chunk_seconds, ...)."""
+    return Transcriber(model, cache_dir=cache_dir, dtype=dtype, config=PipelineConfig(**config))
