@@ -155,7 +155,8 @@ class Engine:
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.long_request_share = long_request_share
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="canary-model", daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
+        self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
         self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
         self._open_jobs = 0  # submitted and not finished, counted from the event loop side
         self._lock = threading.Lock()
@@ -170,9 +171,9 @@ class Engine:
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish running requests, fail queued ones, stop the thread."""
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not self._finished.is_set():
             self._queue.put(_STOP)
-            self._thread.join(timeout)
+            self._finished.wait(timeout)
         self.state = EngineState.CLOSED
 
     @property
@@ -279,6 +280,17 @@ class Engine:
         return "the server is shutting down"
 
     # ---- model thread ----------------------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._finished.set()
+        # Park instead of returning. A thread that exits runs MLX's thread-local destructors, which take the GIL;
+        # when that coincides with interpreter shutdown the thread is force-unwound and the process aborts
+        # ("terminate called without an active exception", 2 of 10 CLI runs). A parked daemon thread holds
+        # nothing (`_run`'s locals are gone) and is simply discarded when the process exits.
+        threading.Event().wait()
+
     def _run(self) -> None:
         try:
             model = self._loader()

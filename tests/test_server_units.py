@@ -18,7 +18,7 @@ from canary_server.pipeline.errors import EngineBusy, EngineNotReady
 from canary_server.pipeline.formats import srt_timestamp, vtt_timestamp
 from canary_server.server.limits import UploadLimitMiddleware
 from canary_server.server.settings import Settings
-from server_fakes import SR, FakeCanary, fake_batcher, tone
+from server_fakes import SR, FakeCanary, fake_batcher, fake_engine, tone
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
 
@@ -269,3 +269,13 @@ def test_a_failing_engine_step_fails_the_requests_in_flight_and_the_engine_goes_
 
     first, second = _with_engine(engine, main)
     assert isinstance(first, RuntimeError) and second.text == "hello world 2.00"
+
+
+def test_a_closed_engines_thread_stays_parked_instead_of_exiting():
+    """An exiting MLX thread runs thread-local destructors that take the GIL; at interpreter shutdown that aborted
+    the process (2 of 10 CLI runs). close() ends the engine loop but the thread must not return."""
+    engine = fake_engine()
+    engine.start()
+    engine.close()
+    assert engine._finished.is_set() and engine._thread.is_alive()
+    assert engine.state.value == "closed"
