@@ -63,7 +63,7 @@ def wav_bytes(audio: np.ndarray) -> bytes:
 class Server:
     """`bench/serve_capped.py` as a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, dtype: str) -> None:
+    def __init__(self, model_dir: Path, dtype: str, extra_env: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -71,6 +71,7 @@ class Server:
         self.stats_file = Path(tempfile.mkstemp(suffix=".json")[1])
         env = dict(os.environ, CANARY_DTYPE=dtype, CANARY_LOG_LEVEL="warning", CANARY_BENCH_STATS=str(self.stats_file))
         env["CANARY_BENCH_TOKENS_PER_SECOND"] = str(TOKENS_PER_SECOND)
+        env.update(extra_env or {})
         cmd = [sys.executable, str(BENCH / "serve_capped.py"), "--model", str(model_dir), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)
 

@@ -18,9 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
-import canary_server  # noqa: F401, I001  (first: preloads OpenBLAS before MLX)
+import canary_server  # noqa: F401  (preloads OpenBLAS before anything imports MLX)
 from canary_server.cli import main
 from canary_server.pipeline import scheduler
 
@@ -35,6 +33,8 @@ def capped_max_new_tokens(m, num_samples: int, prompt_len: int) -> int:
 
 def _write_stats(path: str) -> None:
     """Every half second (the server may be stopped by a signal, so no atexit hook)."""
+    import mlx.core as mx  # after canary_server: its import preloads OpenBLAS
+
     while True:
         Path(path).write_text(json.dumps({"mlx_peak_memory_bytes": mx.get_peak_memory()}))
         time.sleep(0.5)
