@@ -1,6 +1,7 @@
 """Convert NeMo Canary `.nemo` checkpoints into MLX model directories, without PyTorch."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
@@ -26,18 +27,24 @@ def _piece_count(path: Path, member: str) -> int:
 CTC_HEAD = "decoder.decoder_layers.0.weight"
 
 
+def _pieces(path: Path) -> list[str]:
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
 def _convert_timestamps_model(archive: nemo.NemoArchive, staging: Path, dtype: str, sample_rate: int) -> dict:
     """canary-1b-v2's bundled CTC model -> `timestamps/model.safetensors`; returns config.json `timestamps_ctc`.
 
-    Its tokenizer must be byte-identical to the main (unified) one: the converted directory keeps one copy.
-    Never quantized (it is small next to the main model and runs once per utterance)."""
+    Its tokenizer is its own archive member; it must have the main (unified) tokenizer's vocabulary, id for id
+    (the bytes may differ), so the converted directory keeps one copy. Never quantized (it is small next to the
+    main model and runs once per utterance)."""
     ts = archive.timestamps
     if len(archive.tokenizer_files) != 1:
         raise ConversionError("timestamps_asr_model: a bundled CTC model needs the unified (single) tokenizer")
     (main_tok,) = archive.tokenizer_files.values()
     (ctc_tok,) = ts.tokenizer_files.values()
-    if ctc_tok.read_bytes() != main_tok.read_bytes():
-        raise ConversionError("timestamps_asr_model.tokenizer: differs from the main model's tokenizer (not shared)")
+    if _pieces(ctc_tok) != _pieces(main_tok):
+        raise ConversionError("timestamps_asr_model.tokenizer: its vocabulary (id -> piece) differs from the main one")
     state, _ = checkpoint.load_state_dict(ts.weights)
     if CTC_HEAD not in state:
         raise ConversionError(f"timestamps model state dict: no {CTC_HEAD} (the CTC head)")
@@ -61,11 +68,15 @@ def convert_nemo(
     overwrite: bool = False,
     quantize: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    timestamps_model: bool = True,
 ) -> Path:
     """Convert a `.nemo` file into an MLX model directory (ARCHITECTURE.md) and return its path.
 
     `quantize` (8 or 4 bits): MLX affine quantization, in groups of `group_size`, of the linear layers whose
     input dim is a multiple of `group_size`; everything else stays in `dtype` (see model/quantize.py).
+
+    `timestamps_model=False` leaves out canary-1b-v2's bundled CTC aligner (no word times); a bundled aligner that
+    cannot be converted is left out the same way, with a warning, rather than failing the whole model.
 
     Raises ConversionError for unsafe, corrupt or unsupported input; OUT_DIR is then absent or unchanged.
     """
@@ -78,7 +89,7 @@ def convert_nemo(
     with write.staging_dir(out_dir) as staging:
         work = staging / "_nemo"
         work.mkdir()
-        archive = nemo.read_nemo(source, work)
+        archive = nemo.read_nemo(source, work, timestamps_model)
         state, storage_types = checkpoint.load_state_dict(archive.weights)
         log.info("checkpoint: %d tensors, storages %s", len(state), sorted(set(storage_types.values())))
         if mapping.TIED_HEAD not in state:
@@ -99,7 +110,17 @@ def convert_nemo(
         write.write_weights(staging, arrays)
         del arrays
         if archive.timestamps is not None:
-            cfg["timestamps_ctc"] = _convert_timestamps_model(archive, staging, dtype, cfg["sample_rate"])
+            try:
+                cfg["timestamps_ctc"] = _convert_timestamps_model(archive, staging, dtype, cfg["sample_rate"])
+            except ConversionError as exc:
+                shutil.rmtree(staging / "timestamps", ignore_errors=True)
+                archive.timestamps_error = exc
+        if archive.timestamps_error is not None:
+            log.warning("%s: the bundled timestamps model was left out (%s); this model will have no word times",
+                        source.name, archive.timestamps_error)  # fmt: skip
+            cfg["notes"] = [f"bundled timestamps model left out: {archive.timestamps_error}"]
+        elif archive.bundles_timestamps and not timestamps_model:
+            cfg["notes"] = ["bundled timestamps model left out on purpose (--no-timestamps-model)"]
         names = config.tokenizer_filenames(archive.config)
         write.copy_tokenizers(staging, {names[m]: p for m, p in archive.tokenizer_files.items()})
         write.write_config(staging, cfg)

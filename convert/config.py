@@ -152,7 +152,7 @@ def _encoder(cfg: dict, features: int) -> dict:
     _require("encoder.causal_downsampling", e.get("causal_downsampling", False), [False])
     _require("encoder.self_attention_model", e.get("self_attention_model", "rel_pos"), ["rel_pos"])
     _require("encoder.untie_biases", e.get("untie_biases", True), [True])
-    _require("encoder.use_bias", e.get("use_bias", True), [True])
+    use_bias = _require("encoder.use_bias", e.get("use_bias", True), [True, False])
     _require("encoder.conv_norm_type", e.get("conv_norm_type", "batch_norm"), ["batch_norm"])
     _require("encoder.conv_context_size", e.get("conv_context_size"), [None])
     _require("encoder.att_context_size", list(e.get("att_context_size") or [-1, -1]), [[-1, -1]])
@@ -177,6 +177,7 @@ def _encoder(cfg: dict, features: int) -> dict:
         "subsampling_conv_channels": d_model if channels == -1 else _int("encoder.subsampling_conv_channels", channels),
         "pos_emb_max_len": _int("encoder.pos_emb_max_len", e.get("pos_emb_max_len", 5000)),
         "xscaling": _require("encoder.xscaling", e.get("xscaling", True), [True, False]),
+        "use_bias": use_bias,  # false: no bias in the layers' Linear and conv layers (canary-1b-v2's CTC aligner)
     }
 
 
@@ -193,7 +194,10 @@ def _decoder(cfg: dict, vocab_size: int) -> dict:
     _require(f + "hidden_act", c.get("hidden_act", "relu"), ["relu"])
     _require(f + "learn_positional_encodings", c.get("learn_positional_encodings", False), [False])
     _require(f + "num_token_types", c.get("num_token_types", 0), [0])
-    _require(f + "vocab_size", c.get("vocab_size"), [None, vocab_size])
+    # A recipe-built model saves the recipe's literal `vocab_size: None` (a YAML *string*): NeMo sets the real size on
+    # a copy of the config and writes back only head.num_classes (real-checkpoints.md §1). The size comes from the
+    # head's rows; a number here must agree with them.
+    _require(f + "vocab_size", _none(c.get("vocab_size")), [None, vocab_size])
     hidden = _int(f + "hidden_size", _get(c, "hidden_size"))
     heads = _int(f + "num_attention_heads", _get(c, "num_attention_heads"))
     if hidden % heads:
@@ -203,7 +207,7 @@ def _decoder(cfg: dict, vocab_size: int) -> dict:
     _require("head.num_layers", h.get("num_layers", 1), [1])
     _require("head.log_softmax", h.get("log_softmax", True), [True])
     _require("head.hidden_size", h.get("hidden_size", hidden), [hidden])
-    _require("head.num_classes", h.get("num_classes"), [None, vocab_size])
+    _require("head.num_classes", _none(h.get("num_classes")), [None, vocab_size])
     return {
         "num_layers": _int(f + "num_layers", _get(c, "num_layers")),
         "hidden_size": hidden,
@@ -214,19 +218,32 @@ def _decoder(cfg: dict, vocab_size: int) -> dict:
     }
 
 
+def _none(value: Any) -> Any:
+    """YAML `None` is the string 'None' (only null / ~ / empty are null); NeMo's recipes write the former."""
+    return None if value == "None" else value
+
+
 def _decoding(cfg: dict) -> dict:
+    """The checkpoint's decoding section, as NeMo 3.0.0's MultiTaskDecoding reads it (multitask_decoding.py):
+    `greedy` / `greedy_batch` read the `greedy` section, `beam` the `beam` section; missing keys take NeMo's
+    defaults (beam_size 1, max_generation_delta -1 = up to the decoder's max_sequence_length). NeMo reads
+    `length_penalty` and ignores the configured `len_pen` (reference 6.1), so `len_pen` is kept for display only."""
     d = cfg.get("decoding") or {}
-    strategy = _require("decoding.strategy", d.get("strategy", "beam"), ["beam", "greedy"])
-    section = d.get(strategy) or {}
-    beam_size = _int(f"decoding.{strategy}.beam_size", section.get("beam_size", 1)) if strategy == "beam" else 1
-    return {
+    strategy = _require("decoding.strategy", d.get("strategy", "beam"), ["beam", "greedy", "greedy_batch"])
+    key = "beam" if strategy == "beam" else "greedy"
+    section = d.get(key) or {}
+    beam_size = _int(f"decoding.{key}.beam_size", section.get("beam_size", 1)) if key == "beam" else 1
+    out = {
+        "strategy": strategy,
         "beam_size": beam_size,
-        # NeMo's factory reads `length_penalty` and ignores the configured `len_pen` (reference 6.1).
-        "length_penalty": _float(f"decoding.{strategy}.length_penalty", section.get("length_penalty", 0.0)),
+        "length_penalty": _float(f"decoding.{key}.length_penalty", section.get("length_penalty", 0.0)),
         "max_generation_delta": _int(
-            f"decoding.{strategy}.max_generation_delta", section.get("max_generation_delta", -1), minimum=-1
+            f"decoding.{key}.max_generation_delta", section.get("max_generation_delta", -1), minimum=-1
         ),
     }
+    if section.get("len_pen") is not None:
+        out["configured_len_pen"] = _float(f"decoding.{key}.len_pen", section["len_pen"])
+    return out
 
 
 def _lang(field: str, value: Any) -> str:
@@ -236,29 +253,72 @@ def _lang(field: str, value: Any) -> str:
     return m.group(1) or m.group(2)
 
 
-def _pnc(value: Any) -> bool:
-    truthy = {True, "yes", "true", "<|pnc|>", "pnc"}
-    falsy = {False, "no", "false", "<|nopnc|>", "nopnc"}
+def _flag(field: str, value: Any, yes: str, no: str) -> bool:
+    """A boolean prompt slot as NeMo's prompt formatters accept it: yes/no, true/false, 1/0, or the token."""
+    truthy = {True, "yes", "true", "1", yes, f"<|{yes}|>"}  # True == 1
+    falsy = {False, "no", "false", "0", no, f"<|{no}|>"}  # False == 0
     v = value.lower() if isinstance(value, str) else value
     if v in truthy:
         return True
     if v in falsy:
         return False
-    raise ConversionError(f"prompt_defaults.pnc: unsupported value {value!r} (supported: <|pnc|>, <|nopnc|>, yes, no)")
+    raise ConversionError(f"{field}: unsupported value {value!r} (supported: <|{yes}|>, <|{no}|>, yes, no)")
+
+
+_EMOTIONS = ("<|emo:undefined|>", "<|emo:neutral|>", "<|emo:angry|>", "<|emo:happy|>", "<|emo:sad|>")
+_TASKS = {"asr", "transcribe", "<|transcribe|>", "ast", "translate", "s2t_translation", "<|translate|>"}
 
 
 def _prompt_defaults(cfg: dict) -> dict:
-    """Flatten NeMo's [{role: user, slots: {...}}] to {source_lang, target_lang, pnc}; en/en/pnc if absent."""
+    """NeMo's `prompt_defaults` ([{role, slots}], slots as plain values or as tokens such as `<|en|>`, `<|pnc|>`)
+    -> the defaults every request starts from. Every slot of the `user` turn is read; a default the model code
+    cannot honour is refused by name. The `user_partial` turn (decoder context only) needs nothing."""
     slots: dict = {}
     for turn in cfg.get("prompt_defaults") or []:
         if isinstance(turn, dict) and turn.get("role") == "user":
-            slots = turn.get("slots") or {}
-    source = _lang("prompt_defaults.source_lang", slots.get("source_lang", "en"))
-    return {
+            slots = dict(turn.get("slots") or {})
+    f = "prompt_defaults.user."
+    source = _lang(f + "source_lang", slots.pop("source_lang", "en"))
+    out = {
         "source_lang": source,
-        "target_lang": _lang("prompt_defaults.target_lang", slots.get("target_lang", source)),
-        "pnc": _pnc(slots.get("pnc", True)),
+        "target_lang": _lang(f + "target_lang", slots.pop("target_lang", source)),
+        "pnc": _flag(f + "pnc", slots.pop("pnc", True), "pnc", "nopnc"),
+        "itn": _flag(f + "itn", slots.pop("itn", False), "itn", "noitn"),
+        "emotion": _require(f + "emotion", slots.pop("emotion", _EMOTIONS[0]), _EMOTIONS),
     }
+    if _flag(f + "timestamp", slots.pop("timestamp", False), "timestamp", "notimestamp"):
+        raise ConversionError(f"{f}timestamp: unsupported value '<|timestamp|>' (timestamps are asked for per request)")
+    if _flag(f + "diarize", slots.pop("diarize", False), "diarize", "nodiarize"):
+        raise ConversionError(f"{f}diarize: unsupported value '<|diarize|>' (speaker tokens are not rendered)")
+    context = slots.pop("decodercontext", "") or ""
+    if context:
+        raise ConversionError(f"{f}decodercontext: unsupported value {context!r} (context is given per request)")
+    task = slots.pop("task", slots.pop("taskname", None))  # canary (v1): derived from source vs target per request
+    if task is not None and str(task).lower() not in _TASKS:
+        raise ConversionError(f"{f}task: unsupported value {task!r} (supported: asr, ast or their tokens)")
+    if slots:
+        raise ConversionError(f"{f}{sorted(slots)[0]}: unknown prompt slot (supported: {_SLOTS})")
+    return out
+
+
+_SLOTS = "source_lang, target_lang, pnc, itn, emotion, timestamp, diarize, decodercontext, task"
+
+
+MODEL_CLASS = "EncDecMultiTaskModel"
+
+
+def check_model_class(cfg: dict) -> None:
+    """Only NeMo's Canary class (EncDecMultiTaskModel) converts; anything else is refused by its class name, before
+    any other check (canary-qwen-2.5b, for one, is a FastConformer feeding an LLM)."""
+    target = cfg.get("target")
+    if isinstance(target, str) and (target == MODEL_CLASS or target.endswith("." + MODEL_CLASS)):
+        return
+    name = target if isinstance(target, str) else "a model with no 'target' class in model_config.yaml"
+    hint = " (canary-qwen-2.5b is a speech-LLM: a FastConformer feeding Qwen)" if "speechlm" in str(target) else ""
+    raise ConversionError(
+        f"model_config.yaml target: {name}{hint} is not a Canary model; canary-server converts NeMo's "
+        f"{MODEL_CLASS} checkpoints (canary-1b, canary-1b-flash, canary-180m-flash, canary-1b-v2)"
+    )
 
 
 def padded_vocab_size(tokenizer_vocab: int) -> int:
@@ -276,7 +336,7 @@ def build_config(
     enc_dec_proj_present: bool,
 ) -> dict:
     """The config.json dict for a NeMo config, given facts read from the tokenizers and the checkpoint."""
-    _target("target", cfg.get("target"), "EncDecMultiTaskModel")
+    check_model_class(cfg)
     vocab_size = padded_vocab_size(tokenizer_vocab)
     if vocab_size != head_rows:
         raise ConversionError(

@@ -179,24 +179,28 @@ def _frontend_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "encoder.pre_encode.out.weight": (d, c * _subsampled(enc["feat_in"], enc["subsampling_factor"])),
         "encoder.pre_encode.out.bias": (d,),
     }
+    use_bias = enc.get("use_bias", True)  # False: the layers' Linear and conv layers have no bias (norms keep theirs)
+
+    def layer(name: str, out_shape: tuple[int, ...], in_dims: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        weights = {f"{name}.weight": (*out_shape, *in_dims)}
+        return weights | ({f"{name}.bias": out_shape} if use_bias else {})
+
     for n in range(enc["n_layers"]):
         p = f"encoder.layers.{n}."
         for norm in ("norm_feed_forward1", "norm_conv", "norm_self_att", "norm_feed_forward2", "norm_out"):
             s |= {f"{p}{norm}.weight": (d,), f"{p}{norm}.bias": (d,)}
         for ffn in ("feed_forward1", "feed_forward2"):
-            s |= {f"{p}{ffn}.linear1.weight": (ff, d), f"{p}{ffn}.linear1.bias": (ff,)}
-            s |= {f"{p}{ffn}.linear2.weight": (d, ff), f"{p}{ffn}.linear2.bias": (d,)}
+            s |= layer(f"{p}{ffn}.linear1", (ff,), (d,)) | layer(f"{p}{ffn}.linear2", (d,), (ff,))
         for lin in ("linear_q", "linear_k", "linear_v", "linear_out"):
-            s |= {f"{p}self_attn.{lin}.weight": (d, d), f"{p}self_attn.{lin}.bias": (d,)}
+            s |= layer(f"{p}self_attn.{lin}", (d,), (d,))
         s |= {f"{p}self_attn.linear_pos.weight": (d, d)}
         s |= {
             f"{p}self_attn.pos_bias_u": (enc["n_heads"], dk),
             f"{p}self_attn.pos_bias_v": (enc["n_heads"], dk),
         }
-        s |= {f"{p}conv.pointwise_conv1.weight": (2 * d, d), f"{p}conv.pointwise_conv1.bias": (2 * d,)}
-        s |= {f"{p}conv.depthwise_conv.weight": (d, k, 1), f"{p}conv.depthwise_conv.bias": (d,)}
+        s |= layer(f"{p}conv.pointwise_conv1", (2 * d,), (d,)) | layer(f"{p}conv.depthwise_conv", (d,), (k, 1))
         s |= {f"{p}conv.batch_norm.{b}": (d,) for b in ("weight", "bias", "running_mean", "running_var")}
-        s |= {f"{p}conv.pointwise_conv2.weight": (d, d), f"{p}conv.pointwise_conv2.bias": (d,)}
+        s |= layer(f"{p}conv.pointwise_conv2", (d,), (d,))
     return s
 
 

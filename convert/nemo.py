@@ -46,6 +46,8 @@ class NemoArchive:
     weights: WeightsLocation
     tokenizer_files: dict[str, Path]  # member name ("<hash>_tokenizer.model") -> extracted file
     timestamps: TimestampsModel | None = None
+    timestamps_error: ConversionError | None = None  # a bundled timestamps model that could not be read
+    bundles_timestamps: bool = False  # the archive has timestamps model members (read or not)
 
 
 def _member_name(member: tarfile.TarInfo) -> str:
@@ -108,12 +110,14 @@ def _check_in_place(member: tarfile.TarInfo, path: Path) -> None:
         raise ConversionError(f"{path}: truncated .nemo archive: {member.name!r} extends past the end of the file")
 
 
-def read_nemo(path: Path, workdir: Path) -> NemoArchive:
+def read_nemo(path: Path, workdir: Path, timestamps_model: bool = True) -> NemoArchive:
     """Read config, locate weights and extract tokenizer models of `path` into `workdir` (which must exist).
 
-    A plain tar's weights are read in place (a byte range of the `.nemo`); a gzip tar's are extracted.
+    A plain tar's weights are read in place (a byte range of the `.nemo`); a gzip tar's are extracted. A bundled
+    timestamps model (canary-1b-v2) is read unless `timestamps_model` is False; one that cannot be read is reported
+    in `timestamps_error` instead of failing the main model.
     """
-    from .config import tokenizer_members  # config parsing lives in config.py
+    from .config import check_model_class, tokenizer_members  # config parsing lives in config.py
 
     path = Path(path)
     if not path.is_file():
@@ -125,10 +129,17 @@ def read_nemo(path: Path, workdir: Path) -> NemoArchive:
             if required not in index:
                 raise ConversionError(f"{path}: .nemo archive has no {required} (members: {sorted(index)})")
         config = _read_yaml(tar, index[CONFIG_MEMBER], workdir / CONFIG_MEMBER, path)
+        check_model_class(config)  # before anything model-specific: another model class is one clear refusal
         tokenizer_files = _extract_tokenizers(tar, index, tokenizer_members(config), workdir, "tokenizer", path)
         weights = _weights(tar, index[WEIGHTS_MEMBER], workdir / WEIGHTS_MEMBER, path, compressed)
-        timestamps = _timestamps_model(tar, index, workdir, path, compressed)
-    return NemoArchive(config=config, weights=weights, tokenizer_files=tokenizer_files, timestamps=timestamps)
+        archive = NemoArchive(config=config, weights=weights, tokenizer_files=tokenizer_files)
+        archive.bundles_timestamps = TIMESTAMPS_CONFIG_MEMBER in index or TIMESTAMPS_WEIGHTS_MEMBER in index
+        if timestamps_model:
+            try:
+                archive.timestamps = _timestamps_model(tar, index, workdir, path, compressed)
+            except ConversionError as exc:
+                archive.timestamps_error = exc
+    return archive
 
 
 def _timestamps_model(

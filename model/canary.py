@@ -138,7 +138,8 @@ class Canary(nn.Module):
         return [dataclasses.replace(r, words=s.words, segments=s.segments) for r, s in pairs]
 
     def prompt_ids(self, spec: PromptSpec) -> list[int]:
-        return build_prompt(self.tokenizer, self.config.prompt_format, self.decode_spec(spec))
+        spec = self.decode_spec(spec)
+        return build_prompt(self.tokenizer, self.config.prompt_format, spec, self.config.prompt_defaults)
 
     def decode_spec(self, spec: PromptSpec) -> PromptSpec:
         """The prompt actually decoded for `spec`: with a CTC aligner (canary-1b-v2) NeMo keeps <|notimestamp|>

@@ -43,6 +43,7 @@ class EncoderConfig(_FromDict):
     subsampling_conv_channels: int = 256
     pos_emb_max_len: int = 5000
     xscaling: bool = False
+    use_bias: bool = True  # False: no bias in the layers' Linear / conv layers (canary-1b-v2's CTC aligner)
 
     @property
     def n_subsampling_convs(self) -> int:
@@ -73,6 +74,7 @@ class TokenizerConfig(_FromDict):
 
 @dataclass(frozen=True)
 class DecodingConfig(_FromDict):
+    strategy: str = "beam"  # the checkpoint's: "beam" (NeMo's default, beam_size 1 = greedy), "greedy", "greedy_batch"
     beam_size: int = 1
     length_penalty: float = 0.0
     max_generation_delta: int = -1

@@ -87,13 +87,13 @@ def rel_positional_encoding(t: int, d_model: int) -> mx.array:
 
 
 class RelPositionMultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True) -> None:
         super().__init__()
         self.h, self.d_k = n_heads, d_model // n_heads
-        self.linear_q = nn.Linear(d_model, d_model)
-        self.linear_k = nn.Linear(d_model, d_model)
-        self.linear_v = nn.Linear(d_model, d_model)
-        self.linear_out = nn.Linear(d_model, d_model)
+        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
         self.pos_bias_u = mx.zeros((n_heads, self.d_k))
         self.pos_bias_v = mx.zeros((n_heads, self.d_k))
@@ -125,10 +125,10 @@ class RelPositionMultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear2(cpu_math.silu(self.linear1(x)))
@@ -149,12 +149,13 @@ class BatchNorm(nn.Module):
 
 
 class ConformerConvolution(nn.Module):
-    def __init__(self, d_model: int, kernel_size: int) -> None:
+    def __init__(self, d_model: int, kernel_size: int, bias: bool = True) -> None:
         super().__init__()
-        self.pointwise_conv1 = nn.Linear(d_model, 2 * d_model)
-        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model)
+        self.pointwise_conv1 = nn.Linear(d_model, 2 * d_model, bias=bias)
+        pad = (kernel_size - 1) // 2
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=pad, groups=d_model, bias=bias)
         self.batch_norm = BatchNorm(d_model)
-        self.pointwise_conv2 = nn.Linear(d_model, d_model)
+        self.pointwise_conv2 = nn.Linear(d_model, d_model, bias=bias)
 
     def __call__(self, x: mx.array, pad_mask: mx.array) -> mx.array:
         """x (B, T, D); pad_mask (B, T, 1) True on valid frames."""
@@ -168,15 +169,15 @@ class ConformerConvolution(nn.Module):
 class ConformerLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        d = cfg.d_model
+        d, bias = cfg.d_model, cfg.use_bias  # NeMo's use_bias: the layers' Linear and conv layers (not the norms)
         self.norm_feed_forward1 = nn.LayerNorm(d, eps=LN_EPS)
-        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor, bias)
         self.norm_self_att = nn.LayerNorm(d, eps=LN_EPS)
-        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads)
+        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads, bias)
         self.norm_conv = nn.LayerNorm(d, eps=LN_EPS)
-        self.conv = ConformerConvolution(d, cfg.conv_kernel_size)
+        self.conv = ConformerConvolution(d, cfg.conv_kernel_size, bias)
         self.norm_feed_forward2 = nn.LayerNorm(d, eps=LN_EPS)
-        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor, bias)
         self.norm_out = nn.LayerNorm(d, eps=LN_EPS)
 
     def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array, pad_mask: mx.array) -> mx.array:

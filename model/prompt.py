@@ -20,7 +20,7 @@ class PromptSpec:
     pnc: bool = True
     context: str = ""  # canary2 decoder context
     timestamps: bool = False  # canary2 <|timestamp|>
-    itn: bool = False
+    itn: bool | None = None  # canary2 inverse text normalisation; None: the model's prompt default
 
     @property
     def is_translation(self) -> bool:
@@ -55,8 +55,12 @@ def _flag(on: bool, yes: str, no: str) -> str:
     return f"<|{yes}|>" if on else f"<|{no}|>"
 
 
-def build_prompt(tokenizer: CanaryTokenizer, prompt_format: str, spec: PromptSpec) -> list[int]:
-    """Token ids of the decoder prompt (the model's answer follows them)."""
+def build_prompt(
+    tokenizer: CanaryTokenizer, prompt_format: str, spec: PromptSpec, defaults: dict | None = None
+) -> list[int]:
+    """Token ids of the decoder prompt (the model's answer follows them). `defaults`: the checkpoint's prompt
+    defaults (config.json `prompt_defaults`) for the slots a request does not set (itn, emotion)."""
+    defaults = defaults or {}
     _check_langs(tokenizer, spec)
     if prompt_format == "canary":
         if spec.context or spec.timestamps:
@@ -74,11 +78,11 @@ def build_prompt(tokenizer: CanaryTokenizer, prompt_format: str, spec: PromptSpe
         raise ValueError(f"unknown prompt format {prompt_format!r}")
     tail = [
         "<|startoftranscript|>",
-        "<|emo:undefined|>",
+        defaults.get("emotion", "<|emo:undefined|>"),
         f"<|{spec.source_lang}|>",
         f"<|{spec.target_lang}|>",
         _flag(spec.pnc, "pnc", "nopnc"),
-        _flag(spec.itn, "itn", "noitn"),
+        _flag(defaults.get("itn", False) if spec.itn is None else spec.itn, "itn", "noitn"),
         _flag(spec.timestamps, "timestamp", "notimestamp"),
         "<|nodiarize|>",
     ]

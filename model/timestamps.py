@@ -58,11 +58,15 @@ def has_timestamp_tokens(tokenizer) -> bool:
 def timestamp_source(config, tokenizer) -> TimestampSource | None:
     """Where word times come from: "tokens" (flash models), "ctc" (canary-1b-v2's bundled CTC aligner), None.
 
-    Hook for the CTC aligner: a converted model that carries it sets `timestamps_ctc` in its config, and its
-    timestamps must then never come from the `<|timestamp|>` prompt (NeMo forces `<|notimestamp|>` for it)."""
+    A converted model that carries the aligner sets `timestamps_ctc` in its config, and its timestamps must then
+    never come from the `<|timestamp|>` prompt (NeMo forces `<|notimestamp|>` for it). Timestamp tokens are the
+    flash models' (aggregate tokenizer); canary-1b-v2's unified vocabulary may hold them too, but that model was not
+    trained to emit them (prompted with <|timestamp|> it ends at once, a third party reports), so a v2 converted
+    without its aligner has no word times."""
     if getattr(config, "timestamps_ctc", None):
         return "ctc"
-    if config.prompt_format == "canary2" and has_timestamp_tokens(tokenizer):
+    aggregate = getattr(getattr(config, "tokenizer", None), "type", "aggregate") == "aggregate"
+    if config.prompt_format == "canary2" and aggregate and has_timestamp_tokens(tokenizer):
         return "tokens"
     return None
 

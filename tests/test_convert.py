@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import struct
 import tarfile
 import zipfile
@@ -132,8 +133,15 @@ def test_espeak_model_converts_with_the_documented_names_shapes_and_values(espea
         {"name": "spl_tokens", "file": "tokenizer.spl_tokens.model"},
         {"name": "en", "file": "tokenizer.en.model"},
     ]
-    assert config["prompt_defaults"] == {"source_lang": "en", "target_lang": "en", "pnc": True}
-    assert config["decoding"] == {"beam_size": 1, "length_penalty": 0.0, "max_generation_delta": 50}
+    assert config["prompt_defaults"] == {
+        "source_lang": "en",
+        "target_lang": "en",
+        "pnc": True,
+        "itn": False,
+        "emotion": "<|emo:undefined|>",
+    }
+    decoding = {"strategy": "beam", "beam_size": 1, "length_penalty": 0.0, "max_generation_delta": 50}
+    assert config["decoding"] == decoding | {"configured_len_pen": 0.0}
 
     weights = mx.load(str(out / "model.safetensors"))
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
@@ -219,14 +227,17 @@ def test_an_existing_output_dir_is_kept_unless_overwrite_is_asked(espeak, tmp_pa
     _assert_nothing_written(tmp_path, {"out"})
 
 
-def test_a_corrupt_bundled_timestamps_model_is_a_clear_error(espeak, tmp_path):
-    # a bundled timestamps model is converted now (tests/test_v2_ctc.py), so a broken one fails the conversion
+def test_a_corrupt_bundled_timestamps_model_is_left_out_with_a_clear_warning(espeak, tmp_path, caplog):
+    # the main model still converts and serves, without word times (issue: a real canary-1b-v2 must not be refused
+    # because of its aligner)
     members = _members(espeak)
     members["./timestamps_asr_model_config.yaml"] = b"not: [valid"
     members["./timestamps_asr_model_weights.ckpt"] = b"garbage"
-    with pytest.raises(ConversionError, match="timestamps_asr_model_config.yaml is not valid YAML"):
-        convert_nemo(_write_tar(tmp_path / "v2like.nemo", members), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    out = convert_nemo(_write_tar(tmp_path / "v2like.nemo", members), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert "timestamps_ctc" not in config and not (out / "timestamps").exists()
+    assert "timestamps_asr_model_config.yaml is not valid YAML" in config["notes"][0]
+    assert "the bundled timestamps model was left out" in caplog.text and "no word times" in caplog.text
 
 
 # ---- checkpoint reader without torch -----------------------------------------------------------------------
@@ -334,7 +345,9 @@ def test_an_unknown_state_dict_key_is_an_error_listing_every_leftover(espeak, tm
         ("transf_decoder.config_dict.pre_ln", False, "transf_decoder.config_dict.pre_ln"),
         ("prompt_format", "bogus", "prompt_format"),
         ("tokenizer.type", "wpe", "tokenizer.type"),
-        ("decoding.strategy", "greedy_batch", "decoding.strategy"),
+        ("decoding.strategy", "malsd_batch", "decoding.strategy"),
+        ("transf_decoder.config_dict.vocab_size", 999, "transf_decoder.config_dict.vocab_size"),
+        ("prompt_defaults.0.slots.diarize", "<|diarize|>", "prompt_defaults.user.diarize"),
     ],
 )
 def test_an_unsupported_config_value_names_the_field_and_writes_nothing(espeak, tmp_path, path, value, field):
@@ -342,11 +355,11 @@ def test_an_unsupported_config_value_names_the_field_and_writes_nothing(espeak, 
         *parents, leaf = path.split(".")
         node = cfg
         for p in parents:
-            node = node[p]
+            node = node[int(p)] if isinstance(node, list) else node[p]
         node[leaf] = value
 
     bad = _with_config(espeak, tmp_path / "bad.nemo", edit)
-    with pytest.raises(ConversionError, match=f"^{field}: unsupported value {value!r}"):
+    with pytest.raises(ConversionError, match=f"^{re.escape(field)}: unsupported value {re.escape(repr(value))}"):
         convert_nemo(bad, tmp_path / "out")
     _assert_nothing_written(tmp_path, {"bad.nemo"})
 
@@ -420,3 +433,38 @@ def test_a_missing_source_or_bad_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="dtype: unsupported value 'float64'"):
         convert_nemo(tmp_path / "absent.nemo", tmp_path / "out", dtype="float64")
     _assert_nothing_written(tmp_path, set())
+
+
+def test_the_config_text_nemo_writes_for_a_released_model_converts(espeak, tmp_path):
+    """What the release files say where our fixtures used to say something tidier: the recipe's literal
+    `vocab_size: None` (a string in YAML), prompt defaults as tokens with a user_partial turn, greedy_batch, and
+    no max_generation_delta (NeMo's default then: -1, up to max_sequence_length)."""
+
+    def release_like(cfg):
+        cfg["transf_decoder"]["config_dict"]["vocab_size"] = "None"
+        cfg["prompt_defaults"] = [
+            {"role": "user", "slots": {"source_lang": "<|en|>", "target_lang": "<|en|>", "pnc": "<|pnc|>",
+                                       "itn": "<|noitn|>", "timestamp": "<|notimestamp|>",
+                                       "diarize": "<|nodiarize|>", "emotion": "<|emo:undefined|>",
+                                       "decodercontext": ""}},
+            {"role": "user_partial", "slots": {"decodercontext": ""}},
+        ]  # fmt: skip
+        cfg["decoding"] = {"strategy": "greedy_batch", "greedy": {}}
+
+    out = convert_nemo(_with_config(espeak, tmp_path / "release.nemo", release_like), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder"]["vocab_size"] == 1408
+    assert config["decoding"] == {"strategy": "greedy_batch", "beam_size": 1, "length_penalty": 0.0,
+                                  "max_generation_delta": -1}  # fmt: skip
+    assert config["prompt_defaults"]["pnc"] is True and config["prompt_defaults"]["itn"] is False
+
+
+def test_a_checkpoint_of_another_model_class_is_refused_by_its_class_name(espeak, tmp_path):
+    def qwen(cfg):
+        cfg["target"] = "nemo.collections.speechlm2.models.salm.SALM"
+        del cfg["tokenizer"]
+
+    bad = _with_config(espeak, tmp_path / "canary-qwen-2.5b.nemo", qwen)
+    with pytest.raises(ConversionError, match=r"SALM .*speech-LLM.* is not a Canary model.*EncDecMultiTaskModel"):
+        convert_nemo(bad, tmp_path / "out")
+    _assert_nothing_written(tmp_path, {"canary-qwen-2.5b.nemo"})

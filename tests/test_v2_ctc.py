@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from canary_server import model
-from canary_server.convert import ConversionError, convert_nemo
+from canary_server.convert import convert_nemo
 from canary_server.convert.mapping import ctc_expected_shapes
 from canary_server.model.errors import CanaryError
 from canary_server.pipeline.scheduler import ContinuousBatcher
@@ -125,29 +125,41 @@ def _rename_in_ckpt(ckpt: bytes, old: bytes, new: bytes) -> bytes:
     return out.getvalue()
 
 
-def test_an_unknown_key_in_the_ctc_checkpoint_is_a_clear_error(tmp_path: Path):
+def _without_aligner(out: Path) -> str:
+    """The converted model has no timestamps model; returns the note config.json keeps about why."""
+    config = json.loads((out / "config.json").read_text())
+    assert "timestamps_ctc" not in config and not (out / "timestamps").exists()
+    m = model.load(out)
+    assert m.timestamps_model is None and not m.supports_timestamps
+    return config["notes"][0]
+
+
+def test_an_unknown_key_in_the_ctc_checkpoint_leaves_the_aligner_out_with_a_clear_warning(tmp_path: Path, caplog):
     members = _members(V2_CTC / "model.nemo")
     name = "./timestamps_asr_model_weights.ckpt"
     members[name] = _rename_in_ckpt(members[name], b"decoder.decoder_layers.0.bias", b"decoder.decoder_extras.0.bias")
-    bad = _write_tar(tmp_path / "bad.nemo", members)
-    with pytest.raises(ConversionError) as err:
-        convert_nemo(bad, tmp_path / "out")
-    msg = str(err.value)
-    assert msg.startswith("timestamps model state dict:")
-    assert "1 keys match no rule: decoder.decoder_extras.0.bias" in msg and "missing: decoder.bias" in msg
-    assert not (tmp_path / "out").exists()
+    out = convert_nemo(_write_tar(tmp_path / "bad.nemo", members), tmp_path / "out")
+    note = _without_aligner(out)
+    assert note.startswith("bundled timestamps model left out: timestamps model state dict:")
+    assert "1 keys match no rule: decoder.decoder_extras.0.bias" in note and "missing: decoder.bias" in note
+    assert "no word times" in caplog.text
 
 
-def test_an_unsupported_ctc_config_value_or_a_lone_member_is_a_clear_error(tmp_path: Path):
+def test_an_unsupported_ctc_config_value_or_a_lone_member_leaves_the_aligner_out(tmp_path: Path):
     members = _members(V2_CTC / "model.nemo")
     cfg = yaml.safe_load(members["./timestamps_asr_model_config.yaml"])
     cfg["encoder"]["self_attention_model"] = "abs_pos"
     edited = dict(members, **{"./timestamps_asr_model_config.yaml": yaml.safe_dump(cfg).encode()})
-    with pytest.raises(ConversionError, match="timestamps_asr_model.encoder.self_attention_model: unsupported"):
-        convert_nemo(_write_tar(tmp_path / "a.nemo", edited), tmp_path / "out_a")
+    note = _without_aligner(convert_nemo(_write_tar(tmp_path / "a.nemo", edited), tmp_path / "out_a"))
+    assert "timestamps_asr_model.encoder.self_attention_model: unsupported" in note
     lone = {k: v for k, v in members.items() if k != "./timestamps_asr_model_weights.ckpt"}
-    with pytest.raises(ConversionError, match="incomplete timestamps model"):
-        convert_nemo(_write_tar(tmp_path / "b.nemo", lone), tmp_path / "out_b")
+    assert "incomplete timestamps model" in _without_aligner(convert_nemo(_write_tar(tmp_path / "b.nemo", lone),
+                                                                          tmp_path / "out_b"))  # fmt: skip
+
+
+def test_the_aligner_can_be_left_out_on_purpose(tmp_path: Path):
+    out = convert_nemo(V2_CTC / "model.nemo", tmp_path / "out", timestamps_model=False)
+    assert "on purpose" in _without_aligner(out)
 
 
 # ---- parity with NeMo ---------------------------------------------------------------------------------------
