@@ -306,6 +306,11 @@ _SLOTS = "source_lang, target_lang, pnc, itn, emotion, timestamp, diarize, decod
 
 MODEL_CLASS = "EncDecMultiTaskModel"
 
+# canary-1b-v2's unified vocabulary has a prompt token for far more languages than it was trained on; its model card
+# lists these 25 (ASR and X<->en translation). Written into config.json `languages` for a model of its shape.
+CANARY_1B_V2_LANGUAGES = ("bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "hr", "hu", "it", "lt", "lv",
+                          "mt", "nl", "pl", "pt", "ro", "ru", "sk", "sl", "sv", "uk")  # fmt: skip
+
 
 def check_model_class(cfg: dict) -> None:
     """Only NeMo's Canary class (EncDecMultiTaskModel) converts; anything else is refused by its class name, before
@@ -367,7 +372,14 @@ def build_config(
         "decoder": decoder,
         "tokenizer": _tokenizer_json(cfg),
         "decoding": _decoding(cfg),
-    }
+    } | _trained_languages(encoder, decoder, cfg)
+
+
+def _trained_languages(encoder: dict, decoder: dict, cfg: dict) -> dict:
+    """config.json `languages` for a canary-1b-v2-shaped model (unified tokenizer, 32 x 1024, 8 decoder layers)."""
+    unified = _get(cfg, "tokenizer.type", None) == "bpe"
+    shape = (encoder["n_layers"], encoder["d_model"], decoder["num_layers"])
+    return {"languages": list(CANARY_1B_V2_LANGUAGES)} if unified and shape == (32, 1024, 8) else {}
 
 
 # ---- timestamps CTC model (canary-1b-v2) -------------------------------------------------------------------

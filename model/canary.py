@@ -103,7 +103,10 @@ class Canary(nn.Module):
     # ---- user API -----------------------------------------------------------------------------------------
     @property
     def languages(self) -> list[str]:
-        return supported_languages(self.tokenizer)
+        """Languages the prompt can name, restricted to the trained ones where config.json lists them."""
+        known = supported_languages(self.tokenizer)
+        trained = self.config.languages
+        return [lang for lang in known if lang in trained] if trained else known
 
     @property
     def sample_rate(self) -> int:

@@ -124,6 +124,7 @@ class ModelConfig:
     source: dict[str, Any] = field(default_factory=dict)
     quantization: QuantizationConfig | None = None  # None: full-precision weights
     timestamps_ctc: CtcConfig | None = None  # canary-1b-v2: the bundled CTC model for word timestamps
+    languages: tuple[str, ...] | None = None  # the languages the model was trained on, where the tokenizer has more
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -144,6 +145,7 @@ class ModelConfig:
             source=dict(d.get("source", {})),
             quantization=QuantizationConfig.from_dict(d["quantization"]) if d.get("quantization") else None,
             timestamps_ctc=CtcConfig.from_dict(d["timestamps_ctc"]) if d.get("timestamps_ctc") else None,
+            languages=tuple(d["languages"]) if d.get("languages") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,3 +153,27 @@ class ModelConfig:
         d["format_version"] = FORMAT_VERSION
         d["tokenizer"]["langs"] = [{"name": n, "file": f} for n, f in self.tokenizer.langs]
         return d
+
+
+RELEASES = {  # (prompt format, tokenizer type, encoder layers, d_model, decoder layers) -> the released checkpoint
+    ("canary2", "aggregate", 17, 512, 4): "canary-180m-flash",
+    ("canary2", "aggregate", 32, 1024, 4): "canary-1b-flash",
+    ("canary2", "unified", 32, 1024, 8): "canary-1b-v2",
+    ("canary", "aggregate", 24, 1024, 24): "canary-1b",
+}
+
+
+def family(config: ModelConfig) -> str:
+    """The release a converted model has the shape of ("canary-1b-flash"), else a description of its shape."""
+    e, d = config.encoder, config.decoder
+    key = (config.prompt_format, config.tokenizer.type, e.n_layers, e.d_model, d.num_layers)
+    if key in RELEASES:
+        return RELEASES[key]
+    style = {"canary": "canary-1b", "canary2": "canary-1b-v2" if config.tokenizer.type == "unified" else "flash"}
+    return f"{style.get(config.prompt_format, config.prompt_format)}-style"
+
+
+def decoding_description(decoding: DecodingConfig, beam_size: int | None = None) -> str:
+    """How a model decodes by default ("greedy", "beam search, beam 5"), with `beam_size` overriding."""
+    beam = beam_size or decoding.beam_size
+    return "greedy" if beam <= 1 else f"beam search, beam {beam}"

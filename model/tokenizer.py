@@ -15,6 +15,7 @@ from .config import TokenizerConfig
 BOS, EOS, PAD, NOSPEECH = "<|startoftranscript|>", "<|endoftext|>", "<pad>", "<|nospeech|>"
 SPECIAL_LANG = "spl_tokens"
 _LANG_TOKEN = re.compile(r"^<\|([a-z]{2,3}(?:-[A-Za-z]+)?)\|>$")
+_PROMPT_FLAGS = frozenset({"pnc", "itn"})  # canary2 prompt flags that look like 3-letter language codes
 
 
 def _is_special(piece: str) -> bool:
@@ -48,7 +49,9 @@ class CanaryTokenizer:
     @property
     def special_languages(self) -> list[str]:
         """Languages that have a `<|xx|>` special token (the prompt can name them)."""
-        return [m.group(1) for t in self.special_tokens if (m := _LANG_TOKEN.match(t))]
+        return [
+            m.group(1) for t in self.special_tokens if (m := _LANG_TOKEN.match(t)) and m.group(1) not in _PROMPT_FLAGS
+        ]
 
     def text_to_ids(self, text: str, lang: str) -> list[int]:
         raise NotImplementedError

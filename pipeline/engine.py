@@ -76,6 +76,9 @@ class ModelInfo:
     prompt_format: str
     supports_timestamps: bool = False  # word/segment times (flash models' timestamp tokens, v2's CTC aligner)
     default_language: str = "en"  # the model's prompt default source language
+    family: str = ""  # the release it has the shape of ("canary-1b-flash"), else a description
+    decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
+    timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
 
     @property
     def supports_context(self) -> bool:
@@ -294,19 +297,23 @@ class Engine:
     def _run(self) -> None:
         try:
             model = self._loader()
+            decoding = getattr(model.config, "decoding", None)
+            beam_size = self.beam_size or getattr(decoding, "beam_size", 1)
             self.info = ModelInfo(
                 languages=tuple(model.languages),
                 sample_rate=int(model.sample_rate),
                 prompt_format=str(getattr(model.config, "prompt_format", "canary")),
                 supports_timestamps=bool(getattr(model, "supports_timestamps", False)),
                 default_language=str(getattr(model.config, "prompt_defaults", {}).get("source_lang", "en")),
+                family=_family(model.config),
+                decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
+                timestamp_source=getattr(model, "timestamp_source", None),
             )
-            decoding = getattr(model.config, "decoding", None)
             batcher = self._batcher_factory(
                 model,
                 max_batch=self.batch_size,
                 encode_seconds=self.encode_seconds,
-                beam_size=self.beam_size or getattr(decoding, "beam_size", 1),
+                beam_size=beam_size,
                 length_penalty=self.length_penalty
                 if self.length_penalty is not None
                 else getattr(decoding, "length_penalty", 0.0),
@@ -415,6 +422,12 @@ class Engine:
         for job in self._intake(block=False):
             if job is not _STOP:
                 job.deliver(error=error)
+
+
+def _family(config: Any) -> str:
+    from canary_server.model.config import ModelConfig, family
+
+    return family(config) if isinstance(config, ModelConfig) else ""
 
 
 def load_model(spec: str, cache_dir: Any = None, dtype: str = "auto") -> ModelLike:

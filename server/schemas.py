@@ -8,10 +8,16 @@ from pydantic import BaseModel
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, plus what the served Canary model is and does (extra fields the SDK keeps)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    family: str | None = None  # the release the loaded model has the shape of, e.g. "canary-1b-flash"
+    languages: list[str] | None = None
+    decoding: str | None = None  # "greedy" or "beam search, beam 5"
+    timestamps: str | None = None  # "tokens", "ctc" or None
 
 
 class ModelList(BaseModel):

@@ -182,3 +182,10 @@ def test_concurrent_sync_clients_in_threads_each_get_their_own_text(espeak_clien
 def test_models_list_names_the_converted_model_and_aliases(espeak_client, espeak_dir):
     ids = [m.id for m in espeak_client.models.list()]
     assert ids[0] == espeak_dir.name and "whisper-1" in ids
+
+
+def test_the_model_list_says_what_the_loaded_model_is_and_how_it_decodes(espeak_client):
+    card = espeak_client.models.retrieve("whisper-1")
+    extra = card.model_extra
+    assert extra["languages"] == ["en"] and extra["decoding"] == "greedy"
+    assert extra["family"] == "flash-style" and extra["timestamps"] == "tokens"

@@ -23,11 +23,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--group-size", type=int, choices=(32, 64, 128), default=64, help="quantization group size (default: 64)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--no-timestamps-model",
+        action="store_true",
+        help="leave out a bundled timestamps (CTC aligner) model, as in canary-1b-v2 (no word times then)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from canary_server.convert import convert_nemo
+    from canary_server.convert.summary import summary
 
     out = convert_nemo(
         args.source,
@@ -36,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quantize=args.quantize,
         group_size=args.group_size,
+        timestamps_model=not args.no_timestamps_model,
     )
     print(out)
+    for line in summary(out):
+        print(f"  {line}")
     return 0

@@ -15,7 +15,14 @@ router = APIRouter(route_class=ErrorRoute)
 
 
 def _card(request: Request, model_id: str) -> ModelCard:
-    return ModelCard(id=model_id, created=request.app.state.started_at, owned_by="canary-server")
+    card = ModelCard(id=model_id, created=request.app.state.started_at, owned_by="canary-server")
+    info = request.app.state.pipeline.engine.info  # None while the model loads
+    if info is not None:
+        card = card.model_copy(
+            update={"family": info.family or None, "languages": list(info.languages), "decoding": info.decoding,
+                    "timestamps": info.timestamp_source}  # fmt: skip
+        )
+    return card
 
 
 @router.get("/models")

@@ -1,0 +1,38 @@
+"""What a converted model is, in a few lines: `canary-server convert` prints them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from canary_server.model.config import ModelConfig, decoding_description, family
+from canary_server.model.prompt import supported_languages
+from canary_server.model.timestamps import timestamp_source
+from canary_server.model.tokenizer import load_tokenizer
+
+
+def summary(out_dir: Path) -> list[str]:
+    raw = json.loads((Path(out_dir) / "config.json").read_text())
+    config = ModelConfig.from_dict(raw)
+    tokenizer = load_tokenizer(Path(out_dir), config.tokenizer)
+    e, d = config.encoder, config.decoder
+    languages = supported_languages(tokenizer)
+    source = timestamp_source(config, tokenizer)
+    times = {
+        "tokens": "word and segment times from the model's timestamp tokens",
+        "ctc": "word and segment times from the bundled CTC aligner (forced alignment)",
+    }.get(source, "none (segment times only)")
+    checkpoint = config.decoding.strategy
+    if checkpoint == "beam":
+        checkpoint += f", beam_size {config.decoding.beam_size}"
+    lines = [
+        f"family: {family(config)} ({e.n_layers} x {e.d_model} encoder, {d.num_layers}-layer decoder, "
+        f"{raw.get('dtype', 'float32')} weights"
+        + (f", {config.quantization.bits}-bit linear layers" if config.quantization else "")
+        + ")",
+        f"prompt format: {config.prompt_format}; tokenizer: {config.tokenizer.type}, {d.vocab_size} tokens",
+        f"languages ({len(languages)}): {', '.join(languages)}",
+        f"decoding: {decoding_description(config.decoding)} (checkpoint: {checkpoint})",
+        f"timestamps: {times}",
+    ]
+    return lines + [f"note: {note}" for note in raw.get("notes", [])]
