@@ -91,12 +91,15 @@ def _short(exc: Exception) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
-def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
-    """NeMo 3.0.0 transcribe(): audio shorter than 1 s is zero-padded on both sides (left = pad // 2)."""
+def pad_to_min_duration(samples: np.ndarray, min_samples: int, from_file: bool = False) -> np.ndarray:
+    """NeMo 3.0.0 transcribe(): audio shorter than 1 s is zero-padded on both sides to `min_samples`. Arrays
+    (TranscriptionTensorDataset._pad_audio) get left = pad // 2; files (lhotse `CutSet.pad(direction="both")`,
+    whose sample counts round half up) get left = ceil(pad / 2), right the rest."""
     pad = min_samples - samples.shape[0]
     if pad <= 0:
         return samples
-    return np.pad(samples, (pad // 2, pad - pad // 2))
+    left = -(-pad // 2) if from_file else pad // 2
+    return np.pad(samples, (left, pad - left))
 
 
 def pad_batch(waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:

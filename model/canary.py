@@ -203,16 +203,19 @@ class Canary(nn.Module):
         )
         prompt = self.prompt_ids(spec)
         waves = [_as_waveform(x) for x in items]
+        files = [not isinstance(x, np.ndarray) for x in items]  # NeMo pads short files and arrays differently
         beam = beam_size or self.config.decoding.beam_size
         results: list[Transcription] = []
         for start in range(0, len(waves), batch_size):
-            results += self._generate_batch(waves[start : start + batch_size], prompt, spec, beam)
+            end = start + batch_size
+            results += self._generate_batch(waves[start:end], files[start:end], prompt, spec, beam)
         return results[0] if single else results
 
     def _generate_batch(
-        self, waves: list[np.ndarray], prompt: list[int], spec: PromptSpec, beam_size: int = 1
+        self, waves: list[np.ndarray], files: list[bool], prompt: list[int], spec: PromptSpec, beam_size: int = 1
     ) -> list[Transcription]:
-        padded = [pad_to_min_duration(w, int(MIN_AUDIO_SECONDS * SAMPLE_RATE)) for w in waves]
+        min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
+        padded = [pad_to_min_duration(w, min_samples, f) for w, f in zip(waves, files, strict=True)]
         audio, lengths = pad_batch(padded)
         enc, enc_lengths = self.encode(audio, lengths)
         tok = self.tokenizer

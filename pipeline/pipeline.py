@@ -8,6 +8,7 @@ CLI, the Python API, Wyoming) validate their own input format, build `Transcribe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_to_min_duration
 from canary_server.model.errors import UnsupportedLanguageError
 from canary_server.pipeline.chunking import Chunk, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
@@ -145,7 +147,14 @@ class Pipeline:
             raise InvalidAudio("the audio contains no samples")
         if duration > self.config.max_audio_seconds:
             raise AudioTooLong(duration, self.config.max_audio_seconds)
-        return PreparedAudio(split_audio(samples, sample_rate, self.config.chunk_seconds), duration, options)
+        chunks = split_audio(samples, sample_rate, self.config.chunk_seconds)
+        if not isinstance(audio, np.ndarray):
+            # A piece under 1 s is padded here as NeMo's file loader (lhotse) pads it; arrays are padded by the
+            # model as NeMo's in-memory path does (model/audio.py, pad_to_min_duration).
+            min_samples = int(MIN_AUDIO_SECONDS * sample_rate)
+            chunks = [dataclasses.replace(c, audio=pad_to_min_duration(c.audio, min_samples, from_file=True))
+                      for c in chunks]  # fmt: skip
+        return PreparedAudio(chunks, duration, options)
 
     async def _samples(self, audio: AudioInput) -> np.ndarray:
         if isinstance(audio, np.ndarray):

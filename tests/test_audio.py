@@ -91,9 +91,11 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
         load_audio(tmp_path / "nope.wav")
 
 
-def test_short_audio_is_padded_on_both_sides_like_nemo():
-    x = np.ones(8001, dtype=np.float32)
-    y = pad_to_min_duration(x, 16000)
+def test_short_arrays_are_padded_like_nemos_in_memory_path_and_files_like_its_file_path():
+    x = np.ones(8001, dtype=np.float32)  # odd pad: 7999 samples
+    y = pad_to_min_duration(x, 16000)  # arrays: left = pad // 2 (TranscriptionTensorDataset._pad_audio)
     assert y.shape == (16000,)
     assert y[:3999].sum() == 0 and y[3999] == 1 and y[12000 - 1] == 1 and y[12000:].sum() == 0
+    z = pad_to_min_duration(x, 16000, from_file=True)  # files: left = ceil(pad / 2) (lhotse rounds half up)
+    assert z.shape == (16000,) and z[:4000].sum() == 0 and z[4000] == 1 and z[12000] == 1 and z[12001:].sum() == 0
     assert pad_to_min_duration(np.ones(20000, np.float32), 16000).shape == (20000,)
