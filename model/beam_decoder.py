@@ -56,7 +56,7 @@ class BeamBatchDecoder(BatchDecoder):
         self.lengths += [float(p + 2)] * len(first)  # NeMo: prefixes.size(1) + 1 after the first step
         self.steps += [1] * len(first)
         self.rows += [s for s in seqs for _ in range(k)]
-        return self._finish_done()
+        return self._finish_done(first_step=True)
 
     def step(self) -> list[Sequence]:
         if not self.rows:
@@ -67,7 +67,9 @@ class BeamBatchDecoder(BatchDecoder):
             self.self_k = [pad_axis(a, 2, cap) for a in self.self_k]
             self.self_v = [pad_axis(a, 2, cap) for a in self.self_v]
         k, r = self.k, len(self.rows)
-        finished = mx.array([h[-1] in (self.eos, self.pad) for h in self.hyps])  # pad_profile
+        # NeMo's pad_profile: a hypothesis that ended is only extended by <pad>. It starts as zeros, so one whose
+        # FIRST token is <|endoftext|> is not finished and goes on like any other (transformer_generators.py).
+        finished = mx.array([len(h) > 1 and h[-1] in (self.eos, self.pad) for h in self.hyps])
         logits, self.self_k, self.self_v = self._forward_logits(
             self.last, self.offsets, self.self_k, self.self_v, self.cross_k, self.cross_v, self.cross_mask
         )
@@ -102,24 +104,27 @@ class BeamBatchDecoder(BatchDecoder):
         self.steps = [s + 1 for s in self.steps]
         return self._finish_done()
 
-    def _finish_done(self) -> list[Sequence]:
-        """Sequences whose k hypotheses all ended, that hit their length limit, or were cancelled."""
+    def _finish_done(self, first_step: bool = False) -> list[Sequence]:
+        """Sequences whose k hypotheses all ended, that hit their length limit, or were cancelled. NeMo checks for
+        ended hypotheses only after a loop step, never after the first (prefill) step."""
         k, done, rows_done = self.k, [], []
         penalty = None
         for g in range(len(self.rows) // k):
             seq, rows = self.rows[g * k], range(g * k, g * k + k)
-            ended = all(self.hyps[i][-1] in (self.eos, self.pad) for i in rows)
+            ended = not first_step and all(self.hyps[i][-1] in (self.eos, self.pad) for i in rows)
             if not (ended or seq.cancelled or self.steps[g * k] >= seq.max_new_tokens):
                 continue
             if penalty is None:
                 lengths = mx.array(self.lengths)
                 penalty = np.array(self.scores / ((5.0 + lengths) / 6.0) ** self.length_penalty).tolist()
             best = max(rows, key=lambda i: (penalty[i], -i))  # torch.argmax: first of equal maxima
-            hyp = self.hyps[best]
-            stops = [j for j, t in enumerate(hyp) if t in (self.eos, self.pad)]
-            seq.tokens = hyp[: stops[0]] if stops else list(hyp)
-            seq.logprobs = self.hyp_lps[best][: len(seq.tokens)]
-            seq.finished = bool(stops)
+            hyp = list(self.hyps[best])
+            end = len(hyp)
+            while end and hyp[end - 1] in (self.eos, self.pad):  # NeMo strips trailing <pad>/<|endoftext|> only:
+                end -= 1  # a first-step <|endoftext|> followed by words stays in the hypothesis, as in NeMo
+            seq.tokens = hyp[:end]
+            seq.logprobs = self.hyp_lps[best][:end]
+            seq.finished = end < len(hyp)
             seq.score = penalty[best]
             done.append(seq)
             rows_done += list(rows)

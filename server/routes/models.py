@@ -19,8 +19,12 @@ def _card(request: Request, model_id: str) -> ModelCard:
     info = request.app.state.pipeline.engine.info  # None while the model loads
     if info is not None:
         card = card.model_copy(
-            update={"family": info.family or None, "languages": list(info.languages), "decoding": info.decoding,
-                    "timestamps": info.timestamp_source}  # fmt: skip
+            update={
+                "family": info.family or None,
+                "languages": list(info.languages),
+                "decoding": info.decoding,
+                "timestamps": info.timestamp_source,
+            }  # fmt: skip
         )
     return card
 
