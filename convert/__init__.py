@@ -54,11 +54,15 @@ def _convert_timestamps_model(archive: nemo.NemoArchive, staging: Path, dtype: s
         head_rows=state[CTC_HEAD].shape[0],
         sample_rate=sample_rate,
     )
-    arrays = write.cast_weights(mapping.map_ctc_state_dict(state, ctc_cfg), dtype)
+    mapped = mapping.map_ctc_state_dict(state, ctc_cfg)
     (staging / ctc_cfg["weights"]).parent.mkdir()
-    write.write_weights(staging, arrays, ctc_cfg["weights"])
-    log.info("timestamps CTC model: %d tensors -> %s", len(arrays), ctc_cfg["weights"])
+    write.stream_weights(staging, mapped, dtype, ctc_cfg["weights"], _release)
+    log.info("timestamps CTC model: %d tensors -> %s", len(mapped), ctc_cfg["weights"])
     return ctc_cfg
+
+
+def _release(value) -> None:
+    checkpoint.release_pages([value])
 
 
 def convert_nemo(
@@ -102,13 +106,14 @@ def convert_nemo(
             dtype=dtype,
             enc_dec_proj_present="encoder_decoder_proj.weight" in state,
         )
-        arrays = write.cast_weights(mapping.map_state_dict(state, cfg), dtype)
+        mapped = mapping.map_state_dict(state, cfg)
         del state
-        if quantize is not None:
+        if quantize is None:  # tensor by tensor from the memory map: peak memory stays far below the file size
+            write.stream_weights(staging, mapped, dtype, after_each=_release)
+        else:  # quantizing builds the module: the whole model in memory once
             cfg["quantization"] = {"bits": quantize, "group_size": group_size}
-            arrays = quantize_weights(arrays, cfg)
-        write.write_weights(staging, arrays)
-        del arrays
+            write.write_weights(staging, quantize_weights(write.cast_weights(mapped, dtype), cfg))
+        del mapped
         if archive.timestamps is not None:
             try:
                 cfg["timestamps_ctc"] = _convert_timestamps_model(archive, staging, dtype, cfg["sample_rate"])

@@ -210,3 +210,19 @@ def load_state_dict(loc: WeightsLocation) -> tuple[dict[str, np.ndarray], dict[s
         return state, dtypes
     finally:
         f.close()  # the mmap keeps its own handle on the file
+
+
+def release_pages(arrays) -> None:
+    """Drop the resident pages of the memory maps behind `arrays` (read-only file maps: the data stays on disk and
+    in the page cache, it just stops counting in this process's RSS). The streaming writer calls this after each
+    tensor, so converting a 6 GB checkpoint never holds it all."""
+    maps = {}
+    for arr in arrays:
+        node = arr
+        while node is not None and not isinstance(node, mmap.mmap):
+            node = node.obj if isinstance(node, memoryview) else getattr(node, "base", None)
+        if node is not None:
+            maps[id(node)] = node
+    for mm in maps.values():
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED") and not mm.closed:
+            mm.madvise(mmap.MADV_DONTNEED)

@@ -7,8 +7,9 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -66,6 +67,60 @@ def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.arr
 
 def write_weights(directory: Path, arrays: dict[str, mx.array], name: str = WEIGHTS_FILE) -> None:
     mx.save_safetensors(str(directory / name), arrays, metadata={"format": "mlx"})
+
+
+# numpy dtype of a tensor as written -> safetensors dtype code (bfloat16 is written from its uint16 bits)
+_ST_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
+             np.dtype("int32"): "I32", np.dtype("uint32"): "U32"}  # fmt: skip
+
+
+def stream_weights(
+    directory: Path,
+    tensors: dict[str, np.ndarray],
+    dtype: str,
+    name: str = WEIGHTS_FILE,
+    after_each: Callable[[np.ndarray], None] | None = None,
+) -> int:
+    """Write `tensors` (numpy arrays or views, e.g. of a memory-mapped checkpoint) as one safetensors file, one
+    tensor at a time: floats cast to `dtype` (FLOAT32_KEYS stay float32), integers kept, the same bytes MLX's
+    `save_safetensors` writes for `cast_weights(tensors, dtype)`. Memory stays at one tensor; `after_each(value)`
+    runs after each is written (to drop its pages). Returns the bytes of tensor data written."""
+    target = check_dtype(dtype)
+    plan, offset = [], 0
+    for key, value in tensors.items():
+        floating = np.issubdtype(value.dtype, np.floating)
+        out = (mx.float32 if key in FLOAT32_KEYS else target) if floating else None
+        if out is None:
+            code, itemsize = _ST_CODES[value.dtype], value.dtype.itemsize
+        else:
+            code, itemsize = {mx.float32: ("F32", 4), mx.float16: ("F16", 2), mx.bfloat16: ("BF16", 2)}[out]
+        nbytes = int(np.prod(value.shape, dtype=np.int64)) * itemsize
+        plan.append((key, value, out, code, nbytes, offset))
+        offset += nbytes
+    header = {"__metadata__": {"format": "mlx"}}
+    header |= {k: {"dtype": c, "shape": list(v.shape), "data_offsets": [o, o + n]} for k, v, _, c, n, o in plan}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writers do
+    with open(directory / name, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, value, out, _, nbytes, _ in plan:
+            data = _as_written(value, out)
+            assert data.nbytes == nbytes
+            f.write(memoryview(data).cast("B"))
+            if after_each is not None:
+                after_each(value)
+    return offset
+
+
+def _as_written(value: np.ndarray, out: mx.Dtype | None) -> np.ndarray:
+    """One tensor's bytes in the output dtype (contiguous); bfloat16 cast by MLX, as `cast_weights` does."""
+    if out is None:
+        return np.ascontiguousarray(value)
+    if out == mx.float32:
+        return np.ascontiguousarray(value, dtype=np.float32)
+    if out == mx.float16:
+        return np.ascontiguousarray(value, dtype=np.float32).astype(np.float16)
+    return np.array(mx.array(np.ascontiguousarray(value, dtype=np.float32)).astype(mx.bfloat16).view(mx.uint16))
 
 
 def write_config(directory: Path, config: dict) -> None:

@@ -468,3 +468,25 @@ def test_a_checkpoint_of_another_model_class_is_refused_by_its_class_name(espeak
     with pytest.raises(ConversionError, match=r"SALM .*speech-LLM.* is not a Canary model.*EncDecMultiTaskModel"):
         convert_nemo(bad, tmp_path / "out")
     _assert_nothing_written(tmp_path, {"canary-qwen-2.5b.nemo"})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_streaming_writer_writes_what_mlx_writes_for_the_cast_weights(tmp_path, dtype):
+    from canary_server.convert import write
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((6, 5)).astype(np.float32) * 1e3
+    tensors = {
+        "w": base,
+        "w_t": base.T,  # a non-contiguous view, as the mapping's transposes are
+        "preprocessor.fb": rng.standard_normal((4, 3)).astype(np.float32),  # FLOAT32_KEYS stay float32
+        "steps": np.arange(3, dtype=np.int64),
+    }
+    released = []
+    write.stream_weights(tmp_path, tensors, dtype, "streamed.safetensors", after_each=released.append)
+    write.write_weights(tmp_path, write.cast_weights(tensors, dtype), "mlx.safetensors")
+    streamed, reference = mx.load(str(tmp_path / "streamed.safetensors")), mx.load(str(tmp_path / "mlx.safetensors"))
+    assert streamed.keys() == reference.keys() and len(released) == len(tensors)
+    for key, value in reference.items():
+        assert streamed[key].dtype == value.dtype and streamed[key].shape == value.shape, key
+        assert np.array_equal(np.array(streamed[key].astype(mx.float32)), np.array(value.astype(mx.float32))), key
