@@ -175,7 +175,7 @@ def test_a_killed_conversion_leaves_no_loadable_dir_and_its_debris_is_cleared(es
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if interrupted while writing the weights
 
-    monkeypatch.setattr(convert.write, "write_weights", killed)
+    monkeypatch.setattr(convert.write, "stream_weights", killed)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(espeak), cache_dir=cache)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
