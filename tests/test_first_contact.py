@@ -26,7 +26,7 @@ from canary_server.cli.progress import LogLines
 from canary_server.convert.cache import resolve_model
 from canary_server.server.app import create_app
 from canary_server.server.settings import Settings
-from conftest import ESPEAK_NEMO, REPO
+from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, REPO
 from server_fakes import fake_engine
 
 CLI = str(Path(sys.executable).with_name("canary-server"))
@@ -95,10 +95,9 @@ def test_serve_on_a_port_in_use_says_so_before_loading_anything(tmp_path, capsys
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_transcribe_with_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
-    assert main(["transcribe", "x.wav", "--model", str(tmp_path / "absent")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "absent: no such file or directory" in err
+def test_transcribe_with_a_model_that_does_not_exist_is_one_line(tmp_path):
+    proc = _run(["transcribe", "x.wav", "--model", "absent"], tmp_path)
+    assert proc.returncode == 2 and "absent: no such file or directory" in _one_line_error(proc)
 
 
 def _serve(args: list[str], tmp_path: Path, stop_when_ready: bool = True, deadline_s: float = 120):
@@ -180,6 +179,14 @@ def test_convert_shows_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert proc.stdout.strip() == str(tmp_path / "out")
     quiet = _run(["convert", str(ESPEAK_NEMO), "out2", "-q"], tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_first_transcribe_with_a_nemo_shows_conversion_progress_and_only_the_transcript_on_stdout(tmp_path):
+    _require_espeak()
+    proc = _run(["transcribe", str(ESPEAK_CLIPS / "clip03.wav"), "--model", str(ESPEAK_NEMO)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "moon thought student only work got milk\n"
+    assert "converting espeak-tiny-en.nemo: " in proc.stderr and "(100%)" in proc.stderr
 
 
 def test_log_lines_report_at_the_start_every_interval_and_at_the_end(caplog, monkeypatch):
