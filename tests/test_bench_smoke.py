@@ -42,12 +42,17 @@ SMOKE_ARGS = {
         "--long-seconds",
         "12",
     ],  # fmt: skip
+    "fairness.py": ["--model", "tiny", "--model-dir", "{tiny}", "--shares", "0.5", "--long-seconds", "12"],
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
     "nemo_baseline.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--repeats", "1", "--seconds", "2"],
+    # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
+    # arguments are checked here
+    "make_big_v2_nemo.py": ["--help"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py"}
+NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
 
 
 def _bench(script: str, tiny: Path | None = None, python: str = sys.executable) -> str:
@@ -76,6 +81,11 @@ def test_run_measures_the_server_end_to_end(tiny):
     assert "one at a time during a 12 s file" in out and "Peak memory: server peak RSS" in out
 
 
+def test_fairness_measures_both_sides_of_the_share(tiny):
+    out = _bench("fairness.py", tiny)
+    assert "during a 12 s file" in out and re.search(r"^\| 0\.5 \| \d+ \|", out, flags=re.M)
+
+
 def test_encoder_ops_times_the_ops_and_the_encoder(tiny):
     out = _bench("encoder_ops.py", tiny)
     assert "| SiLU, 0.77 M values" in out and "| 1 x 30 s |" in out
@@ -94,11 +104,20 @@ def test_quantize_eval_reports_the_quantized_share_of_the_cpu_layouts_linears():
     assert "| 0% |" in rows[0] and "| 60% |" in rows[1], out  # the README's table: 60% of the espeak model's linears
 
 
-def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
+def _require_nemo(script: str) -> None:
     if not NEMO_PYTHON.exists():
-        pytest.skip(f"bench/nemo_baseline.py needs NeMo and torch: no NeMo interpreter at {NEMO_PYTHON}")
+        pytest.skip(f"bench/{script} needs NeMo and torch: no NeMo interpreter at {NEMO_PYTHON}")
+
+
+def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
+    _require_nemo("nemo_baseline.py")
     out = _bench("nemo_baseline.py", tiny, python=str(NEMO_PYTHON))
     assert '"rtfx"' in out and '"seconds": 2.0' in out
+
+
+def test_the_big_v2_nemo_maker_starts_in_nemos_interpreter():
+    _require_nemo("make_big_v2_nemo.py")
+    assert "--need-gb" in _bench("make_big_v2_nemo.py", python=str(NEMO_PYTHON))
 
 
 def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():
@@ -107,7 +126,7 @@ def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():
     assert len(commands) >= 4
     helps: dict[str, str] = {}
     for script, args in commands:
-        if script == "nemo_baseline.py":
+        if script in NEEDS_NEMO:
             continue  # needs NeMo's interpreter to print its help
         if script not in helps:
             proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
