@@ -46,6 +46,7 @@ SMOKE_ARGS = {
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
+    "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
     "nemo_baseline.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--repeats", "1", "--seconds", "2"],
     # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
     # arguments are checked here
@@ -107,6 +108,14 @@ def test_quantize_eval_reports_the_quantized_share_of_the_cpu_layouts_linears():
 def _require_nemo(script: str) -> None:
     if not NEMO_PYTHON.exists():
         pytest.skip(f"bench/{script} needs NeMo and torch: no NeMo interpreter at {NEMO_PYTHON}")
+
+
+def test_convert_memory_measures_a_conversion(tiny):
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("convert_memory.py", tiny)
+    assert re.search(r"^\| 0\.02 GB \| float32 \| \d+ s \| [\d.]+ GB \|", out, flags=re.M), out
+    assert not Path(f"{tiny}-converted").exists()
 
 
 def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
