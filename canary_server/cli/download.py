@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "nvidia/canary-1b-flash, the server's default model)"
     )  # fmt: skip
     p.add_argument(
-        "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        help="where converted models are kept (default: ~/.cache/canary-server)",
     )
     p.set_defaults(func=run)
 

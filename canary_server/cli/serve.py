@@ -33,7 +33,8 @@ class _HelpWithSettings(argparse.Action):
         for action in parser._actions:
             if action.dest in fields:
                 field = fields[action.dest]
-                action.help = f"{field.description} (default: {_default(field)}; {env_name(action.dest)})"
+                about = field.description or action.help
+                action.help = f"{about} (default: {_default(field)}; {env_name(action.dest)})"
         lines = [
             "Every setting, as TOML key in --config FILE / environment variable: default. Variables win over the",
             "file, flags over both; config.example.toml describes each one.",
