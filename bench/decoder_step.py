@@ -3,6 +3,8 @@
 (4 layers x 1024, 8 heads, vocab 5248; random weights), with and without step pipelining (mx.async_eval).
 
     .venv/bin/python bench/decoder_step.py [--steps 40] [--batches 1 4 16]
+
+`--dims tiny` (2 layers of width 64) is for the smoke test of the bench scripts (tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ class _Tok:
     eos_id, pad_id = 3, 2
 
 
-def build(cpu_layout: bool) -> Canary:
+DIMS = {"real": DecoderConfig(), "tiny": DecoderConfig(num_layers=2, hidden_size=64, inner_size=256, vocab_size=512)}
+
+
+def build(cpu_layout: bool, decoder: DecoderConfig) -> Canary:
     cfg = ModelConfig(
         preprocessor=PreprocessorConfig(),
         encoder=EncoderConfig(n_layers=1, d_model=512),
-        decoder=DecoderConfig(),
+        decoder=decoder,
         tokenizer=TokenizerConfig(),
         enc_dec_proj=True,
         decoding=DecodingConfig(max_generation_delta=50),
@@ -53,7 +58,8 @@ def build(cpu_layout: bool) -> Canary:
 def time_steps(m: Canary, batch: int, steps: int, pipelined: bool) -> float:
     bd = BatchDecoder(m, compile=False)
     t_enc = 375  # 30 s of audio
-    bd.add([Sequence(mx.random.normal((t_enc, 1024)), t_enc, PROMPT, 10**6) for _ in range(batch)])
+    hidden = m.config.decoder.hidden_size
+    bd.add([Sequence(mx.random.normal((t_enc, hidden)), t_enc, PROMPT, 10**6) for _ in range(batch)])
     step = bd.step if pipelined else (lambda: bd._collect(*bd._dispatch()))
     for _ in range(3):
         step()
@@ -69,13 +75,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--dims", choices=sorted(DIMS), default="real", help="real: the flash models' decoder")
     args = ap.parse_args()
     layouts = [False, True] if mx.default_device() == mx.cpu else [False]
-    print(f"device {mx.default_device()}, float32, decoder 4x1024, vocab 5248, cross-attention over 375 frames")
+    d = DIMS[args.dims]
+    print(f"device {mx.default_device()}, float32, decoder {d.num_layers}x{d.hidden_size}, vocab {d.vocab_size}, "
+          "cross-attention over 375 frames")  # fmt: skip
     print("| weights | batch | step, plain (ms) | step, pipelined (ms) | tokens/s pipelined |")
     print("|---|---|---|---|---|")
     for cpu_layout in layouts:
-        m = build(cpu_layout)
+        m = build(cpu_layout, d)
         for b in args.batches:
             plain = time_steps(m, b, args.steps, pipelined=False)
             piped = time_steps(m, b, args.steps, pipelined=True)

@@ -104,7 +104,7 @@ def encoder_table(model_dir: Path, repeats: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="180m-flash", choices=["180m-flash", "1b-flash"])
+    ap.add_argument("--model", default="180m-flash", choices=["180m-flash", "1b-flash", "tiny"])
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()

@@ -70,7 +70,7 @@ def table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("180m-flash", "1b-flash"), default="180m-flash")
+    ap.add_argument("--model", choices=("180m-flash", "1b-flash", "tiny"), default="180m-flash")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     ap.add_argument("--long-seconds", type=float, default=300.0, help="length of the long file (default 300)")

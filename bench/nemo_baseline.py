@@ -10,6 +10,7 @@ bench/random_model.py wrote. <|endoftext|> and <pad> get a -1000 head bias (as o
 `max_seq_length` is set per call so every row emits exactly round(4 * seconds) tokens (seconds of the longest item
 in the batch: NeMo's batch limit is shared). Times `model.transcribe()` single-stream on 5 s, 30 s and 5 min
 (the 5 min file cut with pipeline/chunking.py, all chunks in one batch), torch threads = 2, median of --repeats.
+`--model tiny --seconds 2` (tokenizers from `random_model.py tiny`) is the smoke test's run (tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from synth import SR, speech_like  # noqa: E402
 
 TOKENS_PER_SECOND = 4.0
 SECONDS = (5.0, 30.0, 300.0)
-ENCODERS = {"180m-flash": (17, 512, 256), "1b-flash": (32, 1024, 256)}  # layers, d_model, subsampling channels
+# layers, d_model, subsampling channels; the decoder's dims (bench/random_model.py has the same table)
+ENCODERS = {"180m-flash": (17, 512, 256), "1b-flash": (32, 1024, 256), "tiny": (2, 64, 32)}
 DEC = {"layers": 4, "hidden": 1024, "inner": 4096, "heads": 8, "max_len": 1024}
+DECODERS = {"tiny": {**DEC, "layers": 2, "hidden": 64, "inner": 256}}
 LANGS = ("spl_tokens", "en", "de", "es", "fr")
 
 
@@ -68,7 +71,8 @@ def tokenizer_dirs(src: Path, work: Path) -> dict:
 
 def make_cfg(name: str, langs: dict):
     n_layers, d_model, channels = ENCODERS[name]
-    h = DEC["hidden"]
+    dec = DECODERS.get(name, DEC)
+    h = dec["hidden"]
     slots = {"decodercontext": "", "source_lang": "<|en|>", "target_lang": "<|en|>",
              "emotion": "<|emo:undefined|>", "pnc": "<|pnc|>", "itn": "<|noitn|>", "diarize": "<|nodiarize|>",
              "timestamp": "<|notimestamp|>"}  # fmt: skip
@@ -96,16 +100,16 @@ def make_cfg(name: str, langs: dict):
             "dropout_att": 0.0},
         "transf_encoder": {
             "_target_": "nemo.collections.asr.modules.transformer.transformer_encoders.TransformerEncoder",
-            "num_layers": 0, "hidden_size": h, "inner_size": DEC["inner"], "num_attention_heads": DEC["heads"],
+            "num_layers": 0, "hidden_size": h, "inner_size": dec["inner"], "num_attention_heads": dec["heads"],
             "ffn_dropout": 0.0, "attn_score_dropout": 0.0, "attn_layer_dropout": 0.0, "mask_future": False,
             "pre_ln": True, "pre_ln_final_layer_norm": True},
         "transf_decoder": {
             "_target_": "nemo.collections.asr.modules.transformer.get_nemo_transformer",
             "model_name": None, "pretrained": False, "encoder": None, "pre_ln_final_layer_norm": True,
             "config_dict": {
-                "max_sequence_length": DEC["max_len"], "num_token_types": 0, "embedding_dropout": 0.0,
-                "learn_positional_encodings": False, "hidden_size": h, "inner_size": DEC["inner"],
-                "num_layers": DEC["layers"], "num_attention_heads": DEC["heads"], "ffn_dropout": 0.0,
+                "max_sequence_length": dec["max_len"], "num_token_types": 0, "embedding_dropout": 0.0,
+                "learn_positional_encodings": False, "hidden_size": h, "inner_size": dec["inner"],
+                "num_layers": dec["layers"], "num_attention_heads": dec["heads"], "ffn_dropout": 0.0,
                 "attn_score_dropout": 0.0, "attn_layer_dropout": 0.0, "hidden_act": "relu", "pre_ln": True,
                 "vocab_size": None}},
         "head": {
@@ -169,6 +173,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--seconds", type=float, nargs="+", default=list(SECONDS), help="clip lengths")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -182,7 +187,7 @@ def main() -> None:
         print(f"NeMo {args.model}: {n_params / 1e6:.1f}M parameters", file=sys.stderr, flush=True)
         transcribe(model, [speech_like(5.0, seed=100)], 5.0)  # warm-up
         rows = []
-        for s in SECONDS:
+        for s in args.seconds:
             audio = speech_like(s, seed=int(s))
             chunks = [c.audio for c in split(audio, SR, 30.0)]
             limit_s = max(len(c) for c in chunks) / SR

@@ -5,7 +5,7 @@ Converts ../shared/models/espeak-tiny-en.nemo at float32, 8-bit and 4-bit, trans
 quantized, WER and exact matches against NeMo's own transcripts, and transcription time (median of --repeats
 runs after one warm-up).
 
-    .venv/bin/python bench/quantize_eval.py [--group-size 64] [--repeats 5]
+    .venv/bin/python bench/quantize_eval.py [--group-size 64] [--repeats 5] [--clips 12]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from canary_server import model  # noqa: E402, I001  (first: preloads OpenBLAS b
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from canary_server.convert import convert_nemo  # noqa: E402
+from canary_server.model.cpu_layout import TransposedLinear  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
 NEMO = SHARED / "espeak-tiny-en.nemo"
@@ -42,7 +43,8 @@ def word_errors(ref: str, hyp: str) -> int:
 
 
 def quantized_share(m: nn.Module) -> float:
-    """Fraction of all Linear weights (by element count) held in QuantizedLinear layers."""
+    """Fraction of all Linear weights (by element count) held in QuantizedLinear layers. On the CPU backend the
+    loader swaps every unquantized nn.Linear for a TransposedLinear (model/cpu_layout.py): those count too."""
     full = quant = 0
     for _, layer in m.named_modules():
         if isinstance(layer, nn.QuantizedLinear):
@@ -50,6 +52,10 @@ def quantized_share(m: nn.Module) -> float:
             quant, full = quant + n, full + n
         elif isinstance(layer, nn.Linear):
             full += layer.weight.size
+        elif isinstance(layer, TransposedLinear):
+            full += layer.weight_t.size
+    if full == 0:
+        raise RuntimeError("no linear layers found: has the model's layer layout changed?")
     return quant / full
 
 
@@ -81,12 +87,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clips", type=int, default=12, help="how many of the 12 held-out clips")
     args = parser.parse_args()
     refs = {n: t.strip() for n, t in sorted(json.loads((CLIPS / "nemo_transcripts.json").read_text()).items())}
+    refs = dict(list(refs.items())[: args.clips])
     audio_s = sum(model.audio.load_audio(CLIPS / n).shape[0] for n in refs) / 16000
     print(f"machine: {platform.system()} {platform.machine()}, MLX {mx.__version__} ({mx.default_device()})")
     print(f"espeak-tiny-en (not a real Canary), {len(refs)} held-out clips, {audio_s:.1f} s of audio, batch 4\n")
-    print("| weights | size on disk | linear weights quantized | WER vs NeMo | exact matches | time, 12 clips |")
+    print(
+        f"| weights | size on disk | linear weights quantized | WER vs NeMo | exact matches | time, {len(refs)} clips |"
+    )
     print("|---|---|---|---|---|---|")
     diffs = {}
     with tempfile.TemporaryDirectory() as tmp:

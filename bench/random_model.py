@@ -1,8 +1,9 @@
 """Write a converted model directory with RANDOM weights and the real dimensions of a released Canary model.
 
 No download: the bench needs the shapes (and so the cost) of canary-180m-flash / canary-1b-flash, not their
-accuracy. The directory has the format of ARCHITECTURE.md (config.json + model.safetensors + tokenizer files)
-and loads with `model.load(dir)` (strict).
+accuracy. `tiny` (2-layer encoder and decoder of width 64, 256-piece language tokenizers) is for the smoke test of
+the bench scripts (tests/test_bench_smoke.py): the same code paths in seconds. The directory has the format of
+ARCHITECTURE.md (config.json + model.safetensors + tokenizer files) and loads with `model.load(dir)` (strict).
 
 * Weights: every parameter the MLX module has, by name: linear/conv/embedding weights normal * 0.02, biases 0,
   LayerNorm and BatchNorm weights 1, running_var 1, the decoder's sinusoidal positions as NeMo computes them,
@@ -35,21 +36,33 @@ from canary_server.model.config import ModelConfig  # noqa: E402
 
 LANGS = ("en", "de", "es", "fr")
 LANG_VOCAB = 1024
+SPECIAL_VOCAB = 1152  # the canary2 special-token table below
 DECODER = {
     "num_layers": 4,
     "hidden_size": 1024,
     "inner_size": 4096,
     "num_attention_heads": 8,
     "max_sequence_length": 1024,
-    "vocab_size": 1152 + LANG_VOCAB * len(LANGS),
+    "vocab_size": SPECIAL_VOCAB + LANG_VOCAB * len(LANGS),
 }
-# Encoder dims of the released checkpoints (reference §2.6).
+TEXT_LINES = 20000  # synthetic sentences per language tokenizer
+# Encoder dims of the released checkpoints (reference §2.6); both have the 4 x 1024 decoder above.
 MODELS = {
     "180m-flash": {"encoder": {"n_layers": 17, "d_model": 512, "n_heads": 8, "subsampling_conv_channels": 256},
                    "enc_dec_proj": True},
     "1b-flash": {"encoder": {"n_layers": 32, "d_model": 1024, "n_heads": 8, "subsampling_conv_channels": 256},
                  "enc_dec_proj": False},
+    "tiny": {"encoder": {"n_layers": 2, "d_model": 64, "n_heads": 8, "subsampling_conv_channels": 32},
+             "enc_dec_proj": False, "lang_vocab": 256, "text_lines": 2000,
+             "decoder": {"num_layers": 2, "hidden_size": 64, "inner_size": 256,
+                         "vocab_size": SPECIAL_VOCAB + 256 * len(LANGS)}},
 }  # fmt: skip
+
+
+def decoder_dict(name: str) -> dict:
+    return {**DECODER, **MODELS[name].get("decoder", {})}
+
+
 DEFAULT_ROOT = Path.home() / ".cache" / "canary-bench"
 
 # The canary2 special-token table in NeMo's order
@@ -77,7 +90,7 @@ def config_dict(name: str) -> dict:
                          "log_zero_guard_value": 2.0**-24, "mag_power": 2.0, "pad_to": 0, "pad_value": 0.0},
         "encoder": enc,
         "enc_dec_proj": spec["enc_dec_proj"],
-        "decoder": DECODER,
+        "decoder": decoder_dict(name),
         "tokenizer": {"type": "aggregate", "langs": [{"name": n, "file": f"tokenizer.{n}.model"}
                                                       for n in ("spl_tokens", *LANGS)]},
         "decoding": {"beam_size": 1, "length_penalty": 0.0, "max_generation_delta": 50},
@@ -127,7 +140,7 @@ def write_special_tokenizer(out: Path) -> None:
     (out / "tokenizer.spl_tokens.vocab").unlink(missing_ok=True)
 
 
-def synthetic_text(lang: str, lines: int = 20000) -> list[str]:
+def synthetic_text(lang: str, lines: int = TEXT_LINES) -> list[str]:
     """Seeded pseudo-words from a per-language syllable set: enough distinct pieces for a 1024 BPE vocab."""
     rng = np.random.default_rng(sum(map(ord, lang)))
     onsets = list("bcdfghjklmnprstvwz") + ["ch", "sh", "th", "qu", "br", "tr", "pl", "gr", "st"]
@@ -140,13 +153,13 @@ def synthetic_text(lang: str, lines: int = 20000) -> list[str]:
     return out
 
 
-def write_lang_tokenizer(out: Path, lang: str) -> None:
+def write_lang_tokenizer(out: Path, lang: str, vocab: int = LANG_VOCAB, lines: int = TEXT_LINES) -> None:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(synthetic_text(lang)),
+        sentence_iterator=iter(synthetic_text(lang, lines)),
         model_prefix=str(out / f"tokenizer.{lang}"),
-        vocab_size=LANG_VOCAB,
+        vocab_size=vocab,
         model_type="bpe",
         character_coverage=1.0,
         unk_id=0,
@@ -221,12 +234,13 @@ def build(name: str, out: Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     write_special_tokenizer(out)
+    spec = MODELS[name]
     for lang in LANGS:
-        write_lang_tokenizer(out, lang)
+        write_lang_tokenizer(out, lang, spec.get("lang_vocab", LANG_VOCAB), spec.get("text_lines", TEXT_LINES))
     raw = config_dict(name)
     cfg = ModelConfig.from_dict(raw)
     tok = model.tokenizer.load_tokenizer(out, cfg.tokenizer)
-    assert tok.vocab_size == DECODER["vocab_size"], tok.vocab_size
+    assert tok.vocab_size == raw["decoder"]["vocab_size"], tok.vocab_size
     mx.save_safetensors(str(out / "model.safetensors"), random_weights(cfg, tok.eos_id, tok.pad_id, seed))
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out

@@ -15,6 +15,9 @@ Audio is synthetic and seeded (voiced harmonics with a syllable-rate envelope an
 and writes JSON.
 
     .venv/bin/python bench/run.py --model 180m-flash [--with-nemo] [--repeats 3] [--json out.json]
+
+`--model tiny` with `--single-seconds`, `--concurrency`, `--clips-per-client` and `--long-seconds` set small is the
+smoke test's run (tests/test_bench_smoke.py): every measurement once, in seconds.
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ def concurrent(url: str, clips: list[bytes], concurrency: int, per_client: int) 
 
 
 def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
-    """5 s requests, one at a time, while a 5-minute file is in flight; only those that ended before it count."""
+    """5 s requests, one at a time, while a long file (5 minutes) is in flight; only those that ended before it
+    count."""
     done = threading.Event()
     long_result: dict = {}
 
@@ -197,7 +201,7 @@ def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
             "sent_at_s": sent, "long_latency_s": long_result["latency_s"]}  # fmt: skip
 
 
-def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool) -> dict:
+def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes: argparse.Namespace) -> dict:
     server = Server(model_dir, dtype)
     out: dict = {}
     try:
@@ -209,17 +213,21 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool) -> di
             for data in (clips[0], wav_bytes(speech_like(30.0, seed=1))):
                 transcribe(c, data)
         out["single"] = []
-        for s in SINGLE_SECONDS:
+        for s in sizes.single_seconds:
             out["single"].append(single_stream(server.url, s, repeats if s < 300 else max(1, repeats - 1)))
             log(f"single {s:g}s: {out['single'][-1]['rtfx']:.1f}x")
         if not single_only:
             out["concurrency"] = []
-            for c in CONCURRENCY:
-                runs = [concurrent(server.url, clips, c, max(2, 16 // c)) for _ in range(repeats)]
+            for c in sizes.concurrency:
+                per_client = sizes.clips_per_client or max(2, 16 // c)
+                runs = [concurrent(server.url, clips, c, per_client) for _ in range(repeats)]
                 out["concurrency"].append(median_run(runs, "throughput"))
                 log(f"c={c}: {out['concurrency'][-1]['throughput']:.1f} audio s/s")
-            long_clip = wav_bytes(speech_like(300.0, seed=300))
-            out["during_long"] = [during_long(server.url, long_clip, clips) for _ in range(max(1, repeats - 1))]
+            long_clip = wav_bytes(speech_like(sizes.long_seconds, seed=300))
+            out["during_long"] = [
+                {**during_long(server.url, long_clip, clips), "long_seconds": sizes.long_seconds}
+                for _ in range(max(1, repeats - 1))
+            ]
             log(f"during long: {out['during_long']}")
         out["peak_rss_bytes"] = server.peak_rss_bytes()
     finally:
@@ -279,11 +287,12 @@ def table(res: dict) -> str:
                          f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")  # fmt: skip
         idle = ours["concurrency"][0]
         for d in ours["during_long"]:
-            lines.append(f"| one at a time during a 5-min file | {d['requests']} | - | {d['p50_s']:.2f} s | "
+            long = fmt_dur(d.get("long_seconds", 300))
+            lines.append(f"| one at a time during a {long} file | {d['requests']} | - | {d['p50_s']:.2f} s | "
                          f"{d['p95_s']:.2f} s ({d['p95_s'] / idle['p95_s']:.1f}x idle) |")  # fmt: skip
         alone = next((r["latency_s"] for r in ours["single"] if r["seconds"] == 300), None)
         took = ", ".join(f"{d['long_latency_s']:.1f} s" for d in ours["during_long"])
-        lines += ["", f"The 5-min file itself took {took} with those requests running beside it"
+        lines += ["", f"The long file itself took {took} with those requests running beside it"
                       + (f" ({alone:.1f} s alone)." if alone else ".")]  # fmt: skip
     mem = [f"server peak RSS {ours['peak_rss_bytes'] / mib:.0f} MiB"] if ours.get("peak_rss_bytes") else []
     if ours.get("mlx_peak_memory_bytes"):
@@ -321,13 +330,17 @@ def fmt_dur(s: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("180m-flash", "1b-flash"), default="180m-flash")
+    ap.add_argument("--model", choices=("180m-flash", "1b-flash", "tiny"), default="180m-flash")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     ap.add_argument("--single-only", action="store_true", help="skip the concurrency and long-file runs")
     ap.add_argument("--with-nemo", action="store_true", help="also run bench/nemo_baseline.py ($NEMO_PYTHON)")
     ap.add_argument("--model-dir", type=Path, help="where the random model is written (default: ~/.cache/...)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--single-seconds", type=float, nargs="+", default=list(SINGLE_SECONDS), help="clip lengths")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="client counts")
+    ap.add_argument("--clips-per-client", type=int, default=None, help="default: max(2, 16 // concurrency)")
+    ap.add_argument("--long-seconds", type=float, default=300.0, help="the long file of the 'during' run")
     args = ap.parse_args()
 
     import random_model
@@ -336,7 +349,7 @@ def main() -> None:
     res = {"model": f"canary-{args.model}", "dtype": args.dtype, "date": date.today().isoformat(),
            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
            "tokens_per_second_forced": TOKENS_PER_SECOND}  # fmt: skip
-    res["ours"] = run_ours(model_dir, args.dtype, args.repeats, args.single_only)
+    res["ours"] = run_ours(model_dir, args.dtype, args.repeats, args.single_only, args)
     if args.json:  # kept even if NeMo fails below
         args.json.write_text(json.dumps(res, indent=2))
     if args.with_nemo:

@@ -10,6 +10,7 @@ from canary_server.model.quantize import DEFAULT_GROUP_SIZE
 
 from . import checkpoint, config, mapping, nemo, write
 from .errors import ConversionError
+from .progress import ProgressFactory, bytes_bar
 from .quantize import check_quantization, quantize_weights
 
 __all__ = ["ConversionError", "convert_nemo"]
@@ -73,6 +74,7 @@ def convert_nemo(
     quantize: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     timestamps_model: bool = True,
+    progress: ProgressFactory | None = None,
 ) -> Path:
     """Convert a `.nemo` file into an MLX model directory (ARCHITECTURE.md) and return its path.
 
@@ -81,6 +83,7 @@ def convert_nemo(
 
     `timestamps_model=False` leaves out canary-1b-v2's bundled CTC aligner (no word times); a bundled aligner that
     cannot be converted is left out the same way, with a warning, rather than failing the whole model.
+    `progress` (a tqdm-like class, see convert/progress.py) reports the bytes of weights read and cast.
 
     Raises ConversionError for unsafe, corrupt or unsupported input; OUT_DIR is then absent or unchanged.
     """
@@ -108,11 +111,20 @@ def convert_nemo(
         )
         mapped = mapping.map_state_dict(state, cfg)
         del state
-        if quantize is None:  # tensor by tensor from the memory map: peak memory stays far below the file size
-            write.stream_weights(staging, mapped, dtype, after_each=_release)
-        else:  # quantizing builds the module: the whole model in memory once
-            cfg["quantization"] = {"bits": quantize, "group_size": group_size}
-            write.write_weights(staging, quantize_weights(write.cast_weights(mapped, dtype), cfg))
+        bar = bytes_bar(progress, sum(v.nbytes for v in mapped.values()), f"converting {source.name}")
+
+        def written(value) -> None:
+            _release(value)
+            bar.update(value.nbytes)
+
+        try:
+            if quantize is None:  # tensor by tensor from the memory map: peak memory stays far below the file size
+                write.stream_weights(staging, mapped, dtype, after_each=written)
+            else:  # quantizing builds the module: the whole model in memory once
+                cfg["quantization"] = {"bits": quantize, "group_size": group_size}
+                write.write_weights(staging, quantize_weights(write.cast_weights(mapped, dtype, bar.update), cfg))
+        finally:
+            bar.close()
         del mapped
         if archive.timestamps is not None:
             try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import FORMAT_VERSION
 from .errors import ConversionError
+from .progress import ProgressFactory
 from .write import CONFIG_FILE, check_dtype
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,12 @@ HUB_PATTERNS = ["*.nemo", "*.json", "*.md"]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CANARY_CACHE_DIR") or Path.home() / ".cache" / "canary-server")
+    return expand(os.environ.get("CANARY_CACHE_DIR") or Path.home() / ".cache" / "canary-server")
+
+
+def expand(path: str | Path) -> Path:
+    """`~` and `$VARS` expanded (a path from a TOML file or an env var never went through a shell)."""
+    return Path(os.path.expanduser(os.path.expandvars(str(path))))
 
 
 def cache_key(nemo: Path, dtype: str) -> str:
@@ -47,7 +53,9 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _convert_cached(nemo: Path, cache_dir: Path, dtype: str, name: str | None = None) -> Path:
+def _convert_cached(
+    nemo: Path, cache_dir: Path, dtype: str, name: str | None = None, progress: ProgressFactory | None = None
+) -> Path:
     from . import convert_nemo  # the package imports this module's siblings; avoid a cycle
 
     target = cache_dir / f"{name or nemo.stem}-{cache_key(nemo, dtype)}"
@@ -62,7 +70,7 @@ def _convert_cached(nemo: Path, cache_dir: Path, dtype: str, name: str | None = 
             shutil.rmtree(stale, ignore_errors=True)
         log.info("converting %s into %s (first use)", nemo, target)
         # A target without config.json can only be foreign debris (publishing is atomic): replace it.
-        convert_nemo(nemo, target, dtype=dtype, overwrite=True)
+        convert_nemo(nemo, target, dtype=dtype, overwrite=True, progress=progress)
     return target
 
 
@@ -79,10 +87,30 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def download_nemo(repo_id: str) -> Path:
-    """The single `.nemo` of a Hugging Face repo, from the local hub cache or downloaded (not when offline)."""
+LOCAL_MODEL_HINT = "or point --model at a .nemo file or a converted directory"
+
+
+def _how_to_download(repo_id: str) -> str:
+    return (
+        f"download it first, with a network and without HF_HUB_OFFLINE: `canary-server download {repo_id}` "
+        f"(or `hf download {repo_id}`), {LOCAL_MODEL_HINT}"
+    )
+
+
+def _hub_cache_name() -> str:
+    if _hub_cache_dir():
+        return _hub_cache_dir()
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def download_nemo(repo_id: str, progress: ProgressFactory | None = None) -> Path:
+    """The single `.nemo` of a Hugging Face repo, from the local hub cache or downloaded (not when offline).
+
+    `progress`: the tqdm class for the download's bars (None: huggingface_hub's own)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = _offline()
     try:
@@ -92,16 +120,27 @@ def download_nemo(repo_id: str) -> Path:
                 allow_patterns=HUB_PATTERNS,
                 cache_dir=_hub_cache_dir(),
                 local_files_only=offline,
+                tqdm_class=progress,
             )
         )
     except LocalEntryNotFoundError as e:
-        where = _hub_cache_dir() or "the default Hugging Face cache"
-        how = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
-        raise ConversionError(f"{repo_id}: not in {where} and {how}; download it first") from e
+        where = f"{repo_id}: not in {_hub_cache_name()}"
+        if offline:
+            raise ConversionError(f"{where} and HF_HUB_OFFLINE is set; {_how_to_download(repo_id)}") from e
+        cause = e.__cause__ or e.__context__
+        reason = f" ({type(cause).__name__}: {_first_line(cause)})" if cause is not None else ""
+        raise ConversionError(
+            f"{where} and the Hugging Face Hub could not be reached{reason}; check the network (HTTPS_PROXY, "
+            f"HF_ENDPOINT) and retry, {LOCAL_MODEL_HINT}"
+        ) from e
     except HFValidationError as e:
         raise ConversionError(f"{repo_id}: not a valid Hugging Face repo id: {e}") from e
-    except OSError as e:  # includes requests/httpx errors and RepositoryNotFoundError (an HTTP error)
-        raise ConversionError(f"{repo_id}: could not download from the Hugging Face Hub: {e}") from e
+    except RepositoryNotFoundError as e:
+        raise ConversionError(
+            f"{repo_id}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`)"
+        ) from e
+    except OSError as e:  # includes requests/httpx errors
+        raise ConversionError(f"{repo_id}: could not download from the Hugging Face Hub: {_first_line(e)}") from e
     nemos = sorted(snapshot.glob("*.nemo"))
     if len(nemos) != 1:
         found = ", ".join(p.name for p in nemos) or "none"
@@ -109,15 +148,27 @@ def download_nemo(repo_id: str) -> Path:
     return nemos[0]
 
 
-def resolve_model(spec: str, cache_dir: Path | None = None, dtype: str = "float32") -> Path:
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def resolve_model(
+    spec: str | Path,
+    cache_dir: str | Path | None = None,
+    dtype: str = "float32",
+    progress: ProgressFactory | None = None,
+) -> Path:
     """A converted directory for MODEL `spec`: a converted dir, a `.nemo` file, or a Hugging Face repo id.
 
     `.nemo` files (local or downloaded) are converted once into `cache_dir` (default `$CANARY_CACHE_DIR` or
-    `~/.cache/canary-server`) and reused while the file is unchanged.
+    `~/.cache/canary-server`) and reused while the file is unchanged. `~` and `$VARS` in paths are expanded.
+    `progress`: a tqdm-like class for the download and conversion (convert/progress.py); None: huggingface_hub's
+    own bars for a download, nothing for a conversion.
     """
     check_dtype(dtype)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = Path(spec).expanduser()
+    spec = str(spec)
+    cache_dir = expand(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = expand(spec)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise ConversionError(f"{path}: directory has no {CONFIG_FILE}; not a converted model directory")
@@ -125,9 +176,12 @@ def resolve_model(spec: str, cache_dir: Path | None = None, dtype: str = "float3
     if path.is_file():
         if path.suffix != ".nemo":
             raise ConversionError(f"{path}: not a .nemo file or a converted model directory")
-        return _convert_cached(path, cache_dir, dtype)
+        return _convert_cached(path, cache_dir, dtype, progress=progress)
     if path.suffix == ".nemo" or not _REPO_ID.match(spec):
-        raise ConversionError(f"{spec}: no such file or directory (and not a Hugging Face repo id)")
-    nemo = download_nemo(spec)
+        raise ConversionError(
+            f"{spec}: no such file or directory (and not a Hugging Face repo id); a model is a .nemo file, a "
+            "directory written by `canary-server convert`, or a repo id such as nvidia/canary-1b-flash"
+        )
+    nemo = download_nemo(spec, progress)
     # Hub files are symlinks into blobs/; name the cache entry after the repo file, key it by the blob.
-    return _convert_cached(nemo.resolve(), cache_dir, dtype, name=nemo.stem)
+    return _convert_cached(nemo.resolve(), cache_dir, dtype, name=nemo.stem, progress=progress)

@@ -53,8 +53,12 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.array]:
-    """MLX arrays in `dtype`, except the float32-only buffers (FLOAT32_KEYS) and integer tensors."""
+def cast_weights(
+    weights: dict[str, np.ndarray], dtype: str, on_tensor: Callable[[int], object] | None = None
+) -> dict[str, mx.array]:
+    """MLX arrays in `dtype`, except the float32-only buffers (FLOAT32_KEYS) and integer tensors.
+
+    `on_tensor(nbytes)` is called after each tensor is read and cast (progress: the source bytes done)."""
     target = check_dtype(dtype)
     arrays = {}
     for name, value in weights.items():
@@ -62,6 +66,9 @@ def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.arr
         if mx.issubdtype(arr.dtype, mx.floating):
             arr = arr.astype(mx.float32 if name in FLOAT32_KEYS else target)
         arrays[name] = arr
+        if on_tensor is not None:
+            mx.eval(arr)  # do the cast now, so progress follows the work (saving evaluates it otherwise)
+            on_tensor(value.nbytes)
     return arrays
 
 

@@ -10,6 +10,7 @@ import numpy as np
 SEARCH_SECONDS = 5.0
 FRAME_SECONDS = 0.02  # RMS frame length; hop is half of it
 LEAD_SECONDS = 0.03  # pause kept before the speech that follows a cut
+MIN_TAIL_SECONDS = 2.0  # a shorter last piece joins the one before it (when that fits): no one-word cue at the end
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,15 @@ def split_audio(audio: np.ndarray, sample_rate: int, max_seconds: float) -> list
         pos = cut
     bounds.append((pos, len(audio)))
     return [Chunk(a / sample_rate, b / sample_rate, audio[a:b]) for a, b in bounds]
+
+
+def merge_short_tail(chunks: list[Chunk], audio: np.ndarray, sample_rate: int, max_seconds: float) -> list[Chunk]:
+    """`chunks` with a last piece shorter than MIN_TAIL_SECONDS joined to the one before, if that fits in
+    `max_seconds` (short pieces are cut for subtitle cues; a fraction of a word decodes badly on its own)."""
+    if len(chunks) < 2 or chunks[-1].end - chunks[-1].start >= MIN_TAIL_SECONDS:
+        return chunks
+    prev = chunks[-2]
+    if chunks[-1].end - prev.start > max_seconds:
+        return chunks
+    start = round(prev.start * sample_rate)
+    return [*chunks[:-2], Chunk(prev.start, chunks[-1].end, audio[start:])]

@@ -320,7 +320,10 @@ class Engine:
                 **({} if self.long_request_share is None else {"long_request_share": self.long_request_share}),
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and 503s
-            log.exception("model failed to load")
+            if isinstance(e, ValueError | OSError):  # bad path, bad .nemo, unreachable hub: the message says it all
+                log.error("model failed to load: %s", e)
+            else:
+                log.exception("model failed to load")
             self.error, self.state = e, EngineState.FAILED
             self._fail_queued(EngineNotReady(self.not_ready_message()))
             return

@@ -17,6 +17,9 @@ class TranscribeOptions:
     pnc: bool = True
     context: str | None = None  # decoder context (canary2 models; dropped for others)
     timestamps: bool = False  # ask the model for word/segment times (only when the caller shows them)
+    # Times wanted from a model that has none: decode pieces of at most this many seconds, cut at pauses, so each
+    # segment (subtitle cue) spans one piece with its real start and end instead of a whole chunk.
+    cue_seconds: float | None = None
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -35,3 +38,4 @@ class PipelineConfig:
     beam_size: int | None = None  # None: the model's own decoding config
     length_penalty: float | None = None  # None: the model's
     long_request_share: float = DEFAULT_SHARE  # engine time kept by work deferred for shorter requests
+    cue_seconds: float = 7.0  # longest piece (so segment, cue) when times are wanted from a model without them

@@ -18,7 +18,7 @@ import numpy as np
 
 from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_to_min_duration
 from canary_server.model.errors import UnsupportedLanguageError
-from canary_server.pipeline.chunking import Chunk, split_audio
+from canary_server.pipeline.chunking import Chunk, merge_short_tail, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
 from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
@@ -126,7 +126,8 @@ class Pipeline:
         target_role: str = "target_language",
     ) -> TranscribeOptions:
         """Validated options: languages the model supports; context and timestamps only where the model has
-        them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner)."""
+        them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner).
+        `timestamps` on a model without them: pieces cut at pauses of at most `cue_seconds`, one segment each."""
         info = self.info
         source = self.check_language(language, language_role)
         target = self.check_language(target_language or source, target_role)
@@ -136,6 +137,7 @@ class Pipeline:
             pnc,
             (context or None) if info.supports_context else None,
             timestamps and info.supports_timestamps,
+            cue_seconds=self.config.cue_seconds if timestamps and not info.supports_timestamps else None,
         )
 
     async def prepare(self, audio: AudioInput, options: TranscribeOptions) -> PreparedAudio:
@@ -147,7 +149,11 @@ class Pipeline:
             raise InvalidAudio("the audio contains no samples")
         if duration > self.config.max_audio_seconds:
             raise AudioTooLong(duration, self.config.max_audio_seconds)
-        chunks = split_audio(samples, sample_rate, self.config.chunk_seconds)
+        if options.cue_seconds is None:
+            chunks = split_audio(samples, sample_rate, self.config.chunk_seconds)
+        else:  # times wanted from a model without them: short pieces cut at pauses, one segment / cue each
+            pieces = split_audio(samples, sample_rate, min(options.cue_seconds, self.config.chunk_seconds))
+            chunks = merge_short_tail(pieces, samples, sample_rate, self.config.chunk_seconds)
         if not isinstance(audio, np.ndarray):
             # A piece under 1 s is padded here as NeMo's file loader (lhotse) pads it; arrays are padded by the
             # model as NeMo's in-memory path does (model/audio.py, pad_to_min_duration).

@@ -66,6 +66,11 @@ class Transcriber:
     def sample_rate(self) -> int:
         return self.pipeline.info.sample_rate
 
+    @property
+    def supports_timestamps(self) -> bool:
+        """The model gives word and segment times (`timestamps=True`): the flash models and canary-1b-v2."""
+        return self.pipeline.info.supports_timestamps
+
     def transcribe(
         self,
         audio: AudioInput | Sequence[AudioInput],

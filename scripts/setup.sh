@@ -18,4 +18,13 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".${extras}"
+# The editable install maps the repository's folders into one `canary_server` package; setuptools prints an
+# informational notice about that layout (a UserWarning), which is all that ignoring UserWarning here hides.
+PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install -q -e ".${extras}"
+
+echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv. Next:"
+if [ -n "$extras" ]; then
+    echo "  .venv/bin/python -m pytest              # run the tests"
+fi
+echo "  .venv/bin/canary-server serve           # start the server (the first start downloads the model)"
+echo "  (or 'source .venv/bin/activate' once, then just 'canary-server serve'; 'canary-server --help' for more)"

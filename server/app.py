@@ -6,8 +6,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from canary_server.pipeline import Pipeline
@@ -20,11 +22,19 @@ from canary_server.server.routes import audio, health, models
 from canary_server.server.settings import Settings
 
 
-def build_pipeline(settings: Settings, *, engine: Engine | None = None, decode_audio: AudioDecoder | None = None):
-    """The pipeline the settings describe (`engine` and `decode_audio` default to the real model and decoder)."""
+def build_pipeline(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    decode_audio: AudioDecoder | None = None,
+    model_dir: Path | None = None,
+):
+    """The pipeline the settings describe (`engine` and `decode_audio` default to the real model and decoder).
+    `model_dir`: the settings' model already resolved to a converted directory (`canary-server serve` does that
+    first, with progress); the engine thread then only loads it."""
 
     def loader():
-        return load_model(settings.model, settings.cache_dir, settings.dtype)
+        return load_model(str(model_dir) if model_dir else settings.model, settings.cache_dir, settings.dtype)
 
     return Pipeline(loader, settings.pipeline_config(), engine=engine, decode_audio=decode_audio)
 
@@ -35,13 +45,14 @@ def create_app(
     pipeline: Pipeline | None = None,
     engine: Engine | None = None,
     decode_audio: AudioDecoder | None = None,
+    model_dir: Path | None = None,
 ) -> FastAPI:
     """The app over `pipeline` (default: the one `settings` describe; tests inject fake engines or decoders).
     The app's lifespan starts the pipeline's engine and closes it on shutdown."""
     settings = settings if settings is not None else Settings.load()
     logging.getLogger("canary").setLevel(settings.log_level.upper())
     if pipeline is None:
-        pipeline = build_pipeline(settings, engine=engine, decode_audio=decode_audio)
+        pipeline = build_pipeline(settings, engine=engine, decode_audio=decode_audio, model_dir=model_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,7 +60,8 @@ def create_app(
         yield
         await run_in_threadpool(pipeline.close)
 
-    app = FastAPI(title="canary-server", version=_version(), lifespan=lifespan)
+    # /docs and /redoc with their Swagger UI / ReDoc files served from the installed package: they work offline.
+    app = FastAPIOffline(title="canary-server", version=_version(), lifespan=lifespan)
     app.state.settings = settings
     app.state.pipeline = pipeline
     app.state.engine = pipeline.engine

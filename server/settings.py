@@ -6,23 +6,38 @@ Precedence, highest first: explicit overrides (CLI flags), environment variables
 
 from __future__ import annotations
 
+import difflib
+import os
+import sys
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as _SourceError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (pydantic-settings uses it too)
+    import tomli as tomllib
 
 from canary_server.pipeline.fairness import DEFAULT_SHARE
 from canary_server.pipeline.options import PipelineConfig
 
 # The TOML file of the `Settings.load` call in progress (a class attribute would leak between calls).
 _config_file: ContextVar[Path | None] = ContextVar("canary_config_file", default=None)
+
+# Settings that name files or directories: `~` and `$VARS` in them are expanded (TOML and env values are not
+# expanded by a shell, so "~/.cache/x" would otherwise be a directory named "~").
+PATH_SETTINGS = ("model", "cache_dir")
+
+ENV_PREFIX = "CANARY_"
 
 DEFAULT_ALIASES = [
     "whisper-1",
@@ -36,13 +51,15 @@ DEFAULT_ALIASES = [
 class Settings(BaseSettings):
     """Everything the server can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="CANARY_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     model: str = Field(
         "nvidia/canary-1b-flash",
         description="Converted model directory, .nemo file, or Hugging Face repo id (converted on 1st boot).",
     )
-    cache_dir: Path | None = Field(None, description="Where converted models are cached (None: the default).")
+    cache_dir: Path | None = Field(
+        None, description="Where converted models are kept (unset: ~/.cache/canary-server); ~ and $VARS are expanded."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Compute dtype; auto: bfloat16 on Apple Silicon (Metal), float32 elsewhere."
     )
@@ -76,12 +93,19 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_ALIASES),
         description="Extra model names accepted in requests and listed by /v1/models.",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Logs.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Logging level (info shows the first start's download and conversion progress)."
+    )
 
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator(*PATH_SETTINGS, mode="before")
+    @classmethod
+    def _expand_path(cls, v: Any) -> Any:
+        return expand_path(v) if isinstance(v, str | Path) else v
 
     @classmethod
     def settings_customise_sources(
@@ -97,12 +121,20 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
-        """Settings from `config_file` (TOML), the environment, and `overrides` (None values are ignored)."""
-        if config_file is not None and not Path(config_file).is_file():
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        token = _config_file.set(Path(config_file) if config_file is not None else None)
+        """Settings from `config_file` (TOML), the environment, and `overrides` (None values are ignored).
+
+        Raises SettingsError, one line naming the setting, where its value came from, the value and what is
+        allowed, for a missing or malformed file, an unknown key or a value that does not validate."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        path = Path(expand_path(config_file)) if config_file is not None else None
+        file_values = _read_toml(path) if path is not None else {}
+        token = _config_file.set(path)
         try:
-            return cls(**{k: v for k, v in overrides.items() if v is not None})
+            return cls(**overrides)
+        except ValidationError as e:
+            raise SettingsError("; ".join(_describe(err, path, file_values, overrides) for err in e.errors())) from None
+        except _SourceError as e:  # a CANARY_* list/dict value that is not JSON
+            raise SettingsError(f'{e} (list settings take JSON in environment variables: \'["a", "b"]\')') from None
         finally:
             _config_file.reset(token)
 
@@ -133,3 +165,46 @@ class Settings(BaseSettings):
     @property
     def served_models(self) -> list[str]:
         return [self.model_id, *[a for a in self.model_aliases if a != self.model_id]]
+
+
+class SettingsError(ValueError):
+    """A settings file, environment variable or flag that cannot be used (the message is one line)."""
+
+
+def expand_path(value: str | Path) -> str:
+    """`~` and `$VARS` expanded, as a shell would for a path typed on the command line."""
+    return os.path.expanduser(os.path.expandvars(str(value)))
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"config file {path}: cannot be read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path}: not valid TOML ({e})") from None
+
+
+def _describe(err: dict, path: Path | None, file_values: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """One pydantic error as "setting port = 'abc' (from CANARY_PORT): input should be a valid integer"."""
+    name = str(err["loc"][0]) if err.get("loc") else "?"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"config file {path}: unknown setting {name!r} ({hint}settings: {', '.join(Settings.model_fields)})"
+    if name in overrides:
+        source = f"--{name.replace('_', '-')}"
+    elif env_name(name) in os.environ:
+        source = env_name(name)
+    elif name in file_values:
+        source = f"config file {path}"
+    else:
+        source = "default"
+    allowed = err["msg"][:1].lower() + err["msg"][1:]
+    return f"setting {name} = {err.get('input')!r} (from {source}): {allowed}"

@@ -17,7 +17,7 @@ from canary_server.pipeline.engine import Engine
 from canary_server.pipeline.errors import EngineBusy, EngineNotReady
 from canary_server.pipeline.formats import srt_timestamp, vtt_timestamp
 from canary_server.server.limits import UploadLimitMiddleware
-from canary_server.server.settings import Settings
+from canary_server.server.settings import Settings, SettingsError
 from server_fakes import SR, FakeCanary, fake_batcher, fake_engine, tone
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
@@ -53,9 +53,9 @@ def test_env_overrides_the_toml_file_and_flags_override_both(tmp_path, monkeypat
 def test_unknown_settings_and_missing_config_files_are_rejected(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("prot = 1\n")
-    with pytest.raises(ValueError, match="prot"):
+    with pytest.raises(SettingsError, match="unknown setting 'prot' \\(did you mean 'port'"):
         Settings.load(cfg)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SettingsError, match="missing.toml: no such file"):
         Settings.load(tmp_path / "missing.toml")
 
 

@@ -1,4 +1,4 @@
-"""`canary-server` command line: convert, transcribe, serve."""
+"""`canary-server` command line: serve, transcribe, download, convert."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ import argparse
 import logging
 import sys
 
-from canary_server.cli import convert, serve, transcribe
+from canary_server.cli import convert, download, serve, transcribe
+
+COMMANDS = (serve, transcribe, download, convert)
+
+
+def _common_flags(default: object) -> argparse.ArgumentParser:
+    """-v / -q, accepted before or after the command (after it, SUPPRESS keeps a value given before it)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress or info lines, only warnings/errors"
+    )
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,23 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canary-server",
         description="Local OpenAI-compatible speech transcription and translation with NVIDIA Canary on MLX.",
+        epilog="`canary-server COMMAND --help` shows a command's options.",
+        parents=[_common_flags(default=False)],
     )
     parser.add_argument("--version", action="version", version=f"canary-server {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for command in (convert, transcribe, serve):
-        command.add_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub, [_common_flags(default=argparse.SUPPRESS)])
     return parser
+
+
+class _Formatter(logging.Formatter):
+    """uvicorn's look ("INFO:     message"), so the server's lines and ours read alike."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname + ':':<10}{super().format(record)}"
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Warnings and errors from everything; info lines and progress from ours unless -q; debug with -v.
+    `serve` then applies its log_level setting to our loggers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # a no-op where logging is set up (tests)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if args.command == "transcribe" and level == logging.INFO:
+        level = logging.WARNING  # stdout is the transcript; stderr keeps only progress
+    for name in ("canary", "canary_server"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("canary.progress").setLevel(logging.WARNING if args.quiet else min(level, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    configure_logging(args)
     from canary_server.convert.errors import ConversionError
     from canary_server.model.errors import CanaryError
+    from canary_server.server.settings import SettingsError
 
     try:
         return args.func(args)
-    except (CanaryError, ConversionError) as exc:  # unsupported language, undecodable audio, bad .nemo, ...
+    except (CanaryError, ConversionError, SettingsError) as exc:  # bad settings, model, language, audio, ...
         print(f"canary-server: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130

@@ -13,9 +13,10 @@ FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 EXTENSIONS = {"text": "txt", "json": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "transcribe",
+        parents=parents,
         help="transcribe or translate audio files (any length: cut at pauses like the server)",
         description="Transcribe or translate audio files. Long audio is cut at pauses and decoded exactly as the "
         "server does; every --format gives the server's body for that response_format.",
@@ -40,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timestamps",
         action="store_true",
-        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json "
-        "(srt/vtt always use the model's times where it has them)",
+        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json; "
+        "an error for a model without timestamps (srt/vtt always use the model's times where it has them, else "
+        "cues cut at pauses)",
     )
     p.add_argument("--output-dir", default=None, help="write <name>.<ext> per input there instead of to stdout")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
@@ -68,6 +70,8 @@ def _check(args: argparse.Namespace, parser_error) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from canary_server.cli.progress import progress_class
+    from canary_server.convert.cache import resolve_model
     from canary_server.model.errors import CanaryError
     from canary_server.pipeline import Transcriber
     from canary_server.pipeline.formats import ResponseFormat, render
@@ -79,7 +83,11 @@ def run(args: argparse.Namespace) -> int:
     _check(args, parser_error)
     fmt = ResponseFormat(args.format)
     config = PipelineConfig(chunk_seconds=args.chunk_seconds, batch_size=max(args.batch_size, 1))
-    with Transcriber(args.model, cache_dir=args.cache_dir, dtype=args.dtype or "auto", config=config) as m:
+    # Download / convert in the foreground, with progress, before the engine thread loads the directory.
+    model_dir = resolve_model(args.model, args.cache_dir, progress=progress_class(args.quiet))
+    with Transcriber(model_dir, dtype=args.dtype or "auto", config=config) as m:
+        if args.timestamps and not m.supports_timestamps:
+            parser_error(f"--timestamps: {args.model} has no word timestamps (the flash models and canary-1b-v2 do)")
         results = m.transcribe(
             list(args.audio),
             source_lang=args.language,
@@ -114,7 +122,7 @@ def _emit(path: str, body: dict | str, args: argparse.Namespace) -> None:
     if args.output_dir is None:
         sys.stdout.write(text)
         return
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{Path(path).stem}.{EXTENSIONS[args.format]}"
     target.write_text(text, encoding="utf-8")
