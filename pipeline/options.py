@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from canary_server.pipeline.fairness import DEFAULT_SHARE
+from canary_server.pipeline.language import LanguageDetection
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class TranscribeOptions:
     pnc: bool = True
     context: str | None = None  # decoder context (canary2 models; dropped for others)
     timestamps: bool = False  # ask the model for word/segment times (only when the caller shows them)
+    # Detect the source language from the audio; source_lang / target_lang are then provisional (the fallback)
+    detect: LanguageDetection | None = None
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -35,3 +38,10 @@ class PipelineConfig:
     beam_size: int | None = None  # None: the model's own decoding config
     length_penalty: float | None = None  # None: the model's
     long_request_share: float = DEFAULT_SHARE  # engine time kept by work deferred for shorter requests
+    # Language: a request without one is decoded in `default_language` (None: the model's prompt default), or
+    # detected from the audio with `detect_language`; `language="auto"` always detects (pipeline/language.py).
+    default_language: str | None = None
+    detect_language: bool = False
+    detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
+    detect_threshold: float = 0.5  # below this probability of the best candidate, decode default_language
+    idle_unload_seconds: float | None = None  # free the model after this long without requests (None: never)
