@@ -1,4 +1,4 @@
-"""`canary-server` command line: convert, transcribe, serve."""
+"""`canary-server` command line: convert, transcribe, serve, install-service."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from canary_server.cli import convert, serve, transcribe
+from canary_server.cli import convert, serve, service, transcribe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"canary-server {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (convert, transcribe, serve):
+    for command in (convert, transcribe, serve, service):
         command.add_parser(sub)
     return parser
 
