@@ -406,8 +406,6 @@ class Engine:
         """After the batcher (which holds the model) was dropped: collect it, and give MLX's buffer cache and,
         on Linux, the C heap's free pages back to the system."""
         log.info("no requests for %g s: unloading the model", self.idle_unload_seconds)
-        self.state = EngineState.UNLOADED
-        self.unloads += 1
         gc.collect()
         with contextlib.suppress(Exception):
             import mlx.core as mx
@@ -418,6 +416,8 @@ class Engine:
                 import ctypes
 
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.unloads += 1
+        self.state = EngineState.UNLOADED  # only now: the memory is back
 
     def _reload(self) -> BatcherLike | None:
         """Load the model again for a request that arrived while it was unloaded (None if that failed: the state
