@@ -88,10 +88,15 @@ def test_a_failed_reload_fails_that_request_and_the_next_one_tries_again():
 
 
 def test_the_real_model_is_freed_and_reloaded_with_the_same_output(espeak_dir):
+    import mlx.core as mx
+
+    weights = sum(f.stat().st_size for f in espeak_dir.glob("*.safetensors"))  # float32 on disk, as loaded
     clip = str(ESPEAK_CLIPS / "clip03.wav")
-    with canary_server.load(espeak_dir, dtype="float32", idle_unload_seconds=0.1) as m:
+    with canary_server.load(espeak_dir, dtype="float32", idle_unload_seconds=1.0) as m:
         before = m.transcribe(clip).text
+        loaded = mx.get_active_memory()
         engine = m.pipeline.engine
         wait_for_state(engine, EngineState.UNLOADED)
         assert engine.unloads == 1
+        assert loaded - mx.get_active_memory() > 0.9 * weights  # the weights are gone
         assert m.transcribe(clip).text == before
