@@ -44,4 +44,6 @@ class PipelineConfig:
     detect_language: bool = False
     detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
     detect_threshold: float = 0.5  # below this probability of the best candidate, decode default_language
-    idle_unload_seconds: float | None = None  # free the model after this long without requests (None: never)
+    # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
+    # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
+    idle_unload_seconds: float | None = None

@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     idle_unload_seconds: float | None = Field(
         None, gt=0, description="Free the model after this many seconds without requests; unset: never."
     )
+
+    @model_validator(mode="after")
+    def _one_port_each(self) -> Settings:
+        if self.wyoming_port and self.wyoming_port == self.port:
+            raise ValueError(f"wyoming_port and port are both {self.port}: give Wyoming another port (or 0: off)")
+        return self
 
     @field_validator("api_key")
     @classmethod

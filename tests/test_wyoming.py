@@ -387,3 +387,9 @@ def test_zeroconf_without_the_optional_package_says_how_to_install_it(monkeypatc
     monkeypatch.setitem(sys.modules, "zeroconf", None)  # import zeroconf -> ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'canary-server\[zeroconf\]'"):
         asyncio.run(ZeroconfAnnouncement(10300, "192.168.1.20").start())
+
+
+def test_wyoming_and_http_cannot_share_a_port():
+    with pytest.raises(ValueError, match="wyoming_port and port are both 9000"):
+        Settings(model="/models/fake", port=9000, wyoming_port=9000)
+    assert Settings(model="/models/fake", port=9000, wyoming_port=0).wyoming_port == 0
