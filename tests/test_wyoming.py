@@ -393,3 +393,39 @@ def test_wyoming_and_http_cannot_share_a_port():
     with pytest.raises(ValueError, match="wyoming_port and port are both 9000"):
         Settings(model="/models/fake", port=9000, wyoming_port=9000)
     assert Settings(model="/models/fake", port=9000, wyoming_port=0).wyoming_port == 0
+
+
+def test_stopping_lets_a_transcription_in_progress_finish_and_closes_idle_connections():
+    from canary_server.pipeline import Pipeline
+    from canary_server.pipeline.engine import Engine
+    from canary_server.wyoming_server import WyomingConfig, WyomingServer
+
+    fake = FakeCanary()
+    fake.gate = threading.Event()  # holds the engine step: the transcription stays in progress
+    pipeline = Pipeline(engine=Engine(lambda: fake, batcher=fake_batcher))
+
+    async def main():
+        pipeline.start()
+        await pipeline.wait_ready()
+        server = WyomingServer(pipeline, WyomingConfig(port=0, shutdown_grace_seconds=60))
+        await server.start()
+        idle = AsyncTcpClient("127.0.0.1", server.port)
+        await idle.connect()
+        busy = asyncio.ensure_future(utterance(server.port, pcm16(tone(1.0))))
+        while not any(h.busy for h in server._handlers.values()):
+            await asyncio.sleep(0.005)
+        stopping = asyncio.ensure_future(server.stop())
+        while server._server.is_serving():  # stop() has begun: no new connections
+            await asyncio.sleep(0.005)
+        fake.gate.set()
+        await stopping
+        closed = await asyncio.wait_for(idle.read_event(), TIMEOUT)
+        await idle.disconnect()
+        return await busy, closed
+
+    try:
+        events, closed = asyncio.run(main())
+    finally:
+        fake.gate.set()
+        pipeline.close()
+    assert text_of(events) == ("hello world 1.00", "en") and closed is None
