@@ -170,3 +170,14 @@ def test_detection_picks_only_among_the_requested_languages(multi_api):
     assert result.source_language in ("es", "fr") and set(result.detected_language.probabilities) == {"es", "fr"}
     assert multi_api.pipeline.options(None, languages=["fr"]).detect is None  # one candidate: no detection
     assert multi_api.pipeline.options(None, languages=["fr"]).source_lang == "fr"
+
+
+def test_the_command_line_detects_with_language_auto(espeak_multi_dir, capsys):
+    from canary_server.cli import main
+
+    nemo = json.loads((ESPEAK_MULTI_CLIPS / "nemo_transcripts.json").read_text())
+    names = ["de_00.wav", "fr_02.wav"]
+    files = [str(ESPEAK_MULTI_CLIPS / n) for n in names]
+    assert main(["transcribe", *files, "--model", str(espeak_multi_dir), "--language", "auto", "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["text"], x["languages"]) for x in lines] == [(nemo[n].strip(), [{"code": n[:2]}]) for n in names]
