@@ -14,11 +14,11 @@ import numpy as np
 from .audio import MIN_AUDIO_SECONDS, SAMPLE_RATE, AudioSource, load_audio, pad_batch, pad_to_min_duration
 from .config import ModelConfig
 from .conformer import ConformerEncoder, drain
-from .decoder import TransformerDecoder
+from .decoder import TransformerDecoder, causal_mask, cross_attention_mask
 from .decoding import beam_decode, greedy_decode
 from .errors import CanaryError
 from .features import Preprocessor
-from .prompt import PromptSpec, build_prompt, supported_languages
+from .prompt import PromptSpec, build_prompt, language_slot_prefix, supported_languages
 from .timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
 from .tokenizer import CanaryTokenizer
 
@@ -84,6 +84,18 @@ class Canary(nn.Module):
         head_t = self.__dict__.get("_head_t")  # CPU layout: a contiguous transposed copy of the embedding
         out = hidden @ head_t if head_t is not None else self.decoder.embedding.token_embedding.as_linear(hidden)
         return out.astype(mx.float32) + self.head.bias
+
+    def language_log_probs(self, enc: mx.array, enc_lengths: mx.array) -> mx.array:
+        """Log-probabilities (B, len(self.languages)) of the language tokens at the prompt's source-language slot,
+        over the full vocabulary, from encoder states (B, T, H) already computed (`encode`): one decoder pass
+        over the few prompt tokens before that slot, batched (NeMo: teacher-forced `transf_decoder` log-probs)."""
+        prefix = language_slot_prefix(self.tokenizer, self.config.prompt_format)
+        lang_ids = mx.array([self.tokenizer.special_id(f"<|{lang}|>") for lang in self.languages])
+        ids = mx.broadcast_to(mx.array(prefix, dtype=mx.int32)[None], (enc.shape[0], len(prefix)))  # (B, P)
+        cross = self.decoder.cross_kv(enc)
+        cross_mask = cross_attention_mask(enc_lengths, enc.shape[1], enc.dtype)
+        hidden = self.decoder(ids, mx.arange(len(prefix)), cross, cross_mask, None, causal_mask(len(prefix), enc.dtype))
+        return self.log_probs(hidden[:, -1])[:, lang_ids]  # (B, L)
 
     def use_cpu_layout(self) -> None:
         """Transposed contiguous Linear weights (faster matmuls on MLX's CPU backend); see model/cpu_layout.py."""

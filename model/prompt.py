@@ -35,6 +35,15 @@ def supported_languages(tokenizer: CanaryTokenizer) -> list[str]:
     return sorted(specials)
 
 
+def language_slot_prefix(tokenizer: CanaryTokenizer, prompt_format: str) -> list[int]:
+    """The decoder prompt up to its source-language slot, without context: `<|startoftranscript|>` (canary) or
+    `<|startofcontext|><|startoftranscript|><|emo:undefined|>` (canary2; unified: with the leading `▁` piece).
+    The next-token distribution there is the model's language identification (NeMo trains on prompt tokens)."""
+    lang = supported_languages(tokenizer)[0]
+    ids = build_prompt(tokenizer, prompt_format, PromptSpec(lang, lang))
+    return ids[: ids.index(tokenizer.special_id(f"<|{lang}|>"))]
+
+
 def _text_lang(tokenizer: AggregateTokenizer, lang: str) -> str:
     # NeMo maps canary1 codes to canary2 locale names when the tokenizer uses them (en -> en-US).
     for name in tokenizer.languages:

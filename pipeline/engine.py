@@ -6,16 +6,20 @@ encoder runs on padded batches of waiting items, and one decoder loop advances a
 a finished sequence leaves at once and a waiting one joins at the next step, so a short request never waits
 for a long file. Items are admitted shortest-request-first. A failing request fails alone; a cancelled one
 (the client went away) leaves the batch; a full queue is refused (429); shutdown finishes what is running
-and fails what has not started.
+and fails what has not started. With `idle_unload_seconds` the thread frees the model after that long without
+requests and loads it again for the next one (which waits for it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import queue
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -63,8 +67,13 @@ def default_batcher(model: ModelLike, **kwargs: Any) -> BatcherLike:
 class EngineState(str, Enum):
     LOADING = "loading"
     READY = "ready"
+    UNLOADED = "unloaded"  # freed after `idle_unload_seconds` without requests; the next request reloads it
+    RELOADING = "reloading"
     FAILED = "failed"
     CLOSED = "closed"
+
+
+ACCEPTING = (EngineState.READY, EngineState.UNLOADED, EngineState.RELOADING)
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,7 @@ class _Job:
     started: bool = False
     stream: _Stream | None = None
     beam_size: int | None = None  # None: the engine's
+    language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -149,6 +159,7 @@ class Engine:
         beam_size: int | None = None,
         length_penalty: float | None = None,
         long_request_share: float | None = None,
+        idle_unload_seconds: float | None = None,
     ) -> None:
         self._loader = loader
         self._batcher_factory = batcher
@@ -157,6 +168,7 @@ class Engine:
         self.max_queue = max_queue
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.long_request_share = long_request_share
+        self.idle_unload_seconds = idle_unload_seconds
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
         self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
@@ -167,6 +179,8 @@ class Engine:
         self.error: BaseException | None = None
         self.info: ModelInfo | None = None
         self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
+        self.unloads = 0  # times the model was freed for idleness
+        self.load_seconds: float | None = None  # how long the last (re)load took
 
     # ---- event-loop side -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,7 +195,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.state is EngineState.READY
+        """Requests are accepted: the model is loaded, or unloaded for idleness (a request reloads it)."""
+        return self.state in ACCEPTING
 
     @property
     def queued(self) -> int:
@@ -202,11 +217,24 @@ class Engine:
         context: str | None,
         timestamps: bool = False,
         beam_size: int | None = None,
+        *,
+        language: Any = None,
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
-        Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch."""
-        job = self._new_job(audios, source_lang, target_lang, pnc, context, timestamps=timestamps, beam_size=beam_size)
+        Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch.
+        `language`: a `pipeline.language.LanguageChoice` to detect the source language (the scheduler decides it
+        from the encoder output; source_lang / target_lang are then only the fallback)."""
+        job = self._new_job(
+            audios,
+            source_lang,
+            target_lang,
+            pnc,
+            context,
+            timestamps=timestamps,
+            beam_size=beam_size,
+            language=language,
+        )
         try:
             return await job.future
         finally:
@@ -220,11 +248,15 @@ class Engine:
         pnc: bool,
         context: str | None,
         beam_size: int | None = None,
+        *,
+        language: Any = None,
     ) -> AsyncIterator[StreamEvent]:
         """Like `transcribe_batch`, yielding text deltas as the decoder produces them, then a `done` event.
 
         Closing the iterator early (client disconnect) cancels the request."""
-        job = self._new_job(audios, source_lang, target_lang, pnc, context, stream=True, beam_size=beam_size)
+        job = self._new_job(
+            audios, source_lang, target_lang, pnc, context, stream=True, beam_size=beam_size, language=language
+        )
         try:
             while True:
                 getter = asyncio.ensure_future(job.stream.queue.get())
@@ -252,6 +284,7 @@ class Engine:
         stream: bool = False,
         timestamps: bool = False,
         beam_size: int | None = None,
+        language: Any = None,
     ) -> _Job:
         from canary_server.model.prompt import PromptSpec
 
@@ -264,7 +297,7 @@ class Engine:
             self._open_jobs += 1
         loop = asyncio.get_running_loop()
         spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
-        job = _Job(list(audios), spec, loop, loop.create_future(), beam_size=beam_size)
+        job = _Job(list(audios), spec, loop, loop.create_future(), beam_size=beam_size, language=language)
         if stream:
             job.stream = _Stream(asyncio.Queue())
         job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
@@ -295,6 +328,49 @@ class Engine:
         threading.Event().wait()
 
     def _run(self) -> None:
+        batcher = self._load()
+        if batcher is None:
+            self._fail_queued(EngineNotReady(self.not_ready_message()))
+            return
+        self.state = EngineState.READY
+        log.info("model ready: languages %s", ", ".join(self.info.languages))
+        stopping = False
+        while not (stopping and not self._jobs):
+            # Block for work only when nothing is in flight; otherwise just take what has arrived.
+            idle = not self._jobs and not stopping
+            jobs = self._intake(block=idle, timeout=self.idle_unload_seconds if idle and batcher is not None else None)
+            if jobs is None:  # idle for idle_unload_seconds
+                batcher = None  # the only reference to the model (its batcher holds it)
+                self._unload()
+                continue
+            for job in jobs:
+                if job is _STOP:
+                    stopping = True
+                    if batcher is not None:
+                        self._fail_unstarted(batcher)
+                elif stopping:
+                    job.deliver(error=EngineNotReady("the server is shutting down"))
+                elif batcher is None and (batcher := self._reload()) is None:
+                    job.deliver(error=EngineNotReady(f"the model failed to load again: {self.error}"))
+                else:
+                    self._submit(batcher, job)
+            if batcher is None:
+                continue
+            self._drop_cancelled(batcher)
+            if not len(batcher):
+                continue
+            try:
+                for item in batcher.step():
+                    self._complete(batcher, item)
+                self._stream_progress(batcher)
+            except Exception as exc:  # a bug, never bad input: fail what is in flight, keep serving
+                log.exception("engine step failed; failing %d request(s)", len(self._jobs))
+                for job in list(self._jobs):
+                    self._end(batcher, job, error=exc)
+
+    def _load(self) -> BatcherLike | None:
+        """Load the model and build its batcher (None, with `error` and state FAILED, when that fails)."""
+        started = time.monotonic()
         try:
             model = self._loader()
             decoding = getattr(model.config, "decoding", None)
@@ -325,35 +401,45 @@ class Engine:
             else:
                 log.exception("model failed to load")
             self.error, self.state = e, EngineState.FAILED
-            self._fail_queued(EngineNotReady(self.not_ready_message()))
-            return
-        self.state = EngineState.READY
-        log.info("model ready: languages %s", ", ".join(self.info.languages))
-        stopping = False
-        while not (stopping and not self._jobs):
-            # Block for work only when nothing is in flight; otherwise just take what has arrived.
-            for job in self._intake(block=not self._jobs and not stopping):
-                if job is _STOP:
-                    stopping = True
-                    self._fail_unstarted(batcher)
-                elif stopping:
-                    job.deliver(error=EngineNotReady("the server is shutting down"))
-                else:
-                    self._submit(batcher, job)
-            self._drop_cancelled(batcher)
-            if not len(batcher):
-                continue
-            try:
-                for item in batcher.step():
-                    self._complete(batcher, item)
-                self._stream_progress(batcher)
-            except Exception as exc:  # a bug, never bad input: fail what is in flight, keep serving
-                log.exception("engine step failed; failing %d request(s)", len(self._jobs))
-                for job in list(self._jobs):
-                    self._end(batcher, job, error=exc)
+            return None
+        self.load_seconds = time.monotonic() - started
+        return batcher
 
-    def _intake(self, block: bool) -> list[Any]:
-        items = [self._queue.get()] if block else []
+    def _unload(self) -> None:
+        """After the batcher (which holds the model) was dropped: collect it, and give MLX's buffer cache and,
+        on Linux, the C heap's free pages back to the system."""
+        log.info("no requests for %g s: unloading the model", self.idle_unload_seconds)
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import mlx.core as mx
+
+            mx.clear_cache()
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.unloads += 1
+        self.state = EngineState.UNLOADED  # only now: the memory is back
+
+    def _reload(self) -> BatcherLike | None:
+        """Load the model again for a request that arrived while it was unloaded (None if that failed: the state
+        goes back to UNLOADED, so the next request tries again)."""
+        self.state = EngineState.RELOADING
+        batcher = self._load()
+        if batcher is None:
+            self.state = EngineState.UNLOADED
+            return None
+        log.info("model reloaded in %.2f s", self.load_seconds)
+        self.error, self.state = None, EngineState.READY
+        return batcher
+
+    def _intake(self, block: bool, timeout: float | None = None) -> list[Any] | None:
+        """What has arrived (waiting for something when `block`; None when `timeout` passed with nothing)."""
+        try:
+            items = [self._queue.get(timeout=timeout)] if block else []
+        except queue.Empty:
+            return None
         while True:
             try:
                 items.append(self._queue.get_nowait())
@@ -366,7 +452,9 @@ class Engine:
         seconds = sum(a.shape[0] for a in job.audios) / self.info.sample_rate
         # Shortest request first: a 5 s clip is admitted before the remaining chunks of a long file.
         job.items = [
-            WorkItem(a, job.spec, tag=(job, i), priority=seconds, group=job, beam_size=job.beam_size)
+            WorkItem(
+                a, job.spec, tag=(job, i), priority=seconds, group=job, beam_size=job.beam_size, language=job.language
+            )
             for i, a in enumerate(job.audios)
         ]
         self._jobs.append(job)
@@ -422,7 +510,7 @@ class Engine:
             self._end(batcher, job, error=EngineNotReady("the server is shutting down"))
 
     def _fail_queued(self, error: BaseException) -> None:
-        for job in self._intake(block=False):
+        for job in self._intake(block=False) or []:
             if job is not _STOP:
                 job.deliver(error=error)
 

@@ -32,8 +32,13 @@ class LogprobJson(BaseModel):
     logprob: float
 
 
+class LanguageJson(BaseModel):
+    code: str  # ISO-639-1
+
+
 class TranscriptionJson(BaseModel):
     text: str
+    languages: list[LanguageJson] | None = None  # only when the language was detected (empty: not reliably)
     logprobs: list[LogprobJson] | None = None
     usage: DurationUsage | None = None
 
@@ -102,8 +107,19 @@ def compression_ratio(text: str) -> float:
 
 
 def render_json(r: TranscriptResult, with_logprobs: bool = False) -> dict:
-    body = TranscriptionJson(text=r.text, logprobs=_logprobs(r) if with_logprobs else None, usage=_usage(r))
+    body = TranscriptionJson(
+        text=r.text, languages=_languages(r), logprobs=_logprobs(r) if with_logprobs else None, usage=_usage(r)
+    )
     return body.model_dump(exclude_none=True)
+
+
+def _languages(r: TranscriptResult) -> list[LanguageJson] | None:
+    """OpenAI's `languages` (gpt-transcribe): the detected language, or [] when detection was not confident
+    (the default language was decoded then). None (left out) when the request named its language."""
+    d = r.detected_language
+    if d is None:
+        return None
+    return [LanguageJson(code=d.language)] if d.confident else []
 
 
 def _logprobs(r: TranscriptResult) -> list[LogprobJson]:
@@ -176,6 +192,8 @@ def sse_delta(delta: str) -> str:
 
 def sse_done(r: TranscriptResult, with_logprobs: bool = False) -> str:
     event: dict = {"type": "transcript.text.done", "text": r.text}
+    if (languages := _languages(r)) is not None:
+        event["languages"] = [lang.model_dump() for lang in languages]
     if with_logprobs:
         event["logprobs"] = [lp.model_dump() for lp in _logprobs(r)]
     event["usage"] = _usage(r).model_dump()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from canary_server.pipeline.fairness import DEFAULT_SHARE
+from canary_server.pipeline.language import LanguageDetection
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class TranscribeOptions:
     # Times wanted from a model that has none: decode pieces of at most this many seconds, cut at pauses, so each
     # segment (subtitle cue) spans one piece with its real start and end instead of a whole chunk.
     cue_seconds: float | None = None
+    # Detect the source language from the audio; source_lang / target_lang are then provisional (the fallback)
+    detect: LanguageDetection | None = None
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -39,3 +42,12 @@ class PipelineConfig:
     length_penalty: float | None = None  # None: the model's
     long_request_share: float = DEFAULT_SHARE  # engine time kept by work deferred for shorter requests
     cue_seconds: float = 7.0  # longest piece (so segment, cue) when times are wanted from a model without them
+    # Language: a request without one is decoded in `default_language` (None: the model's prompt default), or
+    # detected from the audio with `detect_language`; `language="auto"` always detects (pipeline/language.py).
+    default_language: str | None = None
+    detect_language: bool = False
+    detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
+    detect_threshold: float = 0.5  # below this probability of the best candidate, decode default_language
+    # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
+    # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
+    idle_unload_seconds: float | None = None

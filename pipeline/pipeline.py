@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from canary_server.model.errors import UnsupportedLanguageError
 from canary_server.pipeline.chunking import Chunk, merge_short_tail, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
 from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio
+from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetection
+from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
 
@@ -74,6 +76,7 @@ class Pipeline:
                 beam_size=self.config.beam_size,
                 length_penalty=self.config.length_penalty,
                 long_request_share=self.config.long_request_share,
+                idle_unload_seconds=self.config.idle_unload_seconds,
             )
         self.engine = engine
         self.decode_audio = decode_audio or default_decoder()
@@ -114,30 +117,76 @@ class Pipeline:
             raise UnsupportedLanguageError(language, supported, role)
         return language
 
+    @property
+    def default_language(self) -> str:
+        """The source language of a request that names none (and detection's fallback)."""
+        return self.config.default_language or self.info.default_language
+
     def options(
         self,
-        language: str,
+        language: str | None = None,
         target_language: str | None = None,
         *,
+        languages: Sequence[str] | None = None,
         pnc: bool = True,
         context: str | None = None,
         timestamps: bool = False,
         language_role: str = "language",
         target_role: str = "target_language",
+        languages_role: str = "languages",
     ) -> TranscribeOptions:
         """Validated options: languages the model supports; context and timestamps only where the model has
         them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner).
-        `timestamps` on a model without them: pieces cut at pauses of at most `cue_seconds`, one segment each."""
+        `timestamps` on a model without them: pieces cut at pauses of at most `cue_seconds`, one segment each.
+
+        `language`: a code, "auto" (detect it from the audio), or None (`default_language`, or detection when
+        the config says `detect_language` or the request narrows it with `languages`)."""
         info = self.info
-        source = self.check_language(language, language_role)
-        target = self.check_language(target_language or source, target_role)
+        target = self.check_language(target_language, target_role) if target_language else None
+        detect = None
+        if self._wants_detection(language, languages):
+            candidates = self._candidates(languages, languages_role)
+            if len(candidates) > 1:
+                fallback = self.default_language if self.default_language in candidates else None
+                detect = LanguageDetection(tuple(candidates), fallback, self.config.detect_threshold, target)
+                source = fallback or candidates[0]  # provisional: the scheduler decides from the audio
+            else:  # nothing to choose between
+                source = candidates[0] if candidates else self.check_language(self.default_language, language_role)
+        else:
+            source = self.check_language(language or self.default_language, language_role)
         return TranscribeOptions(
             source,
-            target,
+            target or source,
             pnc,
             (context or None) if info.supports_context else None,
             timestamps and info.supports_timestamps,
             cue_seconds=self.config.cue_seconds if timestamps and not info.supports_timestamps else None,
+            detect=detect,
+        )
+
+    def _wants_detection(self, language: str | None, languages: Sequence[str] | None) -> bool:
+        if language:
+            return language.lower() == AUTO
+        return bool(self.config.detect_language or languages)
+
+    def _candidates(self, languages: Sequence[str] | None, role: str) -> list[str]:
+        """The languages detection may pick: the model's, narrowed by the config and the request."""
+        allow = self.config.detect_languages
+        allowed = [lang for lang in self.info.languages if not allow or lang in allow]
+        if not languages:
+            return allowed
+        wanted = {self.check_language(lang, role) for lang in languages}
+        picked = [lang for lang in allowed if lang in wanted]
+        if not picked:
+            raise UnsupportedLanguageError(sorted(wanted)[0], allowed, role)
+        return picked
+
+    def live_audio(self, rate: int, width: int, channels: int) -> LiveAudio:
+        """An accumulator for raw PCM arriving in pieces (Wyoming, microphones): converted to the model's format
+        as it arrives, `max_audio_seconds` enforced while it grows. Pass `finish()`'s array to `transcribe()` or
+        `stream()`."""
+        return LiveAudio(
+            rate, width, channels, sample_rate=self.info.sample_rate, max_seconds=self.config.max_audio_seconds
         )
 
     async def prepare(self, audio: AudioInput, options: TranscribeOptions) -> PreparedAudio:
@@ -184,8 +233,11 @@ class Pipeline:
         `beam_size`: None for the engine's decoding (the model's config unless the settings override it)."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
         o = prepared.options
-        results = await self.engine.transcribe_batch(*self._engine_args(prepared), o.timestamps, beam_size)
-        return self._assemble(prepared, results)
+        choice = LanguageChoice(o.detect) if o.detect else None
+        results = await self.engine.transcribe_batch(
+            *self._engine_args(prepared), o.timestamps, beam_size, language=choice
+        )
+        return self._assemble(prepared, results, choice)
 
     async def stream(
         self, audio: AudioInput | PreparedAudio, options: TranscribeOptions, *, beam_size: int | None = None
@@ -194,13 +246,14 @@ class Pipeline:
         (bad audio, busy, loading) raise from the first `__anext__`; closing the iterator cancels the work.
         With beam search the text comes at the end of each chunk (beams are only final then)."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
-        events = self.engine.stream_batch(*self._engine_args(prepared), beam_size)
+        choice = LanguageChoice(prepared.options.detect) if prepared.options.detect else None
+        events = self.engine.stream_batch(*self._engine_args(prepared), beam_size, language=choice)
         try:
             async for event in events:
                 if event.kind == "delta":
                     yield TextDelta(event.delta)
                 else:
-                    yield self._assemble(prepared, event.results)
+                    yield self._assemble(prepared, event.results, choice)
         finally:
             await events.aclose()
 
@@ -210,14 +263,18 @@ class Pipeline:
         return [c.audio for c in prepared.chunks], o.source_lang, o.target_lang, o.pnc, o.context
 
     @staticmethod
-    def _assemble(prepared: PreparedAudio, results: list[Any]) -> TranscriptResult:
+    def _assemble(prepared: PreparedAudio, results: list[Any], choice: LanguageChoice | None) -> TranscriptResult:
         o = prepared.options
+        source, target = o.source_lang, o.target_lang
+        if choice is not None and choice.result is not None:  # the languages detection decoded
+            source, target = choice.result.language, o.detect.target or choice.result.language
         return assemble(
             prepared.chunks,
             results,
             duration=prepared.duration,
-            language=o.target_lang,
-            task=o.task,
-            source_language=o.source_lang,
+            language=target,
+            task="transcribe" if source == target else "translate",
+            source_language=source,
             timestamps=o.timestamps,
+            detected_language=choice.result if choice is not None else None,
         )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from canary_server.pipeline.chunking import Chunk
+from canary_server.pipeline.language import DetectedLanguage
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,12 @@ class TranscriptResult:
     logprobs: list[TokenLogprob] | None = None  # per decoded token, in order (chunks joined)
     source_language: str | None = None  # ISO-639-1 code of the speech
     tokens: list[int] = field(default_factory=list)  # every generated token id, chunks joined
+    detected_language: DetectedLanguage | None = None  # when the source language was detected from the audio
 
 
 def assemble(
     chunks: list[Chunk], results: list[Any], *, duration: float, language: str, task: str, source_language: str,
-    timestamps: bool,
+    timestamps: bool, detected_language: DetectedLanguage | None = None,
 ) -> TranscriptResult:  # fmt: skip
     """Join per-chunk model results (`model.Transcription`): text, segments (model-timed where the model gave
     times, else one per chunk), words, token log-probs; chunk-relative times move by the chunk's start."""
@@ -82,4 +84,5 @@ def assemble(
         logprobs=logprobs,
         source_language=source_language,
         tokens=tokens,
+        detected_language=detected_language,
     )

@@ -24,6 +24,7 @@ from canary_server.model.conformer import drain
 from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
 from canary_server.model.prompt import PromptSpec
 from canary_server.pipeline.fairness import DEFAULT_GRACE_SECONDS, DEFAULT_SHARE, FairShare
+from canary_server.pipeline.language import LanguageChoice
 
 log = logging.getLogger("canary.scheduler")
 
@@ -45,6 +46,7 @@ class WorkItem:
     error: BaseException | None = None
     cancelled: bool = False
     beam_size: int | None = None  # None: the batcher's
+    language: LanguageChoice | None = None  # detect the source language (shared by the request's items)
     _seq: Sequence | None = field(default=None, repr=False)
 
 
@@ -331,6 +333,7 @@ class ContinuousBatcher:
 
     def _sequences(self, encoding: _Encoding, value: tuple) -> list[Sequence | BaseException]:
         enc, enc_lens = value
+        self._detect_languages(encoding, enc, enc_lens)
         enc_lens = np.array(enc_lens).tolist()
         model = self.model
         hop, n_convs = model.config.preprocessor.hop_length, model.config.encoder.n_subsampling_convs
@@ -345,6 +348,30 @@ class ContinuousBatcher:
             item._seq = seq
             out.append(seq)
         return out
+
+    def _detect_languages(self, encoding: _Encoding, enc: mx.array, enc_lens: mx.array) -> None:
+        """Requests that detect their language: the first of their items in this batch decides (one batched
+        decoder pass at the prompt's language slot over the encoder output just computed), then every one of
+        their items gets the decided language's prompt."""
+        deciders: dict[int, int] = {}  # id(choice) -> row
+        for i, item in enumerate(encoding.items):
+            choice = item.language
+            if choice is not None and not choice.decided and id(choice) not in deciders:
+                deciders[id(choice)] = i
+        if deciders:
+            rows = list(deciders.values())
+            idx = mx.array(rows)
+            log_probs = np.array(self.model.language_log_probs(enc[idx], enc_lens[idx])).tolist()
+            for row, lps in zip(rows, log_probs, strict=True):
+                encoding.items[row].language.decide(dict(zip(self.model.languages, lps, strict=True)))
+        for i, item in enumerate(encoding.items):
+            if item.language is None or isinstance(encoding.prompts[i], BaseException):
+                continue
+            item.spec = item.language.apply(item.spec)
+            try:
+                encoding.prompts[i] = self.model.prompt_ids(item.spec)
+            except Exception as exc:  # noqa: BLE001 - fails that item alone
+                encoding.prompts[i] = exc
 
     def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
         """Encode items as one padded batch, all stages at once."""

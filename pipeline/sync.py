@@ -83,15 +83,15 @@ class Transcriber:
         timestamps: bool = False,
     ) -> TranscriptResult | list[TranscriptResult]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs of any
-        length: paths, encoded bytes, or 16 kHz mono float32 arrays. Long audio is cut at pauses and its pieces
+        length: paths, encoded bytes, or 16 kHz mono float32 arrays. `source_lang="auto"` detects the spoken
+        language (`result.detected_language`). Long audio is cut at pauses and its pieces
         decoded together, exactly as the server does. At most `batch_size` inputs are in flight at once;
         `beam_size` (default: the model's decoding config) picks NeMo's beam search; `timestamps=True` adds
         word and segment times on models that have them (flash models, canary-1b-v2)."""
         single = not isinstance(audio, list | tuple)
         items = [audio] if single else list(audio)
-        language = source_lang or self.pipeline.info.default_language
         options = self.pipeline.options(
-            language,
+            source_lang,  # None: the config's default language (or detection); "auto": detect it
             target_lang,
             pnc=pnc,
             context=context,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
@@ -46,9 +46,12 @@ def create_app(
     engine: Engine | None = None,
     decode_audio: AudioDecoder | None = None,
     model_dir: Path | None = None,
+    services: Sequence[AbstractAsyncContextManager] = (),
 ) -> FastAPI:
     """The app over `pipeline` (default: the one `settings` describe; tests inject fake engines or decoders).
-    The app's lifespan starts the pipeline's engine and closes it on shutdown."""
+    The app's lifespan starts the pipeline's engine and closes it on shutdown. `services` (other front doors on
+    the same pipeline, e.g. the Wyoming server) are entered after the engine starts, in the same event loop,
+    and exited before it closes."""
     settings = settings if settings is not None else Settings.load()
     logging.getLogger("canary").setLevel(settings.log_level.upper())
     if pipeline is None:
@@ -57,8 +60,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipeline.start()  # loads the model on its own thread; /health says 503 until it is ready
-        yield
-        await run_in_threadpool(pipeline.close)
+        try:
+            async with AsyncExitStack() as stack:
+                for service in services:
+                    await stack.enter_async_context(service)
+                yield
+        finally:
+            await run_in_threadpool(pipeline.close)
 
     # /docs and /redoc with their Swagger UI / ReDoc files served from the installed package: they work offline.
     app = FastAPIOffline(title="canary-server", version=_version(), lifespan=lifespan)

@@ -26,6 +26,6 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["loading", "ok", "failed", "closed"]
+    status: Literal["loading", "ok", "unloaded", "reloading", "failed", "closed"]  # unloaded/reloading: 200
     model: str
     error: str | None = None

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -97,6 +97,31 @@ class Settings(BaseSettings):
         "info", description="Logging level (info shows the first start's download and conversion progress)."
     )
 
+    # ---- spoken-language detection, Wyoming (Home Assistant), idle unload ----
+    detect_language: bool = Field(
+        False, description="Detect the language of requests that name none (language=auto always detects)."
+    )
+    detect_languages: list[str] = Field(
+        default_factory=list, description="Detection picks only among these codes (empty: all the model's)."
+    )
+    detect_threshold: float = Field(
+        0.5, ge=0, le=1, description="Below this probability of the detected language, decode default_language."
+    )
+    wyoming_port: int = Field(10300, ge=0, le=65535, description="Wyoming (Home Assistant) port; 0 turns it off.")
+    wyoming_host: str = Field("127.0.0.1", description="Wyoming bind address (0.0.0.0: reachable from the LAN).")
+    wyoming_zeroconf: bool = Field(
+        False, description="Announce the Wyoming server over zeroconf (_wyoming._tcp) for Home Assistant."
+    )
+    idle_unload_seconds: float | None = Field(
+        None, gt=0, description="Free the model after this many seconds without requests; unset: never."
+    )
+
+    @model_validator(mode="after")
+    def _one_port_each(self) -> Settings:
+        if self.wyoming_port and self.wyoming_port == self.port:
+            raise ValueError(f"wyoming_port and port are both {self.port}: give Wyoming another port (or 0: off)")
+        return self
+
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_none(cls, v: str | None) -> str | None:
@@ -148,6 +173,11 @@ class Settings(BaseSettings):
             beam_size=self.beam_size,
             length_penalty=self.length_penalty,
             long_request_share=self.long_request_share,
+            default_language=self.default_language,
+            detect_language=self.detect_language,
+            detect_languages=tuple(self.detect_languages),
+            detect_threshold=self.detect_threshold,
+            idle_unload_seconds=self.idle_unload_seconds,
         )
 
     @property

@@ -16,6 +16,8 @@ SHARED = REPO.parent / "shared"
 ESPEAK_NEMO = SHARED / "models" / "espeak-tiny-en.nemo"
 ESPEAK_CLIPS = SHARED / "models" / "espeak-tiny-en-clips"
 ESPEAK_SERVER_CHUNK_SECONDS = 8.0  # long-audio chunking of the shared espeak server
+ESPEAK_MULTI_NEMO = SHARED / "models" / "espeak-tiny-multi.nemo"
+ESPEAK_MULTI_CLIPS = SHARED / "models" / "espeak-tiny-multi-clips"
 
 
 def _require_espeak() -> None:
@@ -30,6 +32,16 @@ def espeak_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from canary_server.convert import convert_nemo
 
     return convert_nemo(ESPEAK_NEMO, tmp_path_factory.mktemp("espeak") / "model")
+
+
+@pytest.fixture(scope="session")
+def espeak_multi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The espeak-trained tiny en/de/es/fr model (NOT a real Canary; learned language-ID slot), converted once."""
+    if not ESPEAK_MULTI_NEMO.is_file():
+        pytest.skip(f"the multilingual espeak-trained test model is not at {ESPEAK_MULTI_NEMO}")
+    from canary_server.convert import convert_nemo
+
+    return convert_nemo(ESPEAK_MULTI_NEMO, tmp_path_factory.mktemp("espeak-multi") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import uvicorn
 
 SR = 16000
 WORDS = {"en": "hello world", "de": "hallo welt", "fr": "bonjour le monde", "es": "hola mundo"}
+# The fake model "hears" a language in the pitch of a tone (FakeCanary.language_log_probs_of)
+PITCH = {"en": 440.0, "de": 660.0, "fr": 880.0, "es": 1100.0}
 
 
 @dataclass
@@ -52,6 +54,15 @@ class FakeCanary:
     config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prompt_format="canary2"))
     calls: list[dict] = field(default_factory=list)
     supports_timestamps: bool = False
+
+    def language_log_probs_of(self, audio) -> dict[str, float]:
+        """Detection, faked: the language whose PITCH is nearest the tone's (log-prob 0, the others -5: 98% over
+        four); a near-silent clip gives every language the same score (25%: below any sensible threshold)."""
+        if np.max(np.abs(audio), initial=0.0) < 0.01:
+            return dict.fromkeys(self.languages, -5.0)
+        freq = np.argmax(np.abs(np.fft.rfft(audio))) * SR / len(audio)
+        heard = min(PITCH, key=lambda lang: abs(PITCH[lang] - freq))
+        return {lang: 0.0 if lang == heard else -5.0 for lang in self.languages}
 
     def transcribe(
         self, audio, source_lang=None, target_lang=None, pnc=True, context=None, batch_size=8, timestamps=False
@@ -114,6 +125,10 @@ class FakeBatcher:
         items, self.waiting = self.waiting, []
         self.steps.append(items)
         for it in items:
+            if it.language is not None:  # the scheduler's detection, on the fake model's scores
+                if not it.language.decided:
+                    it.language.decide(self.model.language_log_probs_of(it.audio))
+                it.spec = it.language.apply(it.spec)
             s = it.spec
             try:
                 it.result = self.model.transcribe(

@@ -77,3 +77,11 @@ def test_the_contracts_catch_an_upward_import_and_a_cycle(tmp_path):
     assert result.returncode != 0
     assert "canary_server.model.upward -> canary_server.pipeline.engine" in result.stdout
     assert "cycle_a" in result.stdout and "2 broken" in result.stdout
+
+
+def test_the_two_front_doors_never_import_each_other(tmp_path):
+    layout = _installed_layout(tmp_path / "site")
+    (layout / "canary_server" / "wyoming_server" / "sideways.py").write_text("import canary_server.server.errors\n")
+    result = _lint(layout, tmp_path)
+    assert result.returncode != 0
+    assert "canary_server.wyoming_server.sideways -> canary_server.server.errors" in result.stdout

@@ -51,6 +51,9 @@ SMOKE_ARGS = {
     # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
     # arguments are checked here
     "make_big_v2_nemo.py": ["--help"],
+    "wyoming_latency.py": ["--models", "espeak", "--repeats", "2"],
+    "idle_unload.py": ["--models", "espeak", "--repeats", "1"],
+    "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -127,6 +130,26 @@ def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
 def test_the_big_v2_nemo_maker_starts_in_nemos_interpreter():
     _require_nemo("make_big_v2_nemo.py")
     assert "--need-gb" in _bench("make_big_v2_nemo.py", python=str(NEMO_PYTHON))
+
+
+def test_wyoming_latency_compares_wyoming_with_http_on_the_espeak_model():
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("wyoming_latency.py")
+    assert re.search(r"^\| espeak-tiny-en \(toy\), [\d.]+ s clip \|.*\| yes \|$", out, flags=re.M), out
+
+
+def test_idle_unload_measures_memory_before_and_after(tiny):
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    assert re.search(r"^\| espeak \| \d+ \| \d+ \| \d+ \|", _bench("idle_unload.py"), flags=re.M)
+
+
+def test_language_id_reports_accuracy_and_its_cost():
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("language_id.py")
+    assert "12 shipped clips" in out and re.search(r"^\| tiny \(random weights\) \| 1 x 3 s \|", out, flags=re.M)
 
 
 def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():

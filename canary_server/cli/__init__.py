@@ -1,4 +1,4 @@
-"""`canary-server` command line: serve, transcribe, download, convert."""
+"""`canary-server` command line: serve, transcribe, download, convert, install-service."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from canary_server.cli import convert, download, serve, transcribe
+from canary_server.cli import convert, download, serve, service, transcribe
 
-COMMANDS = (serve, transcribe, download, convert)
+COMMANDS = (serve, transcribe, download, convert, service)
 
 
 def _common_flags(default: object) -> argparse.ArgumentParser:

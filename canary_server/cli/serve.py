@@ -1,5 +1,5 @@
 """`canary-server serve`: read settings, get the model ready (download and convert on first use, with progress),
-then run the HTTP server.
+then run the HTTP server, and the Wyoming server (Home Assistant) on the same pipeline in the same event loop.
 
 Fail fast: a setting that does not validate, a model path that does not exist, a hub id that is neither cached nor
 downloadable (offline, unreachable, no such repo) or a `.nemo` that does not convert is one line on stderr and exit
@@ -14,7 +14,7 @@ import json
 import logging
 
 # Settings that have a flag (the rest: TOML file or CANARY_* variables; all are listed in --help).
-FLAGS = ("model", "cache_dir", "host", "port", "api_key", "log_level")
+FLAGS = ("model", "cache_dir", "host", "port", "api_key", "log_level", "wyoming_host", "wyoming_port")
 
 log = logging.getLogger("canary.serve")
 
@@ -55,9 +55,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "serve",
         parents=parents,
         add_help=False,
-        help="run the OpenAI-compatible HTTP server",
+        help="run the OpenAI-compatible HTTP server (and Wyoming for Home Assistant)",
         description="Run the OpenAI-compatible HTTP server (POST /v1/audio/transcriptions, /v1/audio/translations; "
-        "GET /v1/models, /health, /docs). The first start downloads and converts the model, with progress.",
+        "GET /v1/models, /health, /docs) and, unless --wyoming-port is 0, the Wyoming server Home Assistant "
+        "connects to, both on one model. The first start downloads and converts the model, with progress.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-h", "--help", action=_HelpWithSettings)
@@ -73,6 +74,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="bind port")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer the variable: flags show in ps)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="logging")
+    parser.add_argument("--wyoming-host", help="Wyoming (Home Assistant) bind address")
+    parser.add_argument("--wyoming-port", type=int, help="Wyoming port (0 turns it off)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -126,19 +129,43 @@ def set_log_level(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
+def build_app(settings, *, wyoming_port: int | None = None, engine=None, model_dir=None):
+    """The HTTP app, and unless `wyoming_port` is 0 the Wyoming server on the same pipeline, entered in the
+    app's lifespan (so it runs in uvicorn's event loop and stops before the engine closes). `wyoming_port`
+    overrides the setting's bind port (tests: 0 = any free port, read back from `app.state.wyoming.port`);
+    `engine`: tests inject a fake; `model_dir`: the model already resolved (downloaded and converted)."""
+    from canary_server.server.app import build_pipeline, create_app
+    from canary_server.wyoming_server import WyomingConfig, WyomingServer
+
+    pipeline = build_pipeline(settings, engine=engine, model_dir=model_dir)
+    services = []
+    if wyoming_port is not None or settings.wyoming_port != 0:
+        config = WyomingConfig(
+            host=settings.wyoming_host,
+            port=settings.wyoming_port if wyoming_port is None else wyoming_port,
+            zeroconf=settings.wyoming_zeroconf,
+            model_name=settings.model_id,
+        )
+        services.append(WyomingServer(pipeline, config))
+    app = create_app(settings, pipeline=pipeline, services=services)
+    app.state.wyoming = services[0] if services else None
+    return app
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
     import uvicorn
 
     from canary_server.pipeline.engine import EngineState
-    from canary_server.server.app import create_app
 
     settings = settings_from_args(args)
     set_log_level(settings.log_level)
     check_port(settings.host, settings.port)
+    if settings.wyoming_port:
+        check_port(settings.wyoming_host, settings.wyoming_port)
     model_dir = prepare_model(settings, quiet=getattr(args, "quiet", False))
-    app = create_app(settings, model_dir=model_dir)
+    app = build_app(settings, model_dir=model_dir)
     pipeline = app.state.pipeline
 
     class Server(uvicorn.Server):

@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         required=True,
         help="converted model directory, .nemo file (converted once into the cache) or Hugging Face repo id",
     )
-    p.add_argument("--language", default=None, help="source language code (default: the model's default)")
+    p.add_argument(
+        "--language", default=None, help="source language code, or auto to detect it (default: the model's default)"
+    )
     p.add_argument("--target-language", default=None, help="output language; differs from --language = translation")
     p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
     p.add_argument("--prompt", default=None, help="decoder context text (canary2-format models; ignored otherwise)")

@@ -103,8 +103,11 @@ async def create_transcription(
     stream: Annotated[bool, Form()] = False,
     include: Annotated[list[str] | None, Form(alias="include[]")] = None,
     target_language: TextField = None,
+    languages: Annotated[list[str] | None, Form(alias="languages[]")] = None,
     pnc: Annotated[bool, Form()] = True,
 ) -> Response:
+    """`language`: a code, or "auto" to detect it from the audio (also without one when `detect_language` is
+    set, or `languages[]` narrows the choice)."""
     _check_model(model, settings)
     with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])
@@ -122,8 +125,10 @@ async def create_transcription(
             code="unsupported_value",
         )
     options = pipeline.options(
-        language or settings.default_language,
+        language,
         target_language,
+        languages=languages,
+        languages_role="languages[]",
         pnc=pnc,
         context=prompt,
         timestamps=_wants_timestamps(response_format, granularities),
@@ -148,11 +153,12 @@ async def create_translation(
     temperature: TemperatureField = 0.0,
     pnc: Annotated[bool, Form()] = True,
 ) -> Response:
-    """Translate to English; the source language comes from `language` or the configured default."""
+    """Translate to English; the source language comes from `language` ("auto": detected) or the configured
+    default."""
     _check_model(model, settings)
     pipeline = ready_pipeline(request)
     options = pipeline.options(
-        language or settings.default_language,
+        language,
         "en",
         pnc=pnc,
         context=prompt,

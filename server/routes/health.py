@@ -1,4 +1,5 @@
-"""GET /health: 503 while the model loads (or if it failed to), 200 when ready."""
+"""GET /health: 503 while the model loads (or if it failed to), 200 when ready (also "unloaded" after
+`idle_unload_seconds` without requests, and "reloading" while a request loads it again)."""
 
 from __future__ import annotations
 

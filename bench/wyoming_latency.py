@@ -1,0 +1,213 @@
+"""Latency of one 3 s utterance over Wyoming (Home Assistant's protocol) vs the same audio over HTTP, same server.
+
+`canary-server serve` runs as a subprocess with both front doors (HTTP and Wyoming on one pipeline). Requests are
+sent one at a time, alternating the ways, after a warm-up:
+
+* HTTP json: POST /v1/audio/transcriptions with the WAV (upload inside the timer) -> the JSON body;
+* HTTP stream: the same with stream=true -> first `transcript.text.delta`, and `transcript.text.done`;
+* Wyoming: as Home Assistant sends it (transcribe, audio-start, 1024-sample chunks, audio-stop) with
+  wyoming's AsyncTcpClient; timed from audio-stop (Home Assistant streams the audio while the user speaks, so
+  that is the wait it sees) to the first `transcript-chunk` and to `transcript`; and from connecting (all audio
+  inside the timer, like the HTTP upload) to `transcript`.
+
+Models: the espeak-trained tiny English model (../shared/models, NOT a real Canary; a real 3.15 s clip) and
+random-weight models with canary-180m-flash / 1b-flash dimensions (bench/random_model.py; decode length forced to
+round(4 * seconds) tokens by bench/serve_capped.py, synthetic speech-like audio).
+
+    .venv/bin/python bench/wyoming_latency.py [--models espeak,180m-flash] [--repeats 20]
+
+Prints a Markdown table (ms: median and p90). Timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+from wyoming.asr import Transcribe
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+
+from synth import SR, speech_like
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+SHARED = REPO.parent / "shared" / "models"
+CACHE = Path.home() / ".cache" / "canary-bench"
+CLIP = SHARED / "espeak-tiny-en-clips" / "clip11.wav"  # 3.15 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wav_bytes(pcm: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def model_dir(name: str, tmp: Path) -> Path:
+    if name == "espeak":
+        out = tmp / "espeak-tiny-en"
+        subprocess.run(
+            [sys.executable, "-m", "canary_server", "convert", str(SHARED / "espeak-tiny-en.nemo"), str(out)],
+            check=True,
+            capture_output=True,
+        )
+        return out
+    path = CACHE / name
+    subprocess.run([sys.executable, str(BENCH / "random_model.py"), name, "--out", str(path)], check=True)
+    return path
+
+
+def start_server(path: Path, http_port: int, wyoming_port: int, capped: bool) -> subprocess.Popen:
+    script = [str(BENCH / "serve_capped.py")] if capped else ["-m", "canary_server", "serve"]
+    env = dict(os.environ, CANARY_LOG_LEVEL="warning")
+    cmd = [sys.executable, *script, "--model", str(path), "--port", str(http_port), "--wyoming-port", str(wyoming_port)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
+
+
+def http_json(client: httpx.Client, wav: bytes) -> tuple[float, str]:
+    t = time.perf_counter()
+    r = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files={"file": ("a.wav", wav)})
+    return time.perf_counter() - t, r.json()["text"]
+
+
+def http_stream(client: httpx.Client, wav: bytes) -> tuple[float, float, str]:
+    t, first, text = time.perf_counter(), None, ""
+    data = {"model": "whisper-1", "stream": "true"}
+    with client.stream("POST", "/v1/audio/transcriptions", data=data, files={"file": ("a.wav", wav)}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "transcript.text.delta" and first is None:
+                first = time.perf_counter() - t
+            if event["type"] == "transcript.text.done":
+                text = event["text"]
+    done = time.perf_counter() - t
+    return first if first is not None else done, done, text
+
+
+async def wyoming(port: int, pcm: np.ndarray, language: str) -> tuple[float, float, float, str]:
+    """(connect -> transcript, audio-stop -> first chunk, audio-stop -> transcript, text)."""
+    raw, fmt = pcm.tobytes(), {"rate": SR, "width": 2, "channels": 1}
+    t0 = time.perf_counter()
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(AudioStart(**fmt).event())
+        for i in range(0, len(raw), 2048):  # 1024 samples, as Home Assistant sends them
+            await client.write_event(AudioChunk(audio=raw[i : i + 2048], **fmt).event())
+        await client.write_event(AudioStop().event())
+        t1, first = time.perf_counter(), None
+        while True:
+            event = await client.read_event()
+            if event.type == "transcript-chunk" and first is None:
+                first = time.perf_counter() - t1
+            if event.type == "transcript":
+                end = time.perf_counter()
+                return end - t0, first if first is not None else end - t1, end - t1, event.data["text"]
+            if event.type == "error":
+                raise RuntimeError(event.data)
+
+
+def stats(xs: list[float]) -> str:
+    ms = sorted(x * 1e3 for x in xs)
+    p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
+    return f"{statistics.median(ms):.0f} / {p90:.0f}"
+
+
+def bench(name: str, repeats: int, tmp: Path) -> list[str]:
+    path = model_dir(name, tmp)
+    if name == "espeak":
+        pcm, _ = sf.read(CLIP, dtype="int16")
+        label = f"espeak-tiny-en (toy), {len(pcm) / SR:.2f} s clip"
+    else:
+        pcm = (speech_like(3.0, seed=3) * 32767).astype(np.int16)
+        label = f"{name} dims (random weights), 3.0 s, 12 tokens"
+    wav = wav_bytes(pcm)
+    http_port, wy_port = free_port(), free_port()
+    proc = start_server(path, http_port, wy_port, capped=name != "espeak")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=600) as client:
+            for _ in range(2):  # warm-up
+                http_json(client, wav)
+                asyncio.run(wyoming(wy_port, pcm, "en"))
+            hj, hs_first, hs_done, wy_total, wy_first, wy_stop = [], [], [], [], [], []
+            texts = set()
+            for _ in range(repeats):
+                t, text = http_json(client, wav)
+                hj.append(t)
+                texts.add(text)
+                first, done, text = http_stream(client, wav)
+                hs_first.append(first)
+                hs_done.append(done)
+                texts.add(text)
+                total, first, stop, text = asyncio.run(wyoming(wy_port, pcm, "en"))
+                wy_total.append(total)
+                wy_first.append(first)
+                wy_stop.append(stop)
+                texts.add(text)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    same = "yes" if len(texts) == 1 else f"no ({len(texts)} texts)"
+    return [
+        f"| {label} | {stats(hj)} | {stats(hs_first)} | {stats(hs_done)} | {stats(wy_first)} | {stats(wy_stop)} "
+        f"| {stats(wy_total)} | {same} |"
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="espeak,180m-flash")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows += bench(name, args.repeats, Path(tmp))
+    machine = f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs, shared)"
+    print(f"\nmachine: {machine}, {args.repeats} requests of each kind, one at a time; ms median / p90\n")
+    print(
+        "| model, utterance | HTTP json | HTTP stream: first delta | HTTP stream: done | Wyoming: stop -> first "
+        "chunk | Wyoming: stop -> transcript | Wyoming: connect -> transcript | same text everywhere |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The Wyoming TCP server: one more front door on the same `Pipeline` (engine, batching, limits) as HTTP.
+
+It runs in the event loop of whoever starts it: `canary-server serve` enters it in the HTTP app's lifespan, so
+Home Assistant's requests and OpenAI clients' share one model and one continuous batch. Framing, events and the
+info schema are the `wyoming` package's (Home Assistant's own library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from wyoming.info import AsrModel, AsrProgram, Attribution, Info
+
+from canary_server.pipeline import Pipeline
+from canary_server.wyoming_server.handler import CanaryEventHandler
+from canary_server.wyoming_server.zeroconf import ZeroconfAnnouncement
+
+log = logging.getLogger("canary.wyoming")
+
+PROJECT_URL = "https://pypi.org/project/canary-server/"
+NVIDIA_URL = "https://huggingface.co/nvidia"
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    host: str = "127.0.0.1"
+    port: int = 10300  # 0: any free port (the `wyoming_port` setting's 0 = off is decided by the caller)
+    zeroconf: bool = False  # announce `_wyoming._tcp` so Home Assistant discovers the server
+    model_name: str = "canary"  # shown in Home Assistant
+    shutdown_grace_seconds: float = 10.0  # transcriptions in progress may finish this long when stopping
+
+
+class WyomingServer:
+    """`async with WyomingServer(pipeline, config):` serves Wyoming while inside (`port`: the bound port)."""
+
+    def __init__(self, pipeline: Pipeline, config: WyomingConfig, *, announcement: Any = None) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.port: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: dict[asyncio.Task, CanaryEventHandler] = {}
+        self._announcement = announcement  # tests inject a fake; default: a ZeroconfAnnouncement when asked for
+
+    def info(self) -> Info:
+        """The `info` answer to `describe` (the model's languages: raises EngineNotReady while it loads)."""
+        from canary_server import __version__
+
+        model = AsrModel(
+            name=self.config.model_name,
+            description=f"NVIDIA Canary ({self.config.model_name})",
+            attribution=Attribution(name="NVIDIA", url=NVIDIA_URL),
+            installed=True,
+            version=None,
+            languages=list(self.pipeline.info.languages),
+        )
+        program = AsrProgram(
+            name="canary-server",
+            description="NVIDIA Canary speech-to-text on MLX (canary-server)",
+            attribution=Attribution(name="canary-server", url=PROJECT_URL),
+            installed=True,
+            version=__version__,
+            models=[model],
+            supports_transcript_streaming=True,
+            requires_external_vad=True,
+        )
+        return Info(asr=[program])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connected, host=self.config.host, port=self.config.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("Wyoming server on %s:%d", self.config.host, self.port)
+        if self.config.zeroconf:
+            if self._announcement is None:
+                self._announcement = ZeroconfAnnouncement(self.port, self.config.host)
+            await self._announcement.start()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = CanaryEventHandler(self.pipeline, self.info, reader, writer)
+        task = asyncio.current_task()
+        self._handlers[task] = handler
+        try:
+            await handler.run()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away
+        finally:
+            self._handlers.pop(task, None)
+
+    async def stop(self) -> None:
+        """Stop listening, withdraw the announcement, let transcriptions in progress finish (a grace period),
+        close the other connections."""
+        if self._announcement is not None and self.config.zeroconf:
+            with contextlib.suppress(Exception):
+                await self._announcement.stop()
+        if self._server is None:
+            return
+        self._server.close()
+        for handler in list(self._handlers.values()):
+            if not handler.busy:
+                await handler.stop()
+        busy = [t for t, h in self._handlers.items() if h.busy]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=self.config.shutdown_grace_seconds)
+            for task in late:
+                task.cancel()
+        for handler in list(self._handlers.values()):
+            await handler.stop()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=1.0)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> WyomingServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
