@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import backend
 from .decoder import NEG_INF, causal_mask
 
 CACHE_STEP = 128  # self-attention buffer growth, in positions
@@ -57,8 +58,8 @@ class BatchDecoder:
 
     Steps are pipelined: step t+1 is dispatched (`mx.async_eval`) before the host reads step t's tokens,
     so graph building overlaps compute; a row that finished at step t is dropped from step t+1's output.
-    `compile=True` runs the step through `mx.compile` (default: only on a GPU backend: on the CPU backend
-    compilation made the step slower and costs seconds per new batch shape)."""
+    `compile=True` runs the step through `mx.compile` (default: only with the GPU paths, model/backend.py: on the
+    CPU backend compilation made the step slower and costs seconds per new batch shape)."""
 
     def __init__(self, model, compile: bool | None = None) -> None:
         self.model = model
@@ -68,7 +69,7 @@ class BatchDecoder:
         self.eos = model.tokenizer.eos_id
         self.pad = model.tokenizer.pad_id
         if compile is None:
-            compile = mx.default_device() == mx.gpu
+            compile = not backend.cpu_paths()
         self._step_fn = mx.compile(self._forward) if compile else self._forward
         self.rows: list[Sequence] = []
         self._reset()
