@@ -12,6 +12,7 @@ computes from its own encoder length, positions are its own, and the masks hide 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class Sequence:
     finished: bool = False  # produced <|endoftext|> (False when it hit the length limit)
     cancelled: bool = False
     score: float | None = None  # beam search: the best hypothesis' penalised score
+    overflowed: bool = False  # float16/bfloat16: its logits were inf/NaN; it left unfinished (recompute in float32)
 
 
 @dataclass(eq=False)
@@ -68,6 +70,7 @@ class BatchDecoder:
         self.d_k = dec.cfg.hidden_size // self.heads
         self.eos = model.tokenizer.eos_id
         self.pad = model.tokenizer.pad_id
+        self.guard = model.guards_overflow
         if compile is None:
             compile = not backend.cpu_paths()
         self._step_fn = mx.compile(self._forward) if compile else self._forward
@@ -246,6 +249,9 @@ class BatchDecoder:
             if id(s) not in present:
                 continue  # left the batch after this step was dispatched
             if s.cancelled:
+                done.append(s)
+            elif self.guard and not math.isfinite(lp):  # inf/NaN logits give a non-finite log-prob: overflow
+                s.overflowed = True
                 done.append(s)
             elif t in (self.eos, self.pad):  # NeMo treats <pad> like <|endoftext|>
                 s.finished = True

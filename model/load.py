@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
     if config.timestamps_ctc is not None:
         # Kept out of the module tree (as NeMo does), so the main model's weights stay one strict set.
         object.__setattr__(model, "timestamps_model", _load_ctc(directory, config, model.tokenizer, dtype))
+    model.__dict__["_loader"] = functools.partial(load, directory)  # Canary.float32(): the overflow fallback
     return model
 
 
