@@ -213,7 +213,8 @@ class ContinuousBatcher:
         except NonFiniteError as exc:  # nothing to recompute with: those items fail
             for item in redo:
                 item.error = exc
-            return done
+            listed = {id(it) for it in done}
+            return done + [it for it in redo if id(it) not in listed]
         log.warning("float16/bfloat16 overflow: recomputing in float32, and computing in float32 from now on")
         again = {id(it): it for it in redo}
         in_progress = [s.tag for s in self._active()] + [s.tag for p in self.parked for s in p.seqs]

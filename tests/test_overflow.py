@@ -159,6 +159,19 @@ def test_the_continuous_batcher_recomputes_overflowing_items_in_float32(overflow
     assert batcher.model.dtype == mx.float32 and m.fell_back_to_float32
 
 
+def test_without_float32_weights_to_fall_back_to_the_overflowing_items_fail_alone(overflowing):
+    m = model.load(overflowing, dtype="float16")
+    del m.__dict__["_loader"]  # as if built without model.load: nothing to recompute with
+    batcher = ContinuousBatcher(m)
+    items = [WorkItem(golden()[1][f"audio_{i}"], PromptSpec("en", "en"), tag=i) for i in range(2)]
+    batcher.submit(items)
+    done = []
+    while len(batcher):
+        done += batcher.step()
+    assert sorted(it.tag for it in done) == [0, 1]
+    assert all(isinstance(it.error, NonFiniteError) and it.result is None for it in items)
+
+
 def test_a_float16_model_that_does_not_overflow_stays_in_float16(tmp_path):
     m = model.load(convert_nemo(FIXTURES / FAMILY / "model.nemo", tmp_path / "m"), dtype="float16")
     assert m.guards_overflow
