@@ -11,8 +11,10 @@ Measured on
 * every NeMo fixture under tests/fixtures (any depth) whose golden.json this script understands: a `transcribe` list
   of cases, each with its audio (`audio` indices into a golden.npz, or `clips` by path), NeMo's tokens per item
   (`tokens` or `items[*].tokens`), its kwargs and beam size, and the model (`model.nemo` beside it, or `model` /
-  `source` naming one). Folders it cannot use are listed with the reason. Each case is run with `Canary.generate`
-  (NeMo's transcribe() batches) and compared item by item with NeMo's tokens;
+  `source` naming one). Folders it cannot use are listed with the reason, and so are the cases where the port
+  differs from NeMo on purpose (tests/test_release_fixtures.py: NeMo's batched beam search, its beam(1) strategy
+  after a first <|endoftext|>). Each case is run with `Canary.generate` (NeMo's transcribe() batches) and compared
+  item by item with NeMo's tokens;
 * the clips of the espeak-trained test models in ../shared/models (tiny Canary-architecture models trained with NeMo
   on espeak-ng speech, NOT real Canary checkpoints): WER against the reference transcripts, and exact matches with
   NeMo's own transcripts.
@@ -77,6 +79,7 @@ class Suite:
     name: str
     nemo: Path
     cases: list[Case] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # cases where the port differs from NeMo on purpose
 
 
 # ---- reading the fixtures --------------------------------------------------------------------------------------
@@ -90,8 +93,22 @@ def read_suite(golden_path: Path) -> Suite:
     suite = Suite(str(folder.relative_to(FIXTURES)), nemo)
     arrays = _arrays(folder, nemo)
     for c in g["transcribe"]:
-        suite.cases.append(_case(c, g, folder, nemo, arrays))
+        reason = _deliberate_difference(c)
+        if reason:
+            suite.left_out.append(f"{suite.name}/{c['name']}: {reason}")
+        else:
+            suite.cases.append(_case(c, g, folder, nemo, arrays))
     return suite
+
+
+def _deliberate_difference(c: dict) -> str | None:
+    """Cases the parity tests document as NeMo behaviour the port does not copy (tests/test_release_fixtures.py)."""
+    beam = (c.get("effective_decoding") or {}).get("beam_size") or 1
+    if beam > 1 and c.get("batch_size", 1) > 1:
+        return "NeMo 3.0.0's batched beam search mixes the items' prompt states"
+    if beam == 1 and any(str(it.get("text", "")).startswith("<|endoftext|>") for it in c.get("items", [])):
+        return "NeMo's beam(1) strategy goes on after a first <|endoftext|>; greedy decoding ends there"
+    return None
 
 
 def _model_path(folder: Path, g: dict) -> Path:
@@ -351,6 +368,7 @@ def main() -> None:
     if args.only:
         keep = set(args.only.split(","))
         suites = [s for s in suites if s.name in keep]
+    skipped += [line for s in suites for line in s.left_out]
     res = {"date": date.today().isoformat(), "machine": machine(), "group_size": args.group_size, "skipped": skipped}
     res["suites"] = [s.name for s in suites]
     res["variants"] = {}
