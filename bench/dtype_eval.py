@@ -357,7 +357,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--group-size", type=int, default=32, help="quantization group size (32 quantizes the most)")
-    ap.add_argument("--only", help="comma-separated fixture folders (relative to tests/fixtures) to run")
+    ap.add_argument(
+        "--only",
+        help="comma-separated fixture folders (relative to tests/fixtures) and espeak sets "
+        f"({', '.join(ESPEAK_SETS)}) to run; default: all",
+    )
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -388,7 +392,8 @@ def main() -> None:
                 res["variants"][v]["suites"][s.name] = r
                 print(f"{v} {s.name}: {frac(r['greedy'])} greedy, {frac(r['beam'])} beam", file=sys.stderr, flush=True)
             for key, stem in ESPEAK_SETS.items():
-                res["variants"][v][key] = measure_espeak(models, stem, v)
+                if not args.only or key in args.only.split(","):
+                    res["variants"][v][key] = measure_espeak(models, stem, v)
     res["seconds"] = time.perf_counter() - started
     res["failed"] = list(failed.values())
     res["suites"] = [n for n in res["suites"] if n not in failed]
