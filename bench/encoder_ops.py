@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 from canary_server import model  # noqa: E402, F401  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from canary_server.model import cpu_math  # noqa: E402
+from canary_server.model import backend, cpu_math  # noqa: E402
 from canary_server.model.conformer import _depthwise_shift_add  # noqa: E402
 from canary_server.model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
 
@@ -43,11 +43,8 @@ def timed(fn, repeats: int) -> float:
 
 def with_math(enabled: bool, fn):
     def run():
-        cpu_math.ENABLED = enabled
-        try:
+        with backend.forced(backend.CPU if enabled else backend.GPU):
             return fn()
-        finally:
-            cpu_math.ENABLED = None
 
     return run
 

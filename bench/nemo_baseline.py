@@ -16,7 +16,6 @@ in the batch: NeMo's batch limit is shared). Times `model.transcribe()` single-s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
@@ -34,6 +33,7 @@ from omegaconf import OmegaConf
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+from machine_info import peak_rss_bytes  # noqa: E402
 from synth import SR, speech_like  # noqa: E402
 
 TOKENS_PER_SECOND = 4.0
@@ -156,14 +156,6 @@ def transcribe(model, audios: list[np.ndarray], seconds_for_limit: float) -> tup
     wall = time.perf_counter() - t0
     tokens = sum(len(h.y_sequence) for h in hyps if getattr(h, "y_sequence", None) is not None)
     return wall, tokens
-
-
-def peak_rss_bytes() -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def main() -> None:

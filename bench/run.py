@@ -8,13 +8,16 @@ whatever engine is on the branch: upload, decoding, long-audio chunking (pipelin
 * concurrency 1, 4, 16 (5 s clips, each client sends its next request when its last one returns): throughput in
   audio seconds per wall second, p50 / p95 latency;
 * 5 s requests sent one after another while a 5-minute file is being transcribed: their p95 vs the idle p95;
-* peak memory: the server's peak RSS (VmHWM) and MLX's `get_peak_memory()`.
+* peak memory: the server's peak RSS (getrusage) and MLX's `get_peak_memory()`, as the server reports them;
+* `--dtype float32,float16,...`: one server per compute dtype, a table each and one comparing them;
 * `--with-nemo`: bench/nemo_baseline.py (NeMo PyTorch, same dims, same forced length) in NeMo's venv, beside ours.
 
-Audio is synthetic and seeded (voiced harmonics with a syllable-rate envelope and pauses). Prints a Markdown table
-and writes JSON.
+Audio is synthetic and seeded (voiced harmonics with a syllable-rate envelope and pauses). Prints Markdown tables
+headed by the machine, MLX version, device and commit, ready to paste into an issue, and writes JSON. Runs the same
+on macOS (Metal) and Linux (CPU): nothing platform-specific is needed.
 
-    .venv/bin/python bench/run.py --model 180m-flash [--with-nemo] [--repeats 3] [--json out.json]
+    .venv/bin/python bench/run.py --model 180m-flash [--dtype float32,float16] [--with-nemo] [--repeats 3]
+        [--json out.json]
 
 `--model tiny` with `--single-seconds`, `--concurrency`, `--clips-per-client` and `--long-seconds` set small is the
 smoke test's run (tests/test_bench_smoke.py): every measurement once, in seconds.
@@ -26,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -42,6 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from machine_info import describe
 from synth import SR, speech_like
 
 BENCH = Path(__file__).resolve().parent
@@ -49,6 +52,7 @@ REPO = BENCH.parent
 TOKENS_PER_SECOND = 4.0
 SINGLE_SECONDS = (5.0, 30.0, 300.0)
 CONCURRENCY = (1, 4, 16)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ---- audio ----------------------------------------------------------------------------------------------------
@@ -90,15 +94,6 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError("server did not become ready")
-
-    def peak_rss_bytes(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
 
     def stop(self) -> dict:
         self.proc.terminate()
@@ -229,7 +224,6 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes
                 for _ in range(max(1, repeats - 1))
             ]
             log(f"during long: {out['during_long']}")
-        out["peak_rss_bytes"] = server.peak_rss_bytes()
     finally:
         out.update(server.stop())
     return out
@@ -260,10 +254,12 @@ def log(msg: str) -> None:
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
-def table(res: dict) -> str:
-    ours, nemo = res["ours"], res.get("nemo")
+def table(res: dict, dtype: str) -> str:
+    ours, nemo = res["ours"][dtype], res.get("nemo")
     mib = 1024 * 1024
-    lines = [f"**{res['model']}** (random weights, real dims), {res['dtype']}, {res['machine']}, {res['date']}", ""]
+    server = ", ".join(str(ours[k]) for k in ("mlx", "device", "paths") if ours.get(k))
+    title = f"**{res['model']}** (random weights, real dims), {dtype}, server: {server or '?'}"
+    lines = [title, f"{res['machine']}, commit {res['commit']}, {res['date']}", ""]
     head = "| single stream | ours: latency | ours: RTFx | ours: tokens/s |"
     sep = "|---|---:|---:|---:|"
     if nemo:
@@ -303,8 +299,40 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(res: dict) -> list[str]:
-    ours, nemo, out = res["ours"], res.get("nemo"), []
+def dtype_table(res: dict) -> str:
+    """One row per compute dtype: single-stream latencies, concurrency throughput and its last / first ratio, memory."""
+    runs = list(res["ours"].values())
+    seconds = [r["seconds"] for r in runs[0]["single"]]
+    clients = [r["concurrency"] for r in runs[0].get("concurrency", [])]
+    head = "| dtype |" + "".join(f" {fmt_dur(s)} latency |" for s in seconds)
+    head += "".join(f" c={c} audio s/s |" for c in clients)
+    head += f" c={clients[-1]} / c={clients[0]} |" if len(clients) > 1 else ""
+    lines = [f"**{res['model']}** per compute dtype, {res['machine']}, commit {res['commit']}, {res['date']}", "",
+             head + " peak RSS |", "|---|" + "---:|" * (head.count("|") - 1)]  # fmt: skip
+    for dtype, ours in res["ours"].items():
+        by = {r["seconds"]: r for r in ours["single"]}
+        row = f"| {dtype} |" + "".join(f" {by[s]['latency_s']:.2f} s |" if s in by else " - |" for s in seconds)
+        conc = {r["concurrency"]: r["throughput"] for r in ours.get("concurrency", [])}
+        row += "".join(f" {conc[c]:.1f} |" if c in conc else " - |" for c in clients)
+        if len(clients) > 1:
+            ok = clients[0] in conc and clients[-1] in conc
+            row += f" {conc[clients[-1]] / conc[clients[0]]:.2f}x |" if ok else " - |"
+        rss = ours.get("peak_rss_bytes")
+        lines.append(row + (f" {rss / 2**20:.0f} MiB |" if rss else " - |"))
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    except OSError:
+        return "?"
+    return (out.stdout.strip() or "?") + ("+changes" if dirty.stdout.strip() else "")
+
+
+def targets(res: dict, dtype: str) -> list[str]:
+    ours, nemo, out = res["ours"][dtype], res.get("nemo"), []
     if "concurrency" in ours:
         c1, c16 = ours["concurrency"][0], ours["concurrency"][-1]
         ratio = c16["throughput"] / c1["throughput"]
@@ -331,7 +359,7 @@ def fmt_dur(s: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("180m-flash", "1b-flash", "tiny"), default="180m-flash")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", help=f"compute dtype(s), comma-separated, of {', '.join(DTYPES)}")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     ap.add_argument("--single-only", action="store_true", help="skip the concurrency and long-file runs")
     ap.add_argument("--with-nemo", action="store_true", help="also run bench/nemo_baseline.py ($NEMO_PYTHON)")
@@ -342,25 +370,34 @@ def main() -> None:
     ap.add_argument("--clips-per-client", type=int, default=None, help="default: max(2, 16 // concurrency)")
     ap.add_argument("--long-seconds", type=float, default=300.0, help="the long file of the 'during' run")
     args = ap.parse_args()
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtype: comma-separated values of {', '.join(DTYPES)}; got {args.dtype!r}")
 
     import random_model
 
     model_dir = random_model.build(args.model, args.model_dir or random_model.DEFAULT_ROOT / args.model)
-    res = {"model": f"canary-{args.model}", "dtype": args.dtype, "date": date.today().isoformat(),
-           "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-           "tokens_per_second_forced": TOKENS_PER_SECOND}  # fmt: skip
-    res["ours"] = run_ours(model_dir, args.dtype, args.repeats, args.single_only, args)
-    if args.json:  # kept even if NeMo fails below
-        args.json.write_text(json.dumps(res, indent=2))
+    res = {"model": f"canary-{args.model}", "dtypes": dtypes, "date": date.today().isoformat(),
+           "machine": describe(with_mlx=False), "commit": git_commit(),
+           "tokens_per_second_forced": TOKENS_PER_SECOND, "ours": {}}  # fmt: skip
+    for dtype in dtypes:
+        log(f"-- {dtype}")
+        res["ours"][dtype] = run_ours(model_dir, dtype, args.repeats, args.single_only, args)
+        if args.json:  # kept even if a later run fails
+            args.json.write_text(json.dumps(res, indent=2))
     if args.with_nemo:
         try:
             res["nemo"] = run_nemo(args.model, model_dir, args.repeats)
         except subprocess.CalledProcessError as exc:
             log(f"NeMo baseline failed ({exc}); reporting ours only")
-    print(table(res))
-    print()
-    for line in targets(res):
-        print("- " + line)
+    for dtype in dtypes:
+        print(table(res, dtype))
+        print()
+        for line in targets(res, dtype):
+            print("- " + line)
+        print()
+    if len(dtypes) > 1:
+        print(dtype_table(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

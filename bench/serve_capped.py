@@ -4,7 +4,8 @@ The random-weight models never emit <|endoftext|> (bench/random_model.py), so ev
 limit. This wrapper lowers that limit to round(CANARY_BENCH_TOKENS_PER_SECOND * seconds) tokens (default 4, a
 realistic rate for speech) by replacing `single_item_max_new_tokens` in pipeline/scheduler.py, the one place the
 continuous batcher takes a sequence's limit from; NeMo's own limit still applies when it is lower. Nothing in the
-package is changed. It keeps `mx.get_peak_memory()` in $CANARY_BENCH_STATS (JSON) if set.
+package is changed. It keeps `mx.get_peak_memory()`, its peak RSS, MLX's version and device and the backend paths in
+$CANARY_BENCH_STATS (JSON) if set.
 
     .venv/bin/python bench/serve_capped.py --model DIR --port 8123      # same flags as `canary-server serve`
 """
@@ -35,8 +36,13 @@ def _write_stats(path: str) -> None:
     """Every half second (the server may be stopped by a signal, so no atexit hook)."""
     import mlx.core as mx  # after canary_server: its import preloads OpenBLAS
 
+    from canary_server.model import backend
+    from machine_info import peak_rss_bytes
+
     while True:
-        Path(path).write_text(json.dumps({"mlx_peak_memory_bytes": mx.get_peak_memory()}))
+        stats = {"mlx_peak_memory_bytes": mx.get_peak_memory(), "peak_rss_bytes": peak_rss_bytes()}
+        stats.update(mlx=f"MLX {mx.__version__}", device=str(mx.default_device()), paths=f"{backend.paths()} paths")
+        Path(path).write_text(json.dumps(stats))
         time.sleep(0.5)
 
 

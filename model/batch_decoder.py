@@ -12,12 +12,14 @@ computes from its own encoder length, positions are its own, and the masks hide 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from . import backend
 from .decoder import NEG_INF, causal_mask
 
 CACHE_STEP = 128  # self-attention buffer growth, in positions
@@ -37,6 +39,7 @@ class Sequence:
     finished: bool = False  # produced <|endoftext|> (False when it hit the length limit)
     cancelled: bool = False
     score: float | None = None  # beam search: the best hypothesis' penalised score
+    overflowed: bool = False  # float16/bfloat16: its logits were inf/NaN; it left unfinished (recompute in float32)
 
 
 @dataclass(eq=False)
@@ -57,8 +60,8 @@ class BatchDecoder:
 
     Steps are pipelined: step t+1 is dispatched (`mx.async_eval`) before the host reads step t's tokens,
     so graph building overlaps compute; a row that finished at step t is dropped from step t+1's output.
-    `compile=True` runs the step through `mx.compile` (default: only on a GPU backend: on the CPU backend
-    compilation made the step slower and costs seconds per new batch shape)."""
+    `compile=True` runs the step through `mx.compile` (default: only with the GPU paths, model/backend.py: on the
+    CPU backend compilation made the step slower and costs seconds per new batch shape)."""
 
     def __init__(self, model, compile: bool | None = None) -> None:
         self.model = model
@@ -67,8 +70,9 @@ class BatchDecoder:
         self.d_k = dec.cfg.hidden_size // self.heads
         self.eos = model.tokenizer.eos_id
         self.pad = model.tokenizer.pad_id
+        self.guard = model.guards_overflow
         if compile is None:
-            compile = mx.default_device() == mx.gpu
+            compile = not backend.cpu_paths()
         self._step_fn = mx.compile(self._forward) if compile else self._forward
         self.rows: list[Sequence] = []
         self._reset()
@@ -245,6 +249,9 @@ class BatchDecoder:
             if id(s) not in present:
                 continue  # left the batch after this step was dispatched
             if s.cancelled:
+                done.append(s)
+            elif self.guard and not math.isfinite(lp):  # inf/NaN logits give a non-finite log-prob: overflow
+                s.overflowed = True
                 done.append(s)
             elif t in (self.eos, self.pad):  # NeMo treats <pad> like <|endoftext|>
                 s.finished = True

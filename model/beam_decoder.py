@@ -51,8 +51,12 @@ class BeamBatchDecoder(BatchDecoder):
         )
         self.scores = scores.reshape(-1) if self.scores is None else mx.concatenate([self.scores, scores.reshape(-1)])
         first = np.array(order).reshape(-1).tolist()
+        first_lps = np.array(scores)  # (n, k)
+        if self.guard:  # inf/NaN logits make the top log-probs non-finite: overflow
+            for seq, lps in zip(seqs, first_lps, strict=True):
+                seq.overflowed = seq.overflowed or not np.isfinite(lps).all()
         self.hyps += [[t] for t in first]
-        self.hyp_lps += [[lp] for lp in np.array(scores).reshape(-1).tolist()]
+        self.hyp_lps += [[lp] for lp in first_lps.reshape(-1).tolist()]
         self.lengths += [float(p + 2)] * len(first)  # NeMo: prefixes.size(1) + 1 after the first step
         self.steps += [1] * len(first)
         self.rows += [s for s in seqs for _ in range(k)]
@@ -73,7 +77,8 @@ class BeamBatchDecoder(BatchDecoder):
         logits, self.self_k, self.self_v = self._forward_logits(
             self.last, self.offsets, self.self_k, self.self_v, self.cross_k, self.cross_v, self.cross_mask
         )
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        logp = logits - lse
         order = mx.argsort(-logp, axis=-1)[:, :k]  # (R, k)
         cand_lp = mx.take_along_axis(logp, order, axis=-1)
         cand_tok = mx.where(finished[:, None], self.pad, order)
@@ -92,7 +97,11 @@ class BeamBatchDecoder(BatchDecoder):
         self.self_v = [a[parents] for a in self.self_v]
         self.scores, self.last, self.offsets = new_scores, tokens, self.offsets + 1
         self.positions = [q + 1 for q in self.positions]
-        mx.eval(parents, tokens, token_lps)  # the step's one sync
+        checks = [mx.isfinite(lse[:, 0])] if self.guard else []  # float16/bfloat16: inf/NaN logits, per row
+        mx.eval(parents, tokens, token_lps, *checks)  # the step's one sync
+        for finite in checks:
+            for i in np.flatnonzero(~np.array(finite)).tolist():
+                self.rows[i].overflowed = True
         parents_h, tokens_h, lps_h = (np.array(a).tolist() for a in (parents, tokens, token_lps))
         self.hyps = [self.hyps[pa] + [t] for pa, t in zip(parents_h, tokens_h, strict=True)]
         self.hyp_lps = [self.hyp_lps[pa] + [lp] for pa, lp in zip(parents_h, lps_h, strict=True)]
@@ -112,7 +121,7 @@ class BeamBatchDecoder(BatchDecoder):
         for g in range(len(self.rows) // k):
             seq, rows = self.rows[g * k], range(g * k, g * k + k)
             ended = not first_step and all(self.hyps[i][-1] in (self.eos, self.pad) for i in rows)
-            if not (ended or seq.cancelled or self.steps[g * k] >= seq.max_new_tokens):
+            if not (ended or seq.cancelled or seq.overflowed or self.steps[g * k] >= seq.max_new_tokens):
                 continue
             if penalty is None:
                 lengths = mx.array(self.lengths)

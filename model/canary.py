@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator
+import logging
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from .config import ModelConfig
 from .conformer import ConformerEncoder, drain
 from .decoder import TransformerDecoder, causal_mask, cross_attention_mask
 from .decoding import beam_decode, greedy_decode
-from .errors import CanaryError
+from .errors import CanaryError, NonFiniteError
 from .features import Preprocessor
 from .prompt import PromptSpec, build_prompt, language_slot_prefix, supported_languages
 from .timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
 from .tokenizer import CanaryTokenizer
+
+log = logging.getLogger("canary.model")
 
 
 class Head(nn.Module):
@@ -64,6 +67,30 @@ class Canary(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.decoder.embedding.token_embedding.weight.dtype
 
+    @property
+    def guards_overflow(self) -> bool:
+        """float16/bfloat16 models check their encoder output and logits for inf/NaN (NonFiniteError,
+        `Sequence.overflowed`); float32 ones skip the checks (nothing to fall back to)."""
+        return self.dtype != mx.float32
+
+    def float32(self) -> Canary:
+        """This model computing in float32: itself if it does, else a float32 copy, loaded once from the directory
+        `model.load` read (what an overflow of float16/bfloat16 activations is recomputed with)."""
+        if not self.guards_overflow:
+            return self
+        twin = self.__dict__.get("_float32")
+        if twin is None:
+            loader: Callable[[mx.Dtype], Canary] | None = self.__dict__.get("_loader")
+            if loader is None:
+                raise NonFiniteError("no float32 weights to recompute with: the model was not loaded by model.load")
+            twin = self.__dict__["_float32"] = loader(mx.float32)
+        return twin
+
+    @property
+    def fell_back_to_float32(self) -> bool:
+        """True once a batch overflowed: from then on this model's work runs on `float32()`."""
+        return self.__dict__.get("_float32") is not None
+
     def encode(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """audio (B, L) float32, lengths (B,) -> decoder-ready encoder states (B, T', H), lengths (B,)."""
         return drain(self.encode_stages(audio, lengths, stages=0))
@@ -77,6 +104,8 @@ class Canary(nn.Module):
         enc, enc_lengths = yield from self.encoder.stages(feats.astype(self.dtype), valid, per_stage)
         if self.config.enc_dec_proj:
             enc = self.encoder_decoder_proj(enc)
+        if self.guards_overflow and not mx.all(mx.isfinite(enc)).item():  # one reduction (and sync) per batch
+            raise NonFiniteError.overflow("the encoder output", self.dtype)
         return enc, enc_lengths
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -226,6 +255,18 @@ class Canary(nn.Module):
     def _generate_batch(
         self, waves: list[np.ndarray], files: list[bool], prompt: list[int], spec: PromptSpec, beam_size: int = 1
     ) -> list[Transcription]:
+        """One NeMo batch; if it overflows float16/bfloat16, recomputed in float32, as is all later work."""
+        if self.fell_back_to_float32:
+            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size)
+        try:
+            return self._decode_batch(waves, files, prompt, spec, beam_size)
+        except NonFiniteError as exc:
+            warn_overflow(self, exc)
+            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size)
+
+    def _decode_batch(
+        self, waves: list[np.ndarray], files: list[bool], prompt: list[int], spec: PromptSpec, beam_size: int
+    ) -> list[Transcription]:
         min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
         padded = [pad_to_min_duration(w, min_samples, f) for w, f in zip(waves, files, strict=True)]
         audio, lengths = pad_batch(padded)
@@ -243,6 +284,11 @@ class Canary(nn.Module):
         if spec.timestamps and self.timestamp_source == "ctc":
             out = self.add_ctc_timestamps(padded, out)
         return out
+
+
+def warn_overflow(model: Canary, exc: NonFiniteError) -> None:
+    if not model.fell_back_to_float32:
+        log.warning("%s: recomputing in float32, and computing in float32 from now on (use dtype float32)", exc)
 
 
 def _as_waveform(x) -> np.ndarray:

@@ -1,8 +1,9 @@
 """CPU-backend tuning: Linear weights stored transposed and contiguous, and a larger MLX buffer cache.
 
 MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) was measured 1.5-2.5x slower than `x @ Wt` with a
-contiguous pre-transposed `Wt` for decoder-sized inputs (bench/decoder_step.py), so on the CPU backend the loader
-swaps every nn.Linear for `TransposedLinear` once. The math is the same; GPU backends keep MLX's own layout.
+contiguous pre-transposed `Wt` for decoder-sized inputs (bench/decoder_step.py), so with the CPU paths
+(model/backend.py) the loader swaps every nn.Linear for `TransposedLinear` once. The math is the same; the GPU paths
+keep MLX's own layout.
 
 MLX keeps at most 32 MB of freed buffers for reuse on its CPU backend; every larger temporary (the encoder's
 subsampling activations are ~100 MB for 30 s of audio) is then a fresh allocation whose pages fault in on first
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import backend
 
 
 class TransposedLinear(nn.Module):
@@ -52,7 +55,7 @@ def pretranspose_linears(module: nn.Module) -> int:
 
 
 def use_cpu_layout() -> bool:
-    return mx.default_device() == mx.cpu
+    return backend.cpu_paths()
 
 
 CPU_CACHE_LIMIT = 512 << 20

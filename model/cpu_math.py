@@ -6,7 +6,7 @@ values: 12.5 ms, bench/encoder_ops.py), so the encoder's activations cost about 
 polynomial written as whole-array MLX arithmetic (range reduction by the 1.5 * 2**23 rounding trick, 2**n built from
 the exponent bits) runs ~2.5-5x faster on that backend and is as accurate (relative error of exp below 1e-6 for
 |x| < 20 and never above MLX's kernel's; `tests/test_cpu_math.py`). GPU backends keep MLX's own kernels, which are
-fast there; `ENABLED = None` picks by the default device, True / False force one path (tests compare both).
+fast there. Which path runs is model/backend.py's switch (tests compare both).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-ENABLED: bool | None = None
+from . import backend
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: float32 y + _ROUND rounds y to an integer n kept in the low mantissa bits
@@ -25,7 +25,7 @@ _P = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332
 
 
 def enabled() -> bool:
-    return mx.default_device() == mx.cpu if ENABLED is None else ENABLED
+    return backend.cpu_paths()
 
 
 def exp(x: mx.array) -> mx.array:

@@ -16,6 +16,7 @@ from .batch_decoder import Sequence
 from .beam_decoder import BeamBatchDecoder
 from .cache import KVCache
 from .decoder import causal_mask, cross_attention_mask
+from .errors import NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,25 @@ def greedy_decode(
     cache = KVCache(cfg.num_layers, batch, heads, prompt_len + max_gen, cfg.hidden_size // heads, enc.dtype)
 
     hidden = dec(prompts, mx.arange(prompt_len), cross, cross_mask, cache, causal_mask(prompt_len, enc.dtype))
-    token = mx.argmax(model.logits(hidden[:, -1]), axis=-1)  # (B,)
+    logits = model.logits(hidden[:, -1])
+    token = mx.argmax(logits, axis=-1)  # (B,)
     done = (token == eos_id) | (token == pad_id)  # NeMo treats <pad> like <|endoftext|>
+    guard, finite = model.guards_overflow, mx.array(True)
     steps = [token]
     for pos in range(prompt_len, prompt_len + max_gen):
+        if guard:  # float16/bfloat16: an overflow (inf/NaN logits) ends the loop, read with `done` (no extra sync)
+            finite = finite & mx.all(mx.isfinite(logits))
+            done = done | ~finite
         mx.async_eval(token, done)
         if done.all().item():
             break
         hidden = dec(token[:, None], mx.array([pos]), cross, cross_mask, cache)
-        nxt = mx.argmax(model.logits(hidden[:, -1]), axis=-1)
-        token = mx.where(done, pad_id, nxt)  # finished rows only emit <pad>
+        logits = model.logits(hidden[:, -1])
+        token = mx.where(done, pad_id, mx.argmax(logits, axis=-1))  # finished rows only emit <pad>
         done = done | (token == eos_id) | (token == pad_id)
         steps.append(token)
+    if guard and not (finite & mx.all(mx.isfinite(logits))).item():
+        raise NonFiniteError.overflow("the decoder's logits", model.dtype)
 
     out = np.array(mx.stack(steps, axis=1))  # (B, S)
     tokens, finished = [], []
@@ -101,5 +109,7 @@ def beam_decode(
     done = decoder.add(seqs)
     while len(decoder):
         done += decoder.step()
+    if any(s.overflowed for s in done):
+        raise NonFiniteError.overflow("the decoder's logits", model.dtype)
     done.sort(key=lambda s: s.tag)
     return DecodeResult(tokens=[s.tokens for s in done], finished=[s.finished for s in done])

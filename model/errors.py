@@ -1,5 +1,7 @@
 """Domain errors raised by the model package (the server maps them to OpenAI-style 400s)."""
 
+from __future__ import annotations
+
 
 class CanaryError(ValueError):
     """Base class for user-facing errors."""
@@ -17,3 +19,12 @@ class AudioDecodeError(CanaryError):
 
 class ModelLoadError(CanaryError):
     """A converted model directory is missing, incomplete or of an unknown format."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A float16/bfloat16 computation overflowed (inf or NaN in the encoder output or the logits). Not the input's
+    fault (so not a CanaryError): callers recompute in float32 with `Canary.float32()`."""
+
+    @classmethod
+    def overflow(cls, what: str, dtype: object) -> NonFiniteError:
+        return cls(f"{what} overflowed {str(dtype).removeprefix('mlx.core.')}")

@@ -22,6 +22,7 @@ from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence
 from canary_server.model.beam_decoder import BeamBatchDecoder
 from canary_server.model.conformer import drain
 from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
+from canary_server.model.errors import NonFiniteError
 from canary_server.model.prompt import PromptSpec
 from canary_server.pipeline.fairness import DEFAULT_GRACE_SECONDS, DEFAULT_SHARE, FairShare
 from canary_server.pipeline.language import LanguageChoice
@@ -108,6 +109,7 @@ class ContinuousBatcher:
         self.fair = FairShare(long_request_share, fair_grace_seconds)
         self.clock = clock
         self._wanted_defer = False  # the policy wanted to defer something in the current step
+        self._overflowed: list[WorkItem] = []  # float16/bfloat16 overflow in this step: redone in float32
         self._order = 0  # FIFO tie-break among equal priorities
 
     # ---- decoders ---------------------------------------------------------------------------------------
@@ -196,10 +198,35 @@ class ContinuousBatcher:
             for beam, decoder in list(self.decoders.items()):
                 if len(decoder):
                     done += self._decoder_step(beam, decoder)
+        if self._overflowed:
+            done = self._fall_back(done)
         self.fair.record(self.clock() - started, self._wanted_defer)
         if not len(self):
             self.fair.reset()
         return done
+
+    def _fall_back(self, done: list[WorkItem]) -> list[WorkItem]:
+        """A float16/bfloat16 overflow (inf/NaN encoder output or logits): from now on the float32 model
+        (`Canary.float32()`) does all the work. The items that overflowed, and every item in progress (encoding,
+        decoding, parked), wait again and are encoded and decoded anew in float32. Returns `done` without them."""
+        redo, self._overflowed = self._overflowed, []
+        try:
+            twin = self.model.float32()
+        except NonFiniteError as exc:  # nothing to recompute with: those items fail
+            for item in redo:
+                item.error = exc
+            listed = {id(it) for it in done}
+            return done + [it for it in redo if id(it) not in listed]
+        log.warning("float16/bfloat16 overflow: recomputing in float32, and computing in float32 from now on")
+        again = {id(it): it for it in redo}
+        in_progress = [s.tag for s in self._active()] + [s.tag for p in self.parked for s in p.seqs]
+        for item in in_progress + [it for e in self.encoding for it in e.items]:
+            again[id(item)] = item
+        for item in again.values():
+            item._seq = None
+        self.model, self.decoders, self.parked, self.encoding = twin, {}, [], []
+        self.waiting += again.values()
+        return [it for it in done if id(it) not in again]
 
     def _decoder_step(self, beam: int, decoder: BatchDecoder) -> list[WorkItem]:
         try:
@@ -281,6 +308,10 @@ class ContinuousBatcher:
             except Exception as exc:  # noqa: BLE001 - isolated below
                 return done + self._isolate(enc.items, exc), False
             return done + self._join(enc.items, seqs), False
+        except NonFiniteError:  # float16/bfloat16 overflow: the batch is redone in float32 (`_fall_back`)
+            self.encoding.pop()
+            self._overflowed += enc.items
+            return done, False
         except Exception as exc:  # noqa: BLE001 - a failing batch: find the culprit, the others still run
             self.encoding.pop()
             return done + self._isolate(enc.items, exc), False
@@ -389,6 +420,9 @@ class ContinuousBatcher:
         """Encode items as one padded batch at once and prefill them; a failing item fails alone."""
         try:
             seqs = self._encode(items)
+        except NonFiniteError:  # redone in float32 (`_fall_back`)
+            self._overflowed += items
+            return []
         except Exception as exc:  # noqa: BLE001
             return self._isolate(items, exc)
         return self._join(items, seqs)
@@ -408,6 +442,9 @@ class ContinuousBatcher:
 
     def _finish(self, seq: Sequence) -> WorkItem:
         item: WorkItem = seq.tag
+        if seq.overflowed:  # its logits were inf/NaN: redone in float32 at the end of this step (`_fall_back`)
+            self._overflowed.append(item)
+            return item
         model = self.model
         item.result = model.result(seq.tokens, item.spec, item.audio.shape[0], seq.finished, seq.logprobs)
         if item.spec.timestamps and model.timestamp_source == "ctc":

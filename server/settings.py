@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         None, description="Where converted models are kept (unset: ~/.cache/canary-server); ~ and $VARS are expanded."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Compute dtype; auto: bfloat16 on Apple Silicon (Metal), float32 elsewhere."
+        "auto", description="Compute dtype; auto: float32 everywhere (the one that matches NeMo on every fixture)."
     )
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port.")

@@ -46,6 +46,7 @@ SMOKE_ARGS = {
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
+    "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
     "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
     "nemo_baseline.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--repeats", "1", "--seconds", "2"],
     # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
@@ -55,7 +56,7 @@ SMOKE_ARGS = {
     "idle_unload.py": ["--models", "espeak", "--repeats", "1"],
     "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny"],
 }
-NOT_SCRIPTS = {"synth.py", "serve_capped.py"}
+NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
 
 
@@ -106,6 +107,14 @@ def test_quantize_eval_reports_the_quantized_share_of_the_cpu_layouts_linears():
     out = _bench("quantize_eval.py")
     rows = [line for line in out.splitlines() if line.startswith("| 8-bit") or line.startswith("| float32")]
     assert "| 0% |" in rows[0] and "| 60% |" in rows[1], out  # the README's table: 60% of the espeak model's linears
+
+
+def test_dtype_eval_compares_dtypes_with_nemo_on_the_fixtures():
+    out = _bench("dtype_eval.py")
+    assert re.search(r"^\| float32 \| 6/6 \| - \| 100\.0% \|", out, flags=re.M), out
+    assert re.search(r"^\| float16 \| \d/6 \|", out, flags=re.M) and "| v2_ctc | 6/6 |" in out
+    if ESPEAK_NEMO.is_file():
+        assert re.search(r"^\| float32 \|.* 9\.6% \(9\.6%\) \| 12/12 \|", out, flags=re.M), out
 
 
 def _require_nemo(script: str) -> None:

@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from canary_server.model import cpu_math
+from canary_server.model import backend, cpu_math
 from canary_server.model.conformer import _depthwise_shift_add
 
 
@@ -38,14 +38,19 @@ def test_exp_saturates_without_inf_or_nan():
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_activations_equal_mlx_kernels(values, dtype, monkeypatch):
+def test_activations_equal_mlx_kernels(values, dtype):
     x = mx.array(values).astype(dtype)
     scores = mx.array(values[:40000].reshape(50, 800)).astype(dtype)
     masked = mx.where(mx.arange(800) < 600, scores, -10000.0).astype(dtype)
     results = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_math, "ENABLED", enabled)
-        results[enabled] = [cpu_math.silu(x), cpu_math.sigmoid(x), cpu_math.softmax(scores), cpu_math.softmax(masked)]
+        with backend.forced(backend.CPU if enabled else backend.GPU):
+            results[enabled] = [
+                cpu_math.silu(x),
+                cpu_math.sigmoid(x),
+                cpu_math.softmax(scores),
+                cpu_math.softmax(masked),
+            ]
     tol = 1e-6 if dtype == mx.float32 else 1e-2
     for ours, theirs in zip(results[True], results[False], strict=True):
         assert ours.dtype == theirs.dtype == dtype
@@ -54,11 +59,13 @@ def test_activations_equal_mlx_kernels(values, dtype, monkeypatch):
     assert float(mx.max(results[True][3][:, 600:]).item()) < 1e-37  # masked scores get no weight
 
 
-def test_enabled_follows_the_default_device(monkeypatch):
-    monkeypatch.setattr(cpu_math, "ENABLED", None)
-    assert cpu_math.enabled() == (mx.default_device() == mx.cpu)
-    monkeypatch.setattr(cpu_math, "ENABLED", False)
-    assert not cpu_math.enabled()
+def test_enabled_follows_the_backend_switch():
+    with backend.forced(None):
+        assert cpu_math.enabled() == (mx.default_device() == mx.cpu)
+    with backend.forced(backend.GPU):
+        assert not cpu_math.enabled()
+    with backend.forced(backend.CPU):
+        assert cpu_math.enabled()
 
 
 @pytest.mark.parametrize("shape", [(2, 250, 64, 8), (1, 251, 65, 8), (3, 7, 5, 4), (1, 1, 1, 2)])

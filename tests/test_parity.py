@@ -1,7 +1,8 @@
 """Parity with NVIDIA NeMo 3.0.0 on golden outputs NeMo itself produced (tests/fixtures, see its README).
 
 Three tiny random-weight models, one per public Canary family (v1 aggregate `canary` prompt; flash-style
-`canary2` with encoder_decoder_proj; v2-style unified tokenizer), plus the espeak-trained tiny model.
+`canary2` with encoder_decoder_proj; v2-style unified tokenizer), plus the espeak-trained tiny model. Every model
+test runs twice: with the CPU paths and with the GPU paths forced on this CPU (`paths`, model/backend.py).
 Tolerances (max abs): features 1e-4 (see FEATURE_MAX_TOL), encoder 1e-4, log-probs 1e-3; tokens and text exact.
 """
 
@@ -17,7 +18,7 @@ import pytest
 
 from canary_server import model
 from canary_server.convert import convert_nemo
-from canary_server.model import cpu_math
+from canary_server.model import backend
 from canary_server.model.audio import pad_batch
 from canary_server.model.batch_decoder import BatchDecoder, Sequence
 from canary_server.model.cache import KVCache
@@ -42,8 +43,16 @@ def golden(family: str) -> tuple[dict, dict]:
     return json.loads((folder / "golden.json").read_text()), dict(np.load(folder / "golden.npz"))
 
 
+@pytest.fixture(scope="module", params=[backend.CPU, backend.GPU], ids=["cpu_paths", "gpu_paths"])
+def paths(request) -> str:
+    """Every test that uses the models runs twice: with the CPU paths (what CI's CPU backend picks) and with the GPU
+    paths (MLX's own kernels, layout and compiled decoder step: what Metal and CUDA run) forced on this CPU."""
+    with backend.forced(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, model.Canary]:
+def models(tmp_path_factory, paths) -> dict[str, model.Canary]:
     root = tmp_path_factory.mktemp("parity")
     return {f: model.load(convert_nemo(FIXTURES / f / "model.nemo", root / f), dtype="float32") for f in FAMILIES}
 
@@ -99,11 +108,9 @@ def test_features_equal_nemo_for_each_clip_and_as_a_padded_batch(models, family)
     _assert_features_close(feats, g["batch_features"])
 
 
-@pytest.mark.parametrize("mlx_kernels", [False, True], ids=["cpu_math", "mlx_kernels"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_encoder_and_projection_equal_nemo_single_and_batched(models, family, mlx_kernels, monkeypatch):
-    """Both activation paths (model/cpu_math.py on the CPU backend, MLX's own kernels on GPUs) match NeMo."""
-    monkeypatch.setattr(cpu_math, "ENABLED", False if mlx_kernels else None)
+def test_encoder_and_projection_equal_nemo_single_and_batched(models, family):
+    """Both paths (model/cpu_math.py activations on the CPU backend, MLX's own kernels on GPUs) match NeMo."""
     _, g = golden(family)
     m = models[family]
     waves = [g[f"audio_{i}"] for i in range(3)]
@@ -206,7 +213,13 @@ def test_the_continuous_batching_decoder_gives_each_item_its_single_item_nemo_ou
         assert out[c["name"]].finished == c["ended_with_eos"][0], c["name"]
 
 
-def test_the_espeak_model_matches_nemo_features_encoder_and_log_probs(espeak_model):
+@pytest.fixture(scope="module")
+def espeak(espeak_dir, paths) -> model.Canary:
+    """The espeak-trained tiny model (not a real Canary), loaded with the paths under test."""
+    return model.load(espeak_dir, dtype="float32")
+
+
+def test_the_espeak_model_matches_nemo_features_encoder_and_log_probs(espeak):
     """The espeak-trained tiny model (not a real Canary) on two of its held-out clips."""
     import soundfile as sf
 
@@ -216,17 +229,17 @@ def test_the_espeak_model_matches_nemo_features_encoder_and_log_probs(espeak_mod
     g = dict(np.load(FIXTURES / "espeak" / "golden.npz"))
     for i, name in enumerate(["clip00.wav", "clip04.wav"]):
         wave, _ = sf.read(ESPEAK_CLIPS / name, dtype="float32")
-        feats, _ = _features(espeak_model, [wave])
+        feats, _ = _features(espeak, [wave])
         _assert_features_close(feats[0], g[f"features_{i}"])
-        enc, proj, enc_len = _encode(espeak_model, [wave])
+        enc, proj, enc_len = _encode(espeak, [wave])
         assert _max_diff(enc[0], g[f"encoded_{i}"]) < ENCODER_TOL
         assert _max_diff(proj[0], g[f"projected_{i}"]) < ENCODER_TOL
         if i == 0:
             tf = meta["teacher_forced"][0]
-            lp = _teacher_forced(espeak_model, proj, enc_len, tf["ids"], cached=True)
+            lp = _teacher_forced(espeak, proj, enc_len, tf["ids"], cached=True)
             assert _max_diff(lp, g["tf_clip00_logprobs"]) < LOGPROB_TOL
     case = meta["transcribe"][0]
-    results = espeak_model.generate([str(ESPEAK_CLIPS / c) for c in case["clips"]], batch_size=case["batch_size"])
+    results = espeak.generate([str(ESPEAK_CLIPS / c) for c in case["clips"]], batch_size=case["batch_size"])
     assert [r.tokens for r in results] == case["tokens"]
     assert [r.raw_text for r in results] == case["text"]
 

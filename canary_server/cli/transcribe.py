@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
     )
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on Metal, else fp32)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float32)")
     p.set_defaults(func=run)
 
 

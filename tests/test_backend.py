@@ -1,0 +1,83 @@
+"""model/backend.py: the one switch between the CPU paths and the GPU paths, and what it decides.
+
+Parity of the GPU paths with NeMo (forced on this CPU) is in tests/test_parity.py, which runs every model test with
+both paths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from canary_server import model
+from canary_server.convert import convert_nemo
+from canary_server.model import backend, cpu_math
+from canary_server.model.batch_decoder import BatchDecoder
+from canary_server.model.cpu_layout import TransposedLinear
+from conftest import FIXTURES, REPO
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("auto", None), ("cpu", "cpu"), ("GPU", "gpu"), (" gpu ", "gpu")],
+)
+def test_canary_backend_env_var_is_read(value, expected):
+    env = {} if value is None else {"CANARY_BACKEND": value}
+    assert backend.from_env(env) == expected
+
+
+def test_an_unknown_canary_backend_value_is_an_error_naming_the_variable():
+    with pytest.raises(ValueError, match="CANARY_BACKEND.*metal"):
+        backend.from_env({"CANARY_BACKEND": "metal"})
+    with pytest.raises(ValueError, match="backend paths"):
+        backend.force("metal")
+
+
+def test_by_default_the_paths_follow_mlx_default_device(monkeypatch):
+    with backend.forced(None):
+        assert backend.paths() == "cpu"  # MLX's CPU backend here
+        monkeypatch.setattr(backend.mx, "default_device", lambda: mx.gpu)
+        assert backend.paths() == "gpu" and not cpu_math.enabled()
+
+
+def test_forcing_sets_the_paths_for_the_block_and_restores_them():
+    before = backend.paths()
+    with backend.forced(backend.GPU):
+        assert backend.paths() == "gpu" and not backend.cpu_paths()
+        with backend.forced(backend.CPU):
+            assert backend.cpu_paths() and cpu_math.enabled()
+        assert backend.paths() == "gpu"
+    assert backend.paths() == before
+
+
+def _linears(m: nn.Module) -> tuple[int, int]:
+    modules = [mod for _, mod in m.named_modules()]
+    return sum(type(x) is nn.Linear for x in modules), sum(type(x) is TransposedLinear for x in modules)
+
+
+def test_the_paths_decide_the_layout_at_load_and_whether_the_decoder_step_is_compiled(tmp_path):
+    directory = convert_nemo(FIXTURES / "flash_agg" / "model.nemo", tmp_path / "m")
+    with backend.forced(backend.CPU):
+        m = model.load(directory, dtype="float32")
+        plain, transposed = _linears(m)
+        assert plain == 0 and transposed > 0 and "_head_t" in m.__dict__
+        bd = BatchDecoder(m)
+        assert bd._step_fn == bd._forward  # not compiled
+    with backend.forced(backend.GPU):
+        m = model.load(directory, dtype="float32")
+        plain, transposed = _linears(m)
+        assert plain > 0 and transposed == 0 and "_head_t" not in m.__dict__
+        bd = BatchDecoder(m)
+        assert bd._step_fn != bd._forward  # mx.compile'd
+
+
+def test_the_env_var_forces_the_gpu_paths_in_a_fresh_process():
+    code = "from canary_server.model import backend, cpu_math; print(backend.paths(), cpu_math.enabled())"
+    env = dict(os.environ, CANARY_BACKEND="gpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["gpu", "False"]
