@@ -45,6 +45,7 @@ from canary_server.convert import convert_nemo
 from canary_server.model import backend
 from canary_server.model.cpu_layout import TransposedLinear
 from machine_info import describe
+from wer import word_errors
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -260,16 +261,6 @@ def measure_suite(models: Models, suite: Suite, variant: str) -> dict:
     out["fell_back"] = getattr(m, "fell_back_to_float32", False)
     out["quantized_share"] = quantized_share(m)
     return out
-
-
-def word_errors(ref: str, hyp: str) -> int:
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1]
 
 
 def measure_espeak(models: Models, stem: str, variant: str) -> dict | None:

@@ -25,21 +25,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from canary_server.convert import convert_nemo  # noqa: E402
 from canary_server.model.cpu_layout import TransposedLinear  # noqa: E402
+from wer import word_errors  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
 NEMO = SHARED / "espeak-tiny-en.nemo"
 CLIPS = SHARED / "espeak-tiny-en-clips"
-
-
-def word_errors(ref: str, hyp: str) -> int:
-    """Word-level Levenshtein distance."""
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1]
 
 
 def quantized_share(m: nn.Module) -> float:
