@@ -8,7 +8,7 @@ import sentencepiece as spm
 
 from canary_server.model.quantize import DEFAULT_GROUP_SIZE
 
-from . import checkpoint, config, mapping, nemo, write
+from . import checkpoint, config, mapping, nemo, tokenizers, write
 from .errors import ConversionError
 from .progress import ProgressFactory, bytes_bar
 from .quantize import check_quantization, quantize_weights
@@ -138,7 +138,7 @@ def convert_nemo(
             cfg["notes"] = [f"bundled timestamps model left out: {archive.timestamps_error}"]
         elif archive.bundles_timestamps and not timestamps_model:
             cfg["notes"] = ["bundled timestamps model left out on purpose (--no-timestamps-model)"]
-        names = config.tokenizer_filenames(archive.config)
+        names = tokenizers.tokenizer_filenames(archive.config)
         write.copy_tokenizers(staging, {names[m]: p for m, p in archive.tokenizer_files.items()})
         write.write_config(staging, cfg)
         for f in work.iterdir():

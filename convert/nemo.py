@@ -117,7 +117,8 @@ def read_nemo(path: Path, workdir: Path, timestamps_model: bool = True) -> NemoA
     timestamps model (canary-1b-v2) is read unless `timestamps_model` is False; one that cannot be read is reported
     in `timestamps_error` instead of failing the main model.
     """
-    from .config import check_model_class, tokenizer_members  # config parsing lives in config.py
+    from .config import check_model_class  # config parsing lives in config.py
+    from .tokenizers import tokenizer_members
 
     path = Path(path)
     if not path.is_file():
@@ -146,7 +147,7 @@ def _timestamps_model(
     tar: tarfile.TarFile, index: dict[str, tarfile.TarInfo], workdir: Path, path: Path, compressed: bool
 ) -> TimestampsModel | None:
     """canary-1b-v2's bundled CTC model, or None. One member without the other is an error (NeMo would skip it)."""
-    from .config import ctc_tokenizer_members
+    from .tokenizers import ctc_tokenizer_members
 
     present = [m for m in (TIMESTAMPS_CONFIG_MEMBER, TIMESTAMPS_WEIGHTS_MEMBER) if m in index]
     if not present:

@@ -15,6 +15,7 @@ import yaml
 
 from canary_server.convert import config as convert_config
 from canary_server.convert import mapping
+from canary_server.convert.prompting import decoding
 from canary_server.model.config import ModelConfig
 from canary_server.model.config import family as family_of
 from conftest import FIXTURES
@@ -85,8 +86,8 @@ def test_every_key_of_a_full_size_release_maps_through_the_rule_table(family):
 
 
 def test_the_release_manifests_decode_as_nemo_says_each_family_does():
-    decoding = {}
+    beams = {}
     for family in MANIFESTS:
         manifest = json.loads((RELEASE / "manifests" / f"{family}.json").read_text())
-        decoding[family] = convert_config._decoding(yaml.safe_load(manifest["model_config_yaml"]))["beam_size"]
-    assert decoding == {"canary-180m-flash": 1, "canary-1b-flash": 1, "canary-1b-v2": 1, "canary-1b": 5}
+        beams[family] = decoding(yaml.safe_load(manifest["model_config_yaml"]))["beam_size"]
+    assert beams == {"canary-180m-flash": 1, "canary-1b-flash": 1, "canary-1b-v2": 1, "canary-1b": 5}
