@@ -157,8 +157,19 @@ def _decode_soundfile(data: bytes, out: _Output) -> None:
         channels = f.channels
         known = f.samplerate > 0 and 0 <= f.frames < UNKNOWN_FRAMES  # e.g. a FLAC streamed out has no length
         out.start(f.samplerate, f.frames / f.samplerate if known else None)
-        for block in f.blocks(blocksize=max(1, BLOCK_VALUES // channels), dtype="float32", always_2d=True):
+        # Not `f.blocks()`: it trusts the header's frame count and pads short reads of a truncated file (an MP3
+        # cut short) with whatever its buffer held. Reads here stop at the data that is really there. The seek is
+        # sf.read's: libsndfile's MP3 decoder gives (slightly) different samples without it, and also when the
+        # file is read in several calls, so an MP3 is read in one call of its header's length (checked against
+        # the limit above), as sf.read does; only data past that length comes in blocks.
+        f.seek(0)
+        size = max(1, BLOCK_VALUES // channels)
+        first = f.frames if known and f.format == "MP3" else size
+        block = f.read(first, dtype="float32", always_2d=True)
+        while block.shape[0]:
             out.add(block.mean(axis=1, dtype=np.float32))  # per frame: as resample() downmixes a whole file
+            del block
+            block = f.read(size, dtype="float32", always_2d=True)
         out.finish()
 
 
