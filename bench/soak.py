@@ -444,7 +444,7 @@ class Soak:
             self.soak_seconds = time.monotonic() - began
             while (await client.get("/health")).json().get("requests", 0):
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(2.0)  # the engine hands memory back when its work runs out
+            await asyncio.sleep(4.0)  # the engine hands memory back 2 s after its work runs out
             self.rss_idle = self.server.rss()
             await self.shutdown(client)
 

@@ -1,10 +1,9 @@
 """Handing freed memory back to the system when the server goes idle.
 
 After long files the process keeps what it allocated: MLX's buffer cache (raised to 512 MB on the CPU backend,
-model/cpu_layout.py) and glibc's malloc arenas, which keep freed heap pages instead of unmapping them (2-3 GB idle
-after a burst of 5-minute files on the espeak test model, against ~0.3 GB for a fresh server). Clearing the cache and
-`malloc_trim` when the work runs out brings it back near the working set; the first request after an idle period
-pays for faulting its pages in again, as the very first one does.
+model/cpu_layout.py) and glibc's malloc arenas, which keep freed heap pages instead of unmapping them. Clearing the
+cache and `malloc_trim` when the engine has gone idle brings the process back near its working set; the first
+request after an idle period pays for faulting its pages in again, as the very first one does.
 """
 
 from __future__ import annotations

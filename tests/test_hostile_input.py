@@ -290,7 +290,7 @@ def test_the_engine_releases_memory_when_its_work_runs_out():
     fake.release_memory = lambda: calls.append(time.monotonic())
 
     async def main():
-        engine = Engine(lambda: fake, batcher=fake_batcher)
+        engine = Engine(lambda: fake, batcher=fake_batcher, release_after_idle=0.05)
         await _ready(engine)
         try:
             for n in (1, 2):
