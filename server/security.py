@@ -22,11 +22,12 @@ LOOPBACK_NAMES = ["localhost", "*.localhost", "ip6-localhost", "ip6-loopback"]
 
 
 def allowed_hosts(settings: Settings) -> list[str] | None:
-    """The Host values accepted; None: any. Default: any with an API key (the key protects the server),
-    otherwise loopback names and IP addresses (a DNS-rebinding page sends its own domain name as Host)."""
-    if settings.allowed_hosts is not None:
-        return None if "*" in settings.allowed_hosts else [h.lower() for h in settings.allowed_hosts]
-    return None if settings.api_key else [*LOOPBACK_NAMES, "<ip>"]
+    """The Host values accepted; None: any. Loopback names and IP addresses always (a DNS-rebinding page sends its
+    own domain name as Host), plus the `allowed_hosts` setting; unset with an API key: any (the key protects)."""
+    listed = settings.allowed_hosts
+    if (listed is None and settings.api_key) or (listed is not None and "*" in listed):
+        return None
+    return [*LOOPBACK_NAMES, "<ip>", *(h.lower() for h in listed or [])]
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
@@ -76,8 +77,7 @@ class HostCheckMiddleware:
             if not host_allowed(host, self.allowed):
                 err = ApiError(
                     400,
-                    f"Host {_host_name(host)!r} is not allowed; add it to the allowed_hosts setting "
-                    "(or set api_key, which accepts any host)",
+                    f"Host {_host_name(host)!r} is not allowed; add it to the allowed_hosts setting",
                     code="invalid_host",
                 )
                 await JSONResponse(error_body(err), status_code=400)(scope, receive, send)

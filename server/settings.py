@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     )
     allowed_hosts: list[str] | None = Field(
         None,
-        description="Host header values accepted (DNS-rebinding guard); unset: any with api_key, else loopback/IPs.",
+        description="Host names accepted besides loopback names and IPs (DNS-rebinding guard); unset + api_key: any.",
     )
     beam_size: int | None = Field(
         None, ge=1, le=16, description="Beam width; unset: the model's own decoding config (1 = greedy)."

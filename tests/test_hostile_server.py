@@ -101,9 +101,13 @@ def test_the_api_key_is_checked_before_the_body_is_read(capped):
     )
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head.encode() + b"\0" * 65536)
-        answer = sock.recv(65536).decode(errors="replace")  # times out (10 s) if the server waits for the body
-    assert answer.startswith("HTTP/1.1 401"), answer
-    assert "invalid_api_key" in answer
+        answer = b""
+        while b"invalid_api_key" not in answer:  # recv times out (10 s) if the server waits for the body
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer, answer
 
 
 # ---- shutdown -------------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def _start_with_requests(espeak_dir: Path, long_wav: bytes, grace: float, n: int
 
 
 def test_shutdown_answers_queued_requests_at_once_and_running_ones_by_the_deadline(espeak_dir, long_wav):
-    grace = 2.0
+    grace = 3.0
     server, threads, answers = _start_with_requests(espeak_dir, long_wav, grace, n=5)
     try:
         sent = server.signal(signal.SIGTERM)
@@ -154,7 +158,7 @@ def test_shutdown_answers_queued_requests_at_once_and_running_ones_by_the_deadli
     assert len(answers) == 5  # nobody left hanging
     assert all(code == 503 and retry for code, retry, _ in answers), answers
     after = sorted(at - sent for _, _, at in answers)
-    assert after[0] < 1.0  # the queued ones: at once, not after the running one
+    assert after[0] < grace / 2  # the queued ones: at once, not at the deadline or after the running one
     assert after[-1] < grace + 3.0  # the running one: by the deadline
     assert exited - sent < grace + 6.0
 
@@ -199,8 +203,8 @@ def test_without_a_key_only_loopback_names_and_ip_addresses_are_accepted_as_host
     with running_server(keyed) as url, running_server(listed) as url2:
         wait_ready(url)
         assert httpx.get(f"{url}/v1/models", headers={"Host": "evil.example", **AUTH}).status_code == 200
-        assert httpx.get(f"{url2}/health", headers={"Host": "box.lan:8000"}).status_code == 200
-        assert httpx.get(f"{url2}/health", headers={"Host": "localhost"}).status_code == 400
+        for host, status in [("box.lan:8000", 200), ("localhost", 200), ("10.0.0.7", 200), ("other.lan", 400)]:
+            assert httpx.get(f"{url2}/health", headers={"Host": host}).status_code == status, host
 
 
 def test_health_says_what_failed_without_local_paths(tmp_path):
