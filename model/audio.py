@@ -164,7 +164,7 @@ def _decode_soundfile(data: bytes, out: _Output) -> None:
         # the limit above), as sf.read does; only data past that length comes in blocks.
         f.seek(0)
         size = max(1, BLOCK_VALUES // channels)
-        first = f.frames if known and f.format == "MP3" else size
+        first = f.frames if known and f.frames > 0 and f.format == "MP3" else size
         block = f.read(first, dtype="float32", always_2d=True)
         while block.shape[0]:
             out.add(block.mean(axis=1, dtype=np.float32))  # per frame: as resample() downmixes a whole file
