@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import sys
 
 import mlx.core as mx
@@ -28,7 +29,9 @@ def _malloc_trim():
 
 
 def release_memory() -> None:
-    """Free MLX's cached buffers and return the heap's free pages to the system (glibc)."""
+    """Collect garbage (cycles may hold MLX arrays), free MLX's cached buffers and return the heap's free pages to
+    the system (glibc)."""
+    gc.collect()
     mx.clear_cache()
     trim = _malloc_trim()
     if trim is not None:
