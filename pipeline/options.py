@@ -55,3 +55,4 @@ class PipelineConfig:
     max_concurrent_decodes: int = 2  # files decoded/resampled at once (each holds up to max_audio_seconds)
     max_queued_audio_seconds: float = 4 * 3600.0  # audio held by accepted requests; more are refused (EngineBusy)
     shutdown_grace_seconds: float = 30.0  # on shutdown, running requests get this long to finish
+    idle_release_seconds: float = 2.0  # idle this long after work, the engine hands freed memory back (0: never)

@@ -85,6 +85,7 @@ class Pipeline:
                 idle_unload_seconds=self.config.idle_unload_seconds,
                 max_queued_seconds=self.config.max_queued_audio_seconds,
                 max_context_tokens=self.config.max_prompt_tokens,
+                release_after_idle=self.config.idle_release_seconds,
             )
         self.engine = engine
         self.decode_audio = decode_audio or default_decoder()

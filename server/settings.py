@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, running requests get this long to finish; then they get 503."
     )
+    idle_release_seconds: float = Field(
+        2.0, ge=0, description="Idle this long after work, freed memory goes back to the system (0: never)."
+    )
     allowed_hosts: list[str] | None = Field(
         None,
         description="Host names accepted besides loopback names and IPs (DNS-rebinding guard); unset + api_key: any.",
@@ -201,6 +204,7 @@ class Settings(BaseSettings):
             max_concurrent_decodes=self.max_concurrent_decodes,
             max_queued_audio_seconds=self.max_queued_audio_seconds,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
+            idle_release_seconds=self.idle_release_seconds,
         )
 
     @property
