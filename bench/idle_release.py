@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--idle", type=float, default=3.0, help="pause before the 'after idle' request")
+    ap.add_argument("--release-after", type=float, default=2.0, help="idle_release_seconds of the second row")
     args = ap.parse_args()
     scheduler.single_item_max_new_tokens = lambda model, n, p: max(1, round(4 * n / SR))  # random weights never stop
     audio = speech_like(args.seconds, seed=1)
@@ -40,7 +41,9 @@ def main() -> None:
 
         run(), run()  # warm-up
         print(f"\n| {args.seconds:g} s clip | back-to-back | after {args.idle:g} s idle |\n|---|---:|---:|")
-        for label, release in (("memory kept (idle_release_seconds 0)", 0.0), ("released after 2 s idle", 2.0)):
+        rows = [("memory kept (idle_release_seconds 0)", 0.0)]
+        rows.append((f"released after {args.release_after:g} s idle", args.release_after))
+        for label, release in rows:
             engine.release_after_idle = release
             warm, cold = [], []
             for _ in range(args.repeats):

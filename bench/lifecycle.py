@@ -19,6 +19,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def long_flac(seconds: float) -> bytes:
 class Server:
     def __init__(self, python: str, model: Path, port: int, grace: float) -> None:
         env = {**os.environ, "CANARY_LOG_LEVEL": "warning", "CANARY_SHUTDOWN_GRACE_SECONDS": str(grace)}
+        env["CANARY_WYOMING_PORT"] = "0"  # HTTP only (where the server has Wyoming)
         cmd = [python, "-m", "canary_server", "serve", "--model", str(model), "--port", str(port)]
         # Not from this checkout's directory: `python -m` would import its canary_server, not the interpreter's.
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=model.parent)
@@ -96,9 +98,13 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=5.0)
     ap.add_argument("--signal-after", type=float, default=4.0)
     ap.add_argument("--grace", type=float, default=5.0)
-    ap.add_argument("--port", type=int, default=18650)
+    ap.add_argument("--port", type=int, default=0, help="default: a free one")
     args = ap.parse_args()
     data = long_flac(args.seconds)
+    if not args.port:
+        with socket.socket() as s:  # a free port, released for the server to take
+            s.bind(("127.0.0.1", 0))
+            args.port = s.getsockname()[1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model

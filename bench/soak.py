@@ -177,7 +177,7 @@ class Plan:
     hostile: list[Template] = field(default_factory=list)
 
 
-def build_plan() -> Plan:
+def build_plan(long_seconds: tuple[float, ...] = (60, 300)) -> Plan:
     clip_dir = SHARED / "espeak-tiny-multi-clips"
     names = sorted(p.name for p in clip_dir.glob("*.wav"))
     audio = {n: sf.read(clip_dir / n, dtype="float32")[0] for n in names}
@@ -191,8 +191,8 @@ def build_plan() -> Plan:
                 plan.normal.append(Template(endpoint, key, lang + fields, stream))
     for lang in LANGS:
         clips = [audio[n] for n in names if n.startswith(lang)]
-        for seconds in (60, 300):
-            key = f"{lang}-{seconds}s.flac"
+        for seconds in long_seconds:
+            key = f"{lang}-{seconds:g}s.flac"
             plan.corpus[key], plan.langs[key] = encode(long_audio(clips, seconds), "flac"), lang
             for fields, stream in [((("response_format", "json"),), False), ((("response_format", "text"),), True),
                                    ((("response_format", "srt"),), False)]:  # fmt: skip
@@ -211,6 +211,7 @@ class Server:
         env = {
             **os.environ,
             "CANARY_LOG_LEVEL": "warning",
+            "CANARY_WYOMING_PORT": "0",  # HTTP only
             "CANARY_MAX_QUEUED_REQUESTS": str(MAX_QUEUED),
             "CANARY_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
             "CANARY_MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS),
@@ -349,9 +350,10 @@ async def disconnect(server: Server, plan: Plan, t: Template, when: str, rng: ra
 
 # ---- the soak -------------------------------------------------------------------------------------------------
 class Soak:
-    def __init__(self, server: Server, plan: Plan, seed: int, concurrency: int) -> None:
+    def __init__(self, server: Server, plan: Plan, seed: int, concurrency: int, pool: int = 50) -> None:
         self.server, self.plan, self.rng = server, plan, random.Random(seed)
         self.concurrency = concurrency
+        self.pool = plan.normal[:pool]  # the requests bursts and the shutdown batch draw from
         self.alone: dict[Template, tuple[int, object]] = {}
         self.outcomes: list[Outcome] = []
 
@@ -412,7 +414,7 @@ class Soak:
 
     async def run(self, n: int, progress: bool) -> None:
         draws = [self.draw() for _ in range(n)]
-        needed = {t for _, t in draws if t is not None} | set(self.plan.normal[:50]) | set(self.plan.long)
+        needed = {t for _, t in draws if t is not None} | set(self.pool) | set(self.plan.long)
         limits = httpx.Limits(max_connections=self.concurrency + 100, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(base_url=self.server.url, timeout=600, limits=limits) as client:
             began = time.monotonic()
@@ -430,7 +432,7 @@ class Soak:
                 while not queue.empty():
                     kind, t = queue.get_nowait()
                     if kind == "burst":  # many at once, past max_queued_requests
-                        burst = [self.rng.choice(self.plan.normal[:50]) for _ in range(MAX_QUEUED + 24)]
+                        burst = [self.rng.choice(self.pool) for _ in range(MAX_QUEUED + 24)]
                         await asyncio.gather(*(self.one(client, "burst", b) for b in burst))
                     else:
                         await self.one(client, kind, t)
@@ -451,7 +453,7 @@ class Soak:
     async def shutdown(self, client: httpx.AsyncClient) -> None:
         """SIGTERM with requests in flight: every one is answered (200, checked, or 503) and the process exits."""
         batch = [("long", self.rng.choice([t for t in self.plan.long if not t.stream])) for _ in range(4)]
-        batch += [("normal", self.rng.choice(self.plan.normal[:50])) for _ in range(12)]
+        batch += [("normal", self.rng.choice(self.pool)) for _ in range(12)]
         tasks = [asyncio.ensure_future(self.one(client, f"shutdown {k}", t)) for k, t in batch]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # signal once some are answered and others are in the engine
@@ -539,6 +541,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", type=Path, default=SHARED / "espeak-tiny-multi.nemo")
+    ap.add_argument("--long-seconds", type=float, nargs="+", default=[60, 300], help="lengths of the long files")
+    ap.add_argument("--pool", type=int, default=50, help="distinct requests that bursts and the shutdown batch use")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -549,11 +553,11 @@ def main() -> int:
             from canary_server.convert import convert_nemo
 
             model = convert_nemo(model, Path(tmp) / "model")
-        plan = build_plan()
+        plan = build_plan(tuple(args.long_seconds))
         server = Server(model)
         try:
             rss_fresh = server.rss()
-            soak = Soak(server, plan, args.seed, args.concurrency)
+            soak = Soak(server, plan, args.seed, args.concurrency, args.pool)
             asyncio.run(soak.run(args.requests, progress=not args.quiet))
             result = report(soak, time.monotonic() - began, rss_fresh)
         except BaseException:

@@ -116,14 +116,21 @@ def check_api_key(authorization: str, key: str) -> ApiError | None:
 
 
 def exposure_warnings(settings: Settings) -> list[str]:
-    """Warnings for a server that others can reach without a key."""
-    if settings.api_key is not None or _is_loopback(settings.host):
-        return []
-    return [
-        f"serving on {settings.host}:{settings.port} without an api_key: anyone who can reach this machine "
-        "can use the server (set api_key, or bind to 127.0.0.1). Browsers can reach it too: only loopback names "
-        "and IP addresses are accepted as Host unless allowed_hosts lists more."
-    ]
+    """Warnings for front doors that others can reach without a key."""
+    warnings = []
+    if settings.api_key is None and not _is_loopback(settings.host):
+        warnings.append(
+            f"serving HTTP on {settings.host}:{settings.port} without an api_key: anyone who can reach this machine "
+            "can use the server (set api_key, or bind to 127.0.0.1). Browsers are kept out: only loopback names, IP "
+            "addresses and allowed_hosts are accepted as Host."
+        )
+    if settings.wyoming_port and not _is_loopback(settings.wyoming_host):
+        warnings.append(
+            f"serving Wyoming on {settings.wyoming_host}:{settings.wyoming_port}: the Wyoming protocol has no "
+            "authentication, so anyone who can reach that port can use the model (bind it to 127.0.0.1, or keep "
+            "the port to a trusted network)"
+        )
+    return warnings
 
 
 def _is_loopback(host: str) -> bool:

@@ -228,3 +228,6 @@ def test_binding_off_loopback_without_a_key_warns():
     assert exposure_warnings(Settings(host="0.0.0.0", api_key=KEY)) == []
     (warning,) = exposure_warnings(Settings(host="0.0.0.0"))
     assert "without an api_key" in warning
+    (warning,) = exposure_warnings(Settings(wyoming_host="0.0.0.0", api_key=KEY))
+    assert "Wyoming on 0.0.0.0:10300" in warning and "no authentication" in warning
+    assert exposure_warnings(Settings(wyoming_host="0.0.0.0", wyoming_port=0)) == []
