@@ -66,6 +66,11 @@ def _release(value) -> None:
     checkpoint.release_pages([value])
 
 
+def _remove_stale_staging(out_dir: Path) -> None:
+    for stale, size in write.remove_stale_staging(out_dir):
+        log.warning("removed %s (%.1f MB): the staging dir of an interrupted conversion", stale, size / 1e6)
+
+
 def convert_nemo(
     source: str | Path,
     out_dir: str | Path,
@@ -93,6 +98,7 @@ def convert_nemo(
     if not source.is_file():
         raise ConversionError(f"{source}: no such .nemo file")
     write.check_out_dir(out_dir, overwrite)
+    _remove_stale_staging(out_dir)
     with write.staging_dir(out_dir) as staging:
         work = staging / "_nemo"
         work.mkdir()

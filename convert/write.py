@@ -4,6 +4,7 @@ which is renamed into place only when complete, so an interrupted conversion nev
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -38,11 +39,23 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise ConversionError(f"{out_dir}: directory exists and is not empty (pass overwrite=True to replace it)")
 
 
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
 @contextlib.contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A fresh hidden dir beside OUT_DIR (same filesystem: the final rename is atomic); removed on failure."""
+    """A fresh hidden dir beside OUT_DIR (same filesystem: the final rename is atomic); removed on failure.
+
+    The dir is flock'ed while in use, so `remove_stale_staging` can tell it from one a killed conversion left."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    while True:
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+        fd = os.open(staging, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if staging.is_dir():  # not removed as stale between mkdtemp and the lock
+            break
+        os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the published dir should look like a normal one
@@ -51,6 +64,33 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)  # releases the lock (also when the process dies)
+
+
+def remove_stale_staging(out_dir: Path) -> list[tuple[Path, int]]:
+    """Remove the staging dirs of OUT_DIR that no live conversion holds (a killed run leaves them, up to the size
+    of the checkpoint). Returns (dir, bytes) of each one removed."""
+    removed = []
+    for stale in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*")):
+        if not stale.is_dir() or stale.is_symlink():
+            continue
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a conversion into OUT_DIR is running in another process
+            os.close(fd)
+            continue
+        try:
+            size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(stale)
+            removed.append((stale, size))
+        finally:
+            os.close(fd)
+    return removed
 
 
 def cast_weights(

@@ -1,36 +1,59 @@
 """Audio decoding: WAV/FLAC/OGG/MP3 through soundfile, other containers (m4a, mp4, webm, mpeg) through PyAV;
-downmix to mono and resample to 16 kHz with soxr. Returns float32 numpy arrays."""
+downmix to mono and resample to 16 kHz with soxr. Returns float32 numpy arrays.
+
+Decoding streams: blocks are downmixed and resampled as they are read (soxr's streaming resampler gives the same
+samples, bit for bit, as resampling the whole file at once), so with `max_seconds` memory stays bounded by that
+limit: a file whose header says it is longer is refused before any decoding, and one whose header lies is refused
+as soon as more than the limit has been decoded."""
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import soxr
 
-from .errors import AudioDecodeError
+from .errors import AudioDecodeError, AudioTooLong, CanaryError
 
 SAMPLE_RATE = 16000
 MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
+# Sample rates outside this range are not audio anyone records speech at; a tiny rate in a lying header turns a
+# few KB into hours of 16 kHz samples.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+# Samples beyond the int32 range (float audio is nominally within +-1; some tools write float files at integer
+# scale) are refused: far larger values overflow the log-mel features to NaN (about 1e19 in float32).
+MAX_SAMPLE_MAGNITUDE = 2.0**31
+BLOCK_VALUES = 1 << 18  # samples (frames x channels) decoded per block
+UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX frames when the header does not say
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase
 
 
-def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a file path or in-memory bytes into mono float32 at `sample_rate`."""
+def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """Decode a file path or in-memory bytes into mono float32 at `sample_rate`.
+
+    `max_seconds`: refuse longer audio (AudioTooLong) from the header or, for a header that lies, as soon as
+    decoding passes it; memory then stays within about `max_seconds` of output samples."""
     data = _read_bytes(source)
     if not data:
         raise AudioDecodeError("the audio file is empty")
+    out = _Output(sample_rate, max_seconds)
     try:
-        samples, rate = _decode_soundfile(data)
+        _decode_soundfile(data, out)
+    except CanaryError:
+        raise  # the file opened: its rate, length or samples are the problem, not the container
     except Exception:
+        out = _Output(sample_rate, max_seconds)
         try:
-            samples, rate = _decode_av(data)
+            _decode_av(data, out)
+        except CanaryError:
+            raise
         except Exception as exc:
             raise AudioDecodeError(f"could not decode audio: {_short(exc)}") from None
-    return resample(samples, rate, sample_rate)
+    return out.samples()
 
 
 def resample(samples: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -42,9 +65,78 @@ def resample(samples: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> 
         raise AudioDecodeError(f"expected mono or multichannel audio, got shape {samples.shape}")
     if rate != sample_rate and samples.size:
         samples = soxr.resample(samples, rate, sample_rate, quality="HQ").astype(np.float32)
-    if not np.all(np.isfinite(samples)):
-        raise AudioDecodeError("audio contains NaN or infinite samples")
+    check_samples(samples)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def check_samples(samples: np.ndarray) -> None:
+    """Refuse NaN, infinite or absurdly large samples (they would reach the features as NaN)."""
+    if samples.size == 0:
+        return
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError("audio contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioDecodeError(
+            f"audio samples reach {peak:.3g}; float audio must stay within +-{MAX_SAMPLE_MAGNITUDE:.0f} (nominally +-1)"
+        )
+
+
+def check_sample_rate(rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioDecodeError(
+            f"the file says its sample rate is {rate} Hz; supported: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+        )
+
+
+@dataclass
+class _Output:
+    """Mono blocks at the native rate in, resampled samples out, counted against the limit as they arrive."""
+
+    sample_rate: int
+    max_seconds: float | None
+    rate: int = 0
+    _buf: np.ndarray | None = None
+    _n: int = 0
+    _stream: soxr.ResampleStream | None = None
+
+    def start(self, rate: int, header_seconds: float | None) -> None:
+        """The native rate, and the duration the header claims (None: it does not say)."""
+        check_sample_rate(rate)
+        if self.max_seconds is not None and header_seconds is not None and header_seconds > self.max_seconds:
+            raise AudioTooLong(header_seconds, self.max_seconds)
+        self.rate = rate
+        if rate != self.sample_rate:
+            self._stream = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32", quality="HQ")
+        expected = (header_seconds or 0.0) * self.sample_rate + self.sample_rate  # grows if the header is short
+        self._buf = np.empty(int(min(expected, self._limit() + 1)), dtype=np.float32)
+
+    def _limit(self) -> float:
+        return np.inf if self.max_seconds is None else self.max_seconds * self.sample_rate
+
+    def add(self, mono: np.ndarray, last: bool = False) -> None:
+        block = mono if self._stream is None else self._stream.resample_chunk(mono, last=last)
+        check_samples(block)
+        end = self._n + block.shape[0]
+        if end > self._limit():
+            raise AudioTooLong(end / self.sample_rate, self.max_seconds, at_least=True)
+        if end > self._buf.shape[0]:
+            grown = np.empty(int(min(max(end, 2 * self._buf.shape[0]), self._limit() + 1)), dtype=np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : end] = block
+        self._n = end
+
+    def finish(self) -> None:
+        if self._stream is not None:
+            self.add(np.zeros(0, dtype=np.float32), last=True)
+
+    def samples(self) -> np.ndarray:
+        if self._buf is None:
+            return np.zeros(0, dtype=np.float32)
+        if self._n < self._buf.shape[0] // 2:  # a header that overstated the length: don't keep the slack
+            return self._buf[: self._n].copy()
+        return self._buf[: self._n]
 
 
 def _read_bytes(source: AudioSource) -> bytes:
@@ -58,32 +150,57 @@ def _read_bytes(source: AudioSource) -> bytes:
     return path.read_bytes()
 
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_soundfile(data: bytes, out: _Output) -> None:
     import soundfile as sf
 
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return samples, rate
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        channels = f.channels
+        known = f.samplerate > 0 and 0 <= f.frames < UNKNOWN_FRAMES  # e.g. a FLAC streamed out has no length
+        out.start(f.samplerate, f.frames / f.samplerate if known else None)
+        # Not `f.blocks()`: it trusts the header's frame count and pads short reads of a truncated file (an MP3
+        # cut short) with whatever its buffer held. Reads here stop at the data that is really there. The seek is
+        # sf.read's: libsndfile's MP3 decoder gives (slightly) different samples without it, and also when the
+        # file is read in several calls, so an MP3 is read in one call of its header's length (checked against
+        # the limit above), as sf.read does; only data past that length comes in blocks.
+        f.seek(0)
+        size = max(1, BLOCK_VALUES // channels)
+        first = f.frames if known and f.frames > 0 and f.format == "MP3" else size
+        block = f.read(first, dtype="float32", always_2d=True)
+        while block.shape[0]:
+            out.add(block.mean(axis=1, dtype=np.float32))  # per frame: as resample() downmixes a whole file
+            del block
+            block = f.read(size, dtype="float32", always_2d=True)
+        out.finish()
 
 
-def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_av(data: bytes, out: _Output) -> None:
     import av
 
-    chunks: list[np.ndarray] = []
     with av.open(io.BytesIO(data), mode="r") as container:
         if not container.streams.audio:
             raise AudioDecodeError("no audio stream in the file")
         stream = container.streams.audio[0]
+        rate = stream.rate or stream.codec_context.rate
+        out.start(rate, _av_duration(container, stream))
         # Let FFmpeg downmix to mono float; keep the native rate, soxr resamples afterwards.
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate or stream.codec_context.rate)
-        rate = resampler.rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    if not chunks:
+            for block in resampler.resample(frame):
+                out.add(block.to_ndarray().reshape(-1))
+        for block in resampler.resample(None):
+            out.add(block.to_ndarray().reshape(-1))
+        out.finish()
+    if out._n == 0:
         raise AudioDecodeError("the file contains no audio samples")
-    return np.concatenate(chunks), int(rate)
+
+
+def _av_duration(container, stream) -> float | None:
+    """Seconds the container or stream header claims, if it says."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # av.time_base: microseconds
+    return None
 
 
 def _short(exc: Exception) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import backend
 from .decoder import NEG_INF, causal_mask
+from .errors import PromptTooLong
 
 CACHE_STEP = 128  # self-attention buffer growth, in positions
 
@@ -95,10 +96,16 @@ class BatchDecoder:
     def add(self, seqs: list[Sequence]) -> list[Sequence]:
         """Prefill new sequences (grouped by prompt length) and append them as rows.
 
-        Returns those that finished already at their first token."""
+        Returns those that finished already at their first token. A prompt longer than the decoder's position
+        table raises PromptTooLong (nothing is added); lengths are capped at the table."""
+        table = self.model.decoder.cfg.max_sequence_length
+        for s in seqs:
+            check_prompt_length(len(s.prompt), table)
         done: list[Sequence] = []
         by_len: dict[int, list[Sequence]] = {}
         for s in seqs:
+            # The k-th generated token (k >= 2) is computed at position P + k - 2: at most the table's last.
+            s.max_new_tokens = min(s.max_new_tokens, table - len(s.prompt) + 1)
             by_len.setdefault(len(s.prompt), []).append(s)
         for group in by_len.values():
             done += self._prefill(group)
@@ -287,6 +294,13 @@ class BatchDecoder:
             kept = [i for i, s in enumerate(snapshot) if id(s) not in drop]
             kidx = mx.array(kept)
             self._inflight = (token[kidx], token_lp[kidx], [snapshot[i] for i in kept])
+
+
+def check_prompt_length(prompt_len: int, max_sequence_length: int) -> None:
+    """The prompt must fit the decoder's position table (positions 0..max_sequence_length-1); a longer one is
+    refused, never run past the table (NeMo fails on it with an IndexError)."""
+    if prompt_len > max_sequence_length:
+        raise PromptTooLong(prompt_len, max_sequence_length)
 
 
 def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:

@@ -12,7 +12,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .audio import MIN_AUDIO_SECONDS, SAMPLE_RATE, AudioSource, load_audio, pad_batch, pad_to_min_duration
+from .audio import (
+    MIN_AUDIO_SECONDS,
+    SAMPLE_RATE,
+    AudioSource,
+    check_samples,
+    load_audio,
+    pad_batch,
+    pad_to_min_duration,
+)
+from .batch_decoder import check_prompt_length
 from .config import ModelConfig
 from .conformer import ConformerEncoder, drain
 from .decoder import TransformerDecoder, causal_mask, cross_attention_mask
@@ -137,6 +146,12 @@ class Canary(nn.Module):
             mx.eval(self.__dict__["_head_t"])
         mx.eval(self.parameters())
 
+    def release_memory(self) -> None:
+        """Hand freed buffers back to the system (the engine calls it when its work runs out; model/memory.py)."""
+        from .memory import release_memory
+
+        release_memory()
+
     def log_probs(self, hidden: mx.array) -> mx.array:
         logits = self.logits(hidden)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -243,6 +258,7 @@ class Canary(nn.Module):
             source_lang, target_lang or source_lang, pnc=pnc, context=context or "", timestamps=timestamps
         )
         prompt = self.prompt_ids(spec)
+        check_prompt_length(len(prompt), self.config.decoder.max_sequence_length)
         waves = [_as_waveform(x) for x in items]
         files = [not isinstance(x, np.ndarray) for x in items]  # NeMo pads short files and arrays differently
         beam = beam_size or self.config.decoding.beam_size
@@ -295,7 +311,9 @@ def _as_waveform(x) -> np.ndarray:
     if isinstance(x, np.ndarray):
         if x.ndim != 1:
             raise ValueError(f"audio arrays must be 1-D float32 at 16 kHz, got shape {x.shape}")
-        return x.astype(np.float32, copy=False)
+        x = x.astype(np.float32, copy=False)
+        check_samples(x)
+        return x
     if isinstance(x, str | Path | bytes | bytearray) or hasattr(x, "read"):
         return load_audio(x)
     raise TypeError(f"unsupported audio input of type {type(x).__name__}")

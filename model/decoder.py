@@ -90,6 +90,9 @@ class TransformerEmbedding(nn.Module):
 
     def __call__(self, ids: mx.array, positions: mx.array) -> mx.array:
         """ids (B, T), positions (B, T) or (T,) -> (B, T, H). No sqrt(d) scaling (NeMo)."""
+        # Decoding never uses a position past the table (prompts are checked, lengths capped); the clamp keeps
+        # the speculative step a finished row is still part of from reading past it (MLX gathers are unchecked).
+        positions = mx.minimum(positions, self.position_embedding.pos_enc.shape[0] - 1)
         pos = self.position_embedding.pos_enc[positions].astype(self.token_embedding.weight.dtype)
         return self.layer_norm(self.token_embedding(ids) + pos)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .batch_decoder import Sequence
+from .batch_decoder import Sequence, check_prompt_length
 from .beam_decoder import BeamBatchDecoder
 from .cache import KVCache
 from .decoder import causal_mask, cross_attention_mask
@@ -57,8 +57,8 @@ def greedy_decode(
     max_gen = max_generation_length(
         enc.shape[1], prompt_len, cfg.max_sequence_length, model.config.decoding.max_generation_delta
     )
-    if max_gen < 0:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the decoder's {cfg.max_sequence_length}")
+    check_prompt_length(prompt_len, cfg.max_sequence_length)
+    max_gen = max(max_gen, 0)  # a prompt that uses up NeMo's length limit still gets its first token, as in NeMo
     cross = dec.cross_kv(enc)
     cross_mask = cross_attention_mask(enc_lengths, enc.shape[1], enc.dtype)
     heads = cfg.num_attention_heads
@@ -100,6 +100,7 @@ def beam_decode(
 ) -> DecodeResult:
     """NeMo's batched beam search over one batch (the length limit of the whole batch, as NeMo computes it)."""
     cfg = model.decoder.cfg
+    check_prompt_length(len(prompt), cfg.max_sequence_length)
     max_gen = max_generation_length(
         enc.shape[1], len(prompt), cfg.max_sequence_length, model.config.decoding.max_generation_delta
     )

@@ -28,3 +28,23 @@ class NonFiniteError(ArithmeticError):
     @classmethod
     def overflow(cls, what: str, dtype: object) -> NonFiniteError:
         return cls(f"{what} overflowed {str(dtype).removeprefix('mlx.core.')}")
+
+
+class AudioTooLong(CanaryError):
+    """Longer than the caller's limit: known from the file header, or from decoding that stopped at the limit."""
+
+    def __init__(self, seconds: float, limit: float, *, at_least: bool = False) -> None:
+        self.seconds, self.limit = seconds, limit
+        length = f"more than {limit:g} s" if at_least else f"{seconds:.1f} s"
+        super().__init__(f"audio is {length} long; this server accepts at most {limit:g} s")
+
+
+class PromptTooLong(CanaryError):
+    """The decoder prompt does not fit the decoder's position table (max_sequence_length)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int) -> None:
+        self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
+        super().__init__(
+            f"the decoder prompt is {prompt_tokens} tokens; this model's decoder holds at most {max_tokens} "
+            f"(shorten the prompt)"
+        )

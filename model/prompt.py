@@ -21,6 +21,7 @@ class PromptSpec:
     context: str = ""  # canary2 decoder context
     timestamps: bool = False  # canary2 <|timestamp|>
     itn: bool | None = None  # canary2 inverse text normalisation; None: the model's prompt default
+    max_context_tokens: int | None = None  # keep only the context's last N tokens (None: all of it)
 
     @property
     def is_translation(self) -> bool:
@@ -95,13 +96,25 @@ def build_prompt(
         _flag(spec.timestamps, "timestamp", "notimestamp"),
         "<|nodiarize|>",
     ]
+    keep = spec.max_context_tokens
     if isinstance(tokenizer, UnifiedTokenizer):
         # NeMo encodes the whole prompt string with SentencePiece: it starts with the dummy-prefix '▁' piece
         # and the context's first word gets no '▁' (reference §5.2).
-        return tokenizer.text_to_ids("<|startofcontext|>" + spec.context + "".join(tail))
+        ids = tokenizer.text_to_ids("<|startofcontext|>" + spec.context + "".join(tail))
+        if keep is not None and spec.context:
+            start = ids.index(tokenizer.special_id("<|startofcontext|>")) + 1
+            end = ids.index(tokenizer.special_id("<|startoftranscript|>"), start)
+            ids = ids[:start] + _last(ids[start:end], keep) + ids[end:]
+        return ids
     assert isinstance(tokenizer, AggregateTokenizer)
     ids = [tokenizer.special_id("<|startofcontext|>")]
     if spec.context:
         # NeMo's "hack": the context is tokenized with the target language's sub-tokenizer.
-        ids += tokenizer.text_to_ids(spec.context, _text_lang(tokenizer, spec.target_lang))
+        context = tokenizer.text_to_ids(spec.context, _text_lang(tokenizer, spec.target_lang))
+        ids += context if keep is None else _last(context, keep)
     return ids + [tokenizer.special_id(p) for p in tail]
+
+
+def _last(ids: list[int], n: int) -> list[int]:
+    """The last `n` tokens (OpenAI's convention for a long prompt: the end of the text is kept)."""
+    return ids[len(ids) - n :] if len(ids) > n else ids

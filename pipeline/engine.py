@@ -5,8 +5,10 @@ Every request, and every chunk of a long one, becomes a work item of the schedul
 encoder runs on padded batches of waiting items, and one decoder loop advances all active sequences together;
 a finished sequence leaves at once and a waiting one joins at the next step, so a short request never waits
 for a long file. Items are admitted shortest-request-first. A failing request fails alone; a cancelled one
-(the client went away) leaves the batch; a full queue is refused (429); shutdown finishes what is running
-and fails what has not started. With `idle_unload_seconds` the thread frees the model after that long without
+(the client went away) leaves the batch; a full queue (requests or seconds of audio) is refused (429); shutdown
+fails what has not started at once, gives what is running until a deadline, then fails the rest. When the work
+runs out and nothing new comes for `release_after_idle` seconds, the model hands its freed buffers back to the
+system (`release_memory`). With `idle_unload_seconds` the thread frees the model after that long without
 requests and loads it again for the next one (which waits for it).
 """
 
@@ -70,6 +72,7 @@ class EngineState(str, Enum):
     UNLOADED = "unloaded"  # freed after `idle_unload_seconds` without requests; the next request reloads it
     RELOADING = "reloading"
     FAILED = "failed"
+    CLOSING = "closing"  # shutting down: no new requests; running ones finish until the deadline
     CLOSED = "closed"
 
 
@@ -121,6 +124,7 @@ class _Job:
     spec: Any  # model.prompt.PromptSpec
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    seconds: float = 0.0  # of audio, counted against the engine's queued-audio budget
     cancelled: threading.Event = field(default_factory=threading.Event)
     items: list[Any] = field(default_factory=list)
     results: dict[int, Any] = field(default_factory=dict)
@@ -160,6 +164,9 @@ class Engine:
         length_penalty: float | None = None,
         long_request_share: float | None = None,
         idle_unload_seconds: float | None = None,
+        max_queued_seconds: float | None = None,
+        max_context_tokens: int | None = None,
+        release_after_idle: float = 2.0,
     ) -> None:
         self._loader = loader
         self._batcher_factory = batcher
@@ -169,12 +176,18 @@ class Engine:
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.long_request_share = long_request_share
         self.idle_unload_seconds = idle_unload_seconds
+        self.max_queued_seconds = max_queued_seconds  # audio held by accepted requests (None: no limit)
+        self.max_context_tokens = max_context_tokens  # decoder context keeps its last N tokens (None: all)
+        self.release_after_idle = release_after_idle  # idle seconds after work before memory goes back (0: never)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
         self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
         self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
         self._open_jobs = 0  # submitted and not finished, counted from the event loop side
-        self._lock = threading.Lock()
+        self._open_seconds = 0.0  # their audio
+        self._lock = threading.Lock()  # accepting, the counters, and the order of jobs and _STOP in the queue
+        self._accepting = True
+        self._deadline: float | None = None  # monotonic time by which running requests are failed (shutdown)
         self.state = EngineState.LOADING
         self.error: BaseException | None = None
         self.info: ModelInfo | None = None
@@ -186,11 +199,25 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def shutdown(self, grace: float | None = 30.0) -> None:
+        """Begin shutting down and return at once: new requests are refused (EngineNotReady), queued ones fail
+        now, running ones get `grace` seconds (None: as long as they take) to finish, then fail. Idempotent (the
+        first deadline stands). Call it from a thread or the event loop, not from a signal handler (it locks)."""
+        with self._lock:
+            if not self._accepting:
+                return
+            self._accepting = False
+            self._deadline = None if grace is None else time.monotonic() + grace
+            if self.state in (EngineState.LOADING, *ACCEPTING):
+                self.state = EngineState.CLOSING
+            self._queue.put(_STOP)  # after every job accepted before it
+
     def close(self, timeout: float | None = 30.0) -> None:
-        """Finish running requests, fail queued ones, stop the thread."""
+        """`shutdown(timeout)`, then wait for the engine loop to end (a few seconds past the deadline at most)."""
+        self.shutdown(timeout)
         if self._thread.is_alive() and not self._finished.is_set():
-            self._queue.put(_STOP)
-            self._finished.wait(timeout)
+            wait = None if self._deadline is None else max(0.0, self._deadline - time.monotonic()) + 10.0
+            self._finished.wait(wait)
         self.state = EngineState.CLOSED
 
     @property
@@ -238,7 +265,7 @@ class Engine:
         try:
             return await job.future
         finally:
-            self._release()
+            self._release(job)
 
     async def stream_batch(
         self,
@@ -272,7 +299,7 @@ class Engine:
         finally:
             if not job.future.done():
                 job.future.cancel()
-            self._release()
+            self._release(job)
 
     def _new_job(
         self,
@@ -290,30 +317,55 @@ class Engine:
 
         if not self.ready:
             raise EngineNotReady(self.not_ready_message())
-        with self._lock:
-            if self._open_jobs >= self.max_queue:
-                self.stats["refused"] += 1
-                raise EngineBusy(f"the server is busy ({self._open_jobs} requests queued); retry shortly")
-            self._open_jobs += 1
         loop = asyncio.get_running_loop()
-        spec = PromptSpec(source_lang, target_lang, pnc=pnc, context=context or "", timestamps=timestamps)
-        job = _Job(list(audios), spec, loop, loop.create_future(), beam_size=beam_size, language=language)
+        spec = PromptSpec(
+            source_lang,
+            target_lang,
+            pnc=pnc,
+            context=context or "",
+            timestamps=timestamps,
+            max_context_tokens=self.max_context_tokens,
+        )
+        seconds = sum(a.shape[0] for a in audios) / self.info.sample_rate
+        job = _Job(
+            list(audios), spec, loop, loop.create_future(), seconds=seconds, beam_size=beam_size, language=language
+        )
         if stream:
             job.stream = _Stream(asyncio.Queue())
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotReady(self.not_ready_message())
+            self._check_room(seconds)
+            self._open_jobs += 1
+            self._open_seconds += seconds
+            self._queue.put(job)
         job.future.add_done_callback(lambda f: f.cancelled() and job.cancelled.set())
-        self._queue.put(job)
         return job
 
-    def _release(self) -> None:
+    def _check_room(self, seconds: float) -> None:
+        """EngineBusy when the queue is full: too many requests, or too much audio (a request always fits an
+        empty engine)."""
+        busy = None
+        budget = self.max_queued_seconds
+        if self._open_jobs >= self.max_queue:
+            busy = f"{self._open_jobs} requests queued"
+        elif budget is not None and self._open_jobs and self._open_seconds + seconds > budget:
+            busy = f"{self._open_seconds:.0f} s of audio queued"
+        if busy is not None:
+            self.stats["refused"] += 1
+            raise EngineBusy(f"the server is busy ({busy}); retry shortly")
+
+    def _release(self, job: _Job) -> None:
         with self._lock:
             self._open_jobs -= 1
+            self._open_seconds -= job.seconds
 
     def not_ready_message(self) -> str:
         if self.state is EngineState.LOADING:
             return "the model is still loading; retry shortly"
         if self.state is EngineState.FAILED:
             return f"the model failed to load: {self.error}"
-        return "the server is shutting down"
+        return "the server is shutting down; retry shortly"
 
     # ---- model thread ----------------------------------------------------------------------------------
     def _thread_main(self) -> None:
@@ -332,16 +384,27 @@ class Engine:
         if batcher is None:
             self._fail_queued(EngineNotReady(self.not_ready_message()))
             return
-        self.state = EngineState.READY
+        with self._lock:
+            if self.state is EngineState.LOADING:  # not CLOSING: shutdown began while it loaded
+                self.state = EngineState.READY
         log.info("model ready: languages %s", ", ".join(self.info.languages))
-        stopping = False
+        stopping, worked, idle_since = False, False, time.monotonic()
         while not (stopping and not self._jobs):
-            # Block for work only when nothing is in flight; otherwise just take what has arrived.
+            # Block for work only when nothing is in flight; otherwise just take what has arrived. Idle, wait at
+            # most until the next idle timer: memory release, then model unload.
             idle = not self._jobs and not stopping
-            jobs = self._intake(block=idle, timeout=self.idle_unload_seconds if idle and batcher is not None else None)
-            if jobs is None:  # idle for idle_unload_seconds
-                batcher = None  # the only reference to the model (its batcher holds it)
-                self._unload()
+            timers = self._idle_timers(idle_since, worked) if idle and batcher is not None else {}
+            jobs = self._intake(
+                block=idle, timeout=max(0.0, min(timers.values()) - time.monotonic()) if timers else None
+            )
+            if jobs is None:  # an idle timer passed
+                now = time.monotonic()
+                if now >= timers.get("release", float("inf")):  # the work ran out a while ago: memory goes back
+                    self._release_memory(batcher)
+                    worked = False
+                if now >= timers.get("unload", float("inf")):
+                    batcher = None  # the only reference to the model (its batcher holds it)
+                    self._unload()
                 continue
             for job in jobs:
                 if job is _STOP:
@@ -349,16 +412,22 @@ class Engine:
                     if batcher is not None:
                         self._fail_unstarted(batcher)
                 elif stopping:
-                    job.deliver(error=EngineNotReady("the server is shutting down"))
+                    job.deliver(error=EngineNotReady("the server is shutting down; retry shortly"))
                 elif batcher is None and (batcher := self._reload()) is None:
                     job.deliver(error=EngineNotReady(f"the model failed to load again: {self.error}"))
                 else:
                     self._submit(batcher, job)
+            if stopping and self._deadline is not None and time.monotonic() >= self._deadline:
+                if batcher is not None:
+                    self._fail_all(batcher, "the server shut down before this request finished; retry it")
+                return
             if batcher is None:
                 continue
             self._drop_cancelled(batcher)
+            idle_since = time.monotonic()  # idle timers count from the last moment there was work
             if not len(batcher):
                 continue
+            worked = True
             try:
                 for item in batcher.step():
                     self._complete(batcher, item)
@@ -367,6 +436,15 @@ class Engine:
                 log.exception("engine step failed; failing %d request(s)", len(self._jobs))
                 for job in list(self._jobs):
                     self._end(batcher, job, error=exc)
+
+    def _idle_timers(self, idle_since: float, worked: bool) -> dict[str, float]:
+        """Monotonic times at which an idle engine hands memory back (after work) and unloads the model."""
+        timers = {}
+        if worked and self.release_after_idle > 0:
+            timers["release"] = idle_since + self.release_after_idle
+        if self.idle_unload_seconds is not None:
+            timers["unload"] = idle_since + self.idle_unload_seconds
+        return timers
 
     def _load(self) -> BatcherLike | None:
         """Load the model and build its batcher (None, with `error` and state FAILED, when that fails)."""
@@ -431,7 +509,10 @@ class Engine:
             self.state = EngineState.UNLOADED
             return None
         log.info("model reloaded in %.2f s", self.load_seconds)
-        self.error, self.state = None, EngineState.READY
+        with self._lock:
+            self.error = None
+            if self.state is EngineState.RELOADING:  # not CLOSING
+                self.state = EngineState.READY
         return batcher
 
     def _intake(self, block: bool, timeout: float | None = None) -> list[Any] | None:
@@ -479,6 +560,11 @@ class Engine:
         pending = [it for i, it in enumerate(job.items) if i not in job.results]
         if pending:
             batcher.cancel(pending)
+        # Items and job, items and their decoder sequences refer to each other: break the cycles, so the request's
+        # audio and encoder states are freed now rather than at some later garbage collection.
+        for item in job.items:
+            item._seq = None
+        job.items, job.audios = [], []
         if job.cancelled.is_set():
             self.stats["cancelled"] += 1
             return
@@ -507,7 +593,23 @@ class Engine:
     def _fail_unstarted(self, batcher: BatcherLike) -> None:
         """Shutdown: requests that have not produced anything yet are failed clearly; the rest finish."""
         for job in [j for j in self._jobs if not j.started and not any(it._seq for it in j.items)]:
-            self._end(batcher, job, error=EngineNotReady("the server is shutting down"))
+            self._end(batcher, job, error=EngineNotReady("the server is shutting down; retry shortly"))
+
+    def _fail_all(self, batcher: BatcherLike, message: str) -> None:
+        """The shutdown deadline passed: everything still in flight fails (503: retry)."""
+        if self._jobs:
+            log.warning("shutdown deadline passed: failing %d running request(s)", len(self._jobs))
+        for job in list(self._jobs):
+            self._end(batcher, job, error=EngineNotReady(message))
+
+    @staticmethod
+    def _release_memory(batcher: BatcherLike) -> None:
+        release = getattr(getattr(batcher, "model", None), "release_memory", None)
+        if release is not None:
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - an optimisation, never a reason to stop serving
+                log.exception("releasing memory failed")
 
     def _fail_queued(self, error: BaseException) -> None:
         for job in self._intake(block=False) or []:

@@ -6,17 +6,13 @@ Input errors subclass `canary_server.model.errors.CanaryError` (a ValueError), l
 
 from __future__ import annotations
 
-from canary_server.model.errors import CanaryError
+from canary_server.model.errors import AudioTooLong, CanaryError, PromptTooLong
+
+__all__ = ["AudioTooLong", "EngineBusy", "EngineNotReady", "InvalidAudio", "PromptTooLong"]
 
 
 class InvalidAudio(CanaryError):
     """Empty, silent-by-construction or otherwise unusable audio (after it decoded)."""
-
-
-class AudioTooLong(CanaryError):
-    def __init__(self, seconds: float, limit: float) -> None:
-        self.seconds, self.limit = seconds, limit
-        super().__init__(f"audio is {seconds:.1f} s long; this server accepts at most {limit:g} s")
 
 
 class EngineNotReady(RuntimeError):

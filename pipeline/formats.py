@@ -206,4 +206,4 @@ def sse_error(err) -> str:
 
 
 def _sse(event: dict) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(event, ensure_ascii=False, allow_nan=False)}\n\n"  # NaN is not JSON

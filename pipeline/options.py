@@ -51,3 +51,8 @@ class PipelineConfig:
     # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
     # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
     idle_unload_seconds: float | None = None
+    max_prompt_tokens: int = 224  # decoder context keeps its last N tokens (OpenAI's whisper-1 convention)
+    max_concurrent_decodes: int = 2  # files decoded/resampled at once (each holds up to max_audio_seconds)
+    max_queued_audio_seconds: float = 4 * 3600.0  # audio held by accepted requests; more are refused (EngineBusy)
+    shutdown_grace_seconds: float = 30.0  # on shutdown, running requests get this long to finish
+    idle_release_seconds: float = 2.0  # idle this long after work, the engine hands freed memory back (0: never)

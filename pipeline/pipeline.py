@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_to_min_duration
+from canary_server.model.audio import MIN_AUDIO_SECONDS, check_samples, pad_to_min_duration
 from canary_server.model.errors import UnsupportedLanguageError
 from canary_server.pipeline.chunking import Chunk, merge_short_tail, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
@@ -26,14 +27,19 @@ from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
 
-AudioInput = bytes | bytearray | memoryview | str | Path | np.ndarray  # encoded file, path, or 16 kHz float32
-AudioDecoder = Callable[[bytes], np.ndarray]
+# An encoded file (bytes, a path, or a binary file object read when its turn to decode comes), or 16 kHz float32.
+AudioInput = bytes | bytearray | memoryview | str | Path | BinaryIO | np.ndarray
+AudioDecoder = Callable[[bytes, float], np.ndarray]  # (encoded file, max seconds) -> 16 kHz mono float32
+
+# A token never spans more characters than this (SentencePiece's default max piece length): a prompt longer than
+# max_prompt_tokens x this is cut to its end before it is tokenized, so tokenizing costs the engine little.
+CHARS_PER_TOKEN = 16
 
 
 def default_decoder() -> AudioDecoder:
     from canary_server.model.audio import load_audio
 
-    return load_audio
+    return lambda data, max_seconds: load_audio(data, max_seconds=max_seconds)
 
 
 @dataclass(frozen=True)
@@ -77,16 +83,26 @@ class Pipeline:
                 length_penalty=self.config.length_penalty,
                 long_request_share=self.config.long_request_share,
                 idle_unload_seconds=self.config.idle_unload_seconds,
+                max_queued_seconds=self.config.max_queued_audio_seconds,
+                max_context_tokens=self.config.max_prompt_tokens,
+                release_after_idle=self.config.idle_release_seconds,
             )
         self.engine = engine
         self.decode_audio = decode_audio or default_decoder()
+        self._decode_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Semaphore
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         self.engine.start()
 
+    def shutdown(self, grace: float | None = None) -> None:
+        """Begin shutting down (returns at once): new and queued requests fail (EngineNotReady), running ones
+        get `grace` seconds (default: the config's shutdown_grace_seconds) to finish, then fail too."""
+        self.engine.shutdown(self.config.shutdown_grace_seconds if grace is None else grace)
+
     def close(self) -> None:
-        self.engine.close()
+        """`shutdown()` and wait for the engine to stop."""
+        self.engine.close(self.config.shutdown_grace_seconds)
 
     @property
     def ready(self) -> bool:
@@ -158,7 +174,7 @@ class Pipeline:
             source,
             target or source,
             pnc,
-            (context or None) if info.supports_context else None,
+            self._context(context) if info.supports_context else None,
             timestamps and info.supports_timestamps,
             cue_seconds=self.config.cue_seconds if timestamps and not info.supports_timestamps else None,
             detect=detect,
@@ -189,8 +205,22 @@ class Pipeline:
             rate, width, channels, sample_rate=self.info.sample_rate, max_seconds=self.config.max_audio_seconds
         )
 
+    def _context(self, text: str | None) -> str | None:
+        """The prompt, cut to its end when it is far longer than the max_prompt_tokens the model keeps of it (the
+        engine keeps its last max_prompt_tokens tokens; OpenAI's convention). The cut falls on a word boundary
+        where there is one; shorter prompts are untouched."""
+        if not text:
+            return None
+        most = self.config.max_prompt_tokens * CHARS_PER_TOKEN
+        if len(text) <= most:
+            return text
+        tail = text[-most:]
+        space = next((i for i, c in enumerate(tail) if c.isspace()), -1)
+        return tail[space + 1 :] if 0 <= space < len(tail) - 1 else tail
+
     async def prepare(self, audio: AudioInput, options: TranscribeOptions) -> PreparedAudio:
-        """Decode (off the event loop), check the limits, cut at pauses."""
+        """Decode (off the event loop, at most max_concurrent_decodes at once, never past max_audio_seconds),
+        check the limits, cut at pauses."""
         samples = await self._samples(audio)
         sample_rate = self.info.sample_rate
         duration = len(samples) / sample_rate
@@ -215,16 +245,35 @@ class Pipeline:
         if isinstance(audio, np.ndarray):
             if audio.ndim != 1:
                 raise InvalidAudio(f"audio arrays must be 1-D float32 at 16 kHz, got shape {audio.shape}")
-            return audio.astype(np.float32, copy=False)
+            samples = audio.astype(np.float32, copy=False)
+            check_samples(samples)
+            return samples
+        if isinstance(audio, str | Path) and not Path(audio).is_file():
+            raise InvalidAudio(f"audio file not found: {audio}")
+        # Reading, decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free. The
+        # gate bounds the files held decoded-in-progress at once (memory: about max_audio_seconds of 16 kHz
+        # float32 each, plus the encoded file).
+        async with self._decode_gate():
+            return await asyncio.to_thread(self._read_and_decode, audio)
+
+    def _read_and_decode(self, audio: AudioInput) -> np.ndarray:
         if isinstance(audio, str | Path):
-            path = Path(audio)
-            if not path.is_file():
-                raise InvalidAudio(f"audio file not found: {path}")
-            audio = await asyncio.to_thread(path.read_bytes)
-        if not audio:
+            data = Path(audio).read_bytes()
+        elif hasattr(audio, "read"):
+            data = audio.read()
+        else:
+            data = bytes(audio)
+        if not data:
             raise InvalidAudio("the audio file is empty")
-        # Decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free.
-        return await asyncio.to_thread(self.decode_audio, bytes(audio))
+        return self.decode_audio(data, self.config.max_audio_seconds)
+
+    def _decode_gate(self) -> asyncio.Semaphore:
+        """The event loop's semaphore of max_concurrent_decodes (asyncio primitives belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        gate = self._decode_gates.get(loop)
+        if gate is None:
+            gate = self._decode_gates[loop] = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        return gate
 
     async def transcribe(
         self, audio: AudioInput | PreparedAudio, options: TranscribeOptions, *, beam_size: int | None = None

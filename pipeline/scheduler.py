@@ -18,11 +18,11 @@ import mlx.core as mx
 import numpy as np
 
 from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_batch, pad_to_min_duration
-from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence
+from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence, check_prompt_length
 from canary_server.model.beam_decoder import BeamBatchDecoder
 from canary_server.model.conformer import drain
 from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
-from canary_server.model.errors import NonFiniteError
+from canary_server.model.errors import NonFiniteError, PromptTooLong
 from canary_server.model.prompt import PromptSpec
 from canary_server.pipeline.fairness import DEFAULT_GRACE_SECONDS, DEFAULT_SHARE, FairShare
 from canary_server.pipeline.language import LanguageChoice
@@ -372,6 +372,11 @@ class ContinuousBatcher:
         for i, (item, prompt, wave) in enumerate(zip(encoding.items, encoding.prompts, encoding.waves, strict=True)):
             if isinstance(prompt, BaseException):
                 out.append(prompt)
+                continue
+            try:  # a prompt past the decoder's position table fails this item alone
+                check_prompt_length(len(prompt), model.config.decoder.max_sequence_length)
+            except PromptTooLong as exc:
+                out.append(exc)
                 continue
             frames = encoder_frames(wave.shape[0], hop, n_convs)
             limit = single_item_max_new_tokens(model, wave.shape[0], len(prompt))

@@ -8,17 +8,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import Engine, load_model
 from canary_server.pipeline.pipeline import AudioDecoder
-from canary_server.server.deps import require_api_key
 from canary_server.server.errors import install_error_handler
 from canary_server.server.limits import UploadLimitMiddleware
 from canary_server.server.routes import audio, health, models
+from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, allowed_hosts
 from canary_server.server.settings import Settings
 
 
@@ -75,10 +75,14 @@ def create_app(
     app.state.engine = pipeline.engine
     app.state.started_at = int(time.time())
     install_error_handler(app)
+    # The last added runs first: the Host check, then the API key (both before the body is read), then the
+    # upload limit while the body streams in.
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, prefix="/v1")
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings))
     app.include_router(health.router)
-    app.include_router(audio.router, prefix="/v1", dependencies=[Depends(require_api_key)])
-    app.include_router(models.router, prefix="/v1", dependencies=[Depends(require_api_key)])
+    app.include_router(audio.router, prefix="/v1")
+    app.include_router(models.router, prefix="/v1")
     return app
 
 

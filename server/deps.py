@@ -1,13 +1,10 @@
-"""FastAPI dependencies: the shared objects on `app.state`, and the API-key check."""
+"""FastAPI dependencies: the shared objects on `app.state` (the API key is checked earlier, server/security.py)."""
 
 from __future__ import annotations
-
-import hmac
 
 from fastapi import Request
 
 from canary_server.pipeline import EngineNotReady, Pipeline
-from canary_server.server.errors import ApiError
 from canary_server.server.settings import Settings
 
 
@@ -21,14 +18,3 @@ def ready_pipeline(request: Request) -> Pipeline:
     if not pipeline.ready:
         raise EngineNotReady(pipeline.engine.not_ready_message())
     return pipeline
-
-
-def require_api_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")

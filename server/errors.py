@@ -6,6 +6,7 @@ One handler, `error_response`, maps each kind of exception to that body and a st
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canary_server.model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
-from canary_server.pipeline.errors import AudioTooLong, EngineBusy, EngineNotReady, InvalidAudio
+from canary_server.pipeline.errors import AudioTooLong, EngineBusy, EngineNotReady, InvalidAudio, PromptTooLong
 
 log = logging.getLogger("canary.server")
 
@@ -57,6 +58,16 @@ def _from_validation(exc: RequestValidationError) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value" if err.get("type") != "missing" else None)
 
 
+# An absolute or home-relative path: kept to its last component. Not after a word character, ':' or '/', so
+# repo ids (nvidia/canary-1b-flash) and URLs (https://...) stay whole.
+_PATH = re.compile(r"(?<![\w:/.~-])(?:~|/)[^\s'\"]*/([^\s'\"/]*)")
+
+
+def without_paths(message: str) -> str:
+    """`message` with local paths shortened to their file or directory name (for unauthenticated readers)."""
+    return _PATH.sub(r"\1", message)
+
+
 def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
@@ -71,10 +82,12 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, AudioTooLong):
         return ApiError(400, str(exc), param="file", code="audio_too_long")
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="prompt", code="prompt_too_long")
     if isinstance(exc, CanaryError):
         return ApiError(400, str(exc))
     if isinstance(exc, EngineNotReady):
-        return ApiError(503, str(exc), code="model_not_ready", headers={"Retry-After": "5"})
+        return ApiError(503, without_paths(str(exc)), code="model_not_ready", headers={"Retry-After": "5"})
     if isinstance(exc, ClientDisconnected):
         return ApiError(499, "the client closed the connection", code="client_disconnected")
     if isinstance(exc, EngineBusy):

@@ -26,6 +26,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["loading", "ok", "unloaded", "reloading", "failed", "closed"]  # unloaded/reloading: 200
+    status: Literal["loading", "ok", "unloaded", "reloading", "failed", "closing", "closed"]  # unloaded/reloading: 200
     model: str
     error: str | None = None
+    requests: int = 0  # accepted by the engine and not answered yet

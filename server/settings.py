@@ -77,6 +77,28 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Most seconds of audio in one encoder batch (the decoder loop waits for it)."
     )
     max_queued_requests: int = Field(64, ge=1, description="Requests accepted at once; more get 429.")
+    # ---- limits on hostile or accidental input (issue 11) ------------------------------------------------
+    max_queued_audio_seconds: float = Field(
+        4 * 3600.0,
+        gt=0,
+        description="Seconds of audio held by accepted requests at once (64 KB of memory each); more get 429.",
+    )
+    max_concurrent_decodes: int = Field(
+        2, ge=1, description="Uploads decoded and resampled at once (each holds up to max_audio_seconds)."
+    )
+    max_prompt_tokens: int = Field(
+        224, ge=0, description="The prompt (decoder context) keeps its last this many tokens (OpenAI's whisper-1)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, running requests get this long to finish; then they get 503."
+    )
+    idle_release_seconds: float = Field(
+        2.0, ge=0, description="Idle this long after work, freed memory goes back to the system (0: never)."
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names accepted besides loopback names and IPs (DNS-rebinding guard); unset + api_key: any.",
+    )
     beam_size: int | None = Field(
         None, ge=1, le=16, description="Beam width; unset: the model's own decoding config (1 = greedy)."
     )
@@ -178,6 +200,11 @@ class Settings(BaseSettings):
             detect_languages=tuple(self.detect_languages),
             detect_threshold=self.detect_threshold,
             idle_unload_seconds=self.idle_unload_seconds,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_concurrent_decodes=self.max_concurrent_decodes,
+            max_queued_audio_seconds=self.max_queued_audio_seconds,
+            shutdown_grace_seconds=self.shutdown_grace_seconds,
+            idle_release_seconds=self.idle_release_seconds,
         )
 
     @property

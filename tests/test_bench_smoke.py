@@ -55,6 +55,9 @@ SMOKE_ARGS = {
     "wyoming_latency.py": ["--models", "espeak", "--repeats", "2"],
     "idle_unload.py": ["--models", "espeak", "--repeats", "1"],
     "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny"],
+    "soak.py": ["--requests", "12", "--concurrency", "2", "--long-seconds", "6", "--pool", "3", "--seed", "3"],
+    "lifecycle.py": ["--bursts", "1", "--files", "1", "--seconds", "8", "--settle", "0.5", "--signal-after", "0.5"],
+    "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -159,6 +162,27 @@ def test_language_id_reports_accuracy_and_its_cost():
         pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
     out = _bench("language_id.py")
     assert "12 shipped clips" in out and re.search(r"^\| tiny \(random weights\) \| 1 x 3 s \|", out, flags=re.M)
+
+
+def test_soak_checks_every_answer_against_the_request_alone():
+    if not (ESPEAK_NEMO.parent / "espeak-tiny-multi.nemo").is_file():
+        pytest.skip("the espeak-trained multilingual test model is not available")
+    out = _bench("soak.py")
+    assert "| wrong answers (200 differing from the same request alone) | 0 |" in out, out
+    assert "| lost requests (sent whole, no HTTP answer) | 0 |" in out, out
+
+
+def test_lifecycle_measures_idle_memory_and_a_sigterm():
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("lifecycle.py")
+    assert re.search(r"^\| RSS 0\.5 s after burst 1 \(1 x 8 s, \d+ s, 200\) \| \d+ MiB \|", out, flags=re.M), out
+    assert re.search(r"^\| SIGTERM: exit after .*\| [\d.]+ s \|", out, flags=re.M), out
+
+
+def test_idle_release_times_requests_after_an_idle_pause(tiny):
+    out = _bench("idle_release.py", tiny)
+    assert re.search(r"^\| released after 0\.1 s idle \| [\d.]+ s \| [\d.]+ s \|", out, flags=re.M), out
 
 
 def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():

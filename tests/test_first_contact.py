@@ -286,7 +286,7 @@ def test_docs_and_redoc_load_their_assets_from_the_server_not_a_cdn():
     from fastapi.testclient import TestClient
 
     app = create_app(Settings(model="/models/fake"), engine=fake_engine())
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # a loopback Host (no api_key: DNS-rebinding guard)
         for page in ("/docs", "/redoc"):
             html = client.get(page).text
             assets = re.findall(r"""(?:src|href)=["']([^"']+)""", html)

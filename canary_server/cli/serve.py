@@ -155,9 +155,7 @@ def build_app(settings, *, wyoming_port: int | None = None, engine=None, model_d
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import uvicorn
-
-    from canary_server.pipeline.engine import EngineState
+    from canary_server.server.serving import run_server
 
     settings = settings_from_args(args)
     set_log_level(settings.log_level)
@@ -167,14 +165,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = prepare_model(settings, quiet=getattr(args, "quiet", False))
     app = build_app(settings, model_dir=model_dir)
     pipeline = app.state.pipeline
-
-    class Server(uvicorn.Server):
-        async def on_tick(self, counter: int) -> bool:
-            # uvicorn ticks every 0.1 s: stop when the model failed to load (nothing would ever fix it)
-            return pipeline.state is EngineState.FAILED or await super().on_tick(counter)
-
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    Server(config).run()
+    run_server(app, settings)  # until SIGTERM/SIGINT (with a shutdown deadline) or a model that failed to load
     if pipeline.engine.error is not None:  # (closing the app has set the state to CLOSED since)
         print(f"canary-server: error: the model failed to load: {pipeline.engine.error}", file=sys.stderr)
         return 1

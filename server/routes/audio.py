@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -52,7 +52,7 @@ def _wants_logprobs(include: list[str] | None, fmt: ResponseFormat) -> bool:
     return bool(include)
 
 
-async def _stream(pipeline: Pipeline, data: bytes, options: TranscribeOptions, with_logprobs: bool) -> Response:
+async def _stream(pipeline: Pipeline, data: BinaryIO, options: TranscribeOptions, with_logprobs: bool) -> Response:
     """SSE: `transcript.text.delta` as the decoder produces text, then `transcript.text.done`.
 
     The first event is awaited before answering, so bad audio, a full queue or a loading model still get a
@@ -86,7 +86,8 @@ def _wants_timestamps(fmt: ResponseFormat, granularities: set[str]) -> bool:
 
 
 async def _run(request: Request, pipeline: Pipeline, file: UploadFile, options: TranscribeOptions) -> TranscriptResult:
-    return await unless_disconnected(request, pipeline.transcribe(await file.read(), options))
+    # The upload stays in its spooled file (on disk past 1 MiB) until the pipeline's decode gate lets it in.
+    return await unless_disconnected(request, pipeline.transcribe(file.file, options))
 
 
 @router.post("/audio/transcriptions")
@@ -134,7 +135,7 @@ async def create_transcription(
         timestamps=_wants_timestamps(response_format, granularities),
     )
     if stream:
-        return await _stream(pipeline, await file.read(), options, with_logprobs)
+        return await _stream(pipeline, file.file, options, with_logprobs)
     result = await _run(request, pipeline, file, options)
     if "word" not in granularities:
         result = dataclasses.replace(result, words=None)

@@ -1,5 +1,6 @@
-"""GET /health: 503 while the model loads (or if it failed to), 200 when ready (also "unloaded" after
-`idle_unload_seconds` without requests, and "reloading" while a request loads it again)."""
+"""GET /health: 503 while the model loads, if it failed to (what failed, without local paths) or while the server
+shuts down ("closing"); 200 when ready (also "unloaded" after `idle_unload_seconds` without requests, and
+"reloading" while a request loads it again)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import EngineState
-from canary_server.server.errors import ErrorRoute
+from canary_server.server.errors import ErrorRoute, without_paths
 from canary_server.server.schemas import Health
 
 router = APIRouter(route_class=ErrorRoute)
@@ -21,6 +22,7 @@ async def health(request: Request) -> JSONResponse:
     body = Health(
         status="ok" if engine.state is EngineState.READY else engine.state.value,
         model=request.app.state.settings.model_id,
-        error=str(engine.error) if engine.error is not None else None,
+        requests=engine.queued,
+        error=without_paths(f"{type(engine.error).__name__}: {engine.error}") if engine.error is not None else None,
     )
     return JSONResponse(body.model_dump(), status_code=200 if pipeline.ready else 503)

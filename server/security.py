@@ -1,0 +1,142 @@
+"""Who may use the server: the Host allow-list and the API key, both checked before a request body is read, and
+warnings about an exposed bind.
+
+Both checks are plain ASGI middleware rather than FastAPI dependencies: FastAPI parses a form body before it
+resolves a route's dependencies, so a dependency would read a whole unauthenticated upload first.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from canary_server.server.errors import ApiError, error_body
+from canary_server.server.settings import Settings
+
+# RFC 6761: *.localhost names resolve to loopback; Debian's /etc/hosts names ::1 ip6-localhost / ip6-loopback.
+LOOPBACK_NAMES = ["localhost", "*.localhost", "ip6-localhost", "ip6-loopback"]
+
+
+def allowed_hosts(settings: Settings) -> list[str] | None:
+    """The Host values accepted; None: any. Loopback names and IP addresses always (a DNS-rebinding page sends its
+    own domain name as Host), plus the `allowed_hosts` setting; unset with an API key: any (the key protects)."""
+    listed = settings.allowed_hosts
+    if (listed is None and settings.api_key) or (listed is not None and "*" in listed):
+        return None
+    return [*LOOPBACK_NAMES, "<ip>", *(h.lower() for h in listed or [])]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """`host`: the Host header (port and IPv6 brackets allowed). An empty Host (HTTP/1.0 tools) is accepted:
+    browsers always send one."""
+    name = _host_name(host)
+    if not name:
+        return True
+    for pattern in allowed:
+        if pattern == "<ip>":
+            if _is_ip(name):
+                return True
+        elif pattern.startswith("*."):
+            if name.endswith(pattern[1:]):
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheckMiddleware:
+    """400 for a Host header not on the allow-list, before anything else runs."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str] | None) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.allowed is not None:
+            host = Headers(scope=scope).get("host", "")
+            if not host_allowed(host, self.allowed):
+                err = ApiError(
+                    400,
+                    f"Host {_host_name(host)!r} is not allowed; add it to the allowed_hosts setting",
+                    code="invalid_host",
+                )
+                await JSONResponse(error_body(err), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class ApiKeyMiddleware:
+    """401 for requests under `prefix` without `Authorization: Bearer <api_key>`, before the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, prefix: str = "/v1") -> None:
+        self.app, self.key, self.prefix = app, api_key, prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.key is not None and _under(scope["path"], self.prefix):
+            err = check_api_key(Headers(scope=scope).get("authorization", ""), self.key)
+            if err is not None:
+                headers = {"WWW-Authenticate": "Bearer"}
+                await JSONResponse(error_body(err), status_code=401, headers=headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def check_api_key(authorization: str, key: str) -> ApiError | None:
+    """None when `authorization` carries the key; else the 401 to send."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return ApiError(401, "incorrect API key provided", code="invalid_api_key")
+    return None
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """Warnings for front doors that others can reach without a key."""
+    warnings = []
+    if settings.api_key is None and not _is_loopback(settings.host):
+        warnings.append(
+            f"serving HTTP on {settings.host}:{settings.port} without an api_key: anyone who can reach this machine "
+            "can use the server (set api_key, or bind to 127.0.0.1). Browsers are kept out: only loopback names, IP "
+            "addresses and allowed_hosts are accepted as Host."
+        )
+    if settings.wyoming_port and not _is_loopback(settings.wyoming_host):
+        warnings.append(
+            f"serving Wyoming on {settings.wyoming_host}:{settings.wyoming_port}: the Wyoming protocol has no "
+            "authentication, so anyone who can reach that port can use the model (bind it to 127.0.0.1, or keep "
+            "the port to a trusted network)"
+        )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "ip6-localhost", "ip6-loopback") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
