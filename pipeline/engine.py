@@ -15,55 +15,32 @@ requests and loads it again for the next one (which waits for it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from canary_server.pipeline.errors import EngineBusy, EngineNotReady
+from canary_server.pipeline.jobs import BatcherLike, Job, JobBook, Stream, StreamEvent, TranscriptionLike
+from canary_server.pipeline.loading import (
+    BatcherFactory,
+    ModelInfo,
+    ModelLike,
+    default_batcher,
+    free_unreferenced_memory,
+    load_model,
+    model_info,
+    release_memory,
+)
+
+__all__ = ["Engine", "EngineState", "ModelInfo", "ModelLike", "StreamEvent", "TranscriptionLike", "load_model"]
 
 log = logging.getLogger("canary.engine")
-
-
-class TranscriptionLike(Protocol):
-    text: str
-    tokens: list[int]
-
-
-class BatcherLike(Protocol):
-    """What the engine drives (`pipeline.scheduler.ContinuousBatcher`; tests use a fake)."""
-
-    def __len__(self) -> int: ...
-    def submit(self, items: list[Any]) -> None: ...
-    def cancel(self, items: list[Any]) -> None: ...
-    def step(self) -> list[Any]: ...
-    def partial_text(self, item: Any) -> str: ...
-
-
-class ModelLike(Protocol):
-    """What the engine needs from `model.Canary`."""
-
-    languages: list[str]
-    sample_rate: int
-    config: Any
-
-
-BatcherFactory = Callable[..., BatcherLike]  # (model, **scheduling settings) -> the batcher the engine drives
-
-
-def default_batcher(model: ModelLike, **kwargs: Any) -> BatcherLike:
-    from canary_server.pipeline.scheduler import ContinuousBatcher
-
-    return ContinuousBatcher(model, **kwargs)
 
 
 class EngineState(str, Enum):
@@ -77,73 +54,6 @@ class EngineState(str, Enum):
 
 
 ACCEPTING = (EngineState.READY, EngineState.UNLOADED, EngineState.RELOADING)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Plain facts about the loaded model, copied off the engine thread once."""
-
-    languages: tuple[str, ...]
-    sample_rate: int
-    prompt_format: str
-    supports_timestamps: bool = False  # word/segment times (flash models' timestamp tokens, v2's CTC aligner)
-    default_language: str = "en"  # the model's prompt default source language
-    family: str = ""  # the release it has the shape of ("canary-1b-flash"), else a description
-    decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
-    timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
-
-    @property
-    def supports_context(self) -> bool:
-        return self.prompt_format == "canary2"
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """`delta`: more text (chunks in order, separated by one space); `done`: the per-chunk results."""
-
-    kind: str  # "delta" | "done"
-    delta: str = ""
-    results: list[Any] | None = None
-
-
-@dataclass(eq=False)
-class _Stream:
-    """Engine-thread bookkeeping of what a streaming request has been sent."""
-
-    queue: asyncio.Queue
-    chunk: int = 0  # the chunk whose text is being streamed
-    sent: str = ""  # text of that chunk sent so far
-    any_text: bool = False  # some earlier chunk had text (a separating space is due)
-
-
-@dataclass(eq=False)
-class _Job:
-    """One request: its audio pieces, and the future the event loop awaits."""
-
-    audios: list[np.ndarray]
-    spec: Any  # model.prompt.PromptSpec
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    seconds: float = 0.0  # of audio, counted against the engine's queued-audio budget
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    items: list[Any] = field(default_factory=list)
-    results: dict[int, Any] = field(default_factory=dict)
-    started: bool = False
-    stream: _Stream | None = None
-    beam_size: int | None = None  # None: the engine's
-    language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
-
-    def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
-        def _set() -> None:
-            if self.future.done():  # cancelled: the client went away
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self.loop.call_soon_threadsafe(_set)
 
 
 _STOP = object()
@@ -182,7 +92,9 @@ class Engine:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
         self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
-        self._jobs: list[_Job] = []  # submitted, not yet delivered (engine thread only)
+        self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
+        self._book = JobBook(self.stats)  # submitted, not yet delivered (engine thread only)
+        self._jobs = self._book.jobs
         self._open_jobs = 0  # submitted and not finished, counted from the event loop side
         self._open_seconds = 0.0  # their audio
         self._lock = threading.Lock()  # accepting, the counters, and the order of jobs and _STOP in the queue
@@ -191,7 +103,6 @@ class Engine:
         self.state = EngineState.LOADING
         self.error: BaseException | None = None
         self.info: ModelInfo | None = None
-        self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
         self.unloads = 0  # times the model was freed for idleness
         self.load_seconds: float | None = None  # how long the last (re)load took
 
@@ -312,7 +223,7 @@ class Engine:
         timestamps: bool = False,
         beam_size: int | None = None,
         language: Any = None,
-    ) -> _Job:
+    ) -> Job:
         from canary_server.model.prompt import PromptSpec
 
         if not self.ready:
@@ -327,11 +238,11 @@ class Engine:
             max_context_tokens=self.max_context_tokens,
         )
         seconds = sum(a.shape[0] for a in audios) / self.info.sample_rate
-        job = _Job(
+        job = Job(
             list(audios), spec, loop, loop.create_future(), seconds=seconds, beam_size=beam_size, language=language
         )
         if stream:
-            job.stream = _Stream(asyncio.Queue())
+            job.stream = Stream(asyncio.Queue())
         with self._lock:
             if not self._accepting:
                 raise EngineNotReady(self.not_ready_message())
@@ -355,7 +266,7 @@ class Engine:
             self.stats["refused"] += 1
             raise EngineBusy(f"the server is busy ({busy}); retry shortly")
 
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: Job) -> None:
         with self._lock:
             self._open_jobs -= 1
             self._open_seconds -= job.seconds
@@ -400,7 +311,7 @@ class Engine:
             if jobs is None:  # an idle timer passed
                 now = time.monotonic()
                 if now >= timers.get("release", float("inf")):  # the work ran out a while ago: memory goes back
-                    self._release_memory(batcher)
+                    release_memory(batcher)
                     worked = False
                 if now >= timers.get("unload", float("inf")):
                     batcher = None  # the only reference to the model (its batcher holds it)
@@ -410,32 +321,34 @@ class Engine:
                 if job is _STOP:
                     stopping = True
                     if batcher is not None:
-                        self._fail_unstarted(batcher)
+                        self._book.fail_unstarted(batcher)
                 elif stopping:
                     job.deliver(error=EngineNotReady("the server is shutting down; retry shortly"))
                 elif batcher is None and (batcher := self._reload()) is None:
                     job.deliver(error=EngineNotReady(f"the model failed to load again: {self.error}"))
                 else:
-                    self._submit(batcher, job)
+                    self._book.submit(batcher, job)
             if stopping and self._deadline is not None and time.monotonic() >= self._deadline:
                 if batcher is not None:
-                    self._fail_all(batcher, "the server shut down before this request finished; retry it")
+                    if self._jobs:
+                        log.warning("shutdown deadline passed: failing %d running request(s)", len(self._jobs))
+                    error = EngineNotReady("the server shut down before this request finished; retry it")
+                    self._book.fail_all(batcher, error)
                 return
             if batcher is None:
                 continue
-            self._drop_cancelled(batcher)
+            self._book.drop_cancelled(batcher)
             idle_since = time.monotonic()  # idle timers count from the last moment there was work
             if not len(batcher):
                 continue
             worked = True
             try:
                 for item in batcher.step():
-                    self._complete(batcher, item)
-                self._stream_progress(batcher)
+                    self._book.complete(batcher, item)
+                self._book.stream_progress(batcher)
             except Exception as exc:  # a bug, never bad input: fail what is in flight, keep serving
                 log.exception("engine step failed; failing %d request(s)", len(self._jobs))
-                for job in list(self._jobs):
-                    self._end(batcher, job, error=exc)
+                self._book.fail_all(batcher, exc)
 
     def _idle_timers(self, idle_since: float, worked: bool) -> dict[str, float]:
         """Monotonic times at which an idle engine hands memory back (after work) and unloads the model."""
@@ -453,16 +366,7 @@ class Engine:
             model = self._loader()
             decoding = getattr(model.config, "decoding", None)
             beam_size = self.beam_size or getattr(decoding, "beam_size", 1)
-            self.info = ModelInfo(
-                languages=tuple(model.languages),
-                sample_rate=int(model.sample_rate),
-                prompt_format=str(getattr(model.config, "prompt_format", "canary")),
-                supports_timestamps=bool(getattr(model, "supports_timestamps", False)),
-                default_language=str(getattr(model.config, "prompt_defaults", {}).get("source_lang", "en")),
-                family=_family(model.config),
-                decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
-                timestamp_source=getattr(model, "timestamp_source", None),
-            )
+            self.info = model_info(model, beam_size)
             batcher = self._batcher_factory(
                 model,
                 max_batch=self.batch_size,
@@ -484,19 +388,9 @@ class Engine:
         return batcher
 
     def _unload(self) -> None:
-        """After the batcher (which holds the model) was dropped: collect it, and give MLX's buffer cache and,
-        on Linux, the C heap's free pages back to the system."""
+        """After the batcher (which holds the model) was dropped: free it and hand the memory back."""
         log.info("no requests for %g s: unloading the model", self.idle_unload_seconds)
-        gc.collect()
-        with contextlib.suppress(Exception):
-            import mlx.core as mx
-
-            mx.clear_cache()
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(Exception):
-                import ctypes
-
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
+        free_unreferenced_memory()
         self.unloads += 1
         self.state = EngineState.UNLOADED  # only now: the memory is back
 
@@ -527,107 +421,7 @@ class Engine:
             except queue.Empty:
                 return items
 
-    def _submit(self, batcher: BatcherLike, job: _Job) -> None:
-        from canary_server.pipeline.scheduler import WorkItem
-
-        seconds = sum(a.shape[0] for a in job.audios) / self.info.sample_rate
-        # Shortest request first: a 5 s clip is admitted before the remaining chunks of a long file.
-        job.items = [
-            WorkItem(
-                a, job.spec, tag=(job, i), priority=seconds, group=job, beam_size=job.beam_size, language=job.language
-            )
-            for i, a in enumerate(job.audios)
-        ]
-        self._jobs.append(job)
-        batcher.submit(job.items)
-
-    def _complete(self, batcher: BatcherLike, item: Any) -> None:
-        job, index = item.tag
-        if job not in self._jobs:  # already failed or cancelled
-            return
-        job.started = True
-        if item.error is not None:
-            self._end(batcher, job, error=item.error)
-            return
-        job.results[index] = item.result
-        if job.stream is not None:
-            self._stream_progress(batcher, job)
-        if len(job.results) == len(job.items):
-            self._end(batcher, job, result=[job.results[i] for i in range(len(job.items))])
-
-    def _end(self, batcher: BatcherLike, job: _Job, result: Any = None, error: BaseException | None = None) -> None:
-        self._jobs.remove(job)
-        pending = [it for i, it in enumerate(job.items) if i not in job.results]
-        if pending:
-            batcher.cancel(pending)
-        # Items and job, items and their decoder sequences refer to each other: break the cycles, so the request's
-        # audio and encoder states are freed now rather than at some later garbage collection.
-        for item in job.items:
-            item._seq = None
-        job.items, job.audios = [], []
-        if job.cancelled.is_set():
-            self.stats["cancelled"] += 1
-            return
-        self.stats["failed" if error is not None else "completed"] += 1
-        job.deliver(result, error)
-
-    def _stream_progress(self, batcher: BatcherLike, job: _Job | None = None) -> None:
-        """Send streaming requests the text decoded since the last step, chunk by chunk, in order."""
-        for j in [job] if job else [j for j in self._jobs if j.stream is not None]:
-            st = j.stream
-            while st.chunk < len(j.items):
-                text = batcher.partial_text(j.items[st.chunk])
-                if text.startswith(st.sent) and len(text) > len(st.sent):
-                    sep = " " if st.any_text and not st.sent else ""
-                    delta, st.sent = sep + text[len(st.sent) :], text
-                    j.loop.call_soon_threadsafe(st.queue.put_nowait, StreamEvent("delta", delta))
-                if st.chunk not in j.results:
-                    break
-                st.any_text, st.chunk, st.sent = st.any_text or bool(st.sent), st.chunk + 1, ""
-
-    def _drop_cancelled(self, batcher: BatcherLike) -> None:
-        for job in [j for j in self._jobs if j.cancelled.is_set()]:
-            log.info("request cancelled by the client: dropping %d piece(s)", len(job.items) - len(job.results))
-            self._end(batcher, job)
-
-    def _fail_unstarted(self, batcher: BatcherLike) -> None:
-        """Shutdown: requests that have not produced anything yet are failed clearly; the rest finish."""
-        for job in [j for j in self._jobs if not j.started and not any(it._seq for it in j.items)]:
-            self._end(batcher, job, error=EngineNotReady("the server is shutting down; retry shortly"))
-
-    def _fail_all(self, batcher: BatcherLike, message: str) -> None:
-        """The shutdown deadline passed: everything still in flight fails (503: retry)."""
-        if self._jobs:
-            log.warning("shutdown deadline passed: failing %d running request(s)", len(self._jobs))
-        for job in list(self._jobs):
-            self._end(batcher, job, error=EngineNotReady(message))
-
-    @staticmethod
-    def _release_memory(batcher: BatcherLike) -> None:
-        release = getattr(getattr(batcher, "model", None), "release_memory", None)
-        if release is not None:
-            try:
-                release()
-            except Exception:  # noqa: BLE001 - an optimisation, never a reason to stop serving
-                log.exception("releasing memory failed")
-
     def _fail_queued(self, error: BaseException) -> None:
         for job in self._intake(block=False) or []:
             if job is not _STOP:
                 job.deliver(error=error)
-
-
-def _family(config: Any) -> str:
-    from canary_server.model.config import ModelConfig, family
-
-    return family(config) if isinstance(config, ModelConfig) else ""
-
-
-def load_model(spec: str, cache_dir: Any = None, dtype: str = "auto") -> ModelLike:
-    """Resolve a MODEL spec (converting a .nemo on first use) and load it. Runs on the engine thread."""
-    from canary_server import model
-    from canary_server.convert.cache import resolve_model
-
-    path = resolve_model(spec, cache_dir=cache_dir)
-    log.info("loading model from %s", path)
-    return model.load(path, dtype=model.default_dtype() if dtype == "auto" else dtype)
