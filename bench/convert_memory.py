@@ -5,7 +5,7 @@ The checkpoint to use: a random-weight canary-1b-v2-size archive built by NeMo i
 as the real release). The converter runs in a child process; its peak RSS comes from the kernel's own accounting
 (`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`, so it also works on macOS).
 
-    .venv/bin/python bench/convert_memory.py /work/bigfixtures/canary-1b-v2-random.nemo [--dtype float32] [--keep]
+    .venv/bin/python bench/convert_memory.py ../bigfixtures/canary-1b-v2-random.nemo [--dtype float32] [--keep]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ prompt's source-language slot, one batched decoder pass over the encoder output 
   request sees); and the slot pass alone next to the encoder on random-weight models with the dimensions of
   canary-180m-flash / canary-1b-flash (bench/random_model.py), where the encoder dominates.
 
-    .venv/bin/python bench/language_id.py [--nemo /work/nemo-venv/bin/python] [--repeats 5] [--skip-heldout]
+    .venv/bin/python bench/language_id.py [--nemo ../nemo-venv/bin/python] [--repeats 5] [--skip-heldout]
 
 Prints Markdown tables. Timings on a shared machine are noisy: medians of --repeats runs.
 """

@@ -4,8 +4,8 @@ memory on a full-size archive. The output lives OUTSIDE the repo and is never co
 
 Run BY HAND in the NeMo 3.0.0 venv (NeMo and torch are not project dependencies), from the repo root:
 
-    nice -n 5 /work/nemo-venv/bin/python bench/make_big_v2_nemo.py
-    nice -n 5 /work/nemo-venv/bin/python bench/make_big_v2_nemo.py --out /somewhere/else.nemo
+    nice -n 5 ../nemo-venv/bin/python bench/make_big_v2_nemo.py      # writes ../bigfixtures/canary-1b-v2-random.nemo
+    nice -n 5 ../nemo-venv/bin/python bench/make_big_v2_nemo.py --out /somewhere/else.nemo
 
 Needs ~16 GB free disk on the output's filesystem and on $TMPDIR (NeMo's save_to writes the weights to a temporary
 folder and then tars them) and ~8 GB RAM. Result: a ~6.4 GB plain tar with the main EncDecMultiTaskModel (FastConformer
@@ -25,6 +25,7 @@ import shutil
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "fixtures", "release"))
@@ -51,7 +52,8 @@ def peak_rss_gb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/work/bigfixtures/canary-1b-v2-random.nemo")
+    default_out = Path(__file__).resolve().parents[2] / "bigfixtures" / "canary-1b-v2-random.nemo"  # beside checkout
+    ap.add_argument("--out", default=str(default_out))
     ap.add_argument("--need-gb", type=float, default=16.0, help="refuse to start with less free disk than this")
     args = ap.parse_args()
 

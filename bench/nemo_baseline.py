@@ -2,7 +2,7 @@
 
 Run with NeMo's interpreter (NeMo is never a dependency of this project):
 
-    /work/nemo-venv/bin/python bench/nemo_baseline.py --model 180m-flash --tokenizers ~/.cache/canary-bench/180m-flash
+    ../nemo-venv/bin/python bench/nemo_baseline.py --model 180m-flash --tokenizers ~/.cache/canary-bench/180m-flash
 
 Builds an `EncDecMultiTaskModel` from a config like the espeak model's model_config.yaml scaled to the real
 canary-180m-flash / canary-1b-flash dimensions (random weights: NeMo's own init), with the tokenizer files that

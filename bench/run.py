@@ -238,7 +238,7 @@ def median_run(runs: list[dict], key: str) -> dict:
 
 
 def run_nemo(name: str, model_dir: Path, repeats: int) -> dict | None:
-    python = os.environ.get("NEMO_PYTHON") or "/work/nemo-venv/bin/python"
+    python = os.environ.get("NEMO_PYTHON") or str(REPO.parent / "nemo-venv" / "bin" / "python")  # beside the checkout
     if not Path(python).exists():
         log(f"--with-nemo: {python} not found; skipping NeMo")
         return None
@@ -362,7 +362,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help=f"compute dtype(s), comma-separated, of {', '.join(DTYPES)}")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     ap.add_argument("--single-only", action="store_true", help="skip the concurrency and long-file runs")
-    ap.add_argument("--with-nemo", action="store_true", help="also run bench/nemo_baseline.py ($NEMO_PYTHON)")
+    ap.add_argument(
+        "--with-nemo", action="store_true", help="also run bench/nemo_baseline.py ($NEMO_PYTHON, default ../nemo-venv)"
+    )
     ap.add_argument("--model-dir", type=Path, help="where the random model is written (default: ~/.cache/...)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--single-seconds", type=float, nargs="+", default=list(SINGLE_SECONDS), help="clip lengths")

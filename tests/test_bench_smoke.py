@@ -4,7 +4,8 @@ bench/random_model.py (2-layer encoder and decoder of width 64; random weights) 
 Timings at these sizes mean nothing and are not checked: what is checked is that each script finishes, prints its
 table, and loads OpenBLAS before MLX (a script that imports MLX first is measured with MLX's slow reference BLAS).
 bench/nemo_baseline.py needs NeMo and torch, which are never this project's dependencies: it runs in NeMo's own
-interpreter ($NEMO_PYTHON, default /work/nemo-venv/bin/python) and is skipped where that does not exist.
+interpreter ($NEMO_PYTHON, default a `nemo-venv` beside the checkout: ../nemo-venv/bin/python) and is skipped where
+that does not exist.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from conftest import ESPEAK_NEMO, REPO
 
 BENCH = REPO / "bench"
-NEMO_PYTHON = Path(os.environ.get("NEMO_PYTHON") or "/work/nemo-venv/bin/python")
+NEMO_PYTHON = Path(os.environ.get("NEMO_PYTHON") or REPO.parent / "nemo-venv" / "bin" / "python")
 # What each script is run with here (bench/synth.py is a module; bench/serve_capped.py is the server run.py starts).
 SMOKE_ARGS = {
     "random_model.py": ["tiny", "--out", "{tiny}"],
