@@ -14,7 +14,7 @@ So while anything is deferred, it gets at least `share` of the engine's time ove
 
 from __future__ import annotations
 
-DEFAULT_SHARE = 0.5
+DEFAULT_SHARE = 0.25  # measured: bench/fairness.py (README, Benchmarks)
 DEFAULT_GRACE_SECONDS = 3.0
 
 
