@@ -16,9 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
-import canary_server  # noqa: I001  (first: preloads OpenBLAS before MLX)
-import canary_server.pipeline.scheduler as scheduler
-from synth import SR, speech_like
+from serve_capped import force_decode_length  # imports canary_server first: OpenBLAS before MLX
+
+import canary_server
+from synth import speech_like
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=3.0, help="pause before the 'after idle' request")
     ap.add_argument("--release-after", type=float, default=2.0, help="idle_release_seconds of the second row")
     args = ap.parse_args()
-    scheduler.single_item_max_new_tokens = lambda model, n, p: max(1, round(4 * n / SR))  # random weights never stop
+    force_decode_length()  # random weights never stop: 4 tokens per second of audio, as bench/run.py
     audio = speech_like(args.seconds, seed=1)
     with canary_server.load(args.model) as m:
         engine = m.pipeline.engine

@@ -30,9 +30,8 @@ CACHE = Path.home() / ".cache" / "canary-bench"
 
 import canary_server  # noqa: E402, I001  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
-from canary_server.pipeline import scheduler  # noqa: E402
 from canary_server.pipeline.engine import EngineState  # noqa: E402
-from serve_capped import capped_max_new_tokens  # noqa: E402
+from serve_capped import force_decode_length  # noqa: E402
 from synth import speech_like  # noqa: E402
 
 
@@ -94,7 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--idle", type=float, default=1.0, help="idle_unload_seconds used here")
     args = ap.parse_args()
-    scheduler.single_item_max_new_tokens = capped_max_new_tokens  # the bench's forced decode length
+    force_decode_length()  # the bench's forced decode length
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row(name, Path(tmp), args.repeats, args.idle) for name in args.models.split(",")]
     print(

@@ -2,7 +2,7 @@
 
 The random-weight models never emit <|endoftext|> (bench/random_model.py), so every sequence runs to its length
 limit. This wrapper lowers that limit to round(CANARY_BENCH_TOKENS_PER_SECOND * seconds) tokens (default 4, a
-realistic rate for speech) by replacing `single_item_max_new_tokens` in pipeline/scheduler.py, the one place the
+realistic rate for speech) by replacing `single_item_max_new_tokens` in pipeline/encoding.py, the one place the
 continuous batcher takes a sequence's limit from; NeMo's own limit still applies when it is lower. Nothing in the
 package is changed. It keeps `mx.get_peak_memory()`, its peak RSS, MLX's version and device and the backend paths in
 $CANARY_BENCH_STATS (JSON) if set.
@@ -21,15 +21,21 @@ from pathlib import Path
 
 import canary_server  # noqa: F401  (preloads OpenBLAS before anything imports MLX)
 from canary_server.cli import main
-from canary_server.pipeline import scheduler
+from canary_server.pipeline import encoding
 
 RATE = float(os.environ.get("CANARY_BENCH_TOKENS_PER_SECOND", "4"))
-_nemo_limit = scheduler.single_item_max_new_tokens
+_nemo_limit = encoding.single_item_max_new_tokens
 
 
 def capped_max_new_tokens(m, num_samples: int, prompt_len: int) -> int:
     forced = max(1, round(RATE * num_samples / m.sample_rate))
     return min(_nemo_limit(m, num_samples, prompt_len), forced)
+
+
+def force_decode_length() -> None:
+    """Cap every sequence the continuous batcher starts from now on (in this process) as above."""
+    assert encoding.single_item_max_new_tokens is _nemo_limit, "the limit moved: patch where the batcher reads it"
+    encoding.single_item_max_new_tokens = capped_max_new_tokens
 
 
 def _write_stats(path: str) -> None:
@@ -47,7 +53,7 @@ def _write_stats(path: str) -> None:
 
 
 if __name__ == "__main__":
-    scheduler.single_item_max_new_tokens = capped_max_new_tokens
+    force_decode_length()
     if os.environ.get("CANARY_BENCH_STATS"):
         threading.Thread(target=_write_stats, args=(os.environ["CANARY_BENCH_STATS"],), daemon=True).start()
     sys.exit(main(["serve", *sys.argv[1:]]))

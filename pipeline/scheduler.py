@@ -10,55 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
-from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_batch, pad_to_min_duration
-from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence, check_prompt_length
+from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_to_min_duration
+from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence
 from canary_server.model.beam_decoder import BeamBatchDecoder
 from canary_server.model.conformer import drain
-from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
-from canary_server.model.errors import NonFiniteError, PromptTooLong
-from canary_server.model.prompt import PromptSpec
+from canary_server.model.errors import NonFiniteError
+from canary_server.pipeline.encoding import Encoding, WorkItem, begin_encoding, sequences
 from canary_server.pipeline.fairness import DEFAULT_GRACE_SECONDS, DEFAULT_SHARE, FairShare
-from canary_server.pipeline.language import LanguageChoice
+
+__all__ = ["AGING_PER_SECOND", "ENCODE_STAGES", "PARK_MARGIN_SECONDS", "PARK_RATIO", "ContinuousBatcher", "WorkItem"]
 
 log = logging.getLogger("canary.scheduler")
-
-
-@dataclass(eq=False)
-class WorkItem:
-    """One piece of audio (a request, or a chunk of a long one) for the `ContinuousBatcher`.
-
-    `priority`: lower runs first (the engine uses the seconds of audio of the item's request, so a short request
-    is never stuck behind a long file's chunks). `group`: items of one request (the engine's job); while the group
-    makes progress its waiting items do not age. On completion exactly one of result / error is set."""
-
-    audio: np.ndarray  # float32, 16 kHz mono
-    spec: PromptSpec
-    tag: Any = None
-    priority: float = 0.0
-    group: Any = None
-    result: Any = None  # model.canary.Transcription
-    error: BaseException | None = None
-    cancelled: bool = False
-    beam_size: int | None = None  # None: the batcher's
-    language: LanguageChoice | None = None  # detect the source language (shared by the request's items)
-    _seq: Sequence | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class _Encoding:
-    """A padded encoder batch in progress, evaluated one stage per `step()`."""
-
-    items: list[WorkItem]
-    prompts: list[list[int] | BaseException]
-    waves: list[np.ndarray]
-    stages: Generator[mx.array, None, tuple]
 
 
 # Waiting 1 s (without the request making progress) makes it compete like one 10 s of audio shorter.
@@ -104,7 +69,7 @@ class ContinuousBatcher:
         self._compile = compile
         self.decoders: dict[int, BatchDecoder] = {}
         self.waiting: list[WorkItem] = []
-        self.encoding: list[_Encoding] = []  # in progress; the last one runs, earlier ones were paused for it
+        self.encoding: list[Encoding] = []  # in progress; the last one runs, earlier ones were paused for it
         self.parked: list[Parked] = []
         self.fair = FairShare(long_request_share, fair_grace_seconds)
         self.clock = clock
@@ -304,7 +269,7 @@ class ContinuousBatcher:
         except StopIteration as finished:
             self.encoding.pop()
             try:
-                seqs = self._sequences(enc, finished.value)
+                seqs = sequences(self.model, enc, finished.value)
             except Exception as exc:  # noqa: BLE001 - isolated below
                 return done + self._isolate(enc.items, exc), False
             return done + self._join(enc.items, seqs), False
@@ -344,75 +309,16 @@ class ContinuousBatcher:
         started = {id(it.group) for it in batch if it.group is not None}
         self._waiting_again([it for it in self.waiting if it.group is not None and id(it.group) in started], now)
         try:
-            self.encoding.append(self._begin(batch))
+            self.encoding.append(begin_encoding(self.model, batch, self.encode_stages))
         except Exception as exc:  # noqa: BLE001
             return self._isolate(batch, exc)
         return []
 
     # ---- encoding ---------------------------------------------------------------------------------------
-    def _begin(self, items: list[WorkItem]) -> _Encoding:
-        model, sr = self.model, self.model.sample_rate
-        prompts: list[list[int] | BaseException] = []
-        for item in items:
-            try:
-                prompts.append(model.prompt_ids(item.spec))
-            except Exception as exc:  # noqa: BLE001 - fails that item alone
-                prompts.append(exc)
-        waves = [pad_to_min_duration(it.audio, int(MIN_AUDIO_SECONDS * sr)) for it in items]
-        audio, lengths = pad_batch(waves)
-        return _Encoding(items, prompts, waves, model.encode_stages(audio, lengths, self.encode_stages))
-
-    def _sequences(self, encoding: _Encoding, value: tuple) -> list[Sequence | BaseException]:
-        enc, enc_lens = value
-        self._detect_languages(encoding, enc, enc_lens)
-        enc_lens = np.array(enc_lens).tolist()
-        model = self.model
-        hop, n_convs = model.config.preprocessor.hop_length, model.config.encoder.n_subsampling_convs
-        out: list[Sequence | BaseException] = []
-        for i, (item, prompt, wave) in enumerate(zip(encoding.items, encoding.prompts, encoding.waves, strict=True)):
-            if isinstance(prompt, BaseException):
-                out.append(prompt)
-                continue
-            try:  # a prompt past the decoder's position table fails this item alone
-                check_prompt_length(len(prompt), model.config.decoder.max_sequence_length)
-            except PromptTooLong as exc:
-                out.append(exc)
-                continue
-            frames = encoder_frames(wave.shape[0], hop, n_convs)
-            limit = single_item_max_new_tokens(model, wave.shape[0], len(prompt))
-            seq = Sequence(enc[i, :frames], enc_lens[i], prompt, limit, tag=item, cancelled=item.cancelled)
-            item._seq = seq
-            out.append(seq)
-        return out
-
-    def _detect_languages(self, encoding: _Encoding, enc: mx.array, enc_lens: mx.array) -> None:
-        """Requests that detect their language: the first of their items in this batch decides (one batched
-        decoder pass at the prompt's language slot over the encoder output just computed), then every one of
-        their items gets the decided language's prompt."""
-        deciders: dict[int, int] = {}  # id(choice) -> row
-        for i, item in enumerate(encoding.items):
-            choice = item.language
-            if choice is not None and not choice.decided and id(choice) not in deciders:
-                deciders[id(choice)] = i
-        if deciders:
-            rows = list(deciders.values())
-            idx = mx.array(rows)
-            log_probs = np.array(self.model.language_log_probs(enc[idx], enc_lens[idx])).tolist()
-            for row, lps in zip(rows, log_probs, strict=True):
-                encoding.items[row].language.decide(dict(zip(self.model.languages, lps, strict=True)))
-        for i, item in enumerate(encoding.items):
-            if item.language is None or isinstance(encoding.prompts[i], BaseException):
-                continue
-            item.spec = item.language.apply(item.spec)
-            try:
-                encoding.prompts[i] = self.model.prompt_ids(item.spec)
-            except Exception as exc:  # noqa: BLE001 - fails that item alone
-                encoding.prompts[i] = exc
-
     def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
         """Encode items as one padded batch, all stages at once."""
-        encoding = self._begin(items)
-        return self._sequences(encoding, drain(encoding.stages))
+        encoding = begin_encoding(self.model, items, self.encode_stages)
+        return sequences(self.model, encoding, drain(encoding.stages))
 
     def _isolate(self, items: list[WorkItem], exc: BaseException) -> list[WorkItem]:
         """A batch failed: fail it if it is one item, else encode the items one by one (the others still run)."""
