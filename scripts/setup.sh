@@ -24,7 +24,7 @@ PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install -q -e ".${e
 
 echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv. Next:"
 if [ -n "$extras" ]; then
-    echo "  .venv/bin/python -m pytest              # run the tests"
+    echo "  .venv/bin/python -m pytest -n 2         # run the tests (two workers)"
 fi
 echo "  .venv/bin/canary-server serve           # start the server (the first start downloads the model)"
 echo "  (or 'source .venv/bin/activate' once, then just 'canary-server serve'; 'canary-server --help' for more)"
