@@ -40,11 +40,10 @@ import numpy as np
 
 from canary_server import model  # first: preloads OpenBLAS before MLX
 import mlx.core as mx
-import mlx.nn as nn
 from canary_server.convert import convert_nemo
 from canary_server.model import backend
-from canary_server.model.cpu_layout import TransposedLinear
 from machine_info import describe
+from quantize_eval import quantized_share
 from wer import word_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,19 +205,6 @@ def _float32_head(m: model.Canary, directory: Path) -> None:
     head_t = mx.contiguous(weight.astype(mx.float32).T)
     mx.eval(head_t)
     m.logits = lambda hidden: hidden.astype(mx.float32) @ head_t + m.head.bias
-
-
-def quantized_share(m: nn.Module) -> float:
-    full = quant = 0
-    for _, layer in m.named_modules():
-        if isinstance(layer, nn.QuantizedLinear):
-            n = layer.weight.shape[0] * layer.weight.shape[1] * 32 // layer.bits
-            quant, full = quant + n, full + n
-        elif isinstance(layer, nn.Linear):
-            full += layer.weight.size
-        elif isinstance(layer, TransposedLinear):  # a plain Linear in the CPU layout
-            full += layer.weight_t.size
-    return quant / full if full else 0.0
 
 
 # ---- measuring -------------------------------------------------------------------------------------------------

@@ -26,10 +26,9 @@ from run import (
     log,
     single_stream,
     transcribe,
-    wav_bytes,
 )
 
-from synth import speech_like
+from synth import speech_like, wav_bytes
 
 
 def measure(model_dir: Path, dtype: str, share: float, long_seconds: float) -> dict:

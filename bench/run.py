@@ -26,7 +26,6 @@ smoke test's run (tests/test_bench_smoke.py): every measurement once, in seconds
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
@@ -36,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import wave
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -45,7 +43,7 @@ import httpx
 import numpy as np
 
 from machine_info import describe
-from synth import SR, speech_like
+from synth import speech_like, wav_bytes
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -53,17 +51,6 @@ TOKENS_PER_SECOND = 4.0
 SINGLE_SECONDS = (5.0, 30.0, 300.0)
 CONCURRENCY = (1, 4, 16)
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-# ---- audio ----------------------------------------------------------------------------------------------------
-def wav_bytes(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes((audio * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 # ---- server ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,9 @@ import numpy as np
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from hostile_files import flac_silence, float_wav, wav_claiming_rate  # noqa: E402  (the limit tests' files)
+
 SHARED = REPO.parent / "shared" / "models"
 SR = 16000
 LANGS = ("en", "de", "es", "fr")
@@ -98,21 +100,12 @@ def encode(x: np.ndarray, fmt: str) -> bytes:
 def hostile_files(clip: np.ndarray) -> dict[str, bytes]:
     """Corrupt and hostile uploads (all small); the server must answer each quickly, the same way every time."""
     rng = np.random.default_rng(7)
-    one_hz = np.zeros(32000, np.int16).tobytes()
-    fmt = struct.pack("<IHHIIHH", 16, 1, 1, 1, 2, 2, 16)
-    wav_1hz = b"RIFF" + struct.pack("<I", 36 + len(one_hz)) + b"WAVEfmt " + fmt + b"data"
-    wav_1hz += struct.pack("<I", len(one_hz)) + one_hz
-    flac = bytearray(_sf_bytes(np.zeros((48000, 2), np.int16), 48000, "FLAC"))
-    claim = int.from_bytes(flac[18:26], "big") & ~((1 << 36) - 1) | (3 * 3600 * 48000)
-    flac[18:26] = claim.to_bytes(8, "big")  # STREAMINFO total samples: says 3 h of 48 kHz stereo
-    unknown = bytearray(_sf_bytes(np.zeros(700 * 8000, np.int16), 8000, "FLAC"))
-    unknown[18:26] = (int.from_bytes(unknown[18:26], "big") & ~((1 << 36) - 1)).to_bytes(8, "big")  # 'unknown'
     wav = encode(clip, "wav")
     return {
-        "wav claiming 1 Hz": wav_1hz,
-        "flac claiming 3 h": bytes(flac),
-        "flac of unknown length, 700 s": bytes(unknown),
-        "float samples of 1e20": _sf_bytes(clip * np.float32(1e20), SR, "WAV", "FLOAT"),
+        "wav claiming 1 Hz": wav_claiming_rate(1),
+        "flac claiming 3 h": flac_silence(1.0, 48000, 2, claimed_frames=3 * 3600 * 48000),  # 1 s of 48 kHz stereo
+        "flac of unknown length, 700 s": flac_silence(700, 8000, 1, claimed_frames=0),
+        "float samples of 1e20": float_wav(clip * np.float32(1e20), SR),
         "random bytes": rng.integers(0, 256, 50_000, dtype=np.uint8).tobytes(),
         "wav header only": wav[:44],
         "wav cut in half": wav[: len(wav) // 2],

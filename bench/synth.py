@@ -1,6 +1,10 @@
-"""Seeded speech-like test audio (numpy only: shared by bench/run.py and bench/nemo_baseline.py)."""
+"""Seeded speech-like test audio and its WAV upload (numpy and the standard library only: shared by the bench
+scripts and bench/nemo_baseline.py)."""
 
 from __future__ import annotations
+
+import io
+import wave
 
 import numpy as np
 
@@ -27,3 +31,15 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
         out[pos : pos + length] += (0.25 * env * (voiced * rng.uniform(0.3, 1.0) + noise)).astype(np.float32)
         pos += length + int(rng.uniform(0.01, 0.08) * SR)
     return np.clip(out + rng.standard_normal(n).astype(np.float32) * 0.003, -1, 1)
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    """A 16-bit mono WAV at SR: int16 samples as they are, float samples in [-1, 1] scaled by 32767."""
+    pcm = audio if audio.dtype == np.int16 else (audio * 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return buf.getvalue()
