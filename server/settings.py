@@ -6,6 +6,7 @@ Precedence, highest first: explicit overrides (CLI flags), environment variables
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
@@ -186,26 +187,11 @@ class Settings(BaseSettings):
             _config_file.reset(token)
 
     def pipeline_config(self) -> PipelineConfig:
-        return PipelineConfig(
-            chunk_seconds=self.chunk_seconds,
-            max_audio_seconds=self.max_audio_seconds,
-            batch_size=self.batch_size,
-            encode_batch_seconds=self.encode_batch_seconds,
-            max_queued_requests=self.max_queued_requests,
-            beam_size=self.beam_size,
-            length_penalty=self.length_penalty,
-            long_request_share=self.long_request_share,
-            default_language=self.default_language,
-            detect_language=self.detect_language,
-            detect_languages=tuple(self.detect_languages),
-            detect_threshold=self.detect_threshold,
-            idle_unload_seconds=self.idle_unload_seconds,
-            max_prompt_tokens=self.max_prompt_tokens,
-            max_concurrent_decodes=self.max_concurrent_decodes,
-            max_queued_audio_seconds=self.max_queued_audio_seconds,
-            shutdown_grace_seconds=self.shutdown_grace_seconds,
-            idle_release_seconds=self.idle_release_seconds,
-        )
+        """The pipeline's limits and scheduling: every setting named like a `PipelineConfig` field."""
+        names = [f.name for f in dataclasses.fields(PipelineConfig) if f.name in Settings.model_fields]
+        values = {name: getattr(self, name) for name in names}
+        values["detect_languages"] = tuple(values["detect_languages"])
+        return PipelineConfig(**values)
 
     @property
     def max_upload_bytes(self) -> int:
