@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import Engine, load_model
 from canary_server.pipeline.pipeline import AudioDecoder
-from canary_server.server.errors import install_error_handler
+from canary_server.server.errors import install_error_handler, keep_private
 from canary_server.server.limits import SpoolBudgetMiddleware, UploadLimitMiddleware
 from canary_server.server.routes import audio, health, models
 from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
@@ -74,6 +74,7 @@ def create_app(
     app.state.pipeline = pipeline
     app.state.engine = pipeline.engine
     app.state.started_at = int(time.time())
+    keep_private(settings.model, settings.cache_dir, model_dir, Path.home() / ".cache")  # out of /health, 503s
     install_error_handler(app)
     # The last added runs first: the Host check, the Origin rule, then the API key (all before the body is read),
     # then the budget of bodies held by all requests and the upload limit while the body streams in.

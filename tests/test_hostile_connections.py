@@ -175,3 +175,89 @@ def test_a_client_stuck_mid_body_does_not_hold_the_shutdown(espeak_dir, tmp_path
     assert status == -signal.SIGTERM
     assert exited - sent < 3.0, exited - sent  # not the 10 s of uvicorn's graceful timeout
     assert "Traceback" not in server.log(), server.log()
+
+
+# ---- in process: the Origin rule -----------------------------------------------------------------------------
+def test_browser_pages_of_other_origins_are_refused_unless_allowed():
+    from canary_server.server.app import create_app
+    from canary_server.server.settings import Settings
+    from server_fakes import fake_engine, running_server, tone, wait_ready, wav_bytes
+
+    wav = wav_bytes(tone(1.0))
+
+    def post(url: str, origin: str | None) -> httpx.Response:
+        headers = {"Origin": origin} if origin is not None else {}
+        data = {"model": "whisper-1"}
+        return httpx.post(f"{url}/v1/audio/transcriptions", headers=headers, data=data, files={"file": wav})
+
+    plain = create_app(Settings(model="/models/fake-canary"), engine=fake_engine())
+    listed = create_app(
+        Settings(model="/models/fake-canary", allowed_origins=["https://app.example"]), engine=fake_engine()
+    )
+    with running_server(plain) as url, running_server(listed) as url2:
+        wait_ready(url)
+        wait_ready(url2)
+        for origin in ["https://evil.example", "null", "http://localhost.evil.example", "https://app.example"]:
+            r = post(url, origin)  # a page on another site POSTs a form: no CORS preflight protects this
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_origin", (origin, r.text)
+        assert httpx.get(f"{url}/health", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert post(url, url).status_code == 200  # the server's own pages (/docs)
+        assert post(url, None).status_code == 200  # not a browser
+
+        r = post(url2, "https://app.example")
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        preflight["Access-Control-Request-Headers"] = "authorization"
+        assert httpx.options(f"{url2}/v1/audio/transcriptions", headers=preflight).status_code == 200
+        assert post(url2, "https://evil.example").status_code == 403
+
+
+def test_a_websocket_handshake_from_a_foreign_origin_is_refused():
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    from canary_server.server.security import OriginCheckMiddleware
+
+    async def hello(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_text("hello")
+        await ws.close()
+
+    app = OriginCheckMiddleware(Starlette(routes=[WebSocketRoute("/ws", hello)]), allowed=["https://app.example"])
+    client = TestClient(app, base_url="http://testserver")
+    for origin in ["http://testserver", "https://app.example", None]:
+        headers = {"Origin": origin} if origin else {}
+        with client.websocket_connect("/ws", headers=headers) as ws:
+            assert ws.receive_text() == "hello"
+    for origin in ["https://evil.example", "null"]:
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws", headers={"Origin": origin}):
+            pass
+        assert refused.value.code == 1008
+
+
+# ---- in process: /health after a failed reload names no local path, spaces or not ----------------------------
+def test_health_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir, tmp_path):
+    import shutil
+
+    from canary_server.pipeline.engine import EngineState
+    from canary_server.server.app import create_app
+    from canary_server.server.settings import Settings
+    from conftest import ESPEAK_CLIPS
+    from server_fakes import running_server, wait_ready
+
+    model = tmp_path / "secret dir" / "my model"
+    shutil.copytree(espeak_dir, model)
+    app = create_app(Settings(model=str(model), idle_unload_seconds=0.2))
+    clip = {"file": (ESPEAK_CLIPS / "clip00.wav").read_bytes()}
+    with running_server(app) as url:
+        wait_ready(url)
+        _wait_until(lambda: app.state.engine.state is EngineState.UNLOADED, 30, "never unloaded")
+        model.rename(tmp_path / "secret dir" / "gone")  # the reload fails
+        r = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "whisper-1"}, files=clip)
+        body = httpx.get(f"{url}/health").json()
+    assert r.status_code == 503 and body["error"], (r.text, body)
+    for text in (r.text, body["error"]):
+        assert "secret dir" not in text and str(tmp_path) not in text and "secret" not in text, text
+    assert "my model" in body["error"]  # what failed, by its name
