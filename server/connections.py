@@ -48,13 +48,18 @@ class ConnectionLimits:
 def raise_descriptor_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit where the OS allows; returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft != resource.RLIM_INFINITY and soft < target:
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    # macOS refuses more than OPEN_MAX (10240) even under an unlimited hard limit: then try that
+    for wanted in (target, min(target, 10240)):
+        if soft >= wanted:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):  # e.g. macOS refuses more than OPEN_MAX: keep what we have
-            pass
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        except (ValueError, OSError):
+            continue
     return soft
 
 
