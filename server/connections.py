@@ -120,6 +120,33 @@ class _Registry:
             log.warning("HTTP connections (cap %d, open %d) since start: %s", self.cap, len(self.open), summary)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets through one of each message uvicorn logs per bad connection ("Invalid HTTP request received.") every
+    LOG_EVERY_SECONDS, saying how many were dropped: a flood of garbage cannot grow the log without bound."""
+
+    NOISY = ("Invalid HTTP request received.", "Unsupported upgrade request.", "No supported WebSocket library")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        key = next((k for k in self.NOISY if message.startswith(k)), None)
+        if key is None:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            record.msg = f"{message} ({dropped} more like it not logged)"
+        return True
+
+
 class DeadlineH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with header and body deadlines and a cap (see the module's docstring)."""
 
@@ -236,6 +263,10 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 def deadline_protocol(limits: ConnectionLimits) -> type[DeadlineH11Protocol]:
-    """A protocol class for one server: its connections share `limits` and one registry."""
+    """A protocol class for one server: its connections share `limits` and one registry. Also quiets uvicorn's
+    per-connection warnings (`RepeatFilter`)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatFilter) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(RepeatFilter())
     attrs = {"limits": limits, "registry": _Registry(limits.max_connections)}
     return type("DeadlineH11Protocol", (DeadlineH11Protocol,), attrs)

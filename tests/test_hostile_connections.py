@@ -95,6 +95,10 @@ def test_1100_idle_and_half_sent_connections_do_not_take_the_server_down(espeak_
             if i % 2:  # half a request line and headers
                 sock.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nContent-Ty".encode())
             socks.append(sock)
+            if i % 10 == 5:  # not HTTP at all: a 400 each, and one log line for all of them
+                with socket.create_connection((host, port), timeout=10) as bad:
+                    bad.sendall(b"GARBAGE\r\n\r\n")
+                    assert bad.recv(100).startswith(b"HTTP/1.1 400") and _closed_by_server(bad, timeout=5)
             if i % 100 == 99:  # the front door keeps answering during the flood
                 assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         began = time.monotonic()
@@ -110,6 +114,12 @@ def test_1100_idle_and_half_sent_connections_do_not_take_the_server_down(espeak_
         assert len(new_log) < 40, "".join(new_log[-40:])  # a summary line at most every 10 s, access lines
         assert "Traceback" not in "".join(new_log)
         assert "max_connections 512 lowered to 352" in server.log()
+        # a kept-alive connection is closed after keep_alive_seconds (1 s), before the header deadline (2 s)
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            answered = time.monotonic()
+            assert _closed_by_server(sock, timeout=5) and time.monotonic() - answered < 1.8
         # no X-Forwarded-For believed without trusted_proxies: the access log names the real client
         httpx.get(f"{server.url}/health", headers={"X-Forwarded-For": "203.0.113.9"})
         _wait_until(lambda: "/health" in server.lines[-1], 5, server.log())
