@@ -25,6 +25,8 @@ DEADLINES = {  # seconds: short, so that the tests see them pass
 }
 DESCRIPTORS = 1024  # the child's `ulimit -n`, soft and hard: the default of a systemd service
 MIB = 1024 * 1024
+# The server's descriptors are read from /proc (Linux)
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/PID/fd")
 
 
 def _address(server: ServerProcess) -> tuple[str, int]:
@@ -84,6 +86,7 @@ def _multipart_head(host: str, port: int, length: int) -> bytes:
 
 
 # ---- idle and half-sent connections past the descriptor limit -------------------------------------------
+@needs_proc
 def test_1100_idle_and_half_sent_connections_do_not_take_the_server_down(espeak_dir, many_files):
     server = start_server(espeak_dir, descriptor_limit=DESCRIPTORS, env=DEADLINES)
     try:
@@ -129,6 +132,7 @@ def test_1100_idle_and_half_sent_connections_do_not_take_the_server_down(espeak_
 
 
 # ---- stalled uploads, the spool budget -------------------------------------------------------------------
+@needs_proc
 def test_stalled_uploads_lose_their_spool_files_at_the_deadline_and_their_budget(espeak_dir, tmp_path):
     """20 uploads send 2 MiB each (past the 1 MiB kept in memory) and stall. Within the 45 MiB budget a 21st
     of 10 MiB is refused (429) while they hold theirs; at the body deadline they are closed, their spool files
@@ -166,6 +170,7 @@ def test_stalled_uploads_lose_their_spool_files_at_the_deadline_and_their_budget
 
 
 # ---- shutdown with a client stuck mid-body; X-Forwarded-For from a trusted proxy ----------------------------
+@needs_proc
 def test_a_client_stuck_mid_body_does_not_hold_the_shutdown(espeak_dir, tmp_path):
     env = {"TMPDIR": str(tmp_path), "CANARY_TRUSTED_PROXIES": '["127.0.0.1"]'}  # default deadlines: 20 s for a body
     server = start_server(espeak_dir, env=env)
