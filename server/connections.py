@@ -94,7 +94,8 @@ class _Registry:
         self.open: set[DeadlineH11Protocol] = set()
         self.waiting: dict[DeadlineH11Protocol, None] = {}  # insertion-ordered: the oldest first
         self.counts = {"closed waiting for headers": 0, "closed mid-body": 0, "evicted": 0, "refused": 0}
-        self._logged_at = 0.0
+        self._logged_at = -LOG_EVERY_SECONDS
+        self._pending = False  # a summary line is due
 
     def admit(self, conn: DeadlineH11Protocol) -> bool:
         if len(self.open) >= self.cap:
@@ -112,12 +113,20 @@ class _Registry:
         self.waiting.pop(conn, None)
 
     def count(self, what: str) -> None:
+        """Count a connection closed or refused; log the counts now, or once LOG_EVERY_SECONDS have passed since the
+        last line (called on the event loop)."""
         self.counts[what] += 1
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY_SECONDS:
-            self._logged_at = now
-            summary = ", ".join(f"{k}: {v}" for k, v in self.counts.items() if v)
-            log.warning("HTTP connections (cap %d, open %d) since start: %s", self.cap, len(self.open), summary)
+        wait = self._logged_at + LOG_EVERY_SECONDS - time.monotonic()
+        if wait <= 0:
+            self._log()
+        elif not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_later(wait, self._log)
+
+    def _log(self) -> None:
+        self._logged_at, self._pending = time.monotonic(), False
+        summary = ", ".join(f"{k}: {v}" for k, v in self.counts.items() if v)
+        log.warning("HTTP connections (cap %d, open %d) since start: %s", self.cap, len(self.open), summary)
 
 
 class RepeatFilter(logging.Filter):
