@@ -281,6 +281,6 @@ def test_health_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir
 def test_the_connection_cap_stays_below_the_descriptor_limit():
     from canary_server.server.connections import connection_cap
 
-    assert connection_cap(512, 1024) == 352  # systemd's default: two descriptors each, an accept burst, a reserve
+    assert connection_cap(512, 1024) == 352  # a hard limit of 1024: two descriptors each, an accept burst, a reserve
     assert connection_cap(512, 65536) == 512
     assert connection_cap(512, 100) == 1
