@@ -15,10 +15,10 @@ from starlette.concurrency import run_in_threadpool
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import Engine, load_model
 from canary_server.pipeline.pipeline import AudioDecoder
-from canary_server.server.errors import install_error_handler
-from canary_server.server.limits import UploadLimitMiddleware
+from canary_server.server.errors import install_error_handler, keep_private
+from canary_server.server.limits import SpoolBudgetMiddleware, UploadLimitMiddleware
 from canary_server.server.routes import audio, health, models
-from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, allowed_hosts
+from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
 from canary_server.server.settings import Settings
 
 
@@ -74,11 +74,14 @@ def create_app(
     app.state.pipeline = pipeline
     app.state.engine = pipeline.engine
     app.state.started_at = int(time.time())
+    keep_private(settings.model, settings.cache_dir, model_dir, Path.home() / ".cache")  # out of /health, 503s
     install_error_handler(app)
-    # The last added runs first: the Host check, then the API key (both before the body is read), then the
-    # upload limit while the body streams in.
+    # The last added runs first: the Host check, the Origin rule, then the API key (all before the body is read),
+    # then the budget of bodies held by all requests and the upload limit while the body streams in.
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(SpoolBudgetMiddleware, max_bytes=settings.max_spooled_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, prefix="/v1")
+    add_origin_rules(app, settings)
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings))
     app.include_router(health.router)
     app.include_router(audio.router, prefix="/v1")

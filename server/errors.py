@@ -5,9 +5,12 @@ One handler, `error_response`, maps each kind of exception to that body and a st
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -61,11 +64,30 @@ def _from_validation(exc: RequestValidationError) -> ApiError:
 # An absolute or home-relative path: kept to its last component. Not after a word character, ':' or '/', so
 # repo ids (nvidia/canary-1b-flash) and URLs (https://...) stay whole.
 _PATH = re.compile(r"(?<![\w:/.~-])(?:~|/)[^\s'\"]*/([^\s'\"/]*)")
+# The same in quotes (Python's OSError messages quote the path), where spaces belong to the path.
+_QUOTED_PATH = re.compile(r"(['\"])(?:~|/)[^'\"\n]*/([^'\"/\n]*)\1")
+
+# Local paths the settings name (the model, the caches): unquoted, with spaces, only a known path can be found.
+_private_paths: set[str] = set()
+
+
+def keep_private(*paths: str | os.PathLike | None) -> None:
+    """Have `without_paths` shorten these paths (as given, absolute and resolved) wherever they appear."""
+    for path in paths:
+        if path is None or not str(path).startswith(("/", "~", ".")):  # a repo id is no local path
+            continue
+        expanded = os.path.expanduser(str(path))
+        _private_paths.update(p.rstrip("/") for p in (str(path), expanded, os.path.abspath(expanded)) if len(p) > 1)
+        with contextlib.suppress(OSError, RuntimeError):
+            _private_paths.add(str(Path(expanded).resolve()))
 
 
 def without_paths(message: str) -> str:
     """`message` with local paths shortened to their file or directory name (for unauthenticated readers)."""
-    return _PATH.sub(r"\1", message)
+    for path in sorted(_private_paths, key=len, reverse=True):  # the longest first: a model inside the cache
+        whole = re.compile(rf"(?<![\w/.~-]){re.escape(path)}(?![\w.-])")  # a whole path, not part of a longer name
+        message = whole.sub(lambda _, name=Path(path).name: name, message)
+    return _PATH.sub(r"\1", _QUOTED_PATH.sub(r"\1\2\1", message))
 
 
 def to_api_error(exc: Exception) -> ApiError:

@@ -1,7 +1,7 @@
-"""Who may use the server: the Host allow-list and the API key, both checked before a request body is read, and
-warnings about an exposed bind.
+"""Who may use the server: the Host allow-list, the Origin rule (browser pages) and the API key, all checked
+before a request body is read, and warnings about an exposed bind.
 
-Both checks are plain ASGI middleware rather than FastAPI dependencies: FastAPI parses a form body before it
+The checks are plain ASGI middleware rather than FastAPI dependencies: FastAPI parses a form body before it
 resolves a route's dependencies, so a dependency would read a whole unauthenticated upload first.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from urllib.parse import urlsplit
 
+from fastapi import FastAPI
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -83,6 +86,59 @@ class HostCheckMiddleware:
                 await JSONResponse(error_body(err), status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """A browser page's `Origin` may use the server when it is one of the server's own pages (same scheme-less
+    host and port as the request's Host) or listed in `allowed` ("*": any)."""
+    origin = origin.strip().lower().rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:  # "null" (sandboxed pages, file://), ...
+        return False
+    default_port = ":443" if parts.scheme == "https" else ":80"
+    return parts.netloc.removesuffix(default_port) == host.strip().lower().removesuffix(default_port)
+
+
+class OriginCheckMiddleware:
+    """403 for a request, or a refused WebSocket handshake, whose `Origin` is a page not served here and not in
+    `allowed_origins`. Browsers send Origin with cross-origin requests, and a page may POST a form to any server
+    (no CORS preflight); clients that are not browsers send none and are not affected."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app, self.allowed = app, [o.strip().lower().rstrip("/") for o in allowed]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and not origin_allowed(origin, headers.get("host", ""), self.allowed):
+                if scope["type"] == "websocket":  # closing before accepting answers the handshake with 403
+                    await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
+                    return
+                err = ApiError(
+                    403,
+                    f"requests from web pages at {origin[:200]!r} are not allowed; add the origin to the "
+                    "allowed_origins setting",
+                    code="invalid_origin",
+                )
+                await JSONResponse(error_body(err), status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def add_origin_rules(app: FastAPI, settings: Settings) -> None:
+    """The Origin check, and CORS headers (preflight answers included) for the allowed origins so their pages
+    can read the answers. Added after the API key check, so both run before it (a preflight has no key)."""
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
 
 
 class ApiKeyMiddleware:

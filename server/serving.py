@@ -18,6 +18,13 @@ from fastapi import FastAPI
 
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import EngineState
+from canary_server.server.connections import (
+    LISTEN_BACKLOG,
+    ConnectionLimits,
+    connection_cap,
+    deadline_protocol,
+    raise_descriptor_limit,
+)
 from canary_server.server.security import exposure_warnings
 from canary_server.server.settings import Settings
 
@@ -60,6 +67,20 @@ class DeadlineServer(uvicorn.Server):
         self.pipeline.shutdown(self.grace)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The settings' connection limits, the cap kept below the descriptor limit (raised first where allowed)."""
+    descriptors = raise_descriptor_limit()
+    cap = connection_cap(settings.max_connections, descriptors)
+    if cap < settings.max_connections:
+        log.warning(
+            "max_connections %d lowered to %d: the process may open %d files (raise `ulimit -n` / LimitNOFILE)",
+            settings.max_connections,
+            cap,
+            descriptors,
+        )
+    return ConnectionLimits(settings.header_timeout_seconds, settings.body_timeout_seconds, settings.body_min_rate, cap)
+
+
 def run_server(app: FastAPI, settings: Settings) -> None:
     """Serve `app` (its pipeline on `app.state.pipeline`) as the settings say, until a signal stops it."""
     for warning in exposure_warnings(settings):
@@ -70,5 +91,11 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds + WRITE_GRACE_SECONDS),
+        http=deadline_protocol(connection_limits(settings)),
+        backlog=LISTEN_BACKLOG,
+        timeout_keep_alive=settings.keep_alive_seconds,  # type: ignore[arg-type]  # a float works (call_later)
+        # X-Forwarded-For/-Proto only from the proxies named (uvicorn alone believes them from loopback).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies,
     )
     DeadlineServer(config, app.state.pipeline, settings.shutdown_grace_seconds).run()

@@ -100,6 +100,29 @@ class Settings(BaseSettings):
         None,
         description="Host names accepted besides loopback names and IPs (DNS-rebinding guard); unset + api_key: any.",
     )
+    # ---- connections (issue 19): deadlines, caps, browsers, proxies ----------------------------------------
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request line and headers must arrive within this (else 408 and closed)."
+    )
+    body_timeout_seconds: float = Field(
+        20.0, gt=0, description="A request body gets this long, plus 1 s per body_min_rate bytes received."
+    )
+    body_min_rate: int = Field(1024, gt=0, description="Slowest accepted upload, in bytes per second.")
+    keep_alive_seconds: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_connections: int = Field(
+        512, ge=1, description="Open HTTP connections at most (also kept below the descriptor limit)."
+    )
+    max_spooled_uploads_mb: float = Field(
+        1024.0, gt=0, description="MiB of request bodies held at once by all requests (memory and temp files)."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web page origins allowed to call the server besides its own pages (['*']: any).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Proxy addresses/networks whose X-Forwarded-For/-Proto are believed (empty: none).",
+    )
     beam_size: int | None = Field(
         None, ge=1, le=16, description="Beam width; unset: the model's own decoding config (1 = greedy)."
     )
@@ -196,6 +219,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_spooled_upload_bytes(self) -> int:
+        return int(self.max_spooled_uploads_mb * 1024 * 1024)
 
     @property
     def model_id(self) -> str:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import httpx
 
-# Sets the child's address-space limit before anything is imported, then runs `python -m canary_server`.
+# Sets the child's address-space and descriptor limits before anything is imported, then runs
+# `python -m canary_server`.
 _BOOT = (
-    "import resource, runpy, sys; cap = int(sys.argv.pop(1)); "
+    "import resource, runpy, sys; cap = int(sys.argv.pop(1)); files = int(sys.argv.pop(1)); "
     "cap > 0 and resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); "
+    "files > 0 and resource.setrlimit(resource.RLIMIT_NOFILE, (files, files)); "
     "sys.argv[0] = 'canary-server'; runpy.run_module('canary_server', run_name='__main__')"
 )
 _LISTENING = re.compile(r"Uvicorn running on http://([\d.]+):(\d+)")
@@ -27,7 +29,7 @@ _LISTENING = re.compile(r"Uvicorn running on http://([\d.]+):(\d+)")
 class ServerProcess:
     proc: subprocess.Popen
     url: str = ""
-    lines: list[str] = field(default_factory=list)  # its stderr so far
+    lines: list[str] = field(default_factory=list)  # its stderr and stdout so far
     reader: threading.Thread | None = None
 
     def log(self) -> str:
@@ -49,18 +51,36 @@ class ServerProcess:
 
 
 def start_server(
-    model: Path, *, memory_cap: int = 0, env: dict[str, str] | None = None, timeout: float = 120
+    model: Path,
+    *,
+    memory_cap: int = 0,
+    descriptor_limit: int = 0,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
 ) -> ServerProcess:
     """Start `canary-server serve --model MODEL --port 0` (settings through CANARY_* `env`; `memory_cap` bytes of
-    address space, 0: none), wait until /health is 200. Stop it with `stop_server`."""
+    address space, `descriptor_limit` open files, soft and hard, as `ulimit -n` sets them; 0: none), wait until
+    /health is 200. Stop it with `stop_server`."""
     child_env = {**os.environ, "CANARY_LOG_LEVEL": "info", "CANARY_WYOMING_PORT": "0", **(env or {})}
-    cmd = [sys.executable, "-c", _BOOT, str(memory_cap), "serve", "--model", str(model), "--port", "0"]
-    proc = subprocess.Popen(cmd, env=child_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    cmd = [
+        sys.executable,
+        "-c",
+        _BOOT,
+        str(memory_cap),
+        str(descriptor_limit),
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        "0",
+    ]
+    # stderr and stdout (uvicorn's access log) in one pipe, in order
+    proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = ServerProcess(proc)
     found = threading.Event()
 
     def read() -> None:
-        for line in proc.stderr:
+        for line in proc.stdout:
             server.lines.append(line)
             m = _LISTENING.search(line)
             if m and not found.is_set():
@@ -89,4 +109,4 @@ def stop_server(server: ServerProcess) -> None:
     server.proc.wait(30)
     if server.reader is not None:
         server.reader.join(10)  # EOF once the process is gone
-    server.proc.stderr.close()
+    server.proc.stdout.close()
