@@ -186,9 +186,9 @@ def test_idle_release_times_requests_after_an_idle_pause(tiny):
     assert re.search(r"^\| released after 0\.1 s idle \| [\d.]+ s \| [\d.]+ s \|", out, flags=re.M), out
 
 
-def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():
-    readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"^(?:\S*python) bench/(\w+\.py)([^#\n]*)", readme, flags=re.M)
+def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_accept():
+    docs = (REPO / "README.md").read_text() + (REPO / "BENCHMARKS.md").read_text()
+    commands = re.findall(r"^(?:\S*python) bench/(\w+\.py)([^#\n]*)", docs, flags=re.M)
     assert len(commands) >= 4
     helps: dict[str, str] = {}
     for script, args in commands:
@@ -199,4 +199,4 @@ def test_the_readme_bench_commands_use_only_flags_the_scripts_accept():
             assert proc.returncode == 0, proc.stderr
             helps[script] = proc.stdout
         for flag in re.findall(r"(?<!\S)--[\w-]+", args):
-            assert flag in helps[script], f"README: bench/{script} {args.strip()}: {flag} is not an option"
+            assert flag in helps[script], f"README/BENCHMARKS: bench/{script} {args.strip()}: {flag} is not an option"
