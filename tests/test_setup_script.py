@@ -53,16 +53,14 @@ def _bin(tmp_path: Path, **links: str) -> Path:
 
 def _check(tmp_path: Path, path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {"PATH": str(path), "HOME": str(tmp_path / "home"), **env}
-    return subprocess.run(
-        ["/bin/bash", str(SETUP), "--check"], env=environ, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run(["/bin/bash", str(SETUP), "--check"], env=environ, capture_output=True, text=True, timeout=60)
 
 
 def test_setup_skips_a_python_3_9_first_on_the_path_for_a_newer_one(tmp_path):
     path = _bin(tmp_path, python3=_python39(), **{"python3.11": _new_python()})
     proc = _check(tmp_path, path)
     assert proc.returncode == 0, proc.stderr
-    ver = "%d.%d" % sys.version_info[:2]
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert proc.stdout.strip() == f"setup.sh would use Python {ver} at {path / 'python3.11'} (found on PATH)"
 
 
