@@ -53,9 +53,9 @@ SMOKE_ARGS = {
     # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
     # arguments are checked here
     "make_big_v2_nemo.py": ["--help"],
-    "wyoming_latency.py": ["--models", "espeak", "--repeats", "2"],
-    "idle_unload.py": ["--models", "espeak", "--repeats", "1"],
-    "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny"],
+    "wyoming_latency.py": ["--models", "espeak", "--repeats", "2", "--cache-dir", "{tiny}-cache"],
+    "idle_unload.py": ["--models", "espeak", "--repeats", "1", "--cache-dir", "{tiny}-cache"],
+    "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny", "--cache-dir", "{tiny}-cache"],
     "soak.py": ["--requests", "12", "--concurrency", "2", "--long-seconds", "6", "--pool", "3", "--seed", "3"],
     "lifecycle.py": ["--bursts", "1", "--files", "1", "--seconds", "8", "--settle", "0.5", "--signal-after", "0.5"],
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
@@ -145,23 +145,23 @@ def test_the_big_v2_nemo_maker_starts_in_nemos_interpreter():
     assert "--need-gb" in _bench("make_big_v2_nemo.py", python=str(NEMO_PYTHON))
 
 
-def test_wyoming_latency_compares_wyoming_with_http_on_the_espeak_model():
+def test_wyoming_latency_compares_wyoming_with_http_on_the_espeak_model(tiny):
     if not ESPEAK_NEMO.is_file():
         pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
-    out = _bench("wyoming_latency.py")
+    out = _bench("wyoming_latency.py", tiny)
     assert re.search(r"^\| espeak-tiny-en \(toy\), [\d.]+ s clip \|.*\| yes \|$", out, flags=re.M), out
 
 
 def test_idle_unload_measures_memory_before_and_after(tiny):
     if not ESPEAK_NEMO.is_file():
         pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
-    assert re.search(r"^\| espeak \| \d+ \| \d+ \| \d+ \|", _bench("idle_unload.py"), flags=re.M)
+    assert re.search(r"^\| espeak \| \d+ \| \d+ \| \d+ \|", _bench("idle_unload.py", tiny), flags=re.M)
 
 
-def test_language_id_reports_accuracy_and_its_cost():
+def test_language_id_reports_accuracy_and_its_cost(tiny):
     if not ESPEAK_NEMO.is_file():
         pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
-    out = _bench("language_id.py")
+    out = _bench("language_id.py", tiny)
     assert "12 shipped clips" in out and re.search(r"^\| tiny \(random weights\) \| 1 x 3 s \|", out, flags=re.M)
 
 

@@ -35,7 +35,9 @@ CLI = str(Path(sys.executable).with_name("canary-server"))
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a first start: no CANARY_* settings, an empty Hugging Face cache, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CANARY_", "HF_"))}
-    env.update({"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", **extra})
+    env.update({"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    # Never the default ports 8000 / 10300: a canary-server may be running on this machine.
+    env.update({"CANARY_PORT": "0", "CANARY_WYOMING_PORT": "0", **extra})
     return env
 
 
@@ -93,6 +95,17 @@ def test_serve_on_a_port_in_use_says_so_before_loading_anything(tmp_path, capsys
         port = busy.getsockname()[1]
         assert main(["serve", "--model", str(tmp_path / "absent"), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_serve_on_a_wyoming_port_in_use_names_the_wyoming_port_option(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path / "absent"), "--port", "0", "--wyoming-port", str(port)]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Pick another --wyoming-port (0 turns Wyoming off)" in err
 
 
 def test_transcribe_with_a_model_that_does_not_exist_is_one_line(tmp_path):
