@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import sys
 from contextvars import ContextVar
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -165,7 +167,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
-        return (init_settings, env_settings, toml)
+        return (init_settings, _EnvSource(settings_cls), toml)
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -181,8 +183,10 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as e:
             raise SettingsError("; ".join(_describe(err, path, file_values, overrides) for err in e.errors())) from None
-        except _SourceError as e:  # a CANARY_* list/dict value that is not JSON
-            raise SettingsError(f'{e} (list settings take JSON in environment variables: \'["a", "b"]\')') from None
+        except _ListValueError as e:
+            raise SettingsError(str(e)) from None
+        except _SourceError as e:  # an environment variable pydantic-settings cannot read
+            raise SettingsError(str(e)) from None
         finally:
             _config_file.reset(token)
 
@@ -212,6 +216,30 @@ class Settings(BaseSettings):
 
 class SettingsError(ValueError):
     """A settings file, environment variable or flag that cannot be used (the message is one line)."""
+
+
+class _ListValueError(Exception):
+    """A CANARY_* list value that is neither. Not a ValueError: pydantic-settings would swallow that for an
+    optional list (allowed_hosts) and pass the text on."""
+
+
+class _EnvSource(EnvSettingsSource):
+    """CANARY_* variables, where a list setting is comma-separated text (`a,b`) or a JSON list (`["a", "b"]`)."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        text = str(value).strip()
+        if not text.startswith(("[", "{")):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise _ListValueError(
+                f"setting {field_name} = {value!r} (from {env_name(field_name)}): not a list: give comma-separated "
+                'values (a,b) or a JSON list (["a", "b"])'
+            )
+        return items
 
 
 def expand_path(value: str | Path) -> str:

@@ -25,7 +25,7 @@ from canary_server.cli import build_parser, main
 from canary_server.cli.progress import LogLines
 from canary_server.convert.cache import resolve_model
 from canary_server.server.app import create_app
-from canary_server.server.settings import Settings
+from canary_server.server.settings import Settings, SettingsError
 from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, REPO
 from server_fakes import fake_engine
 
@@ -238,7 +238,13 @@ def test_download_fetches_from_the_hub_cache_converts_and_prints_the_directory(t
         ([], {}, "port = [\n", "not valid TOML"),
         ([], {"CANARY_LOG_LEVEL": "loud"}, None, "setting log_level = 'loud' (from CANARY_LOG_LEVEL): input should be"),
         (["--port", "99999"], {}, None, "setting port = 99999 (from --port): input should be less than or equal to"),
-        ([], {"CANARY_MODEL_ALIASES": "whisper-1"}, None, "model_aliases"),
+        (
+            [],
+            {"CANARY_MODEL_ALIASES": '["whisper-1"'},
+            None,
+            """setting model_aliases = '["whisper-1"' (from CANARY_MODEL_ALIASES): not a list: give comma-separated"""
+            """ values (a,b) or a JSON list (["a", "b"])""",
+        ),
     ],
 )
 def test_settings_errors_are_one_line(tmp_path, monkeypatch, capsys, args, env, toml, expected):
@@ -293,6 +299,25 @@ def test_timestamps_with_text_or_json_output_is_refused(capsys):
     for fmt in ("text", "json"):
         assert main(["transcribe", "a.wav", "--model", "m", "--format", fmt, "--timestamps"]) == 2
         assert "--timestamps needs --format verbose_json, srt or vtt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["a.lan,b.lan", " a.lan , b.lan ", '["a.lan", "b.lan"]'])
+@pytest.mark.parametrize("setting", ["allowed_hosts", "model_aliases", "detect_languages"])
+def test_list_settings_from_the_environment_take_commas_or_json(monkeypatch, setting, value):
+    monkeypatch.setenv(f"CANARY_{setting.upper()}", value)
+    assert getattr(Settings.load(), setting) == ["a.lan", "b.lan"]
+
+
+@pytest.mark.parametrize("value", ["[a.lan", '{"a": 1}', "[1, 2"])
+@pytest.mark.parametrize("setting", ["allowed_hosts", "model_aliases", "detect_languages"])
+def test_a_list_setting_that_is_neither_is_one_error_wording(monkeypatch, setting, value):
+    monkeypatch.setenv(f"CANARY_{setting.upper()}", value)
+    with pytest.raises(SettingsError) as err:
+        Settings.load()
+    assert str(err.value) == (
+        f"setting {setting} = {value!r} (from CANARY_{setting.upper()}): not a list: give comma-separated values "
+        """(a,b) or a JSON list (["a", "b"])"""
+    )
 
 
 def test_docs_and_redoc_load_their_assets_from_the_server_not_a_cdn():
