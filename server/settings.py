@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         file_values = _read_toml(path) if path is not None else {}
         token = _config_file.set(path)
         try:
-            return cls(**overrides)
+            settings = cls(**overrides)
         except ValidationError as e:
             raise SettingsError("; ".join(_describe(err, path, file_values, overrides) for err in e.errors())) from None
         except _ListValueError as e:
@@ -189,6 +189,7 @@ class Settings(BaseSettings):
             raise SettingsError(str(e)) from None
         finally:
             _config_file.reset(token)
+        return settings if path is None else _paths_from(settings, path.absolute().parent, file_values, overrides)
 
     def pipeline_config(self) -> PipelineConfig:
         """The pipeline's limits and scheduling: every setting named like a `PipelineConfig` field."""
@@ -245,6 +246,22 @@ class _EnvSource(EnvSettingsSource):
 def expand_path(value: str | Path) -> str:
     """`~` and `$VARS` expanded, as a shell would for a path typed on the command line."""
     return os.path.expanduser(os.path.expandvars(str(value)))
+
+
+def _paths_from(settings: Settings, folder: Path, file_values: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """Relative paths that come from the config file are taken from its folder, wherever `serve` was started (as
+    install-service runs it: in that folder). `model` only where it is one (starts with `.` or exists there): a
+    Hugging Face repo id such as nvidia/canary-1b-flash looks relative too."""
+    updates: dict[str, Any] = {}
+    for name in PATH_SETTINGS:
+        value = getattr(settings, name)
+        from_file = name in file_values and name not in overrides and env_name(name) not in os.environ
+        if not from_file or value is None or Path(value).is_absolute():
+            continue
+        candidate = Path(os.path.normpath(folder / value))
+        if name != "model" or str(value).startswith(".") or candidate.exists():
+            updates[name] = candidate if isinstance(value, Path) else str(candidate)
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def env_name(field: str) -> str:

@@ -172,6 +172,39 @@ def test_tilde_and_env_vars_in_toml_path_settings_are_expanded(tmp_path, monkeyp
     assert Settings.load(cfg).cache_dir == tmp_path / "home" / "elsewhere"
 
 
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (conf / "models" / "m").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for k in ("CANARY_MODEL", "CANARY_CACHE_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = conf / "c.toml"
+    for model, expected in [
+        ("./x.nemo", str(conf / "x.nemo")),
+        ("../shared/x.nemo", str(tmp_path / "shared" / "x.nemo")),
+        ("models/m", str(conf / "models" / "m")),  # exists there
+        ("nvidia/canary-1b-flash", "nvidia/canary-1b-flash"),  # a Hugging Face repo id
+    ]:
+        cfg.write_text(f'model = "{model}"\ncache_dir = "cache"\n')
+        s = Settings.load(Path("../conf/c.toml"))
+        assert (s.model, s.cache_dir) == (expected, conf / "cache")
+    # flags and variables are the caller's: relative to where serve starts
+    monkeypatch.setenv("CANARY_CACHE_DIR", "mine")
+    assert Settings.load(cfg, model="./y.nemo").model == "./y.nemo" and Settings.load(cfg).cache_dir == Path("mine")
+
+
+def test_serve_finds_a_relative_model_of_its_config_from_another_folder(tmp_path):
+    _require_espeak()
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "espeak.nemo").symlink_to(ESPEAK_NEMO)
+    (conf / "c.toml").write_text('model = "./espeak.nemo"\ncache_dir = "cache"\n')
+    lines, _ = _serve(["--config", "conf/c.toml"], tmp_path)  # started in tmp_path, not in conf/
+    assert f"INFO:     model {conf / 'espeak.nemo'}" in lines and any("model ready" in x for x in lines), lines
+    assert any(p.name.startswith("espeak-") and p.is_dir() for p in (conf / "cache").iterdir())  # converted there
+
+
 def test_a_tilde_cache_dir_never_creates_a_directory_named_tilde(tmp_path, monkeypatch):
     _require_espeak()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
