@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,10 @@ NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
 
 def _bench(script: str, tiny: Path | None = None, python: str = sys.executable) -> str:
     args = [a.format(tiny=tiny) for a in SMOKE_ARGS[script]]
-    proc = subprocess.run([python, str(BENCH / script), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as home:  # whatever a script or NeMo (~/.lhotse) writes to ~ stays here
+        env = {**os.environ, "HOME": home}
+        cmd = [python, str(BENCH / script), *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OpenBLAS preload skipped" not in proc.stderr
     return proc.stdout

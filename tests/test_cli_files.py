@@ -18,7 +18,7 @@ import soundfile as sf
 import canary_server
 from canary_server.cli import main
 from canary_server.model.errors import CanaryError
-from conftest import ESPEAK_CLIPS
+from conftest import ESPEAK_CLIPS, log_message
 
 CLI = str(Path(sys.executable).with_name("canary-server"))
 
@@ -56,7 +56,7 @@ def _cli(args: list[str], tmp_path: Path, **popen) -> subprocess.Popen:
 
 
 def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if not line.startswith("INFO:")]
+    return [line for line in stderr.splitlines() if log_message(line) is None]
 
 
 def test_a_bad_file_is_named_in_one_line_and_the_good_ones_are_still_transcribed(espeak_dir, tmp_path):
@@ -107,8 +107,8 @@ def test_a_long_file_shows_progress_on_stderr_unless_quiet(espeak_dir, tmp_path)
     proc = _cli(args, tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    progress = [line for line in err.splitlines() if "transcribing" in line]
-    assert progress and all(line.startswith("INFO:     transcribing long.wav: ") for line in progress), err
+    progress = [log_message(line) for line in err.splitlines() if "transcribing" in line]
+    assert progress and all(m and m.startswith("transcribing long.wav: ") for m in progress), err
     assert f" s of {seconds:.1f} s (" in progress[0] and "(100%)" in progress[-1], progress
     assert out.startswith("long.wav: ") and "\na.wav: " in out  # progress never goes to stdout
     quiet = _cli([*args, "-q"], tmp_path)

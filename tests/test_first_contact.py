@@ -26,7 +26,7 @@ from canary_server.cli.progress import LogLines
 from canary_server.convert.cache import resolve_model
 from canary_server.server.app import create_app
 from canary_server.server.settings import Settings, SettingsError
-from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, REPO
+from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, LOG_LINE, REPO, log_message
 from server_fakes import fake_engine
 
 CLI = str(Path(sys.executable).with_name("canary-server"))
@@ -48,7 +48,7 @@ def _run(args: list[str], tmp_path: Path, timeout: float = 120, **env: str) -> s
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
+    lines = [line for line in proc.stderr.splitlines() if log_message(line) is None]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("canary-server: error: "), proc.stderr
     return lines[0]
@@ -142,10 +142,11 @@ def test_first_serve_of_a_nemo_shows_conversion_progress_before_listening(tmp_pa
     _require_espeak()
     lines, rc = _serve(["--model", str(ESPEAK_NEMO), "--cache-dir", "~/models"], tmp_path)
     assert rc in (0, -signal.SIGTERM) and "Finished server process" in lines[-1], lines  # uvicorn re-raises SIGTERM
-    progress = [i for i, x in enumerate(lines) if x.startswith("INFO:") and "converting espeak-tiny-en.nemo: " in x]
+    progress = [i for i, x in enumerate(lines) if (log_message(x) or "").startswith("converting espeak-tiny-en.nemo: ")]
     listening = next(i for i, x in enumerate(lines) if "Uvicorn running" in x)
     assert progress and progress[-1] < listening, lines
     assert "(0%)" in lines[progress[0]] and "(100%)" in lines[progress[-1]]
+    assert all(LOG_LINE.fullmatch(x) for x in lines), lines  # every line, ours and uvicorn's, says when
     assert list((tmp_path / "home" / "models").iterdir()) and not (tmp_path / "~").exists()
 
 
@@ -201,7 +202,7 @@ def test_serve_finds_a_relative_model_of_its_config_from_another_folder(tmp_path
     (conf / "espeak.nemo").symlink_to(ESPEAK_NEMO)
     (conf / "c.toml").write_text('model = "./espeak.nemo"\ncache_dir = "cache"\n')
     lines, _ = _serve(["--config", "conf/c.toml"], tmp_path)  # started in tmp_path, not in conf/
-    assert f"INFO:     model {conf / 'espeak.nemo'}" in lines and any("model ready" in x for x in lines), lines
+    assert f"model {conf / 'espeak.nemo'}" in map(log_message, lines) and any("model ready" in x for x in lines), lines
     assert any(p.name.startswith("espeak-") and p.is_dir() for p in (conf / "cache").iterdir())  # converted there
 
 
@@ -220,7 +221,7 @@ def test_convert_shows_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     proc = _run(["convert", str(ESPEAK_NEMO), "out"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     progress = [x for x in proc.stderr.splitlines() if "converting espeak-tiny-en.nemo: " in x]
-    assert re.fullmatch(r"INFO: +converting espeak-tiny-en\.nemo: 0 B of [\d.]+ MB \(0%\)", progress[0])
+    assert re.fullmatch(r"converting espeak-tiny-en\.nemo: 0 B of [\d.]+ MB \(0%\)", log_message(progress[0]))
     assert "(100%)" in progress[-1] and "\r" not in proc.stderr
     assert proc.stdout.splitlines()[0] == str(tmp_path / "out")  # then what it found, indented
     quiet = _run(["convert", str(ESPEAK_NEMO), "out2", "-q"], tmp_path)
