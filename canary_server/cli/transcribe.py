@@ -44,9 +44,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--timestamps",
         action="store_true",
-        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json; "
-        "an error for a model without timestamps (srt/vtt always use the model's times where it has them, else "
-        "cues cut at pauses)",
+        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json "
+        "(only with --format verbose_json, as the API's timestamp_granularities[]); an error for a model without "
+        "timestamps (srt/vtt always use the model's times where it has them, else cues cut at pauses)",
     )
     p.add_argument("--output-dir", default=None, help="write <name>.<ext> per input there instead of to stdout")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
@@ -62,8 +62,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def _check(args: argparse.Namespace, parser_error) -> None:
-    if args.timestamps and args.format in ("text", "json"):
-        parser_error("--timestamps needs --format verbose_json, srt or vtt (text and json carry no times)")
+    if args.timestamps and args.format != "verbose_json":
+        # as the API's timestamp_granularities[] (OpenAI: a 400 with any other response_format)
+        parser_error(
+            f"--timestamps needs --format verbose_json (got {args.format}; srt and vtt always use the model's times)"
+        )
     if args.format in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
         parser_error(f"--format {args.format} with several files needs --output-dir")
     if not 0 < args.chunk_seconds <= 40:
