@@ -72,7 +72,7 @@ python_from_uv() {
             return
         else
             echo "No Python 3.10+ found (python3 is $(py_version python3)); installing uv with pip to get Python $UV_PYTHON_VERSION."
-            python3 -m pip install -q --user uv
+            python3 -m pip install -q --disable-pip-version-check --user uv
             uv="$(python3 -m site --user-base)/bin/uv"
         fi
     fi
@@ -82,7 +82,11 @@ python_from_uv() {
         how="would run '$uv python install $UV_PYTHON_VERSION'"; return
     fi
     echo "Installing Python $UV_PYTHON_VERSION with uv ($uv python install $UV_PYTHON_VERSION)."
-    "$uv" python install "$UV_PYTHON_VERSION"
+    if ! "$uv" python install "$UV_PYTHON_VERSION"; then
+        echo "setup.sh: uv could not install Python $UV_PYTHON_VERSION (it downloads it from GitHub). Install Python" \
+            "3.10+ yourself (macOS: 'brew install python@3.12') and run setup.sh again, or choose one with PYTHON=..." >&2
+        exit 1
+    fi
     python="$("$uv" python find "$UV_PYTHON_VERSION")" how="installed by uv ($uv)"
 }
 
