@@ -48,7 +48,12 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "(only with --format verbose_json, as the API's timestamp_granularities[]); an error for a model without "
         "timestamps (srt/vtt always use the model's times where it has them, else cues cut at pauses)",
     )
-    p.add_argument("--output-dir", default=None, help="write <name>.<ext> per input there instead of to stdout")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="write <name>.<ext> per input there instead of to stdout (two inputs that would write the same file are "
+        "refused; a file from an earlier run is replaced)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
     p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: the model's decoding)")
     p.add_argument(
