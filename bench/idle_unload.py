@@ -44,12 +44,12 @@ def rss_mb() -> float:
     return int(out.stdout) / 1024
 
 
-def model_dir(name: str, tmp: Path) -> Path:
+def model_dir(name: str, tmp: Path, cache: Path) -> Path:
     if name == "espeak":
         from canary_server.convert import convert_nemo
 
         return convert_nemo(SHARED / "espeak-tiny-en.nemo", tmp / "espeak-tiny-en")
-    path = CACHE / name
+    path = cache / name
     subprocess.run([sys.executable, str(BENCH / "random_model.py"), name, "--out", str(path)], check=True)
     return path
 
@@ -59,8 +59,8 @@ def wait_for(engine, state: EngineState) -> None:
         time.sleep(0.01)
 
 
-def row(name: str, tmp: Path, repeats: int, idle: float) -> str:
-    path = model_dir(name, tmp)
+def row(name: str, tmp: Path, repeats: int, idle: float, cache: Path) -> str:
+    path = model_dir(name, tmp, cache)
     audio = speech_like(5.0, seed=5)
     base = rss_mb()
     loaded, unloaded, warm, cold, loads = [], [], [], [], []
@@ -92,10 +92,16 @@ def main() -> None:
     ap.add_argument("--models", default="180m-flash,1b-flash")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--idle", type=float, default=1.0, help="idle_unload_seconds used here")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=CACHE,
+        help="where the random-weight models are written (default: ~/.cache/canary-bench)",
+    )
     args = ap.parse_args()
     force_decode_length()  # the bench's forced decode length
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [row(name, Path(tmp), args.repeats, args.idle) for name in args.models.split(",")]
+        rows = [row(name, Path(tmp), args.repeats, args.idle, args.cache_dir) for name in args.models.split(",")]
     print(
         f"\nmachine: {platform.machine()} {platform.system()}, MLX {mx.__version__} ({mx.default_device()}), float32;"
     )

@@ -158,10 +158,10 @@ def paired(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def component_rows(repeats: int, dims: tuple[str, ...]) -> list[str]:
+def component_rows(repeats: int, dims: tuple[str, ...], cache: Path) -> list[str]:
     rows = []
     for name in dims:
-        path = CACHE / name
+        path = cache / name
         subprocess.run([sys.executable, str(REPO / "bench" / "random_model.py"), name, "--out", str(path)], check=True,
                        capture_output=True)  # fmt: skip
         m = model.load(path, dtype="float32")
@@ -188,18 +188,21 @@ def main() -> None:
     ap.add_argument("--nemo", help="NeMo venv python: also run NeMo's slot on the same audio")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-heldout", action="store_true")
+    ap.add_argument(
+        "--cache-dir", type=Path, default=CACHE, help="where models are written (default: ~/.cache/canary-bench)"
+    )
     ap.add_argument("--only-latency", action="store_true", help="skip the accuracy tables")
     ap.add_argument(
         "--dims", default="180m-flash,1b-flash", help="random-weight models for the slot-vs-encoder table (or tiny)"
     )
     args = ap.parse_args()
     dims = tuple(args.dims.split(","))
-    multi_dir = convert_nemo(MULTI, CACHE / "espeak-tiny-multi", overwrite=True)
+    multi_dir = convert_nemo(MULTI, args.cache_dir / "espeak-tiny-multi", overwrite=True)
     m = model.load(multi_dir, dtype="float32")
     print(f"machine: {platform.machine()} {platform.system()}, MLX {mx.__version__} ({mx.default_device()})\n")
 
     if args.only_latency:
-        return latency(multi_dir, args.repeats, dims)
+        return latency(multi_dir, args.repeats, dims, args.cache_dir)
     lid = json.loads((CLIPS / "lid.json").read_text())["clips"]
     names = sorted(lid)
     waves = [sf.read(CLIPS / n, dtype="float32")[0] for n in names]
@@ -222,17 +225,17 @@ def main() -> None:
     print("\n".join(["\n### Accuracy (espeak-tiny-multi, the slot of the prompt)\n", head, sep, *[
         r if r.count("|") == head.count("|") else r[:-1] + " | – | – |" for r in rows]]))  # fmt: skip
 
-    latency(multi_dir, args.repeats, dims)
+    latency(multi_dir, args.repeats, dims, args.cache_dir)
 
 
-def latency(multi_dir: Path, repeats: int, dims: tuple[str, ...]) -> None:
+def latency(multi_dir: Path, repeats: int, dims: tuple[str, ...], cache: Path) -> None:
     print("\n### Latency of a request: language named vs language=auto (ms per request, min / median)\n")
     print("| model, requests | language named | language=auto | median of the pairs' differences |")
     print("|---|---|---|---|")
     print("\n".join(pipeline_latency(multi_dir, repeats)))
     print("\n### The slot pass next to the encoder it reuses (ms, min / median, float32)\n")
     print("| model | batch | encoder | slot pass | slot / encoder (min) |\n|---|---|---|---|---|")
-    print("\n".join(component_rows(repeats, dims)))
+    print("\n".join(component_rows(repeats, dims, cache)))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class Server:
         self.stats_file = Path(tempfile.mkstemp(suffix=".json")[1])
         env = dict(os.environ, CANARY_DTYPE=dtype, CANARY_LOG_LEVEL="warning", CANARY_BENCH_STATS=str(self.stats_file))
         env["CANARY_BENCH_TOKENS_PER_SECOND"] = str(TOKENS_PER_SECOND)
+        env["CANARY_WYOMING_PORT"] = "0"  # HTTP only: the default Wyoming port may be a running server's
         env.update(extra_env or {})
         cmd = [sys.executable, str(BENCH / "serve_capped.py"), "--model", str(model_dir), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)

@@ -56,7 +56,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_dir(name: str, tmp: Path) -> Path:
+def model_dir(name: str, tmp: Path, cache: Path) -> Path:
     if name == "espeak":
         out = tmp / "espeak-tiny-en"
         subprocess.run(
@@ -65,7 +65,7 @@ def model_dir(name: str, tmp: Path) -> Path:
             capture_output=True,
         )
         return out
-    path = CACHE / name
+    path = cache / name
     subprocess.run([sys.executable, str(BENCH / "random_model.py"), name, "--out", str(path)], check=True)
     return path
 
@@ -137,8 +137,8 @@ def stats(xs: list[float]) -> str:
     return f"{statistics.median(ms):.0f} / {p90:.0f}"
 
 
-def bench(name: str, repeats: int, tmp: Path) -> list[str]:
-    path = model_dir(name, tmp)
+def bench(name: str, repeats: int, tmp: Path, cache: Path) -> list[str]:
+    path = model_dir(name, tmp, cache)
     if name == "espeak":
         pcm, _ = sf.read(CLIP, dtype="int16")
         label = f"espeak-tiny-en (toy), {len(pcm) / SR:.2f} s clip"
@@ -182,11 +182,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="espeak,180m-flash")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=CACHE,
+        help="where the random-weight models are written (default: ~/.cache/canary-bench)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += bench(name, args.repeats, Path(tmp))
+            rows += bench(name, args.repeats, Path(tmp), args.cache_dir)
     machine = f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs, shared)"
     print(f"\nmachine: {machine}, {args.repeats} requests of each kind, one at a time; ms median / p90\n")
     print(

@@ -157,12 +157,14 @@ class Engine:
         beam_size: int | None = None,
         *,
         language: Any = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
         Cancelling the awaiting task (client disconnect) removes the request's sequences from the batch.
         `language`: a `pipeline.language.LanguageChoice` to detect the source language (the scheduler decides it
-        from the encoder output; source_lang / target_lang are then only the fallback)."""
+        from the encoder output; source_lang / target_lang are then only the fallback). `progress(i)` is called
+        on the caller's loop as each clip is decoded."""
         job = self._new_job(
             audios,
             source_lang,
@@ -172,6 +174,7 @@ class Engine:
             timestamps=timestamps,
             beam_size=beam_size,
             language=language,
+            progress=progress,
         )
         try:
             return await job.future
@@ -223,6 +226,7 @@ class Engine:
         timestamps: bool = False,
         beam_size: int | None = None,
         language: Any = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Job:
         from canary_server.model.prompt import PromptSpec
 
@@ -239,7 +243,14 @@ class Engine:
         )
         seconds = sum(a.shape[0] for a in audios) / self.info.sample_rate
         job = Job(
-            list(audios), spec, loop, loop.create_future(), seconds=seconds, beam_size=beam_size, language=language
+            list(audios),
+            spec,
+            loop,
+            loop.create_future(),
+            seconds=seconds,
+            beam_size=beam_size,
+            language=language,
+            progress=progress,
         )
         if stream:
             job.stream = Stream(asyncio.Queue())

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from canary_server.model.errors import AudioTooLong, CanaryError, PromptTooLong
 
-__all__ = ["AudioTooLong", "EngineBusy", "EngineNotReady", "InvalidAudio", "PromptTooLong"]
+__all__ = ["AudioTooLong", "EngineBusy", "EngineNotReady", "InvalidAudio", "PromptTooLong", "UnknownFormat"]
 
 
 class InvalidAudio(CanaryError):
     """Empty, silent-by-construction or otherwise unusable audio (after it decoded)."""
+
+
+class UnknownFormat(CanaryError):
+    """A response format that is not one of OpenAI's (json, text, srt, vtt, verbose_json)."""
 
 
 class EngineNotReady(RuntimeError):

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from canary_server.pipeline.errors import UnknownFormat
 from canary_server.pipeline.results import TranscriptResult
 
 
@@ -175,15 +176,29 @@ def render_verbose_json(r: TranscriptResult) -> dict:
     ).model_dump(exclude_none=True)
 
 
-def render(r: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> dict | str:
-    """The body of `fmt`: a dict for json / verbose_json, text for the others."""
+def render(r: TranscriptResult, fmt: ResponseFormat | str, with_logprobs: bool = False) -> dict | str:
+    """The body of `fmt` (a ResponseFormat or its name, e.g. "json"): a dict for json / verbose_json, text for the
+    others. Any other name raises UnknownFormat."""
+    fmt = response_format(fmt)
     if fmt is ResponseFormat.json:
         return render_json(r, with_logprobs)
-    if fmt is ResponseFormat.verbose_json:
-        return render_verbose_json(r)
-    if fmt is ResponseFormat.text:
-        return render_text(r)
-    return render_srt(r) if fmt is ResponseFormat.srt else render_vtt(r)
+    return _RENDERERS[fmt](r)
+
+
+def response_format(fmt: ResponseFormat | str) -> ResponseFormat:
+    try:
+        return ResponseFormat(fmt)
+    except ValueError:
+        names = ", ".join(f.value for f in ResponseFormat)
+        raise UnknownFormat(f"unknown response format {fmt!r}: use one of {names}") from None
+
+
+_RENDERERS = {
+    ResponseFormat.verbose_json: render_verbose_json,
+    ResponseFormat.text: render_text,
+    ResponseFormat.srt: render_srt,
+    ResponseFormat.vtt: render_vtt,
+}
 
 
 def sse_delta(delta: str) -> str:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,6 +70,13 @@ class Job:
     stream: Stream | None = None
     beam_size: int | None = None  # None: the engine's
     language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
+    progress: Callable[[int], None] | None = None  # called on the job's loop with each finished piece's index
+
+    def report(self, index: int) -> None:
+        """Tell the awaiting side (on its loop) that piece `index` is decoded."""
+        if self.progress is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                self.loop.call_soon_threadsafe(self.progress, index)
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -116,6 +124,7 @@ class JobBook:
             self.end(batcher, job, error=item.error)
             return
         job.results[index] = item.result
+        job.report(index)
         if job.stream is not None:
             self.stream_progress(batcher, job)
         if len(job.results) == len(job.items):

@@ -30,6 +30,7 @@ from canary_server.pipeline.results import TranscriptResult, assemble
 # An encoded file (bytes, a path, or a binary file object read when its turn to decode comes), or 16 kHz float32.
 AudioInput = bytes | bytearray | memoryview | str | Path | BinaryIO | np.ndarray
 AudioDecoder = Callable[[bytes, float], np.ndarray]  # (encoded file, max seconds) -> 16 kHz mono float32
+Progress = Callable[[float, float], None]  # (seconds of audio decoded, seconds in all)
 
 # A token never spans more characters than this (SentencePiece's default max piece length): a prompt longer than
 # max_prompt_tokens x this is cut to its end before it is tokenized, so tokenizing costs the engine little.
@@ -276,15 +277,25 @@ class Pipeline:
         return gate
 
     async def transcribe(
-        self, audio: AudioInput | PreparedAudio, options: TranscribeOptions, *, beam_size: int | None = None
+        self,
+        audio: AudioInput | PreparedAudio,
+        options: TranscribeOptions,
+        *,
+        beam_size: int | None = None,
+        progress: Progress | None = None,
     ) -> TranscriptResult:
         """The whole transcript of one input. Cancelling the awaiting task removes its work from the engine.
-        `beam_size`: None for the engine's decoding (the model's config unless the settings override it)."""
+        `beam_size`: None for the engine's decoding (the model's config unless the settings override it).
+        `progress(done, total)`: seconds of audio decoded and in all, on this loop, as each piece finishes."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
         o = prepared.options
         choice = LanguageChoice(o.detect) if o.detect else None
         results = await self.engine.transcribe_batch(
-            *self._engine_args(prepared), o.timestamps, beam_size, language=choice
+            *self._engine_args(prepared),
+            o.timestamps,
+            beam_size,
+            language=choice,
+            progress=None if progress is None else _piece_progress(prepared, progress),
         )
         return self._assemble(prepared, results, choice)
 
@@ -327,3 +338,16 @@ class Pipeline:
             timestamps=o.timestamps,
             detected_language=choice.result if choice is not None else None,
         )
+
+
+def _piece_progress(prepared: PreparedAudio, progress: Progress) -> Callable[[int], None]:
+    """The engine reports finished pieces by index; `progress` hears seconds of audio."""
+    seconds = [c.end - c.start for c in prepared.chunks]
+    done = 0.0
+
+    def on_piece(index: int) -> None:
+        nonlocal done
+        done += seconds[index]
+        progress(min(done, prepared.duration), prepared.duration)
+
+    return on_piece

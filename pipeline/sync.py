@@ -12,11 +12,14 @@ and its loop run on their own threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from canary_server.model.errors import CanaryError
 from canary_server.pipeline.engine import ModelLike, load_model
 from canary_server.pipeline.options import PipelineConfig
 from canary_server.pipeline.pipeline import AudioInput, Pipeline
@@ -90,6 +93,31 @@ class Transcriber:
         word and segment times on models that have them (flash models, canary-1b-v2)."""
         single = not isinstance(audio, list | tuple)
         items = [audio] if single else list(audio)
+        results = []
+        each = self.transcribe_each(items, source_lang, target_lang, pnc, context, batch_size, beam_size, timestamps)
+        with contextlib.closing(each):  # closing it cancels the inputs still in flight
+            for result in each:
+                if isinstance(result, Exception):
+                    raise result
+                results.append(result)
+        return results[0] if single else results
+
+    def transcribe_each(
+        self,
+        audio: Sequence[AudioInput],
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        pnc: bool = True,
+        context: str | None = None,
+        batch_size: int = 8,
+        beam_size: int | None = None,
+        timestamps: bool = False,
+        progress: Callable[[int, float, float], None] | None = None,
+    ) -> Iterator[TranscriptResult | CanaryError]:
+        """`transcribe` for a list whose inputs fail alone: yields, in input order as soon as it is done, each
+        input's result or the `CanaryError` it raised (a file that is not audio, too long, ...). Other errors
+        raise. `progress(index, seconds_done, seconds_total)` is called (on another thread) as each piece of
+        an input is decoded. Closing the iterator early (or Ctrl-C) cancels the inputs still in flight."""
         options = self.pipeline.options(
             source_lang,  # None: the config's default language (or detection); "auto": detect it
             target_lang,
@@ -99,17 +127,23 @@ class Transcriber:
             language_role="source language",
             target_role="target language",
         )
-        results = self._run(self._transcribe_all(items, options, max(1, batch_size), beam_size))
-        return results[0] if single else results
+        gate = asyncio.Semaphore(max(1, batch_size))  # binds to the private loop on first use
 
-    async def _transcribe_all(self, items, options, batch_size: int, beam_size: int | None) -> list[TranscriptResult]:
-        gate = asyncio.Semaphore(batch_size)
-
-        async def one(item: AudioInput) -> TranscriptResult:
+        async def one(index: int, item: AudioInput) -> TranscriptResult:
+            report = None if progress is None else functools.partial(progress, index)
             async with gate:
-                return await self.pipeline.transcribe(item, options, beam_size=beam_size)
+                return await self.pipeline.transcribe(item, options, beam_size=beam_size, progress=report)
 
-        return list(await asyncio.gather(*(one(x) for x in items)))
+        futures = [asyncio.run_coroutine_threadsafe(one(i, x), self._loop) for i, x in enumerate(audio)]
+        try:
+            for future in futures:
+                try:
+                    yield future.result()
+                except CanaryError as exc:
+                    yield exc
+        finally:
+            for future in futures:
+                future.cancel()
 
     def close(self) -> None:
         """Stop the engine and the private loop (idempotent)."""

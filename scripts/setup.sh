@@ -1,11 +1,108 @@
 #!/usr/bin/env bash
-# Create .venv and install canary-server into it. `--dev` adds the test tools.
+# Create .venv and install canary-server into it. `--dev` adds the test tools; `--check` only says which Python it
+# would use (and how it would get one) and changes nothing.
+# MLX needs Python 3.10+, and macOS's own python3 is 3.9: the interpreter is $PYTHON if set, else the newest
+# python3.13 ... python3.10 on PATH (then Homebrew's on macOS), else python3 if it is 3.10+, else a Python 3.12
+# from uv (installed with pip if missing; uv downloads a standalone Python build).
 # On Linux it also installs Debian's OpenBLAS (libopenblas0-pthread): MLX's CPU wheel links a slow
 # reference BLAS, and model/blas.py preloads OpenBLAS instead (about 20x faster fp32 matmuls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+check=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) extras="[dev]" ;;
+        --check) check=1 ;;
+        *) echo "setup.sh: unknown option $arg (use --dev, --check)" >&2; exit 2 ;;
+    esac
+done
+UV_PYTHON_VERSION=3.12
+
+# Prints "X.Y" if $1 runs and is Python 3.10 or newer; fails otherwise (a pyenv shim of a version that is not
+# installed fails here too, which is why every candidate is run, not just looked up).
+py_ok() {
+    "$1" -c 'import sys; assert sys.version_info >= (3, 10); print("%d.%d" % sys.version_info[:2])' 2>/dev/null
+}
+
+py_version() {
+    "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "?"
+}
+
+# Sets `python` and `how` (a sentence for the user), or leaves `python` empty.
+find_python() {
+    python="" how=""
+    if [ -n "${PYTHON:-}" ]; then
+        if ! command -v "$PYTHON" >/dev/null; then
+            echo "setup.sh: PYTHON=$PYTHON: no such interpreter" >&2; exit 2
+        fi
+        if ! py_ok "$PYTHON" >/dev/null; then
+            echo "setup.sh: PYTHON=$PYTHON is Python $(py_version "$PYTHON"); canary-server (MLX) needs 3.10 or newer" >&2
+            exit 2
+        fi
+        python="$(command -v "$PYTHON")" how="PYTHON=$PYTHON"; return
+    fi
+    local dirs=("")
+    [ "$(uname -s)" = "Darwin" ] && dirs+=(/opt/homebrew/bin/ /usr/local/bin/)  # Homebrew: Apple Silicon, Intel
+    local dir minor candidate
+    for dir in "${dirs[@]}"; do
+        for minor in 13 12 11 10; do
+            candidate="${dir}python3.${minor}"
+            if py_ok "$candidate" >/dev/null; then
+                python="$(command -v "$candidate")" how="found on ${dir:-PATH}"; return
+            fi
+        done
+    done
+    if py_ok python3 >/dev/null; then
+        python="$(command -v python3)" how="python3 on PATH"
+    fi
+}
+
+# No suitable Python anywhere: uv (from PyPI) provides one. Sets `python` and `how`.
+python_from_uv() {
+    local uv
+    uv="$(command -v uv || true)"
+    if [ -z "$uv" ]; then
+        local base
+        base="$(python3 -m site --user-base 2>/dev/null || true)"
+        if [ -n "$base" ] && [ -x "$base/bin/uv" ]; then
+            uv="$base/bin/uv"
+        elif [ "$check" = 1 ]; then
+            python="" how="would run 'python3 -m pip install --user uv', then 'uv python install $UV_PYTHON_VERSION'"
+            return
+        else
+            echo "No Python 3.10+ found (python3 is $(py_version python3)); installing uv with pip to get Python $UV_PYTHON_VERSION."
+            python3 -m pip install -q --disable-pip-version-check --user uv
+            uv="$(python3 -m site --user-base)/bin/uv"
+        fi
+    fi
+    python="$("$uv" python find ">=3.10" 2>/dev/null || true)"
+    if [ -n "$python" ]; then how="found by uv ($uv)"; return; fi
+    if [ "$check" = 1 ]; then
+        how="would run '$uv python install $UV_PYTHON_VERSION'"; return
+    fi
+    echo "Installing Python $UV_PYTHON_VERSION with uv ($uv python install $UV_PYTHON_VERSION)."
+    if ! "$uv" python install "$UV_PYTHON_VERSION"; then
+        echo "setup.sh: uv could not install Python $UV_PYTHON_VERSION (it downloads it from GitHub). Install Python" \
+            "3.10+ yourself (macOS: 'brew install python@3.12') and run setup.sh again, or choose one with PYTHON=..." >&2
+        exit 1
+    fi
+    python="$("$uv" python find "$UV_PYTHON_VERSION")" how="installed by uv ($uv)"
+}
+
+find_python
+if [ -z "$python" ]; then
+    python_from_uv
+fi
+if [ "$check" = 1 ]; then
+    if [ -n "$python" ]; then
+        echo "setup.sh would use Python $(py_version "$python") at $python ($how)"
+    else
+        echo "setup.sh found no Python 3.10+ (python3 is $(py_version python3)); it $how"
+    fi
+    exit 0
+fi
+echo "Using Python $(py_version "$python") at $python ($how)."
 
 if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.so.0'; then
     sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
@@ -16,13 +113,18 @@ if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenbl
     fi
 fi
 
-python3 -m venv .venv
+# A .venv left by an older Python (e.g. a first try with macOS's 3.9) cannot be reused: make it again.
+if [ -x .venv/bin/python ] && ! py_ok .venv/bin/python >/dev/null; then
+    echo "Removing .venv: it was made with Python $(py_version .venv/bin/python)."
+    rm -rf .venv
+fi
+"$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # The editable install maps the repository's folders into one `canary_server` package; setuptools prints an
 # informational notice about that layout (a UserWarning), which is all that ignoring UserWarning here hides.
 PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install -q -e ".${extras}"
 
-echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv. Next:"
+echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv (Python $(py_version .venv/bin/python)). Next:"
 if [ -n "$extras" ]; then
     echo "  .venv/bin/python -m pytest -n 2         # run the tests (two workers)"
 fi

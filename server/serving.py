@@ -9,6 +9,7 @@ then answers them 503 too; uvicorn then has nothing left to wait for and exits. 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import sys
@@ -81,6 +82,14 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     return ConnectionLimits(settings.header_timeout_seconds, settings.body_timeout_seconds, settings.body_min_rate, cap)
 
 
+def _log_config() -> dict:
+    """uvicorn's logging, each line starting with its time as canary-server's own lines do (cli/__init__.py)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
+
+
 def run_server(app: FastAPI, settings: Settings) -> None:
     """Serve `app` (its pipeline on `app.state.pipeline`) as the settings say, until a signal stops it."""
     for warning in exposure_warnings(settings):
@@ -90,6 +99,7 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=_log_config(),
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds + WRITE_GRACE_SECONDS),
         http=deadline_protocol(connection_limits(settings)),
         backlog=LISTEN_BACKLOG,

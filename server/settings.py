@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import sys
 from contextvars import ContextVar
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -188,7 +190,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
-        return (init_settings, env_settings, toml)
+        return (init_settings, _EnvSource(settings_cls), toml)
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -201,13 +203,16 @@ class Settings(BaseSettings):
         file_values = _read_toml(path) if path is not None else {}
         token = _config_file.set(path)
         try:
-            return cls(**overrides)
+            settings = cls(**overrides)
         except ValidationError as e:
             raise SettingsError("; ".join(_describe(err, path, file_values, overrides) for err in e.errors())) from None
-        except _SourceError as e:  # a CANARY_* list/dict value that is not JSON
-            raise SettingsError(f'{e} (list settings take JSON in environment variables: \'["a", "b"]\')') from None
+        except _ListValueError as e:
+            raise SettingsError(str(e)) from None
+        except _SourceError as e:  # an environment variable pydantic-settings cannot read
+            raise SettingsError(str(e)) from None
         finally:
             _config_file.reset(token)
+        return settings if path is None else _paths_from(settings, path.absolute().parent, file_values, overrides)
 
     def pipeline_config(self) -> PipelineConfig:
         """The pipeline's limits and scheduling: every setting named like a `PipelineConfig` field."""
@@ -241,9 +246,49 @@ class SettingsError(ValueError):
     """A settings file, environment variable or flag that cannot be used (the message is one line)."""
 
 
+class _ListValueError(Exception):
+    """A CANARY_* list value that is neither. Not a ValueError: pydantic-settings would swallow that for an
+    optional list (allowed_hosts) and pass the text on."""
+
+
+class _EnvSource(EnvSettingsSource):
+    """CANARY_* variables, where a list setting is comma-separated text (`a,b`) or a JSON list (`["a", "b"]`)."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        text = str(value).strip()
+        if not text.startswith(("[", "{")):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise _ListValueError(
+                f"setting {field_name} = {value!r} (from {env_name(field_name)}): not a list: give comma-separated "
+                'values (a,b) or a JSON list (["a", "b"])'
+            )
+        return items
+
+
 def expand_path(value: str | Path) -> str:
     """`~` and `$VARS` expanded, as a shell would for a path typed on the command line."""
     return os.path.expanduser(os.path.expandvars(str(value)))
+
+
+def _paths_from(settings: Settings, folder: Path, file_values: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """Relative paths that come from the config file are taken from its folder, wherever `serve` was started (as
+    install-service runs it: in that folder). `model` only where it is one (starts with `.` or exists there): a
+    Hugging Face repo id such as nvidia/canary-1b-flash looks relative too."""
+    updates: dict[str, Any] = {}
+    for name in PATH_SETTINGS:
+        value = getattr(settings, name)
+        from_file = name in file_values and name not in overrides and env_name(name) not in os.environ
+        if not from_file or value is None or Path(value).is_absolute():
+            continue
+        candidate = Path(os.path.normpath(folder / value))
+        if name != "model" or str(value).startswith(".") or candidate.exists():
+            updates[name] = candidate if isinstance(value, Path) else str(candidate)
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def env_name(field: str) -> str:

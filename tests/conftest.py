@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ ESPEAK_CLIPS = SHARED / "models" / "espeak-tiny-en-clips"
 ESPEAK_SERVER_CHUNK_SECONDS = 8.0  # long-audio chunking of the shared espeak server
 ESPEAK_MULTI_NEMO = SHARED / "models" / "espeak-tiny-multi.nemo"
 ESPEAK_MULTI_CLIPS = SHARED / "models" / "espeak-tiny-multi-clips"
+# A log line of canary-server (ours and uvicorn's): "2026-12-07 01:20:00,123 INFO:     message".
+LOG_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<level>[A-Z]+): +(?P<message>.*)")
+
+
+def log_message(line: str, level: str = "INFO") -> str | None:
+    """The message of a log line of `level`, or None for any other line (an error printed by the CLI, output)."""
+    m = LOG_LINE.fullmatch(line)
+    return m["message"] if m and m["level"] == level else None
 
 
 def _require_espeak() -> None:

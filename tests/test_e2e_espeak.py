@@ -47,13 +47,13 @@ def test_cli_rejects_an_unsupported_language_listing_the_supported_ones(espeak_d
     assert "unsupported source language 'de'" in err and "supports: en" in err
 
 
-def test_cli_text_format_prints_one_line_per_file_from_the_console_script(espeak_dir, espeak_nemo_transcripts):
+def test_cli_text_format_prints_one_named_line_per_file_from_the_console_script(espeak_dir, espeak_nemo_transcripts):
     clips = ["clip07.wav", "clip09.wav"]
     script = [sys.executable, "-m", "canary_server", "transcribe", "--model", str(espeak_dir)]
     out = subprocess.run(
         script + [str(ESPEAK_CLIPS / c) for c in clips], check=True, capture_output=True, text=True
     ).stdout
-    assert out.splitlines() == [espeak_nemo_transcripts[c].strip() for c in clips]
+    assert out.splitlines() == [f"{ESPEAK_CLIPS / c}: {espeak_nemo_transcripts[c].strip()}" for c in clips]
 
 
 def test_arrays_and_paths_give_the_same_text(espeak_model, espeak_nemo_transcripts):

@@ -25,8 +25,8 @@ from canary_server.cli import build_parser, main
 from canary_server.cli.progress import LogLines
 from canary_server.convert.cache import resolve_model
 from canary_server.server.app import create_app
-from canary_server.server.settings import Settings
-from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, REPO
+from canary_server.server.settings import Settings, SettingsError
+from conftest import ESPEAK_CLIPS, ESPEAK_NEMO, LOG_LINE, REPO, log_message
 from server_fakes import fake_engine
 
 CLI = str(Path(sys.executable).with_name("canary-server"))
@@ -35,7 +35,9 @@ CLI = str(Path(sys.executable).with_name("canary-server"))
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a first start: no CANARY_* settings, an empty Hugging Face cache, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CANARY_", "HF_"))}
-    env.update({"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", **extra})
+    env.update({"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    # Never the default ports 8000 / 10300: a canary-server may be running on this machine.
+    env.update({"CANARY_PORT": "0", "CANARY_WYOMING_PORT": "0", **extra})
     return env
 
 
@@ -46,7 +48,7 @@ def _run(args: list[str], tmp_path: Path, timeout: float = 120, **env: str) -> s
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
+    lines = [line for line in proc.stderr.splitlines() if log_message(line) is None]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("canary-server: error: "), proc.stderr
     return lines[0]
@@ -95,6 +97,17 @@ def test_serve_on_a_port_in_use_says_so_before_loading_anything(tmp_path, capsys
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_serve_on_a_wyoming_port_in_use_names_the_wyoming_port_option(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path / "absent"), "--port", "0", "--wyoming-port", str(port)]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Pick another --wyoming-port (0 turns Wyoming off)" in err
+
+
 def test_transcribe_with_a_model_that_does_not_exist_is_one_line(tmp_path):
     proc = _run(["transcribe", "x.wav", "--model", "absent"], tmp_path)
     assert proc.returncode == 2 and "absent: no such file or directory" in _one_line_error(proc)
@@ -129,10 +142,11 @@ def test_first_serve_of_a_nemo_shows_conversion_progress_before_listening(tmp_pa
     _require_espeak()
     lines, rc = _serve(["--model", str(ESPEAK_NEMO), "--cache-dir", "~/models"], tmp_path)
     assert rc in (0, -signal.SIGTERM) and "Finished server process" in lines[-1], lines  # uvicorn re-raises SIGTERM
-    progress = [i for i, x in enumerate(lines) if x.startswith("INFO:") and "converting espeak-tiny-en.nemo: " in x]
+    progress = [i for i, x in enumerate(lines) if (log_message(x) or "").startswith("converting espeak-tiny-en.nemo: ")]
     listening = next(i for i, x in enumerate(lines) if "Uvicorn running" in x)
     assert progress and progress[-1] < listening, lines
     assert "(0%)" in lines[progress[0]] and "(100%)" in lines[progress[-1]]
+    assert all(LOG_LINE.fullmatch(x) for x in lines), lines  # every line, ours and uvicorn's, says when
     assert list((tmp_path / "home" / "models").iterdir()) and not (tmp_path / "~").exists()
 
 
@@ -159,6 +173,39 @@ def test_tilde_and_env_vars_in_toml_path_settings_are_expanded(tmp_path, monkeyp
     assert Settings.load(cfg).cache_dir == tmp_path / "home" / "elsewhere"
 
 
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (conf / "models" / "m").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for k in ("CANARY_MODEL", "CANARY_CACHE_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = conf / "c.toml"
+    for model, expected in [
+        ("./x.nemo", str(conf / "x.nemo")),
+        ("../shared/x.nemo", str(tmp_path / "shared" / "x.nemo")),
+        ("models/m", str(conf / "models" / "m")),  # exists there
+        ("nvidia/canary-1b-flash", "nvidia/canary-1b-flash"),  # a Hugging Face repo id
+    ]:
+        cfg.write_text(f'model = "{model}"\ncache_dir = "cache"\n')
+        s = Settings.load(Path("../conf/c.toml"))
+        assert (s.model, s.cache_dir) == (expected, conf / "cache")
+    # flags and variables are the caller's: relative to where serve starts
+    monkeypatch.setenv("CANARY_CACHE_DIR", "mine")
+    assert Settings.load(cfg, model="./y.nemo").model == "./y.nemo" and Settings.load(cfg).cache_dir == Path("mine")
+
+
+def test_serve_finds_a_relative_model_of_its_config_from_another_folder(tmp_path):
+    _require_espeak()
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "espeak.nemo").symlink_to(ESPEAK_NEMO)
+    (conf / "c.toml").write_text('model = "./espeak.nemo"\ncache_dir = "cache"\n')
+    lines, _ = _serve(["--config", "conf/c.toml"], tmp_path)  # started in tmp_path, not in conf/
+    assert f"model {conf / 'espeak.nemo'}" in map(log_message, lines) and any("model ready" in x for x in lines), lines
+    assert any(p.name.startswith("espeak-") and p.is_dir() for p in (conf / "cache").iterdir())  # converted there
+
+
 def test_a_tilde_cache_dir_never_creates_a_directory_named_tilde(tmp_path, monkeypatch):
     _require_espeak()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -174,7 +221,7 @@ def test_convert_shows_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     proc = _run(["convert", str(ESPEAK_NEMO), "out"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     progress = [x for x in proc.stderr.splitlines() if "converting espeak-tiny-en.nemo: " in x]
-    assert re.fullmatch(r"INFO: +converting espeak-tiny-en\.nemo: 0 B of [\d.]+ MB \(0%\)", progress[0])
+    assert re.fullmatch(r"converting espeak-tiny-en\.nemo: 0 B of [\d.]+ MB \(0%\)", log_message(progress[0]))
     assert "(100%)" in progress[-1] and "\r" not in proc.stderr
     assert proc.stdout.splitlines()[0] == str(tmp_path / "out")  # then what it found, indented
     quiet = _run(["convert", str(ESPEAK_NEMO), "out2", "-q"], tmp_path)
@@ -225,7 +272,13 @@ def test_download_fetches_from_the_hub_cache_converts_and_prints_the_directory(t
         ([], {}, "port = [\n", "not valid TOML"),
         ([], {"CANARY_LOG_LEVEL": "loud"}, None, "setting log_level = 'loud' (from CANARY_LOG_LEVEL): input should be"),
         (["--port", "99999"], {}, None, "setting port = 99999 (from --port): input should be less than or equal to"),
-        ([], {"CANARY_MODEL_ALIASES": "whisper-1"}, None, "model_aliases"),
+        (
+            [],
+            {"CANARY_MODEL_ALIASES": '["whisper-1"'},
+            None,
+            """setting model_aliases = '["whisper-1"' (from CANARY_MODEL_ALIASES): not a list: give comma-separated"""
+            """ values (a,b) or a JSON list (["a", "b"])""",
+        ),
     ],
 )
 def test_settings_errors_are_one_line(tmp_path, monkeypatch, capsys, args, env, toml, expected):
@@ -277,9 +330,28 @@ def test_convert_into_an_existing_dir_names_the_flag_and_group_size_needs_quanti
 
 
 def test_timestamps_with_text_or_json_output_is_refused(capsys):
-    for fmt in ("text", "json"):
+    for fmt in ("text", "json", "srt", "vtt"):
         assert main(["transcribe", "a.wav", "--model", "m", "--format", fmt, "--timestamps"]) == 2
-        assert "--timestamps needs --format verbose_json, srt or vtt" in capsys.readouterr().err
+        assert f"--timestamps needs --format verbose_json (got {fmt};" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["a.lan,b.lan", " a.lan , b.lan ", '["a.lan", "b.lan"]'])
+@pytest.mark.parametrize("setting", ["allowed_hosts", "model_aliases", "detect_languages"])
+def test_list_settings_from_the_environment_take_commas_or_json(monkeypatch, setting, value):
+    monkeypatch.setenv(f"CANARY_{setting.upper()}", value)
+    assert getattr(Settings.load(), setting) == ["a.lan", "b.lan"]
+
+
+@pytest.mark.parametrize("value", ["[a.lan", '{"a": 1}', "[1, 2"])
+@pytest.mark.parametrize("setting", ["allowed_hosts", "model_aliases", "detect_languages"])
+def test_a_list_setting_that_is_neither_is_one_error_wording(monkeypatch, setting, value):
+    monkeypatch.setenv(f"CANARY_{setting.upper()}", value)
+    with pytest.raises(SettingsError) as err:
+        Settings.load()
+    assert str(err.value) == (
+        f"setting {setting} = {value!r} (from CANARY_{setting.upper()}): not a list: give comma-separated values "
+        """(a,b) or a JSON list (["a", "b"])"""
+    )
 
 
 def test_docs_and_redoc_load_their_assets_from_the_server_not_a_cdn():

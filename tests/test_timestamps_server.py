@@ -90,14 +90,31 @@ def test_segment_granularity_alone_gives_timed_segments_and_no_words(client):
     assert res.words is None and [s.end for s in res.segments] == [pytest.approx(0.9), pytest.approx(1.9)]
 
 
-@pytest.mark.parametrize(
-    ("fmt", "granularities"), [("json", None), ("text", None), ("verbose_json", None), ("json", ["word"])]
-)
+@pytest.mark.parametrize(("fmt", "granularities"), [("json", None), ("text", None), ("verbose_json", None)])
 def test_timestamps_are_asked_of_the_model_only_when_the_response_shows_them(client, fake, fmt, granularities):
     extra = {"timestamp_granularities": granularities} if granularities else {}
     file = ("c.wav", wav_bytes(tone(1.5)), "audio/wav")
     client.audio.transcriptions.create(model="whisper-1", file=file, response_format=fmt, **extra)
     assert "timestamps" not in fake.calls[-1]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt"])
+@pytest.mark.parametrize("granularities", [["word"], ["segment"], ["word", "segment"]])
+def test_granularities_with_a_format_other_than_verbose_json_are_a_400_as_openai_answers(
+    client, fake, fmt, granularities
+):
+    calls = len(fake.calls)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.audio.transcriptions.create(
+            model="whisper-1", file=("c.wav", wav_bytes(tone(1.0)), "audio/wav"), response_format=fmt,
+            timestamp_granularities=granularities,
+        )  # fmt: skip
+    err = e.value.response.json()["error"]
+    assert err["param"] == "timestamp_granularities" and err["type"] == "invalid_request_error"
+    assert err["message"] == (
+        f"`response_format` must be `verbose_json` if `timestamp_granularities[]` is provided (got {fmt})"
+    )
+    assert len(fake.calls) == calls  # refused before any decoding
 
 
 def test_an_unknown_granularity_is_a_400(client):

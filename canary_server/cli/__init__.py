@@ -38,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Formatter(logging.Formatter):
-    """uvicorn's look ("INFO:     message"), so the server's lines and ours read alike."""
+    """A timestamp, then uvicorn's look ("2026-12-07 01:20:00,123 INFO:     message"): a log read later (a service's,
+    a container's) says when each thing happened, and the server's lines and ours read alike."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname + ':':<10}{super().format(record)}"
+        return f"{self.formatTime(record)} {record.levelname + ':':<10}{super().format(record)}"
 
 
 def configure_logging(args: argparse.Namespace) -> None:

@@ -101,8 +101,9 @@ def prepare_model(settings, quiet: bool = False):
     return resolve_model(settings.model, settings.cache_dir, progress=progress_class(quiet))
 
 
-def check_port(host: str, port: int) -> None:
-    """Refuse a port something already listens on now, not after a long first download."""
+def check_port(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse a port something already listens on now, not after a long first download; `flag` names the option
+    that picks it."""
     import socket
 
     from canary_server.server.settings import SettingsError
@@ -119,8 +120,10 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
+            hint = " (0 turns Wyoming off)" if flag == "--wyoming-port" else ""
             raise SettingsError(
-                f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? Pick another --port"
+                f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? "
+                f"Pick another {flag}{hint}"
             ) from None
 
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     set_log_level(settings.log_level)
     check_port(settings.host, settings.port)
     if settings.wyoming_port:
-        check_port(settings.wyoming_host, settings.wyoming_port)
+        check_port(settings.wyoming_host, settings.wyoming_port, "--wyoming-port")
     model_dir = prepare_model(settings, quiet=getattr(args, "quiet", False))
     app = build_app(settings, model_dir=model_dir)
     pipeline = app.state.pipeline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,11 +44,16 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--timestamps",
         action="store_true",
-        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json; "
-        "an error for a model without timestamps (srt/vtt always use the model's times where it has them, else "
-        "cues cut at pauses)",
+        help="word and segment times from the model (flash models, canary-1b-v2): adds 'words' to verbose_json "
+        "(only with --format verbose_json, as the API's timestamp_granularities[]); an error for a model without "
+        "timestamps (srt/vtt always use the model's times where it has them, else cues cut at pauses)",
     )
-    p.add_argument("--output-dir", default=None, help="write <name>.<ext> per input there instead of to stdout")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="write <name>.<ext> per input there instead of to stdout (two inputs that would write the same file are "
+        "refused; a file from an earlier run is replaced)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
     p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: the model's decoding)")
     p.add_argument(
@@ -61,8 +67,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def _check(args: argparse.Namespace, parser_error) -> None:
-    if args.timestamps and args.format in ("text", "json"):
-        parser_error("--timestamps needs --format verbose_json, srt or vtt (text and json carry no times)")
+    if args.timestamps and args.format != "verbose_json":
+        # as the API's timestamp_granularities[] (OpenAI: a 400 with any other response_format)
+        parser_error(
+            f"--timestamps needs --format verbose_json (got {args.format}; srt and vtt always use the model's times)"
+        )
     if args.format in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
         parser_error(f"--format {args.format} with several files needs --output-dir")
     if not 0 < args.chunk_seconds <= 40:
@@ -83,14 +92,16 @@ def run(args: argparse.Namespace) -> int:
         raise CanaryError(message)
 
     _check(args, parser_error)
+    targets = _targets(args, parser_error)  # before the model loads: a clash is found at once
     fmt = ResponseFormat(args.format)
     config = PipelineConfig(chunk_seconds=args.chunk_seconds, batch_size=max(args.batch_size, 1))
     # Download / convert in the foreground, with progress, before the engine thread loads the directory.
     model_dir = resolve_model(args.model, args.cache_dir, progress=progress_class(args.quiet))
+    failed = 0
     with Transcriber(model_dir, dtype=args.dtype or "auto", config=config) as m:
         if args.timestamps and not m.supports_timestamps:
             parser_error(f"--timestamps: {args.model} has no word timestamps (the flash models and canary-1b-v2 do)")
-        results = m.transcribe(
+        results = m.transcribe_each(
             list(args.audio),
             source_lang=args.language,
             target_lang=args.target_language,
@@ -100,13 +111,57 @@ def run(args: argparse.Namespace) -> int:
             beam_size=args.beam_size,
             # the server asks the model for times exactly when the response shows them
             timestamps=args.timestamps or fmt in (ResponseFormat.srt, ResponseFormat.vtt),
+            progress=LongFileProgress(args.audio, progress_class(args.quiet)),
         )
-    for path, result in zip(args.audio, results, strict=True):
-        if fmt is ResponseFormat.verbose_json and not args.timestamps:
-            result = _without_words(result)
-        body = render(result, fmt)
-        _emit(path, body, args)
-    return 0
+        with contextlib.closing(results):
+            for index, result in enumerate(results):
+                path = args.audio[index]
+                if isinstance(result, Exception):  # this file only: the others are still written
+                    print(f"canary-server: error: {path}: {result}", file=sys.stderr)
+                    failed += 1
+                    continue
+                if fmt is ResponseFormat.verbose_json and not args.timestamps:
+                    result = _without_words(result)
+                _emit(path, render(result, fmt), args, targets[index] if targets else None)
+    return 1 if failed else 0
+
+
+class LongFileProgress:
+    """A progress bar (a log line every 10 s when stderr is not a terminal) per input decoded in several pieces,
+    in seconds of audio; nothing for one-piece inputs. Called on the pipeline's loop thread."""
+
+    def __init__(self, paths: list[str], factory) -> None:
+        self.paths, self.factory, self.bars = paths, factory, {}
+
+    def __call__(self, index: int, done: float, total: float) -> None:
+        bar = self.bars.get(index)
+        if bar is None:
+            if done >= total:  # one piece: done as soon as it started
+                return
+            desc = f"transcribing {self.paths[index]}"
+            bar = self.bars[index] = self.factory(total=round(total, 1), initial=round(done, 1), unit="s", desc=desc)
+        else:
+            bar.update(round(done - bar.n, 1))
+        if done >= total:
+            bar.close()
+
+
+def _targets(args: argparse.Namespace, parser_error) -> list[Path] | None:
+    """The file each input is written to with --output-dir: <stem>.<ext>. Two inputs that would write the same
+    file (a/x.wav and b/x.wav, x.wav and x.mp3) are refused rather than one overwriting the other."""
+    if args.output_dir is None:
+        return None
+    out = Path(args.output_dir).expanduser()
+    targets = [out / f"{Path(path).stem}.{EXTENSIONS[args.format]}" for path in args.audio]
+    first: dict[Path, str] = {}
+    for path, target in zip(args.audio, targets, strict=True):
+        if target in first:
+            parser_error(
+                f"--output-dir: {first[target]} and {path} would both be written to {target}; "
+                "rename one, or transcribe them with different --output-dir"
+            )
+        first[target] = path
+    return targets
 
 
 def _without_words(result):
@@ -115,17 +170,18 @@ def _without_words(result):
     return dataclasses.replace(result, words=None)
 
 
-def _emit(path: str, body: dict | str, args: argparse.Namespace) -> None:
+def _emit(path: str, body: dict | str, args: argparse.Namespace, target: Path | None) -> None:
     if isinstance(body, dict):
-        text = json.dumps(body if args.output_dir else {"file": path, **body}, ensure_ascii=False)
+        text = json.dumps(body if target else {"file": path, **body}, ensure_ascii=False)
         text += "\n"
+    elif target is None and args.format == "text" and len(args.audio) > 1:
+        text = f"{path}: {body}"  # several transcripts on stdout: say whose each is
     else:
         text = body
-    if args.output_dir is None:
+    if target is None:
         sys.stdout.write(text)
+        sys.stdout.flush()  # each file's transcript as soon as it is done
         return
-    out = Path(args.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{Path(path).stem}.{EXTENSIONS[args.format]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     print(target, file=sys.stderr)

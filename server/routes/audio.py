@@ -114,6 +114,14 @@ async def create_transcription(
     granularities = set(timestamp_granularities or [])
     for g in granularities - {"word", "segment"}:
         raise ApiError(400, f"unknown timestamp granularity {g!r}", param="timestamp_granularities")
+    if timestamp_granularities and response_format is not ResponseFormat.verbose_json:
+        # OpenAI answers the same 400: only verbose_json has room for times
+        raise ApiError(
+            400,
+            "`response_format` must be `verbose_json` if `timestamp_granularities[]` is provided "
+            f"(got {response_format.value})",
+            param="timestamp_granularities",
+        )
     if stream and response_format not in (ResponseFormat.json, ResponseFormat.text):
         raise ApiError(400, "stream=true needs response_format json or text", param="stream")
     pipeline = ready_pipeline(request)
