@@ -15,6 +15,7 @@ import sys
 import httpx
 import pytest
 from openai import OpenAI
+from test_wyoming import clip_pcm, text_of, utterance
 
 import canary_server
 from canary_server.cli.serve import build_app
@@ -22,7 +23,6 @@ from canary_server.pipeline.errors import LanguageDetectionUnavailable
 from canary_server.server.settings import Settings
 from conftest import ESPEAK_MULTI_CLIPS
 from server_fakes import running_server, wait_ready
-from test_wyoming import clip_pcm, text_of, utterance
 
 GERMAN = "de_00.wav"
 
