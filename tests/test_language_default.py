@@ -117,6 +117,20 @@ def test_a_default_language_the_model_lacks_stops_the_server_at_start_with_one_l
 def test_a_default_language_the_model_lacks_fails_the_python_api_at_load(espeak_multi_dir):
     with pytest.raises(ValueError, match="setting default_language = 'xx' is not a language of this model"):
         canary_server.load(espeak_multi_dir, dtype="float32", default_language="xx")
+    with pytest.raises(ValueError, match="setting detect_languages = 'xx' is not a language of this model"):
+        canary_server.load(espeak_multi_dir, dtype="float32", detect_languages=("de", "xx"))
+
+
+def test_the_default_language_setting_is_auto_or_a_code():
+    assert Settings(model="x").default_language == "auto"
+    assert Settings(model="x", default_language=" DE ").default_language == "de"
+    with pytest.raises(ValueError, match="default_language"):
+        Settings.load(None, model="x", default_language=" ")
+
+
+def test_v1_models_says_the_model_detects_languages(multi_server):
+    card = httpx.get(f"{multi_server[0]}/v1/models").json()["data"][0]
+    assert card["language_detection"] is True and card["languages"] == ["en", "de", "es", "fr"]
 
 
 @pytest.fixture(scope="module")
