@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetect
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
+
+log = logging.getLogger("canary.pipeline")
 
 # An encoded file (bytes, a path, or a binary file object read when its turn to decode comes), or 16 kHz float32.
 AudioInput = bytes | bytearray | memoryview | str | Path | BinaryIO | np.ndarray
@@ -97,6 +100,13 @@ class Pipeline:
         def load() -> ModelLike:
             model = loader()
             self.check_config(list(model.languages))
+            masked = getattr(model.config, "prompt_loss_masked", False)
+            detects = (self.config.default_language or "").lower() == AUTO  # (None: the model's own default)
+            if masked and len(model.languages) > 1 and detects:
+                log.warning(
+                    "this model was trained with its prompt masked (use_loss_mask_for_prompt): it cannot detect "
+                    "the language, so requests must name one; or set default_language to a code"
+                )
             return model
 
         return load

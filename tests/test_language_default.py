@@ -143,9 +143,10 @@ def masked_dir(espeak_multi_dir, tmp_path_factory):
     return out
 
 
-def test_a_model_trained_with_its_prompt_masked_refuses_detection_instead_of_guessing(masked_dir, german):
+def test_a_model_trained_with_its_prompt_masked_refuses_detection_instead_of_guessing(masked_dir, german, caplog):
     audio, text = german
     with canary_server.load(masked_dir, dtype="float32") as m:
+        assert "trained with its prompt masked" in caplog.text  # said once, at load
         for language in (None, "auto"):
             with pytest.raises(LanguageDetectionUnavailable, match="cannot detect the spoken language"):
                 m.transcribe(audio, source_lang=language)
