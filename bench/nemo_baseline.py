@@ -181,7 +181,7 @@ def main() -> None:
         rows = []
         for s in args.seconds:
             audio = speech_like(s, seed=int(s))
-            chunks = [c.audio for c in split(audio, SR, 30.0)]
+            chunks = [c.audio for c in split(audio, SR, 40.0)]  # our pieces: chunk_seconds, 40 by default
             limit_s = max(len(c) for c in chunks) / SR
             runs = [
                 transcribe(model, chunks, limit_s) for _ in range(args.repeats if s < 300 else max(1, args.repeats - 1))

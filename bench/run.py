@@ -130,7 +130,7 @@ def single_stream(url: str, seconds: float, repeats: int) -> dict:
 
 
 def expected_tokens(seconds: float) -> int:
-    """round(4 * s) per chunk; long audio is cut into <= 30 s chunks, so only approximately for 5 min."""
+    """round(4 * s) per chunk; long audio is cut into pieces of <= chunk_seconds (40 s): approximate for 5 min."""
     return round(TOKENS_PER_SECOND * seconds)
 
 

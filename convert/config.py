@@ -184,7 +184,7 @@ def build_config(
             f"encoder_decoder_proj: checkpoint {'has' if enc_dec_proj_present else 'lacks'} it but d_model "
             f"{encoder['d_model']} vs decoder hidden_size {decoder['hidden_size']} says otherwise"
         )
-    return {
+    config = {
         "format_version": FORMAT_VERSION,
         "model_type": "canary",
         "source": {"file": source_file, "nemo_version": str(cfg.get("nemo_version", "unknown"))},
@@ -198,7 +198,15 @@ def build_config(
         "decoder": decoder,
         "tokenizer": tokenizer_json(cfg),
         "decoding": decoding(cfg),
-    } | _trained_languages(encoder, decoder, cfg)
+    }
+    return config | _trained_languages(encoder, decoder, cfg) | _prompt_loss(cfg)
+
+
+def _prompt_loss(cfg: dict) -> dict:
+    """config.json `prompt_loss_masked` (only when true): NeMo's `use_loss_mask_for_prompt` left the prompt out of
+    the training loss, so the decoder never learned the source-language slot and cannot detect a language."""
+    masked = require("use_loss_mask_for_prompt", cfg.get("use_loss_mask_for_prompt") or False, [True, False])
+    return {"prompt_loss_masked": True} if masked else {}
 
 
 def _trained_languages(encoder: dict, decoder: dict, cfg: dict) -> dict:

@@ -34,5 +34,12 @@ def summary(out_dir: Path) -> list[str]:
         f"languages ({len(languages)}): {', '.join(languages)}",
         f"decoding: {decoding_description(config.decoding)} (checkpoint: {checkpoint})",
         f"timestamps: {times}",
+        "language detection: "
+        + (
+            "none: trained with its prompt masked (use_loss_mask_for_prompt: true), its language slot means "
+            "nothing; requests must name their language"
+            if config.prompt_loss_masked
+            else "from the decoder's trained language slot (language auto, or none given)"
+        ),
     ]
     return lines + [f"note: {note}" for note in raw.get("notes", [])]

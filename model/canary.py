@@ -183,7 +183,9 @@ class Canary(nn.Module):
         """For a `<|timestamp|>` decode: NeMo's text (timestamp tokens removed), words and segments."""
         stride = self.config.preprocessor.hop_length / self.sample_rate  # NeMo's window_stride (0.01)
         ts = parse_timestamps(result.raw_text, stride, self.config.encoder.subsampling_factor)
-        return dataclasses.replace(result, text=ts.text, words=ts.words, segments=ts.segments)
+        # No <|s|>...<|e|> pair: NeMo keeps the raw text as it is, a stray frame token included; ours has none.
+        text = result.text if ts.text == result.raw_text.strip() else ts.text
+        return dataclasses.replace(result, text=text, words=ts.words, segments=ts.segments)
 
     def token_pieces(self, ids: list[int]) -> list[str]:
         """The text of each token ('▁' shown as a space), as `include[]=logprobs` reports them."""
@@ -217,9 +219,10 @@ class Canary(nn.Module):
     ) -> Transcription:
         """The Transcription of generated `ids` (for `<|timestamp|>` decodes: NeMo's text, words, segments).
         CTC timestamps need the audio: `add_ctc_timestamps`."""
-        raw = self.tokenizer.ids_to_text(ids)
+        # NeMo's hypothesis text, but only up to a control token the model emitted (the README's "Clean text")
+        raw = self.tokenizer.ids_to_text(self.tokenizer.transcript_ids(ids))
         res = Transcription(
-            raw.strip(),
+            self.tokenizer.transcript(ids),
             list(ids),
             spec.source_lang,
             spec.target_lang,

@@ -125,6 +125,9 @@ class ModelConfig:
     quantization: QuantizationConfig | None = None  # None: full-precision weights
     timestamps_ctc: CtcConfig | None = None  # canary-1b-v2: the bundled CTC model for word timestamps
     languages: tuple[str, ...] | None = None  # the languages the model was trained on, where the tokenizer has more
+    # NeMo's use_loss_mask_for_prompt was true: its language slot was never trained (no detection). Absent in
+    # directories converted before it was read: those are NeMo's default, a trained slot.
+    prompt_loss_masked: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -146,6 +149,7 @@ class ModelConfig:
             quantization=QuantizationConfig.from_dict(d["quantization"]) if d.get("quantization") else None,
             timestamps_ctc=CtcConfig.from_dict(d["timestamps_ctc"]) if d.get("timestamps_ctc") else None,
             languages=tuple(d["languages"]) if d.get("languages") else None,
+            prompt_loss_masked=bool(d.get("prompt_loss_masked", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:

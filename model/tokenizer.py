@@ -5,6 +5,7 @@ Mirrors nemo/collections/common/tokenizers/{aggregate_tokenizer,canary_tokenizer
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ BOS, EOS, PAD, NOSPEECH = "<|startoftranscript|>", "<|endoftext|>", "<pad>", "<|
 SPECIAL_LANG = "spl_tokens"
 _LANG_TOKEN = re.compile(r"^<\|([a-z]{2,3}(?:-[A-Za-z]+)?)\|>$")
 _PROMPT_FLAGS = frozenset({"pnc", "itn"})  # canary2 prompt flags that look like 3-letter language codes
+_TIMESTAMP_TOKEN = re.compile(r"^<\|\d+\|>$")  # the flash models' frame tokens: output, not control
 
 
 def _is_special(piece: str) -> bool:
@@ -52,6 +54,28 @@ class CanaryTokenizer:
         return [
             m.group(1) for t in self.special_tokens if (m := _LANG_TOKEN.match(t)) and m.group(1) not in _PROMPT_FLAGS
         ]
+
+    @functools.cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Special tokens that are never transcript: every `<|...|>` but the timestamp frames (and <pad>)."""
+        return frozenset(i for t, i in self.special_tokens.items() if not _TIMESTAMP_TOKEN.match(t))
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
+
+    def transcript_ids(self, ids: list[int]) -> list[int]:
+        """The generated ids up to the first control token. A decoder that emits a control token (its prompt's
+        language, <|pnc|>, ... again, or <|nospeech|>) has lost the audio: on silence and noise the test models
+        restart their prompt and babble; what follows is not speech. Timestamp frames stay (they are parsed)."""
+        control = self.control_ids
+        end = next((n for n, i in enumerate(ids) if i in control), len(ids))
+        return list(ids[:end])
+
+    def transcript(self, ids: list[int]) -> str:
+        """The text a user sees of generated ids: `transcript_ids`, without any special token, stripped."""
+        special = self.special_ids
+        return self.ids_to_text([i for i in self.transcript_ids(ids) if i not in special]).strip()
 
     def text_to_ids(self, text: str, lang: str) -> list[int]:
         raise NotImplementedError

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from canary_server.model.errors import AudioTooLong, CanaryError, PromptTooLong
 
-__all__ = ["AudioTooLong", "EngineBusy", "EngineNotReady", "InvalidAudio", "PromptTooLong", "UnknownFormat"]
+__all__ = [
+    "AudioTooLong",
+    "EngineBusy",
+    "EngineNotReady",
+    "InvalidAudio",
+    "LanguageDetectionUnavailable",
+    "PromptTooLong",
+    "UnknownFormat",
+]
 
 
 class InvalidAudio(CanaryError):
@@ -17,6 +25,18 @@ class InvalidAudio(CanaryError):
 
 class UnknownFormat(CanaryError):
     """A response format that is not one of OpenAI's (json, text, srt, vtt, verbose_json)."""
+
+
+class LanguageDetectionUnavailable(CanaryError):
+    """Detection asked of a model whose language slot was never trained (`use_loss_mask_for_prompt`): its answer
+    would be a guess, so the request must name its language."""
+
+    def __init__(self, role: str = "language") -> None:
+        self.role = role
+        super().__init__(
+            f"this model cannot detect the spoken language (it was trained with its prompt masked, so its "
+            f"language slot means nothing): give {role} a language code"
+        )
 
 
 class EngineNotReady(RuntimeError):

@@ -120,7 +120,7 @@ def _languages(r: TranscriptResult) -> list[LanguageJson] | None:
     d = r.detected_language
     if d is None:
         return None
-    return [LanguageJson(code=d.language)] if d.confident else []
+    return [] if d.fell_back else [LanguageJson(code=d.language)]
 
 
 def _logprobs(r: TranscriptResult) -> list[LogprobJson]:

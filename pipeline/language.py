@@ -4,8 +4,9 @@ The model part is `Canary.language_log_probs`: the next-token distribution at th
 computed from the encoder output the request needs anyway (NeMo trains Canary on its prompt tokens, so that slot
 is a language-ID head). Here: which languages may be picked (the model's, narrowed by the `detect_languages`
 setting and a request's `languages[]`), how sure the model must be (`detect_threshold`, a probability renormalised
-over those candidates), what is decoded below it (the default language), and which audio decides for a long
-file: its first piece (at most `chunk_seconds`, 30 s by default, as Whisper decides on its first 30 s window);
+over those candidates), what is decoded below it (a fixed `default_language`; with `default_language = "auto"` the
+most probable candidate anyway: anything else would translate by accident), and which audio decides for a long
+file: its first piece (at most `chunk_seconds`, 40 s by default; Whisper decides on its first 30 s window);
 every piece of the request is then decoded in that language.
 """
 
@@ -38,7 +39,8 @@ class DetectedLanguage:
     language: str  # the source language decoded (the fallback when not `confident`)
     probability: float  # the best candidate's probability, renormalised over the candidates
     probabilities: dict[str, float]  # every candidate's, renormalised
-    confident: bool  # the best candidate reached the threshold (else `language` is the fallback)
+    confident: bool  # the best candidate reached the threshold (else `language` is the fallback, if any)
+    fell_back: bool = False  # not confident, and the policy's fallback was decoded instead of the best candidate
 
     @property
     def spoken(self) -> str:
@@ -56,8 +58,9 @@ def decide(policy: LanguageDetection, log_probs: Mapping[str, float]) -> Detecte
     probs = {lang: w / total for lang, w in weights.items()}
     best = max(probs, key=probs.__getitem__)
     confident = probs[best] >= policy.threshold
-    language = best if confident or policy.fallback is None else policy.fallback
-    return DetectedLanguage(language, probs[best], probs, confident)
+    fell_back = not confident and policy.fallback is not None
+    language = policy.fallback if fell_back else best
+    return DetectedLanguage(language, probs[best], probs, confident, fell_back)
 
 
 @dataclass(eq=False)

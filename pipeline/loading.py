@@ -42,6 +42,7 @@ class ModelInfo:
     family: str = ""  # the release it has the shape of ("canary-1b-flash"), else a description
     decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
     timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
+    detects_language: bool = True  # its language slot was trained (NeMo's use_loss_mask_for_prompt: false)
 
     @property
     def supports_context(self) -> bool:
@@ -58,6 +59,7 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         family=_family(model.config),
         decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
         timestamp_source=getattr(model, "timestamp_source", None),
+        detects_language=not getattr(model.config, "prompt_loss_masked", False),
     )
 
 

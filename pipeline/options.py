@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from canary_server.pipeline.fairness import DEFAULT_SHARE
-from canary_server.pipeline.language import LanguageDetection
+from canary_server.pipeline.language import AUTO, LanguageDetection
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class TranscribeOptions:
 class PipelineConfig:
     """Limits and scheduling of one pipeline (the server's settings of the same names)."""
 
-    chunk_seconds: float = 30.0  # longest piece decoded at once; longer audio is cut at pauses
+    # Longest piece decoded at once: audio up to this long is decoded whole (as NeMo's transcribe() does), longer
+    # audio cut at pauses into pieces of at most this (NeMo's chunked inference: 40 s, what Canary trains on).
+    chunk_seconds: float = 40.0
     max_audio_seconds: float = 3600.0  # longer audio is refused, never truncated
     batch_size: int = 16  # most sequences decoded together
     encode_batch_seconds: float = 30.0  # most seconds of audio in one encoder batch
@@ -42,12 +44,14 @@ class PipelineConfig:
     length_penalty: float | None = None  # None: the model's
     long_request_share: float = DEFAULT_SHARE  # engine time kept by work deferred for shorter requests
     cue_seconds: float = 7.0  # longest piece (so segment, cue) when times are wanted from a model without them
-    # Language: a request without one is decoded in `default_language` (None: the model's prompt default), or
-    # detected from the audio with `detect_language`; `language="auto"` always detects (pipeline/language.py).
-    default_language: str | None = None
+    # Language of a request without one: "auto" detects it from the audio (pipeline/language.py), so a German clip
+    # is never prompted as English; a code decodes every such request in that language (None: the model's prompt
+    # default). `detect_language` detects even with a fixed code, which is then only the fallback below
+    # `detect_threshold`. `language="auto"` always detects.
+    default_language: str | None = AUTO
     detect_language: bool = False
     detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
-    detect_threshold: float = 0.5  # below this probability of the best candidate, decode default_language
+    detect_threshold: float = 0.5  # below it (best candidate's probability), a fixed default_language is decoded
     # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
     # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
     idle_unload_seconds: float | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from canary_server.model.audio import MIN_AUDIO_SECONDS, check_samples, pad_to_m
 from canary_server.model.errors import UnsupportedLanguageError
 from canary_server.pipeline.chunking import Chunk, merge_short_tail, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
-from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio
+from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio, LanguageDetectionUnavailable
 from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetection
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
+
+log = logging.getLogger("canary.pipeline")
 
 # An encoded file (bytes, a path, or a binary file object read when its turn to decode comes), or 16 kHz float32.
 AudioInput = bytes | bytearray | memoryview | str | Path | BinaryIO | np.ndarray
@@ -76,7 +79,7 @@ class Pipeline:
             if loader is None:
                 raise ValueError("Pipeline needs a model loader or an engine")
             engine = Engine(
-                loader,
+                self._checked(loader),
                 batch_size=self.config.batch_size,
                 encode_seconds=self.config.encode_batch_seconds,
                 max_queue=self.config.max_queued_requests,
@@ -91,6 +94,23 @@ class Pipeline:
         self.engine = engine
         self.decode_audio = decode_audio or default_decoder()
         self._decode_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Semaphore
+
+    def _checked(self, loader: Callable[[], ModelLike]) -> Callable[[], ModelLike]:
+        """`loader`, then the config checked against the model it loaded (a failure fails the load)."""
+
+        def load() -> ModelLike:
+            model = loader()
+            self.check_config(list(model.languages))
+            masked = getattr(model.config, "prompt_loss_masked", False)
+            detects = (self.config.default_language or "").lower() == AUTO  # (None: the model's own default)
+            if masked and len(model.languages) > 1 and detects:
+                log.warning(
+                    "this model was trained with its prompt masked (use_loss_mask_for_prompt): it cannot detect "
+                    "the language, so requests must name one; or set default_language to a code"
+                )
+            return model
+
+        return load
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,9 +155,11 @@ class Pipeline:
         return language
 
     @property
-    def default_language(self) -> str:
-        """The source language of a request that names none (and detection's fallback)."""
-        return self.config.default_language or self.info.default_language
+    def fixed_language(self) -> str | None:
+        """The source language of a request that names none, when the config fixes one (None: "auto", detect it;
+        also detection's fallback)."""
+        lang = self.config.default_language or self.info.default_language
+        return None if lang.lower() == AUTO else lang
 
     def options(
         self,
@@ -156,21 +178,25 @@ class Pipeline:
         them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner).
         `timestamps` on a model without them: pieces cut at pauses of at most `cue_seconds`, one segment each.
 
-        `language`: a code, "auto" (detect it from the audio), or None (`default_language`, or detection when
-        the config says `detect_language` or the request narrows it with `languages`)."""
+        `language`: a code, "auto" (detect it from the audio), or None (detection, unless the config fixes a
+        `default_language`; `languages` narrows detection's choice). The target defaults to the source decoded:
+        never a translation the caller did not ask for."""
         info = self.info
         target = self.check_language(target_language, target_role) if target_language else None
         detect = None
         if self._wants_detection(language, languages):
             candidates = self._candidates(languages, languages_role)
             if len(candidates) > 1:
-                fallback = self.default_language if self.default_language in candidates else None
+                if not info.detects_language:
+                    raise LanguageDetectionUnavailable(language_role)
+                fixed = self.fixed_language
+                fallback = fixed if fixed in candidates else None
                 detect = LanguageDetection(tuple(candidates), fallback, self.config.detect_threshold, target)
                 source = fallback or candidates[0]  # provisional: the scheduler decides from the audio
             else:  # nothing to choose between
-                source = candidates[0] if candidates else self.check_language(self.default_language, language_role)
+                source = candidates[0]
         else:
-            source = self.check_language(language or self.default_language, language_role)
+            source = self.check_language(language or self.fixed_language or "", language_role)
         return TranscribeOptions(
             source,
             target or source,
@@ -184,12 +210,12 @@ class Pipeline:
     def _wants_detection(self, language: str | None, languages: Sequence[str] | None) -> bool:
         if language:
             return language.lower() == AUTO
-        return bool(self.config.detect_language or languages)
+        return bool(languages or self.config.detect_language or self.fixed_language is None)
 
     def _candidates(self, languages: Sequence[str] | None, role: str) -> list[str]:
         """The languages detection may pick: the model's, narrowed by the config and the request."""
         allow = self.config.detect_languages
-        allowed = [lang for lang in self.info.languages if not allow or lang in allow]
+        allowed = [lang for lang in self.info.languages if not allow or lang in allow] or list(self.info.languages)
         if not languages:
             return allowed
         wanted = {self.check_language(lang, role) for lang in languages}
@@ -197,6 +223,16 @@ class Pipeline:
         if not picked:
             raise UnsupportedLanguageError(sorted(wanted)[0], allowed, role)
         return picked
+
+    def check_config(self, languages: Sequence[str]) -> None:
+        """At load: the config's languages are the model's (else one ValueError line naming the setting), so a
+        bad `default_language` stops the server at start instead of failing every request."""
+        checks = [("default_language", self.config.default_language, [AUTO])]
+        checks += [("detect_languages", lang, []) for lang in self.config.detect_languages]
+        for name, lang, extra in checks:
+            if lang and lang.lower() not in extra and lang not in languages:
+                options = ", ".join([*extra, *languages])
+                raise ValueError(f"setting {name} = {lang!r} is not a language of this model (use one of: {options})")
 
     def live_audio(self, rate: int, width: int, channels: int) -> LiveAudio:
         """An accumulator for raw PCM arriving in pieces (Wyoming, microphones): converted to the model's format

@@ -146,7 +146,7 @@ class ContinuousBatcher:
         seq = item._seq
         if seq is None or self._beam(item) > 1 or not seq.tokens:
             return ""
-        return self.model.tokenizer.ids_to_text(seq.tokens).strip()
+        return self.model.tokenizer.transcript(seq.tokens)
 
     def step(self) -> list[WorkItem]:
         """One stage of the encoder batch in progress (starting one from the waiting items when the decoders

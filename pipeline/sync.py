@@ -86,9 +86,10 @@ class Transcriber:
         timestamps: bool = False,
     ) -> TranscriptResult | list[TranscriptResult]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs of any
-        length: paths, encoded bytes, or 16 kHz mono float32 arrays. `source_lang="auto"` detects the spoken
-        language (`result.detected_language`). Long audio is cut at pauses and its pieces
-        decoded together, exactly as the server does. At most `batch_size` inputs are in flight at once;
+        length: paths, encoded bytes, or 16 kHz mono float32 arrays. `source_lang` None or "auto" detects the
+        spoken language (`result.detected_language`) unless the config fixes a `default_language`. Long audio is
+        cut at pauses and its pieces decoded together, exactly as the server does. At most `batch_size` inputs are
+        in flight at once;
         `beam_size` (default: the model's decoding config) picks NeMo's beam search; `timestamps=True` adds
         word and segment times on models that have them (flash models, canary-1b-v2)."""
         single = not isinstance(audio, list | tuple)
@@ -119,7 +120,7 @@ class Transcriber:
         raise. `progress(index, seconds_done, seconds_total)` is called (on another thread) as each piece of
         an input is decoded. Closing the iterator early (or Ctrl-C) cancels the inputs still in flight."""
         options = self.pipeline.options(
-            source_lang,  # None: the config's default language (or detection); "auto": detect it
+            source_lang,  # None: detected (or the config's fixed default_language); "auto": detected
             target_lang,
             pnc=pnc,
             context=context,

@@ -20,7 +20,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canary_server.model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
-from canary_server.pipeline.errors import AudioTooLong, EngineBusy, EngineNotReady, InvalidAudio, PromptTooLong
+from canary_server.pipeline.errors import (
+    AudioTooLong,
+    EngineBusy,
+    EngineNotReady,
+    InvalidAudio,
+    LanguageDetectionUnavailable,
+    PromptTooLong,
+)
 
 log = logging.getLogger("canary.server")
 
@@ -100,6 +107,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.status_code, str(exc.detail), headers=headers)
     if isinstance(exc, UnsupportedLanguageError):
         return ApiError(400, str(exc), param=exc.role, code="unsupported_language")
+    if isinstance(exc, LanguageDetectionUnavailable):
+        return ApiError(400, str(exc), param=exc.role, code="language_detection_unavailable")
     if isinstance(exc, AudioDecodeError | InvalidAudio):
         return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, AudioTooLong):

@@ -18,6 +18,8 @@ class ModelCard(BaseModel):
     languages: list[str] | None = None
     decoding: str | None = None  # "greedy" or "beam search, beam 5"
     timestamps: str | None = None  # "tokens", "ctc" or None
+    # False: trained with its prompt masked (NeMo's use_loss_mask_for_prompt), so requests must name a language
+    language_detection: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -71,8 +71,12 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted request body, in MiB.")
     max_audio_seconds: float = Field(3600.0, gt=0, description="Longer audio is rejected with 400.")
-    chunk_seconds: float = Field(30.0, gt=0, le=40, description="Longest piece of audio decoded at once.")
-    default_language: str = Field("en", description="Source language when a request names none.")
+    chunk_seconds: float = Field(
+        40.0, gt=0, le=40, description="Audio up to this long is decoded whole; longer audio is cut at pauses."
+    )
+    default_language: str = Field(
+        "auto", description="Language of requests that name none: auto detects it; a code fixes it (no detection)."
+    )
     batch_size: int = Field(
         16, ge=1, description="Most sequences (requests or chunks) decoded together in the shared decoder loop."
     )
@@ -147,13 +151,13 @@ class Settings(BaseSettings):
 
     # ---- spoken-language detection, Wyoming (Home Assistant), idle unload ----
     detect_language: bool = Field(
-        False, description="Detect the language of requests that name none (language=auto always detects)."
+        False, description="With a default_language code: detect anyway, decoding the code only below detect_threshold."
     )
     detect_languages: list[str] = Field(
         default_factory=list, description="Detection picks only among these codes (empty: all the model's)."
     )
     detect_threshold: float = Field(
-        0.5, ge=0, le=1, description="Below this probability of the detected language, decode default_language."
+        0.5, ge=0, le=1, description="Below this probability of the detected language, decode a default_language code."
     )
     wyoming_port: int = Field(10300, ge=0, le=65535, description="Wyoming (Home Assistant) port; 0 turns it off.")
     wyoming_host: str = Field("127.0.0.1", description="Wyoming bind address (0.0.0.0: reachable from the LAN).")
@@ -169,6 +173,14 @@ class Settings(BaseSettings):
         if self.wyoming_port and self.wyoming_port == self.port:
             raise ValueError(f"wyoming_port and port are both {self.port}: give Wyoming another port (or 0: off)")
         return self
+
+    @field_validator("default_language")
+    @classmethod
+    def _language_code(cls, v: str) -> str:
+        v = v.strip().lower()  # the model's own check (at start) says whether it knows the code
+        if not v:
+            raise ValueError('give a language code, or "auto" to detect it')
+        return v
 
     @field_validator("api_key")
     @classmethod

@@ -459,6 +459,24 @@ def test_the_config_text_nemo_writes_for_a_released_model_converts(espeak, tmp_p
     assert config["prompt_defaults"]["pnc"] is True and config["prompt_defaults"]["itn"] is False
 
 
+def test_a_prompt_masked_in_training_is_recorded_and_said_at_conversion(espeak, tmp_path):
+    """NeMo's use_loss_mask_for_prompt: true leaves the language slot untrained: config.json says so (and only
+    then), the summary `convert` prints says detection is off, and a directory without the field loads as trained."""
+    from canary_server.convert.summary import summary
+    from canary_server.model.config import ModelConfig
+
+    def masked(cfg):
+        cfg["use_loss_mask_for_prompt"] = True
+
+    out = convert_nemo(_with_config(espeak, tmp_path / "masked.nemo", masked), tmp_path / "masked")
+    config = json.loads((out / "config.json").read_text())
+    assert config["prompt_loss_masked"] is True and ModelConfig.from_dict(config).prompt_loss_masked
+    assert any(line.startswith("language detection: none: trained with its prompt masked") for line in summary(out))
+    plain = convert_nemo(espeak, tmp_path / "plain")
+    config = json.loads((plain / "config.json").read_text())
+    assert "prompt_loss_masked" not in config and not ModelConfig.from_dict(config).prompt_loss_masked
+
+
 def test_a_checkpoint_of_another_model_class_is_refused_by_its_class_name(espeak, tmp_path):
     def qwen(cfg):
         cfg["target"] = "nemo.collections.speechlm2.models.salm.SALM"

@@ -54,9 +54,37 @@ def test_a_named_language_is_used_as_is_and_reports_no_detection(client):
     assert res.text == "hola mundo 1.50" and res.languages is None
 
 
-def test_an_unsure_detection_decodes_the_default_language_and_says_so_with_an_empty_list(client):
+def test_an_unsure_detection_decodes_the_most_likely_language_never_an_assumed_one(client):
     res = client.audio.transcriptions.create(model="whisper-1", file=spoken("de", amplitude=0.01), language="auto")
-    assert res.text == "hello world 1.50" and res.languages == []
+    assert res.text == "hello world 1.50" and [lang.code for lang in res.languages] == ["en"]  # en: the likeliest
+
+
+def test_with_a_fixed_default_an_unsure_detection_decodes_it_and_says_so_with_an_empty_list():
+    with _server(default_language="es") as url:
+        wait_ready(url)
+        with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            quiet = spoken("de", amplitude=0.01)
+            res = client.audio.transcriptions.create(model="whisper-1", file=quiet, language="auto")
+            assert res.text == "hola mundo 1.50" and res.languages == []
+
+
+def test_a_request_without_a_language_is_detected_never_translated(client):
+    for lang, text in [("de", "hallo welt 1.50"), ("fr", "bonjour le monde 1.50")]:
+        res = client.audio.transcriptions.create(model="whisper-1", file=spoken(lang))
+        assert res.text == text and [x.code for x in res.languages] == [lang]
+        verbose = client.audio.transcriptions.create(
+            model="whisper-1", file=spoken(lang), response_format="verbose_json"
+        )
+        assert (verbose.text, verbose.task) == (text, "transcribe")
+
+
+def test_a_fixed_default_language_decodes_requests_without_one_in_it_without_detection():
+    with _server(default_language="es") as url:
+        wait_ready(url)
+        body = httpx.post(
+            f"{url}/v1/audio/transcriptions", data={"model": "whisper-1"}, files={"file": spoken("de")}
+        ).json()
+        assert body == {"text": "hola mundo 1.50", "usage": body["usage"]}  # no `languages`: nothing detected
 
 
 def test_the_stream_done_event_carries_the_detected_language(client):
@@ -89,7 +117,7 @@ def test_translation_with_language_auto_translates_the_detected_language_to_engl
 
 
 def test_detect_language_detects_requests_without_a_language_within_the_allow_list():
-    with _server(detect_language=True, detect_languages=["en", "fr"]) as url:
+    with _server(default_language="en", detect_language=True, detect_languages=["en", "fr"]) as url:
         wait_ready(url)
         files = {"file": spoken("fr")}
         body = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files).json()

@@ -1,7 +1,7 @@
 """One Wyoming connection: Home Assistant's speech-to-text events in, the pipeline's transcript out.
 
     describe                                   -> info (the loaded model, its languages)
-    transcribe {language?}                     (a code, "auto" to detect it, or none: the server's default)
+    transcribe {language?}                     (a code, or "auto"/none: detected, unless a default_language is set)
     audio-start {rate, width, channels}        (optional: the first audio-chunk's format is used without it)
     audio-chunk* (raw PCM payload)
     audio-stop                                 -> transcript-start, transcript-chunk* (the decoder's text as it
@@ -25,7 +25,7 @@ from wyoming.server import AsyncEventHandler
 
 from canary_server.model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
 from canary_server.pipeline import EngineBusy, EngineNotReady, Pipeline, TextDelta, TranscriptResult
-from canary_server.pipeline.errors import AudioTooLong, InvalidAudio
+from canary_server.pipeline.errors import AudioTooLong, InvalidAudio, LanguageDetectionUnavailable
 from canary_server.pipeline.language import AUTO
 from canary_server.pipeline.live import LiveAudio
 
@@ -36,6 +36,8 @@ def error_code(exc: BaseException) -> str:
     """The `code` of the error event: the same words as the HTTP error bodies' `code`."""
     if isinstance(exc, UnsupportedLanguageError):
         return "unsupported_language"
+    if isinstance(exc, LanguageDetectionUnavailable):
+        return "language_detection_unavailable"
     if isinstance(exc, AudioTooLong):
         return "audio_too_long"
     if isinstance(exc, AudioDecodeError | InvalidAudio):

@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="converted model directory, .nemo file (converted once into the cache) or Hugging Face repo id",
     )
     p.add_argument(
-        "--language", default=None, help="source language code, or auto to detect it (default: the model's default)"
+        "--language",
+        default=None,
+        help="source language code (default: detected from the audio on a multilingual model, never assumed)",
     )
     p.add_argument("--target-language", default=None, help="output language; differs from --language = translation")
     p.add_argument("--no-pnc", action="store_true", help="no punctuation and capitalisation")
@@ -57,7 +59,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default: 8)")
     p.add_argument("--beam-size", type=int, default=None, help="beam search width (default: the model's decoding)")
     p.add_argument(
-        "--chunk-seconds", type=float, default=30.0, help="longest piece decoded at once, <= 40 (default: 30)"
+        "--chunk-seconds",
+        type=float,
+        default=40.0,
+        help="audio up to this long is decoded whole, longer audio cut at pauses; <= 40 (default: 40, as NeMo)",
     )
     p.add_argument(
         "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"

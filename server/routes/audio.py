@@ -107,8 +107,8 @@ async def create_transcription(
     languages: Annotated[list[str] | None, Form(alias="languages[]")] = None,
     pnc: Annotated[bool, Form()] = True,
 ) -> Response:
-    """`language`: a code, or "auto" to detect it from the audio (also without one when `detect_language` is
-    set, or `languages[]` narrows the choice)."""
+    """`language`: a code, or "auto" to detect it from the audio; without one it is detected too (within
+    `languages[]` if sent), unless the server's `default_language` is a code."""
     _check_model(model, settings)
     with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])

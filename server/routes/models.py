@@ -24,6 +24,7 @@ def _card(request: Request, model_id: str) -> ModelCard:
                 "languages": list(info.languages),
                 "decoding": info.decoding,
                 "timestamps": info.timestamp_source,
+                "language_detection": info.detects_language,
             }  # fmt: skip
         )
     return card
