@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from canary_server.pipeline.errors import EngineNotReady
+from canary_server.pipeline.stats import PipelineStats
 
 log = logging.getLogger("canary.engine")
 
@@ -69,6 +71,8 @@ class Job:
     stream: Stream | None = None
     beam_size: int | None = None  # None: the engine's
     language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
+    accepted_at: float = field(default_factory=time.monotonic)
+    began_at: float | None = None  # when its first piece left the scheduler's waiting list (monitoring)
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -86,9 +90,10 @@ class Job:
 class JobBook:
     """The jobs the engine thread has submitted and not yet ended, and what became of them (`stats`)."""
 
-    def __init__(self, stats: dict[str, int]) -> None:
+    def __init__(self, stats: dict[str, int], monitor: PipelineStats | None = None) -> None:
         self.jobs: list[Job] = []
         self.stats = stats
+        self.monitor = monitor or PipelineStats()
 
     def __bool__(self) -> bool:
         return bool(self.jobs)
@@ -135,7 +140,24 @@ class JobBook:
             self.stats["cancelled"] += 1
             return
         self.stats["failed" if error is not None else "completed"] += 1
+        if error is None:
+            began = job.began_at if job.began_at is not None else job.accepted_at
+            tokens = sum(len(getattr(r, "tokens", ())) for r in result)
+            self.monitor.completed(job.seconds, tokens, time.monotonic() - began)
         job.deliver(result, error)
+
+    def note_started(self, batcher: BatcherLike) -> None:
+        """Record the queue wait of jobs whose first piece has left the scheduler's waiting list (a batcher
+        without a `waiting` list: on submission)."""
+        fresh = [j for j in self.jobs if j.began_at is None]
+        if not fresh:
+            return
+        waiting = {id(it) for it in getattr(batcher, "waiting", ())}
+        now = time.monotonic()
+        for job in fresh:
+            if job.results or any(id(it) not in waiting for it in job.items):
+                job.began_at = now
+                self.monitor.started(now - job.accepted_at)
 
     def stream_progress(self, batcher: BatcherLike, job: Job | None = None) -> None:
         """Send streaming requests the text decoded since the last step, chunk by chunk, in order."""

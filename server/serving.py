@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.engine import EngineState
+from canary_server.server.request_log import install_request_logging
 from canary_server.server.security import exposure_warnings
 from canary_server.server.settings import Settings
 
@@ -71,4 +72,5 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds + WRITE_GRACE_SECONDS),
     )
+    install_request_logging(settings.log_format)  # after uvicorn.Config has set up its own handlers
     DeadlineServer(config, app.state.pipeline, settings.shutdown_grace_seconds).run()
