@@ -129,6 +129,8 @@ def test_two_instances_behind_haproxy_answer_like_one_and_survive_losing_one(hap
         with httpx.Client(base_url=a.url, timeout=120) as direct:  # one server's answers, one at a time
             references = [ask(direct, clip, False, f"ref-{i}").body for i, (clip, _) in enumerate(clips)]
         router = start_router(a.url, b.url)
+        no_id = httpx.get(f"{router.url}/health").headers["X-Request-ID"]
+        assert len(no_id) == 36 and no_id.count("-") == 4  # the router's uuid (an instance's own: 32 hex digits)
         sent_before = answered(a.url) + answered(b.url)
 
         answers = send_all(router.url, clips, "both")
