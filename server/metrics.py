@@ -104,8 +104,8 @@ def _route_label(scope: Scope) -> str:
 
 
 class MetricsMiddleware:
-    """Counts each HTTP request when its response ends, by `_route_label`; `model` is what the route put on `request.state.model` (a served
-    model name, checked) or ""."""
+    """Counts each HTTP request when its response ends, by `_route_label`; `model` is what the route put on
+    `request.state.model` (a served model name, checked) or ""."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics

@@ -178,3 +178,27 @@ def test_log_lines_about_a_request_carry_its_id(log_format):
         assert lines[1]["message"] == "about it" and lines[1]["level"] == "warning" and lines[1]["time"].endswith("Z")
     else:
         assert records == ["WARNING outside any request", "WARNING about it [request req-7]"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_served_requests_log_lines_carry_its_id(espeak_dir, log_format):
+    from conftest import ESPEAK_CLIPS
+    from server_process import start_server, stop_server
+
+    server = start_server(espeak_dir, env={"CANARY_LOG_FORMAT": log_format}, with_stdout=True)
+    try:
+        clip = (ESPEAK_CLIPS / "clip00.wav").read_bytes()
+        r = httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("a.wav", clip)},
+                       data={"model": "nope"}, headers={"X-Request-ID": "trace-77"})  # fmt: skip
+        assert r.status_code == 400 and r.headers["X-Request-ID"] == "trace-77"
+    finally:
+        stop_server(server)  # its stderr is complete once it has exited
+    lines = [line for line in server.lines if "trace-77" in line]
+    assert any("POST /v1/audio/transcriptions" in line for line in lines), server.log()  # uvicorn's access line
+    if log_format == "json":
+        entries = [json.loads(line) for line in server.lines if line.startswith("{")]
+        access = [e for e in entries if e["logger"] == "uvicorn.access"]
+        assert access and access[-1]["request_id"] == "trace-77" and "400" in access[-1]["message"]
+    else:
+        assert all(line.rstrip().endswith("[request trace-77]") for line in lines), lines
