@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from canary_server.pipeline.errors import EngineNotReady
-from canary_server.pipeline.stats import PipelineStats
+from canary_server.pipeline.stats import PipelineStats, request_id
 
 log = logging.getLogger("canary.engine")
 
@@ -73,6 +73,7 @@ class Job:
     language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
     accepted_at: float = field(default_factory=time.monotonic)
     began_at: float | None = None  # when its first piece left the scheduler's waiting list (monitoring)
+    request_id: str | None = field(default_factory=request_id.get)  # for the engine thread's log lines about it
 
     def deliver(self, result: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -175,7 +176,10 @@ class JobBook:
 
     def drop_cancelled(self, batcher: BatcherLike) -> None:
         for job in [j for j in self.jobs if j.cancelled.is_set()]:
-            log.info("request cancelled by the client: dropping %d piece(s)", len(job.items) - len(job.results))
+            dropped = len(job.items) - len(job.results)
+            log.info(
+                "request cancelled by the client: dropping %d piece(s)", dropped, extra={"request_id": job.request_id}
+            )
             self.end(batcher, job)
 
     def fail_unstarted(self, batcher: BatcherLike) -> None:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import bisect
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+# The id of the request the current task serves (a front door sets it: HTTP's X-Request-ID). The engine keeps it
+# with each job, so its own log lines about one request carry it too.
+request_id: ContextVar[str | None] = ContextVar("canary_request_id", default=None)
 
 # Seconds: from a short clip's queue wait on an idle engine to a long file's decode.
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)

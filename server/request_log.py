@@ -2,9 +2,9 @@
 
 Every HTTP response carries `X-Request-ID`: the client's own when it sent a usable one (a router or a caller that
 follows requests across machines), else a fresh one. The id lives in a context variable while the request runs,
-so every log line written in its task (routes, the pipeline's decode thread, uvicorn's access line) carries it:
-appended to text lines, a field of JSON lines (`log_format = "json"`). Lines the engine thread writes about many
-requests at once carry none.
+so every log line written in its task (routes, the pipeline's decode thread, uvicorn's access line) carries it,
+and so do the engine thread's lines about that request (its job keeps the id): appended to text lines, a field of
+JSON lines (`log_format = "json"`). Lines the engine thread writes about many requests at once carry none.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from canary_server.pipeline.stats import request_id
 
 HEADER = "X-Request-ID"
 # A client's id is kept only if it is short and plain (it goes into logs and a response header as is).
 _USABLE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # The loggers whose handlers get the request id: ours and the root's (propagated), and uvicorn's own handlers.
 _LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-
-request_id: ContextVar[str | None] = ContextVar("canary_request_id", default=None)
 
 
 def new_request_id(sent: str | None) -> str:
@@ -96,7 +95,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def _add_request_id(record: logging.LogRecord) -> bool:
-    record.request_id = request_id.get()
+    if getattr(record, "request_id", None) is None:  # the engine thread names its job's id itself
+        record.request_id = request_id.get()
     return True
 
 

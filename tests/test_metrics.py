@@ -14,6 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from canary_server.pipeline.engine import Engine
+from canary_server.pipeline.jobs import Job
 from canary_server.server.app import create_app
 from canary_server.server.request_log import JsonFormatter, install_request_logging, request_id
 from canary_server.server.settings import Settings
@@ -167,8 +168,10 @@ def test_log_lines_about_a_request_carry_its_id(log_format):
         token = request_id.set("req-7")
         try:
             log.warning("about %s", "it")
+            job = Job([], None, None, None)  # what the engine keeps of a request (made in the request's task)
         finally:
             request_id.reset(token)
+        log.warning("on the engine thread", extra={"request_id": job.request_id})
     finally:
         root.removeHandler(handler)
     if log_format == "json":
@@ -176,8 +179,13 @@ def test_log_lines_about_a_request_carry_its_id(log_format):
         lines = [json.loads(r) for r in records]
         assert "request_id" not in lines[0] and lines[1]["request_id"] == "req-7"
         assert lines[1]["message"] == "about it" and lines[1]["level"] == "warning" and lines[1]["time"].endswith("Z")
+        assert lines[2]["request_id"] == "req-7"
     else:
-        assert records == ["WARNING outside any request", "WARNING about it [request req-7]"]
+        assert records == [
+            "WARNING outside any request",
+            "WARNING about it [request req-7]",
+            "WARNING on the engine thread [request req-7]",
+        ]
 
 
 @pytest.mark.slow
