@@ -48,9 +48,10 @@ class Router:
         return "".join(self.lines)
 
 
-def start_router(a: str, b: str, timeout: float = 30) -> Router:
+def start_router(a: str, b: str, timeout: float = 30, wait_for_both: bool = True) -> Router:
     """HAProxy on a free loopback port routing to instances `a` and `b` (base URLs); returns once a request has
-    been answered by each (both health checks passed). Stop it with `stop_router`."""
+    been answered by each (both health checks passed; `wait_for_both=False`: once it listens). Stop it with
+    `stop_router`."""
     binary = haproxy_binary()
     if binary is None:
         raise RuntimeError(missing_haproxy_reason())
@@ -64,13 +65,13 @@ def start_router(a: str, b: str, timeout: float = 30) -> Router:
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=router.url, timeout=5) as client:
-        while seen != {"a", "b"}:
+        while seen != {"a", "b"} if wait_for_both else not seen:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_router(router)
                 raise RuntimeError(f"haproxy did not route to both instances (saw {seen}):\n{router.log()}")
             try:
                 r = client.get("/health/ready")
-                if r.status_code == 200:
+                if r.status_code == 200 or not wait_for_both:
                     seen.add(r.headers.get("X-Canary-Instance", ""))
             except httpx.TransportError:
                 time.sleep(0.05)  # not listening yet

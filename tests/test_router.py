@@ -162,3 +162,16 @@ def test_two_instances_behind_haproxy_answer_like_one_and_survive_losing_one(hap
             stop_router(router)
         stop_server(a)
         stop_server(b)
+
+
+def test_with_no_instance_up_the_router_answers_503_in_openais_shape_with_retry_after(haproxy):
+    from router_process import free_port
+
+    closed = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]  # nothing listens there
+    router = start_router(*closed, wait_for_both=False)
+    try:
+        r = httpx.post(f"{router.url}{ROUTE}", files={"file": ("a.wav", b"RIFF")}, data={"model": "whisper-1"})
+    finally:
+        stop_router(router)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["error"]["code"] == "no_instance_available"

@@ -30,7 +30,9 @@ async def metrics(request: Request) -> Response:
 
 
 def _from_loopback(request: Request) -> bool:
-    """The TCP peer (not a forwarded-for header: a router on this machine would make everyone loopback)."""
+    """The client address uvicorn reports: the TCP peer, or what a proxy the server trusts forwarded (issue 19's
+    trusted_proxies); never a header this route reads itself. A router on this machine that is not trusted makes
+    every client loopback: bench/router/haproxy.cfg refuses /metrics for that reason."""
     host = request.client.host if request.client else ""
     try:
         return ipaddress.ip_address(host).is_loopback
