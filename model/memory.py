@@ -36,3 +36,11 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def memory_in_use() -> tuple[int, int] | None:
+    """MLX's (active, peak) bytes of arrays, or None where this MLX cannot say."""
+    try:
+        return int(mx.get_active_memory()), int(mx.get_peak_memory())
+    except AttributeError:  # MLX before 0.24 kept these under mx.metal
+        return None

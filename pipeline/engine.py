@@ -31,12 +31,15 @@ from canary_server.pipeline.loading import (
     BatcherFactory,
     ModelInfo,
     ModelLike,
+    active_rows,
     default_batcher,
     free_unreferenced_memory,
     load_model,
+    memory_in_use,
     model_info,
     release_memory,
 )
+from canary_server.pipeline.stats import PipelineStats, StatsSnapshot
 
 __all__ = ["Engine", "EngineState", "ModelInfo", "ModelLike", "StreamEvent", "TranscriptionLike", "load_model"]
 
@@ -92,8 +95,9 @@ class Engine:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
         self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
-        self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "refused": 0}
-        self._book = JobBook(self.stats)  # submitted, not yet delivered (engine thread only)
+        self.monitor = PipelineStats()  # what monitoring reads (`snapshot()`); the engine thread writes it
+        self.stats = self.monitor.requests  # requests ended, by outcome
+        self._book = JobBook(self.stats, self.monitor)  # submitted, not yet delivered (engine thread only)
         self._jobs = self._book.jobs
         self._open_jobs = 0  # submitted and not finished, counted from the event loop side
         self._open_seconds = 0.0  # their audio
@@ -139,6 +143,13 @@ class Engine:
     @property
     def queued(self) -> int:
         return self._open_jobs
+
+    def snapshot(self) -> StatsSnapshot:
+        """What the engine has done and holds now, read from any thread (for /metrics and /health)."""
+        with self._lock:
+            queue = (self._open_jobs, self._open_seconds)
+        limits = (self.max_queue, self.max_queued_seconds)
+        return self.monitor.snapshot(state=self.state.value, queue=queue, limits=limits)
 
     async def transcribe(
         self, audio: np.ndarray, source_lang: str, target_lang: str, pnc: bool, context: str | None
@@ -310,6 +321,7 @@ class Engine:
             if self.state is EngineState.LOADING:  # not CLOSING: shutdown began while it loaded
                 self.state = EngineState.READY
         log.info("model ready: languages %s", ", ".join(self.info.languages))
+        self._sample(batcher)
         stopping, worked, idle_since = False, False, time.monotonic()
         while not (stopping and not self._jobs):
             # Block for work only when nothing is in flight; otherwise just take what has arrived. Idle, wait at
@@ -327,6 +339,7 @@ class Engine:
                 if now >= timers.get("unload", float("inf")):
                     batcher = None  # the only reference to the model (its batcher holds it)
                     self._unload()
+                self._sample(batcher)
                 continue
             for job in jobs:
                 if job is _STOP:
@@ -354,12 +367,20 @@ class Engine:
                 continue
             worked = True
             try:
-                for item in batcher.step():
+                done = batcher.step()
+                self._book.note_started(batcher)
+                for item in done:
                     self._book.complete(batcher, item)
                 self._book.stream_progress(batcher)
             except Exception as exc:  # a bug, never bad input: fail what is in flight, keep serving
                 log.exception("engine step failed; failing %d request(s)", len(self._jobs))
                 self._book.fail_all(batcher, exc)
+            self._sample(batcher)
+
+    def _sample(self, batcher: BatcherLike | None) -> None:
+        """Gauges only this thread may read (the decoders' rows, MLX's memory counters) into the monitor."""
+        self.monitor.active_rows = active_rows(batcher) if batcher is not None else 0
+        self.monitor.mlx_memory = memory_in_use()
 
     def _idle_timers(self, idle_since: float, worked: bool) -> dict[str, float]:
         """Monotonic times at which an idle engine hands memory back (after work) and unloads the model."""

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from canary_server.pipeline.errors import EngineNotReady
+from canary_server.pipeline.stats import PipelineStats, request_id
 
 log = logging.getLogger("canary.engine")
 
@@ -71,6 +73,9 @@ class Job:
     beam_size: int | None = None  # None: the engine's
     language: Any = None  # pipeline.language.LanguageChoice: detect the source language (None: the spec's)
     progress: Callable[[int], None] | None = None  # called on the job's loop with each finished piece's index
+    accepted_at: float = field(default_factory=time.monotonic)
+    began_at: float | None = None  # when its first piece left the scheduler's waiting list (monitoring)
+    request_id: str | None = field(default_factory=request_id.get)  # for the engine thread's log lines about it
 
     def report(self, index: int) -> None:
         """Tell the awaiting side (on its loop) that piece `index` is decoded."""
@@ -94,9 +99,10 @@ class Job:
 class JobBook:
     """The jobs the engine thread has submitted and not yet ended, and what became of them (`stats`)."""
 
-    def __init__(self, stats: dict[str, int]) -> None:
+    def __init__(self, stats: dict[str, int], monitor: PipelineStats | None = None) -> None:
         self.jobs: list[Job] = []
         self.stats = stats
+        self.monitor = monitor or PipelineStats()
 
     def __bool__(self) -> bool:
         return bool(self.jobs)
@@ -144,7 +150,24 @@ class JobBook:
             self.stats["cancelled"] += 1
             return
         self.stats["failed" if error is not None else "completed"] += 1
+        if error is None:
+            began = job.began_at if job.began_at is not None else job.accepted_at
+            tokens = sum(len(getattr(r, "tokens", ())) for r in result)
+            self.monitor.completed(job.seconds, tokens, time.monotonic() - began)
         job.deliver(result, error)
+
+    def note_started(self, batcher: BatcherLike) -> None:
+        """Record the queue wait of jobs whose first piece has left the scheduler's waiting list (a batcher
+        without a `waiting` list: on submission)."""
+        fresh = [j for j in self.jobs if j.began_at is None]
+        if not fresh:
+            return
+        waiting = {id(it) for it in getattr(batcher, "waiting", ())}
+        now = time.monotonic()
+        for job in fresh:
+            if job.results or any(id(it) not in waiting for it in job.items):
+                job.began_at = now
+                self.monitor.started(now - job.accepted_at)
 
     def stream_progress(self, batcher: BatcherLike, job: Job | None = None) -> None:
         """Send streaming requests the text decoded since the last step, chunk by chunk, in order."""
@@ -162,7 +185,10 @@ class JobBook:
 
     def drop_cancelled(self, batcher: BatcherLike) -> None:
         for job in [j for j in self.jobs if j.cancelled.is_set()]:
-            log.info("request cancelled by the client: dropping %d piece(s)", len(job.items) - len(job.results))
+            dropped = len(job.items) - len(job.results)
+            log.info(
+                "request cancelled by the client: dropping %d piece(s)", dropped, extra={"request_id": job.request_id}
+            )
             self.end(batcher, job)
 
     def fail_unstarted(self, batcher: BatcherLike) -> None:

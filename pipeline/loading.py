@@ -95,3 +95,16 @@ def release_memory(batcher: BatcherLike) -> None:
             release()
         except Exception:  # noqa: BLE001 - an optimisation, never a reason to stop serving
             log.exception("releasing memory failed")
+
+
+def active_rows(batcher: BatcherLike) -> int:
+    """Decoder rows stepping now (a beam sequence counts beam_size rows); 0 for a batcher that does not say."""
+    decoders = getattr(batcher, "decoders", None)
+    return sum(len(d) for d in decoders.values()) if isinstance(decoders, dict) else 0
+
+
+def memory_in_use() -> tuple[int, int] | None:
+    """MLX's (active, peak) bytes (engine thread only: it owns MLX)."""
+    from canary_server.model.memory import memory_in_use as in_use
+
+    return in_use()

@@ -27,6 +27,7 @@ from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetect
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
+from canary_server.pipeline.stats import PipelineStats, StatsSnapshot
 
 log = logging.getLogger("canary.pipeline")
 
@@ -132,6 +133,15 @@ class Pipeline:
     @property
     def state(self) -> EngineState:
         return self.engine.state
+
+    @property
+    def stats(self) -> PipelineStats:
+        """Monitoring's record (front doors count their sessions in it)."""
+        return self.engine.monitor
+
+    def snapshot(self) -> StatsSnapshot:
+        """What the engine has done and holds now (queue, rows, times, memory), from any thread."""
+        return self.engine.snapshot()
 
     @property
     def info(self) -> ModelInfo:

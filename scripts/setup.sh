@@ -5,7 +5,8 @@
 # python3.13 ... python3.10 on PATH (then Homebrew's on macOS), else python3 if it is 3.10+, else a Python 3.12
 # from uv (installed with pip if missing; uv downloads a standalone Python build).
 # On Linux it also installs Debian's OpenBLAS (libopenblas0-pthread): MLX's CPU wheel links a slow
-# reference BLAS, and model/blas.py preloads OpenBLAS instead (about 20x faster fp32 matmuls).
+# reference BLAS, and model/blas.py preloads OpenBLAS instead (about 20x faster fp32 matmuls). `--dev` on Linux
+# also installs HAProxy (the router tests/test_router.py runs two instances behind; README, "Several machines").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -110,6 +111,15 @@ if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenbl
         $sudo apt-get update -qq && $sudo apt-get install -y -qq libopenblas0-pthread >/dev/null
     else
         echo "warning: install OpenBLAS (libopenblas.so.0) for fast fp32 matmuls on Linux" >&2
+    fi
+fi
+
+if [ -n "$extras" ] && [ "$(uname -s)" = "Linux" ] && ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    if command -v apt-get >/dev/null; then
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq haproxy >/dev/null
+    else
+        echo "warning: install haproxy for tests/test_router.py" >&2
     fi
 fi
 

@@ -17,7 +17,9 @@ from canary_server.pipeline.engine import Engine, load_model
 from canary_server.pipeline.pipeline import AudioDecoder
 from canary_server.server.errors import install_error_handler, keep_private
 from canary_server.server.limits import SpoolBudgetMiddleware, UploadLimitMiddleware
-from canary_server.server.routes import audio, health, models
+from canary_server.server.metrics import Metrics, MetricsMiddleware
+from canary_server.server.request_log import RequestIdMiddleware
+from canary_server.server.routes import audio, health, metrics, models
 from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
 from canary_server.server.settings import Settings
 
@@ -83,7 +85,12 @@ def create_app(
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, prefix="/v1")
     add_origin_rules(app, settings)
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings))
+    # Outermost: every response, refusals included, is counted and carries its X-Request-ID.
+    app.state.metrics = Metrics(pipeline.snapshot)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(audio.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     return app

@@ -32,3 +32,13 @@ class Health(BaseModel):
     model: str
     error: str | None = None
     requests: int = 0  # accepted by the engine and not answered yet
+    queued_audio_seconds: float = 0.0  # their audio
+    busy: bool = False  # the queue is full: the next request gets 429
+
+
+class Readiness(BaseModel):
+    """GET /health/ready, for routers: 200 for ready/unloaded, 503 for the rest."""
+
+    status: Literal["ready", "unloaded", "busy", "loading", "reloading", "failed", "closing"]
+    requests: int  # accepted by the engine and not answered yet
+    queued_audio_seconds: float

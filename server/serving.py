@@ -26,6 +26,7 @@ from canary_server.server.connections import (
     deadline_protocol,
     raise_descriptor_limit,
 )
+from canary_server.server.request_log import install_request_logging
 from canary_server.server.security import exposure_warnings
 from canary_server.server.settings import Settings
 
@@ -108,4 +109,5 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies,
     )
+    install_request_logging(settings.log_format)  # after uvicorn.Config has set up its own handlers
     DeadlineServer(config, app.state.pipeline, settings.shutdown_grace_seconds).run()

@@ -168,6 +168,14 @@ class Settings(BaseSettings):
         None, gt=0, description="Free the model after this many seconds without requests; unset: never."
     )
 
+    # ---- monitoring and routers (issue 24) ----
+    metrics_loopback_only: bool = Field(
+        False, description="Serve /metrics only to clients on this machine (others get 403)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or as one JSON object each (with the request id)."
+    )
+
     @model_validator(mode="after")
     def _one_port_each(self) -> Settings:
         if self.wyoming_port and self.wyoming_port == self.port:

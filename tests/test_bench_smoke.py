@@ -59,6 +59,7 @@ SMOKE_ARGS = {
     "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny", "--cache-dir", "{tiny}-cache"],
     "soak.py": ["--requests", "12", "--concurrency", "2", "--long-seconds", "6", "--pool", "3", "--seed", "3"],
     "lifecycle.py": ["--bursts", "1", "--files", "1", "--seconds", "8", "--settle", "0.5", "--signal-after", "0.5"],
+    "router_throughput.py": ["--requests", "4", "--concurrency", "2", "--rounds", "1"],
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
@@ -175,6 +176,15 @@ def test_soak_checks_every_answer_against_the_request_alone():
     out = _bench("soak.py")
     assert "| wrong answers (200 differing from the same request alone) | 0 |" in out, out
     assert "| lost requests (sent whole, no HTTP answer) | 0 |" in out, out
+
+
+def test_router_throughput_compares_one_instance_with_two_behind_haproxy():
+    from router_process import haproxy_binary
+
+    if not ESPEAK_NEMO.is_file() or haproxy_binary() is None:
+        pytest.skip("needs the espeak-trained test model and haproxy (test_router.py insists on haproxy)")
+    out = _bench("router_throughput.py")
+    assert "| one instance (direct) |" in out and "| two instances behind HAProxy |" in out, out
 
 
 def test_lifecycle_measures_idle_memory_and_a_sigterm():

@@ -429,3 +429,36 @@ def test_stopping_lets_a_transcription_in_progress_finish_and_closes_idle_connec
         fake.gate.set()
         pipeline.close()
     assert text_of(events) == ("hello world 1.00", "en") and closed is None
+
+
+def test_open_wyoming_connections_are_counted_in_metrics():
+    from canary_server.pipeline.engine import Engine
+
+    app, server = serve(Settings(model="/models/fake"), Engine(FakeCanary, batcher=fake_batcher))
+
+    def sessions(url: str) -> str:
+        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        return next(line for line in lines if line.startswith('canary_sessions{kind="wyoming"}'))
+
+    async def while_open(port: int, url: str) -> str:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            await asyncio.wait_for(client.read_event(), TIMEOUT)  # the server has taken the connection
+            return await asyncio.to_thread(sessions, url)
+
+    with server as url:
+        wait_ready(url)
+        during = asyncio.run(while_open(app.state.wyoming.port, url))
+        closed = asyncio.run(_session_closed(app.state.pipeline))
+    assert during.endswith(" 1.0") and closed
+
+
+async def _session_closed(pipeline, timeout: float = 10) -> bool:
+    """The server notices the closed connection (a moment after the client closed it): polled, bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while pipeline.snapshot().sessions.get("wyoming") != 0:
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True

@@ -82,12 +82,14 @@ class WyomingServer:
         handler = CanaryEventHandler(self.pipeline, self.info, reader, writer)
         task = asyncio.current_task()
         self._handlers[task] = handler
+        self.pipeline.stats.session("wyoming", +1)
         try:
             await handler.run()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
         finally:
             self._handlers.pop(task, None)
+            self.pipeline.stats.session("wyoming", -1)
 
     async def stop(self) -> None:
         """Stop listening, withdraw the announcement, let transcriptions in progress finish (a grace period),

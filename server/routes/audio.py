@@ -25,7 +25,8 @@ FormatField = Annotated[ResponseFormat, Form()]
 TemperatureField = Annotated[float, Form(ge=0, le=1)]
 
 
-def _check_model(name: str, settings: Settings) -> None:
+def _check_model(name: str, settings: Settings, request: Request) -> None:
+    """400 for a model this server does not serve; else the name goes on the request's metrics."""
     if name not in settings.served_models:
         raise ApiError(
             400,
@@ -33,6 +34,7 @@ def _check_model(name: str, settings: Settings) -> None:
             param="model",
             code="model_not_found",
         )
+    request.state.model = name
 
 
 def _render(result: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> Response:
@@ -109,7 +111,7 @@ async def create_transcription(
 ) -> Response:
     """`language`: a code, or "auto" to detect it from the audio; without one it is detected too (within
     `languages[]` if sent), unless the server's `default_language` is a code."""
-    _check_model(model, settings)
+    _check_model(model, settings, request)
     with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])
     for g in granularities - {"word", "segment"}:
@@ -164,7 +166,7 @@ async def create_translation(
 ) -> Response:
     """Translate to English; the source language comes from `language` ("auto": detected) or the configured
     default."""
-    _check_model(model, settings)
+    _check_model(model, settings, request)
     pipeline = ready_pipeline(request)
     options = pipeline.options(
         language,

@@ -1,0 +1,91 @@
+"""HAProxy with the repository's `bench/router/haproxy.cfg` in front of two instances, as a child process (tests
+and bench/router.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+CONFIG = Path(__file__).resolve().parents[1] / "bench" / "router" / "haproxy.cfg"
+# Homebrew's prefixes on Apple silicon and Intel Macs; Debian's /usr/sbin may be off a user's PATH.
+_PLACES = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy", "/opt/homebrew/bin/haproxy", "/usr/local/bin/haproxy")
+
+
+def haproxy_binary() -> str | None:
+    found = shutil.which("haproxy")
+    return found or next((p for p in _PLACES if os.access(p, os.X_OK)), None)
+
+
+def missing_haproxy_reason() -> str:
+    if sys.platform == "darwin":
+        return "haproxy is not installed (brew install haproxy)"
+    return "haproxy is not installed: scripts/setup.sh --dev installs it (apt-get install haproxy)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Router:
+    proc: subprocess.Popen
+    url: str
+    lines: list[str] = field(default_factory=list)  # its log (one line per request, health changes)
+    reader: threading.Thread | None = None
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def start_router(a: str, b: str, timeout: float = 30, wait_for_both: bool = True) -> Router:
+    """HAProxy on a free loopback port routing to instances `a` and `b` (base URLs); returns once a request has
+    been answered by each (both health checks passed; `wait_for_both=False`: once it listens). Stop it with
+    `stop_router`."""
+    binary = haproxy_binary()
+    if binary is None:
+        raise RuntimeError(missing_haproxy_reason())
+    port = free_port()
+    env = {**os.environ, "CANARY_ROUTER_BIND": f"127.0.0.1:{port}", "CANARY_A": _address(a), "CANARY_B": _address(b)}
+    cmd = [binary, "-db", "-f", str(CONFIG)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    router = Router(proc, f"http://127.0.0.1:{port}")
+    router.reader = threading.Thread(target=lambda: router.lines.extend(proc.stdout), daemon=True)
+    router.reader.start()
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=router.url, timeout=5) as client:
+        while seen != {"a", "b"} if wait_for_both else not seen:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_router(router)
+                raise RuntimeError(f"haproxy did not route to both instances (saw {seen}):\n{router.log()}")
+            try:
+                r = client.get("/health/ready")
+                if r.status_code == 200 or not wait_for_both:
+                    seen.add(r.headers.get("X-Canary-Instance", ""))
+            except httpx.TransportError:
+                time.sleep(0.05)  # not listening yet
+    return router
+
+
+def stop_router(router: Router) -> None:
+    if router.proc.poll() is None:
+        router.proc.terminate()
+    router.proc.wait(30)
+    if router.reader is not None:
+        router.reader.join(10)  # EOF once the process is gone
+    router.proc.stdout.close()
+
+
+def _address(url: str) -> str:
+    return url.removeprefix("http://").rstrip("/")
