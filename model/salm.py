@@ -15,6 +15,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 
 from .audio import SAMPLE_RATE, AudioSource, load_audio, pad_batch
+from .canary import Transcription
 from .config import EncoderConfig, PreprocessorConfig, QuantizationConfig
 from .conformer import ConformerEncoder, drain
 from .features import Preprocessor
@@ -49,19 +50,16 @@ class SalmConfig:
             raw=d,
         )
 
+    prompt_format: str = "qwen"  # NeMo's QwenPromptFormatter (model/salm_prompt.py)
+
+    @property
+    def prompt_defaults(self) -> dict[str, Any]:
+        return {"source_lang": "en", "target_lang": "en"}
+
     @property
     def frame_seconds(self) -> float:
         """Audio seconds per projected frame (one LLM input position): hop x subsampling."""
         return self.preprocessor.hop_length * self.encoder.subsampling_factor / self.sample_rate
-
-
-@dataclass
-class SalmTranscription:
-    text: str  # NeMo's decoded text, surrounding whitespace stripped
-    tokens: list[int]  # generated ids before <|im_end|>
-    duration: float
-    raw_text: str = ""  # HF decode(skip_special_tokens=True) of the whole generated row, as NeMo returns
-    finished: bool = True  # False: stopped at max_new_tokens
 
 
 def quantizable(path: str, module: nn.Module, group_size: int) -> bool:
@@ -86,6 +84,12 @@ class SALM(nn.Module):
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
+
+    # What the pipeline asks of any model: English ASR only (translation and other languages are refused by the
+    # pipeline's language check), no timestamp source (word times would have to be invented).
+    languages = ["en"]  # noqa: RUF012 - read-only class facts
+    supports_timestamps = False
+    timestamp_source = None
 
     def quantize(self, bits: int, group_size: int) -> None:
         nn.quantize(
@@ -122,18 +126,18 @@ class SALM(nn.Module):
         context: str | None = None,
         batch_size: int = 8,
         max_new_tokens: int | None = None,
-    ) -> SalmTranscription | list[SalmTranscription]:
+    ) -> Transcription | list[Transcription]:
         """NeMo's `SALM.generate` (greedy) on whole inputs, `batch_size` at a time (left-padded, masked)."""
         single = not isinstance(audio, (list, tuple))
         items = [a if isinstance(a, np.ndarray) else load_audio(a) for a in ([audio] if single else audio)]
         limit = max_new_tokens or self.config.max_new_tokens
         prompt = self.tokenizer.prompt_ids(context)
-        out: list[SalmTranscription] = []
+        out: list[Transcription] = []
         for start in range(0, len(items), batch_size):
             out += self._generate_batch(items[start : start + batch_size], prompt, limit)
         return out[0] if single else out
 
-    def _generate_batch(self, batch: list[np.ndarray], prompt: list[int], limit: int) -> list[SalmTranscription]:
+    def _generate_batch(self, batch: list[np.ndarray], prompt: list[int], limit: int) -> list[Transcription]:
         audio, lengths = pad_batch(batch)
         frames, frame_lengths = self.encode(audio, lengths)
         rows = [self.input_embeddings(prompt, frames[i, : int(n)]) for i, n in enumerate(frame_lengths.tolist())]
@@ -144,13 +148,24 @@ class SALM(nn.Module):
                 row.append(t)
         return [self.result(t, len(a) / self.sample_rate) for t, a in zip(tokens, batch, strict=True)]
 
-    def result(self, generated: list[int], duration: float) -> SalmTranscription:
-        """Generated ids (eos and whatever follows dropped) -> text as NeMo decodes it."""
+    def result(self, generated: list[int], duration: float, logprobs: Sequence[float] = ()) -> Transcription:
+        """Generated ids (eos and whatever follows dropped) -> text as NeMo decodes it (`raw_text`, HF
+        `decode(skip_special_tokens=True)`: a cut-off UTF-8 sequence is U+FFFD); `text` without surrounding spaces."""
         eos = self.tokenizer.eos_id
         finished = eos in generated
         ids = generated[: generated.index(eos)] if finished else list(generated)
         raw = self.tokenizer.decode(ids)
-        return SalmTranscription(text=raw.strip(), tokens=ids, duration=duration, raw_text=raw, finished=finished)
+        return Transcription(
+            text=raw.strip(),
+            tokens=ids,
+            source_lang="en",
+            target_lang="en",
+            duration=duration,
+            raw_text=raw,
+            finished=finished,
+            logprobs=list(logprobs[: len(ids)]),
+            pieces=[self.tokenizer.decode([i]) for i in ids] if logprobs else [],
+        )
 
 
 def load_salm(directory: Path, config: dict[str, Any], dtype: mx.Dtype | str | None) -> SALM:

@@ -18,6 +18,7 @@ class SalmBatchDecoder:
         self.eos_id = eos_id
         self.cache: list[BatchKVCache] | None = None
         self.last: mx.array | None = None  # (B,) each row's last token
+        self.last_logprobs: list[float] = []  # the log-probability of each row's last token (full vocabulary)
 
     @property
     def size(self) -> int:
@@ -30,7 +31,8 @@ class SalmBatchDecoder:
         x = mx.stack([mx.pad(r, [(p, 0), (0, 0)]) for r, p in zip(rows, pads, strict=True)])  # (B, L, H), left-padded
         cache = [BatchKVCache(pads) for _ in self.llm.layers]
         logits = self.llm(None, cache=cache, input_embeddings=x)[:, -1]  # (B, V)
-        first = mx.argmax(logits.astype(mx.float32), axis=-1)
+        first, lps = _greedy(logits)
+        self.last_logprobs = lps.tolist()
         if self.cache is None:
             self.cache, self.last = cache, first
         else:
@@ -42,7 +44,8 @@ class SalmBatchDecoder:
     def step(self) -> list[int]:
         """One token for every row (finished rows included: NeMo fills them with pad, the caller ignores them)."""
         logits = self.llm(self.last[:, None], cache=self.cache)[:, -1]
-        self.last = mx.argmax(logits.astype(mx.float32), axis=-1)
+        self.last, lps = _greedy(logits)
+        self.last_logprobs = lps.tolist()
         return self.last.tolist()
 
     def keep(self, indices: Sequence[int]) -> None:
@@ -54,3 +57,11 @@ class SalmBatchDecoder:
         for c in self.cache:
             c.filter(idx)
         self.last = self.last[idx]
+
+
+def _greedy(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """logits (B, V) -> argmax ids (B,) and their log-probabilities (B,), in float32."""
+    logits = logits.astype(mx.float32)
+    ids = mx.argmax(logits, axis=-1)
+    chosen = mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+    return ids, chosen - mx.logsumexp(logits, axis=-1)

@@ -25,6 +25,10 @@ BatcherFactory = Callable[..., BatcherLike]  # (model, **scheduling settings) ->
 
 
 def default_batcher(model: ModelLike, **kwargs: Any) -> BatcherLike:
+    if getattr(model.config, "prompt_format", None) == "qwen":  # canary-qwen-2.5b (model/salm.py): LLM rows
+        from canary_server.pipeline.salm_batcher import SalmBatcher
+
+        return SalmBatcher(model, **kwargs)
     from canary_server.pipeline.scheduler import ContinuousBatcher
 
     return ContinuousBatcher(model, **kwargs)
@@ -45,7 +49,7 @@ class ModelInfo:
 
     @property
     def supports_context(self) -> bool:
-        return self.prompt_format == "canary2"
+        return self.prompt_format in ("canary2", "qwen")  # qwen: the prompt goes into the LLM's user turn
 
 
 def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
@@ -64,6 +68,8 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
 def _family(config: Any) -> str:
     from canary_server.model.config import ModelConfig, family
 
+    if getattr(config, "prompt_format", None) == "qwen":
+        return "canary-qwen-2.5b" if config.llm.get("num_hidden_layers") == 28 else "canary-qwen (SALM) layout"
     return family(config) if isinstance(config, ModelConfig) else ""
 
 
