@@ -36,16 +36,18 @@ _LLM_PREFIXES = ("llm.base_model.model.", "llm.")  # PEFT-wrapped (LoRA un-merge
 _LORA_TARGETS = {"q_proj", "v_proj"}
 
 
-def is_salm_dir(path: Path) -> bool:
-    """A directory holding a NeMo SALM release (config.json naming speechlm2 fields + model.safetensors)."""
-    cfg = path / "config.json"
-    if not (cfg.is_file() and (path / "model.safetensors").is_file()):
-        return False
+def is_salm_config(cfg: Path) -> bool:
+    """A NeMo SALM's config.json (speechlm2 fields: `perception`, `pretrained_llm`), not a converted one."""
     try:
         d = json.loads(cfg.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(d, dict) and "perception" in d and "pretrained_llm" in d
+    return isinstance(d, dict) and "perception" in d and "pretrained_llm" in d and "format_version" not in d
+
+
+def is_salm_dir(path: Path) -> bool:
+    """A directory holding a NeMo SALM release (its config.json + model.safetensors)."""
+    return is_salm_config(path / "config.json") and (path / "model.safetensors").is_file()
 
 
 def _llm_config(llm_dir: Path) -> dict:
