@@ -303,10 +303,16 @@ def convert_salm(
             f"{source}: not a NeMo SALM directory (config.json with `perception` + model.safetensors)"
         )
     salm_cfg = json.loads((source / "config.json").read_text())
-    llm_dir = Path(llm_dir) if llm_dir is not None else source / str(salm_cfg.get("pretrained_llm"))
+    named = str(salm_cfg.get("pretrained_llm"))
+    if llm_dir is None and not (source / named).is_dir():
+        raise ConversionError(
+            f"{source}: its LLM's tokenizer and config ({named}) are not a local directory; pass --llm-dir DIR with "
+            f"{named}'s {', '.join(LLM_FILES)}, or run `canary-server download` on the repo id, which fetches them"
+        )
+    llm_dir = Path(llm_dir) if llm_dir is not None else source / named
     missing = [f for f in LLM_FILES if not (llm_dir / f).is_file()]
     if missing:
-        raise ConversionError(f"{llm_dir}: the LLM's {', '.join(missing)} missing (Qwen/Qwen3-1.7B's files)")
+        raise ConversionError(f"{llm_dir}: the LLM's {', '.join(missing)} missing ({named}'s files)")
     write.check_out_dir(out_dir, overwrite)
     cfg = build_config(salm_cfg, llm_dir, source.name, dtype)
     mapped = map_weights(mx.load(str(source / "model.safetensors")), cfg)

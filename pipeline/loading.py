@@ -46,6 +46,7 @@ class ModelInfo:
     family: str = ""  # the release it has the shape of ("canary-1b-flash"), else a description
     decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
     timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
+    max_chunk_seconds: float | None = None  # the longest piece the model takes at once (None: chunk_seconds rules)
 
     @property
     def supports_context(self) -> bool:
@@ -62,6 +63,7 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         family=_family(model.config),
         decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
         timestamp_source=getattr(model, "timestamp_source", None),
+        max_chunk_seconds=getattr(model, "max_chunk_seconds", None),
     )
 
 

@@ -10,6 +10,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -32,14 +33,21 @@ def salm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def salm_url(salm_dir: Path):
-    from canary_server.server.app import create_app
+def salm_server(salm_dir: Path):
+    """(HTTP base URL, Wyoming port) of `serve` on the tiny SALM."""
+    from canary_server.cli.serve import build_app
     from canary_server.server.settings import Settings
     from server_fakes import running_server, wait_ready
 
-    with running_server(create_app(Settings(model=str(salm_dir), batch_size=8))) as url:
+    app = build_app(Settings(model=str(salm_dir), batch_size=8), wyoming_port=0)
+    with running_server(app) as url:
         wait_ready(url)
-        yield url
+        yield url, app.state.wyoming.port
+
+
+@pytest.fixture(scope="module")
+def salm_url(salm_server) -> str:
+    return salm_server[0]
 
 
 @pytest.fixture
@@ -152,3 +160,55 @@ def test_download_of_a_salm_repo_fetches_only_what_it_needs_and_converts(tmp_pat
     assert llm_asks == [["config.json", "tokenizer.json", "tokenizer_config.json"]]
     assert ["config.json", "model.safetensors"] in [p for r, p in asked if r == "nvidia/canary-qwen-2.5b"]
     assert resolve_model("nvidia/canary-qwen-2.5b", cache_dir=tmp_path / "cache") == out  # converted once
+
+
+def test_long_audio_is_cut_at_pauses_into_pieces_the_model_takes(salm_dir: Path):
+    """chunk_seconds 60 is longer than canary-qwen's 40 s: pieces stay within 40 s (cut at the clips' pauses)."""
+    from canary_server.model.audio import load_audio
+
+    clips = [load_audio(str(p)) for p in sorted(ESPEAK_CLIPS.glob("clip0*.wav"))]
+    audio = np.concatenate([np.concatenate([c, np.zeros(8000, np.float32)]) for c in clips * 2])
+    assert len(audio) / 16000 > 45
+    with canary_server.load(str(salm_dir), chunk_seconds=60.0) as m:
+        r = m.transcribe(audio)
+    assert len(r.segments) >= 2 and all(s.end - s.start <= 40.0 for s in r.segments)
+    assert r.duration == pytest.approx(len(audio) / 16000)
+
+
+def test_a_prompt_far_over_the_token_budget_is_cut_to_its_end(client):
+    words = " ".join(f"word{i}" for i in range(3000))
+    res = client.audio.transcriptions.create(model="m", file=clip("clip03.wav"), prompt=words)
+    assert isinstance(res.text, str)
+
+
+def test_wyoming_streams_a_transcript_equal_to_nemos_text(salm_server):
+    import asyncio
+
+    from test_wyoming import clip_pcm, describe, text_of, utterance
+    from wyoming.info import Info
+
+    port = salm_server[1]
+    (model,) = Info.from_event(asyncio.run(describe(port))).asr[0].models
+    assert model.languages == ["en"]
+    events = asyncio.run(utterance(port, clip_pcm(ESPEAK_CLIPS, "clip00.wav"), language="en"))
+    assert text_of(events) == (ENDED["clip00.wav"]["text"].strip(), "en")
+    refused = asyncio.run(utterance(port, clip_pcm(ESPEAK_CLIPS, "clip00.wav"), language="de"))
+    assert refused[0].type == "error" and "supports: en" in refused[0].data["text"]
+
+
+def test_prompt_context_keeps_its_last_tokens():
+    from canary_server.model.prompt import PromptSpec
+    from canary_server.pipeline.encoding import WorkItem
+    from canary_server.pipeline.salm_batcher import _context
+
+    class Tok:  # one token per word
+        def encode(self, text):
+            return text.split()
+
+        def decode(self, ids):
+            return " ".join(ids)
+
+    spec = PromptSpec("en", "en", context="a b c d e f", max_context_tokens=3)
+    assert _context(WorkItem(np.zeros(1, np.float32), spec), Tok()) == "d e f"
+    short = PromptSpec("en", "en", context="a b", max_context_tokens=3)
+    assert _context(WorkItem(np.zeros(1, np.float32), short), Tok()) == "a b"
