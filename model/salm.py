@@ -93,6 +93,7 @@ class SALM(nn.Module):
     # canary-qwen-2.5b takes about 40 s per call (its model card; NeMo's max_total_tokens 1024 at 12.5 frames/s
     # leaves room for the prompt and 128 new tokens): longer audio is cut at pauses into pieces at most this long.
     max_chunk_seconds = 40.0
+    pads_short_audio = False  # NeMo's SALM.generate() reads files with lhotse and pads nothing
 
     def quantize(self, bits: int, group_size: int) -> None:
         nn.quantize(

@@ -47,6 +47,7 @@ class ModelInfo:
     decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
     timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
     max_chunk_seconds: float | None = None  # the longest piece the model takes at once (None: chunk_seconds rules)
+    pads_short_audio: bool = True  # NeMo's AED transcribe pads files under 1 s; its SALM generate() does not
 
     @property
     def supports_context(self) -> bool:
@@ -64,6 +65,7 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
         timestamp_source=getattr(model, "timestamp_source", None),
         max_chunk_seconds=getattr(model, "max_chunk_seconds", None),
+        pads_short_audio=bool(getattr(model, "pads_short_audio", True)),
     )
 
 

@@ -212,3 +212,17 @@ def test_prompt_context_keeps_its_last_tokens():
     assert _context(WorkItem(np.zeros(1, np.float32), spec), Tok()) == "d e f"
     short = PromptSpec("en", "en", context="a b", max_context_tokens=3)
     assert _context(WorkItem(np.zeros(1, np.float32), short), Tok()) == "a b"
+
+
+def test_short_files_are_not_padded_as_nemos_salm_generate_reads_them(salm_dir: Path, tmp_path: Path):
+    """NeMo's AED transcribe pads files under 1 s; SALM.generate() (lhotse) does not, and neither does the server."""
+    import soundfile as sf
+
+    from canary_server.model.audio import load_audio
+
+    short = load_audio(str(ESPEAK_CLIPS / "clip03.wav"))[:8000]  # 0.5 s
+    sf.write(tmp_path / "short.wav", short, 16000, subtype="FLOAT")
+    want = canary_server.model.load(salm_dir).generate(short, max_new_tokens=20).tokens
+    with canary_server.load(str(salm_dir)) as m:
+        got = m.transcribe(str(tmp_path / "short.wav")).tokens
+    assert got[:20] == want
