@@ -98,10 +98,7 @@ class SalmBatcher:
         rows = []
         for i, ((item, prompt), n) in enumerate(zip(ready, frame_lengths.tolist(), strict=True)):
             rows.append(self.model.input_embeddings(prompt, frames[i, :n]))
-            # NeMo's generate() defaults to 128 new tokens; a server piece may hold up to chunk_seconds of speech,
-            # so it gets as many tokens as it has LLM audio positions (12.5 per second), never fewer than that.
-            limit = max(self.model.config.max_new_tokens, n)
-            item._seq = _Row(item, limit)
+            item._seq = _Row(item, _limit(self.model, item.audio.shape[0], n))
         new = [it._seq for it, _ in ready]
         for row, token, lp in zip(new, self.decoder.add(rows), self.decoder.last_logprobs, strict=True):
             row.tokens.append(token)
@@ -153,3 +150,13 @@ def _context(item: WorkItem, tokenizer) -> str | None:
     ids = tokenizer.encode(text)
     return text if len(ids) <= most else tokenizer.decode(ids[-most:]).lstrip()
 
+
+def _limit(model, num_samples: int, frames: int) -> int:
+    return max_new_tokens(model, num_samples, frames)  # looked up at call time: the bench may replace it
+
+
+def max_new_tokens(model, num_samples: int, frames: int) -> int:
+    """A piece's token limit. NeMo's generate() defaults to 128 new tokens; a server piece may hold up to 40 s of
+    speech, so it gets as many tokens as it has LLM audio positions (12.5 per second), never fewer than 128.
+    (bench/serve_capped.py replaces this function to force the decode length of random-weight models.)"""
+    return max(model.config.max_new_tokens, frames)
