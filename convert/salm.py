@@ -142,8 +142,42 @@ def _lora_targets(lora: dict) -> set[str]:
     return targets
 
 
-def _np(value: mx.array) -> np.ndarray:
-    return np.array(value.astype(mx.float32)) if mx.issubdtype(value.dtype, mx.floating) else np.array(value)
+class _Lazy:
+    """A float tensor of the release file, read and cast to float32 only when it is written (`np.asarray`), with
+    the mapping's re-layouts (transpose, indexing) recorded until then: converting the 2.5 B-parameter checkpoint
+    holds about one tensor in float32 at a time instead of all of them (10 GB)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, arr: mx.array, ops: tuple = ()) -> None:
+        self.arr, self.ops = arr, ops
+
+    def transpose(self, *axes: int) -> _Lazy:
+        return _Lazy(self.arr, (*self.ops, lambda w: w.transpose(*axes)))
+
+    def __getitem__(self, index) -> _Lazy:
+        return _Lazy(self.arr, (*self.ops, lambda w: w[index]))
+
+    def _apply(self, w: np.ndarray) -> np.ndarray:
+        for op in self.ops:
+            w = op(w)
+        return w
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._apply(np.broadcast_to(np.zeros((), np.float32), self.arr.shape)).shape  # no data touched
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        w = self._apply(np.array(self.arr.astype(mx.float32)))
+        return w if dtype is None else w.astype(dtype, copy=False)
+
+
+def _np(value: mx.array) -> np.ndarray | _Lazy:
+    return _Lazy(value) if mx.issubdtype(value.dtype, mx.floating) else np.array(value)
 
 
 def map_weights(state: dict[str, mx.array], cfg: dict) -> dict[str, np.ndarray]:
@@ -182,7 +216,7 @@ def _map_llm(state: dict[str, mx.array], cfg: dict) -> dict[str, np.ndarray]:
         elif name.endswith("lm_head.weight"):
             continue  # tied to embed_tokens (llm.tie_word_embeddings is required true)
         elif ".lora_" in name:
-            lora[name] = _np(value)
+            lora[name] = np.asarray(_np(value))  # small: rank x width
         else:
             out["llm." + name.replace(".base_layer.", ".")] = _np(value)
     if unmatched:
@@ -214,7 +248,7 @@ def _merge_lora(out: dict[str, np.ndarray], lora: dict[str, np.ndarray], spec: d
             raise ConversionError(f"state dict: incomplete LoRA adapter for {base} (need base_layer, lora_A, lora_B)")
         if a.shape[0] != spec["r"]:
             raise ConversionError(f"{base}.lora_A: rank {a.shape[0]} != lora.r {spec['r']}")
-        out[target] = out[target] + scaling * (b @ a)
+        out[target] = np.asarray(out[target]) + scaling * (b @ a)
     if lora:
         raise ConversionError(f"state dict: LoRA weights of another adapter: {', '.join(sorted(lora))}")
     merged = {b.rsplit(".", 1)[-1] for b in pairs}

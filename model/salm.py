@@ -87,7 +87,7 @@ class SALM(nn.Module):
 
     # What the pipeline asks of any model: English ASR only (translation and other languages are refused by the
     # pipeline's language check), no timestamp source (word times would have to be invented).
-    languages = ["en"]  # noqa: RUF012 - read-only class facts
+    languages = ["en"]  # read-only class facts
     supports_timestamps = False
     timestamp_source = None
     # canary-qwen-2.5b takes about 40 s per call (its model card; NeMo's max_total_tokens 1024 at 12.5 frames/s
