@@ -46,12 +46,22 @@ class SalmTokenizer:
         """HF `decode(skip_special_tokens=True)`: special tokens vanish, non-special added ones stay as text."""
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def user_message(self, context: str | None) -> str:
-        """The user turn's text: the instruction and the audio tag, after the caller's context text if any (the
-        OpenAI `prompt`), on its own line."""
-        message = f"{INSTRUCTION} {self.audio_locator_tag}"
-        return message if not context else f"{context}\n{message}"
+    def encode_plain(self, text: str) -> list[int]:
+        """Untrusted text: special tokens written in it (`<|im_end|>`, the audio tag) are tokenized as the
+        characters they are, never as the tokens, so a prompt cannot end the user turn or place the audio."""
+        self.tok.encode_special_tokens = True
+        try:
+            return self.encode(text)
+        finally:
+            self.tok.encode_special_tokens = False
 
     def prompt_ids(self, context: str | None = None) -> list[int]:
-        text = f"<|im_start|>user\n{self.user_message(context)}<|im_end|>\n<|im_start|>assistant\n"
-        return self.encode(text)
+        """`<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n` with message = the instruction and the
+        audio tag, after the caller's context text (the OpenAI `prompt`, stripped) on its own line. Tokenized in
+        pieces split at newlines, which the byte-level pre-tokenizer never merges across, so the ids are those of
+        the whole string NeMo tokenizes."""
+        tail = f"{INSTRUCTION} {self.audio_locator_tag}<|im_end|>\n<|im_start|>assistant\n"
+        context = (context or "").strip()
+        if not context:
+            return self.encode(f"<|im_start|>user\n{tail}")
+        return self.encode("<|im_start|>user\n") + self.encode_plain(context) + self.encode(f"\n{tail}")
