@@ -93,6 +93,13 @@ def _encoder(cfg: dict, features: int) -> dict:
     }
 
 
+def frontend_sections(cfg: dict, sample_rate: int) -> tuple[dict, dict]:
+    """config.json `preprocessor` and `encoder` from a config holding NeMo's `preprocessor` and `encoder` (the
+    same checks as the Canary models'; canary-qwen-2.5b's `perception`, convert/salm.py)."""
+    preprocessor = _preprocessor(cfg, sample_rate)
+    return preprocessor, _encoder(cfg, preprocessor["features"])
+
+
 def _decoder(cfg: dict, vocab_size: int) -> dict:
     require("transf_encoder.num_layers", value_at(cfg, "transf_encoder.num_layers", 0), [0])
     t = value_at(cfg, "transf_decoder")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from canary_server.model.quantize import DEFAULT_GROUP_SIZE
 
 from . import mapping, write
-from .config import FORMAT_VERSION, _encoder, _preprocessor
+from .config import FORMAT_VERSION, frontend_sections
 from .errors import ConversionError
 from .fields import class_name, integer, number, require, value_at
 from .quantize import check_quantization
@@ -96,8 +95,7 @@ def build_config(cfg: dict, llm_dir: Path, source: str, dtype: str) -> dict:
     if cfg.get("encoder_chunk_size_seconds") is not None:
         raise ConversionError("encoder_chunk_size_seconds: unsupported value (chunked encoding not implemented)")
     try:
-        preprocessor = _preprocessor(perception, SAMPLE_RATE)
-        encoder = _encoder(perception, preprocessor["features"])
+        preprocessor, encoder = frontend_sections(perception, SAMPLE_RATE)
     except ConversionError as e:
         raise ConversionError(f"perception.{e}") from e
     llm = _llm_config(llm_dir)
@@ -189,15 +187,7 @@ def map_weights(state: dict[str, mx.array], cfg: dict) -> dict[str, np.ndarray]:
         else:
             rest[key] = value
     section = {"preprocessor": cfg["preprocessor"], "encoder": cfg["encoder"]}
-    rules = [(re.compile(p), t, f) for p, t, f in mapping.FRONTEND_RULES]
-    drops = [re.compile(p) for p, _ in mapping.DROPS[:1]]
-    out = mapping._map(
-        {k: _np(v) for k, v in frontend.items()},
-        mapping._frontend_shapes(section),
-        rules,
-        drops,
-        "perception state dict",
-    )
+    out = mapping.map_frontend_state_dict({k: _np(v) for k, v in frontend.items()}, section, "perception state dict")
     out |= _map_llm(rest, cfg)
     return out
 
