@@ -19,6 +19,7 @@ import pytest
 from canary_server import model
 from canary_server.convert.errors import ConversionError
 from canary_server.convert.salm import convert_salm
+from canary_server.model import backend
 from canary_server.model.audio import load_audio
 from conftest import ESPEAK_CLIPS, FIXTURES
 
@@ -26,6 +27,14 @@ SALM = FIXTURES / "salm"
 GOLDEN = json.loads((SALM / "golden.json").read_text())
 EOS = GOLDEN["meta"]["eos_id"]
 MAX_NEW = GOLDEN["meta"]["max_new_tokens"]
+
+
+@pytest.fixture(params=[backend.CPU, backend.GPU], ids=["cpu_paths", "gpu_paths"])
+def paths(request):
+    """The NeMo comparisons run with the CPU paths and with the GPU paths (MLX's own kernels: what Metal runs)
+    forced on this CPU, as tests/test_parity.py does for the Canary models."""
+    with backend.forced(request.param):
+        yield request.param
 
 
 def _want(row: dict) -> list[int]:
@@ -79,14 +88,14 @@ def test_prompt_ids_equal_nemos_qwen_formatter(salm):
 
 
 @pytest.mark.parametrize("row", GOLDEN["single"], ids=lambda r: f"{r['clip']}-{bool(r['context'])}")
-def test_batch_one_tokens_and_text_equal_nemo(salm, row):
+def test_batch_one_tokens_and_text_equal_nemo(salm, row, paths):
     res = salm.generate(str(ESPEAK_CLIPS / row["clip"]), context=row["context"], max_new_tokens=MAX_NEW)
     assert res.tokens == _want(row)
     assert res.raw_text == row["text"]
     assert res.finished == (EOS in row["generated"])
 
 
-def test_batched_tokens_equal_nemo(salm):
+def test_batched_tokens_equal_nemo(salm, paths):
     rows = GOLDEN["batched"]
     out = salm.generate([str(ESPEAK_CLIPS / r["clip"]) for r in rows], max_new_tokens=MAX_NEW)
     assert [r.tokens for r in out] == [_want(r) for r in rows]
@@ -102,7 +111,7 @@ def _rows(salm, cases: list[dict]) -> list[mx.array]:
     return out
 
 
-def test_rows_with_different_prompts_batch_left_padded_as_nemo(salm):
+def test_rows_with_different_prompts_batch_left_padded_as_nemo(salm, paths):
     rows = GOLDEN["batched_context"]
     dec = salm.decoder()
     tokens = [[t] for t in dec.add(_rows(salm, rows))]
