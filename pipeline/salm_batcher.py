@@ -19,6 +19,9 @@ from canary_server.pipeline.scheduler import AGING_PER_SECOND
 log = logging.getLogger("canary.scheduler")
 
 
+GREEDY_ONLY = "canary-qwen-2.5b decodes greedily only (as NeMo's SALM.generate)"
+
+
 @dataclass(eq=False)
 class _Row:
     item: WorkItem
@@ -32,7 +35,11 @@ class _Row:
 
 
 class SalmBatcher:
-    def __init__(self, model, max_batch: int = 16, encode_seconds: float = 30.0, clock=time.monotonic, **_):
+    def __init__(
+        self, model, max_batch: int = 16, encode_seconds: float = 30.0, beam_size: int = 1, clock=time.monotonic, **_
+    ):
+        if beam_size > 1:
+            raise ValueError(f"beam_size {beam_size}: {GREEDY_ONLY}; unset the beam_size setting")
         self.model = model
         self.max_batch = max_batch
         self.encode_seconds = encode_seconds
@@ -87,6 +94,8 @@ class SalmBatcher:
         failed, ready = [], []
         for item in batch:
             try:
+                if (item.beam_size or 1) > 1:
+                    raise ValueError(f"beam_size {item.beam_size}: {GREEDY_ONLY}")
                 ready.append((item, self.model.tokenizer.prompt_ids(_context(item, self.model.tokenizer))))
             except ValueError as exc:  # a prompt that cannot be built fails its piece alone
                 item.error = exc

@@ -254,3 +254,10 @@ def test_hostile_prompts_against_a_real_serve_process(salm_dir: Path):
         assert server.alive()
     finally:
         stop_server(server)
+
+
+def test_beam_search_is_refused_clearly(salm_dir: Path):
+    with canary_server.load(str(salm_dir)) as m, pytest.raises(ValueError, match="greedily only"):
+        m.transcribe(str(ESPEAK_CLIPS / "clip03.wav"), beam_size=4)
+    with pytest.raises(Exception, match="greedily only"), canary_server.load(str(salm_dir), beam_size=4) as m:
+        m.transcribe(str(ESPEAK_CLIPS / "clip03.wav"))
