@@ -66,7 +66,7 @@ class SalmBatcher:
         if item.result is not None:
             return item.result.text
         row = item._seq
-        return self.model.tokenizer.decode(row.tokens).strip() if isinstance(row, _Row) and row.tokens else ""
+        return partial_text(self.model.tokenizer, row.tokens) if isinstance(row, _Row) else ""
 
     def step(self) -> list[WorkItem]:
         """Admit waiting pieces while there is room (encode + prefill), else one token for every row."""
@@ -169,3 +169,10 @@ def max_new_tokens(model, num_samples: int, frames: int) -> int:
     speech, so it gets as many tokens as it has LLM audio positions (12.5 per second), never fewer than 128.
     (bench/serve_capped.py replaces this function to force the decode length of random-weight models.)"""
     return max(model.config.max_new_tokens, frames)
+
+
+def partial_text(tokenizer, tokens: list[int]) -> str:
+    """The text of a row still decoding, as far as it is final: byte-level BPE tokens can end inside a UTF-8
+    sequence, which decodes to U+FFFD until its next token completes it, so a trailing U+FFFD is held back (a
+    streamed delta is never taken back). The finished result keeps one that nothing completed, as NeMo's text does."""
+    return tokenizer.decode(tokens).rstrip("\ufffd").strip()

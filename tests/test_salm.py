@@ -201,3 +201,17 @@ def test_special_tokens_written_in_a_prompt_stay_text(salm):
     assert ids[-len(tok.prompt_ids()) + 3 :] == tok.prompt_ids()[3:]  # the instruction, tag and turn end follow
     res = salm.generate(str(ESPEAK_CLIPS / "clip03.wav"), context=hostile, max_new_tokens=4)
     assert len(res.tokens) == 4
+
+
+def test_streamed_text_is_always_a_prefix_of_the_final_text(salm):
+    """Byte-level tokens can end inside a UTF-8 character ("€" is three tokens here), which decodes to U+FFFD until
+    the next token completes it: partial text holds that back, so a streamed delta is never taken back."""
+    from canary_server.pipeline.salm_batcher import partial_text
+
+    rows = [_want(r) for r in GOLDEN["single"] + GOLDEN["batched"]] + [salm.tokenizer.encode_plain("a €uro, naïve")]
+    for tokens in rows:
+        final = salm.result(tokens, 0.0).text
+        for n in range(1, len(tokens) + 1):
+            text = partial_text(salm.tokenizer, tokens[:n])
+            assert final.startswith(text), (n, text, final)
+    assert salm.tokenizer.decode(rows[-1][:3]).endswith("\ufffd")  # the case this is about
