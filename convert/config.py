@@ -147,12 +147,17 @@ CANARY_1B_V2_LANGUAGES = ("bg", "cs", "da", "de", "el", "en", "es", "et", "fi", 
 
 def check_model_class(cfg: dict) -> None:
     """Only NeMo's Canary class (EncDecMultiTaskModel) converts; anything else is refused by its class name, before
-    any other check (canary-qwen-2.5b, for one, is a FastConformer feeding an LLM)."""
+    any other check (canary-qwen-2.5b, a FastConformer feeding an LLM, converts from its hub files: convert/salm.py)."""
     target = cfg.get("target")
     if isinstance(target, str) and (target == MODEL_CLASS or target.endswith("." + MODEL_CLASS)):
         return
     name = target if isinstance(target, str) else "a model with no 'target' class in model_config.yaml"
-    hint = " (canary-qwen-2.5b is a speech-LLM: a FastConformer feeding Qwen)" if "speechlm" in str(target) else ""
+    hint = (
+        " (canary-qwen-2.5b is a speech-LLM: a FastConformer feeding Qwen; it converts from its Hugging Face "
+        "directory, config.json + model.safetensors, not from a .nemo: see convert/salm.py)"
+        if "speechlm" in str(target)
+        else ""
+    )
     raise ConversionError(
         f"model_config.yaml target: {name}{hint} is not a Canary model; canary-server converts NeMo's "
         f"{MODEL_CLASS} checkpoints (canary-1b, canary-1b-flash, canary-180m-flash, canary-1b-v2)"
