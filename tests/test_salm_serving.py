@@ -89,6 +89,8 @@ def test_every_response_format_carries_the_text(client):
     assert verbose.text == expected and verbose.language == "english"
     assert verbose.segments[0].tokens == GOLDEN["single"][1]["generated"][:17]
     assert verbose.segments[0].avg_logprob < 0
+    timed = create(model="m", file=clip(name), response_format="verbose_json", timestamp_granularities=["segment"])
+    assert timed.segments and timed.segments[-1].end == pytest.approx(timed.duration, abs=0.01)  # pieces' times
     events = list(create(model="m", file=clip(name), stream=True))
     deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
     assert events[-1].type == "transcript.text.done" and events[-1].text == expected == deltas
