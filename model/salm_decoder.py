@@ -19,6 +19,8 @@ class SalmBatchDecoder:
         self.cache: list[BatchKVCache] | None = None
         self.last: mx.array | None = None  # (B,) each row's last token
         self.last_logprobs: list[float] = []  # the log-probability of each row's last token (full vocabulary)
+        # float16/bfloat16 weights can overflow: a row whose logits are not finite gets NaN as its log-probability
+        # (float32 rows never do), so the caller can fail that row instead of emitting garbage tokens.
 
     @property
     def size(self) -> int:
@@ -60,8 +62,11 @@ class SalmBatchDecoder:
 
 
 def _greedy(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """logits (B, V) -> argmax ids (B,) and their log-probabilities (B,), in float32."""
+    """logits (B, V) -> argmax ids (B,) and their log-probabilities (B,), in float32 (NaN where a row's logits are
+    not all finite)."""
+    finite = mx.all(mx.isfinite(logits), axis=-1) if logits.dtype != mx.float32 else None
     logits = logits.astype(mx.float32)
     ids = mx.argmax(logits, axis=-1)
     chosen = mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
-    return ids, chosen - mx.logsumexp(logits, axis=-1)
+    lps = chosen - mx.logsumexp(logits, axis=-1)
+    return ids, lps if finite is None else mx.where(finite, lps, mx.nan)

@@ -9,10 +9,12 @@ so its tokens equal decoding it alone."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 from canary_server.model.audio import pad_batch
+from canary_server.model.errors import NonFiniteError
 from canary_server.pipeline.encoding import WorkItem
 from canary_server.pipeline.scheduler import AGING_PER_SECOND
 
@@ -32,6 +34,10 @@ class _Row:
     @property
     def ended(self) -> bool:
         return len(self.tokens) >= self.limit
+
+    @property
+    def overflowed(self) -> bool:
+        return math.isnan(self.logprobs[-1])
 
 
 class SalmBatcher:
@@ -124,16 +130,22 @@ class SalmBatcher:
         return self._leave()
 
     def _leave(self) -> list[WorkItem]:
-        """Rows that ended (EOS or their limit) leave the decoder with their result."""
+        """Rows that ended (EOS or their limit) leave the decoder with their result; a row whose float16/bfloat16
+        logits overflowed leaves with a NonFiniteError (no garbage text)."""
         eos = self.decoder.eos_id
-        keep = [i for i, r in enumerate(self.rows) if r.tokens[-1] != eos and not r.ended]
+        keep = [i for i, r in enumerate(self.rows) if r.tokens[-1] != eos and not r.ended and not r.overflowed]
         if len(keep) == len(self.rows):
             return []
         done = [r for i, r in enumerate(self.rows) if i not in set(keep)]
         self._keep(keep)
         for row in done:
             item = row.item
-            item.result = self.model.result(row.tokens, item.audio.shape[0] / self.model.sample_rate, row.logprobs)
+            if row.overflowed:
+                item.error = NonFiniteError(
+                    f"canary-qwen's LLM overflowed {self.model.dtype} on this audio; serve it with dtype float32"
+                )
+            else:
+                item.result = self.model.result(row.tokens, item.audio.shape[0] / self.model.sample_rate, row.logprobs)
             item._seq = None
         return [r.item for r in done]
 

@@ -263,3 +263,21 @@ def test_beam_search_is_refused_clearly(salm_dir: Path):
         m.transcribe(str(ESPEAK_CLIPS / "clip03.wav"), beam_size=4)
     with pytest.raises(Exception, match="greedily only"), canary_server.load(str(salm_dir), beam_size=4) as m:
         m.transcribe(str(ESPEAK_CLIPS / "clip03.wav"))
+
+
+def test_a_float16_overflow_fails_its_request_instead_of_emitting_garbage(salm_dir: Path):
+    from canary_server.model.audio import load_audio
+    from canary_server.model.errors import NonFiniteError
+    from canary_server.model.prompt import PromptSpec
+    from canary_server.pipeline.encoding import WorkItem
+    from canary_server.pipeline.salm_batcher import SalmBatcher
+
+    m = canary_server.model.load(salm_dir, dtype="float16")
+    m.proj.weight = m.proj.weight * 1e6  # past float16's 65504: inf audio embeddings
+    batcher = SalmBatcher(m)
+    item = WorkItem(load_audio(str(ESPEAK_CLIPS / "clip03.wav")), PromptSpec("en", "en"))
+    batcher.submit([item])
+    done = []
+    while len(batcher):
+        done += batcher.step()
+    assert done == [item] and isinstance(item.error, NonFiniteError) and "float32" in str(item.error)
