@@ -169,11 +169,46 @@ def _head_bias(c: dict, g: dict) -> tuple[int, int, float] | None:
 def find_suites() -> tuple[list[Suite], list[str]]:
     suites, skipped = [], []
     for path in sorted(FIXTURES.rglob("golden.json")):
+        if path.parent == SALM:  # canary-qwen: its own table (measure_salm)
+            continue
         try:
             suites.append(read_suite(path))
         except (ValueError, KeyError, TypeError, StopIteration, OSError) as exc:
             skipped.append(f"{path.parent.relative_to(FIXTURES)}: {type(exc).__name__}: {exc}")
     return suites, skipped
+
+
+# ---- canary-qwen-2.5b (NeMo SALM) --------------------------------------------------------------------------------
+SALM = FIXTURES / "salm"
+
+
+def measure_salm(root: Path, variant: str, group_size: int) -> dict | None:
+    """tests/fixtures/salm: NeMo's generate() tokens (40 each), one clip at a time; None where it does not apply
+    (the float32-head experiment is the Canary head's) or the fixture or clips are missing."""
+    from canary_server.convert.salm import convert_salm
+
+    dtype, bits, head32 = VARIANTS[variant]
+    clips = SHARED / "espeak-tiny-en-clips"
+    if head32 or not (SALM / "golden.json").is_file() or not clips.is_dir():
+        return None
+    out = root / f"salm-{bits or 'full'}"
+    if not out.is_dir():
+        convert_salm(SALM / "hub", out, quantize=bits, group_size=group_size)
+    m = model.load(out, dtype=dtype)
+    g = json.loads((SALM / "golden.json").read_text())
+    eos, same, prefixes = g["meta"]["eos_id"], 0, []
+    for row in g["single"]:
+        got = m.generate(str(clips / row["clip"]), context=row["context"], max_new_tokens=g["meta"]["max_new_tokens"])
+        want = row["generated"][: row["generated"].index(eos)] if eos in row["generated"] else row["generated"]
+        same += got.tokens == want
+        prefixes.append(common_prefix(got.tokens, want))
+    return {"items": [same, len(g["single"])], "prefixes": prefixes}
+
+
+def salm_table(res: dict) -> list[str]:
+    rows = [(v, r["salm"]) for v, r in res["variants"].items() if r.get("salm")]
+    lines = ["| variant | items = NeMo | NeMo tokens before the first difference (per item) |", "|---|---|---|"]
+    return lines + [f"| {v} | {frac(r['items'])} | {', '.join(map(str, r['prefixes']))} |" for v, r in rows]
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -336,7 +371,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32, help="quantization group size (32 quantizes the most)")
     ap.add_argument(
         "--only",
-        help="comma-separated fixture folders (relative to tests/fixtures) and espeak sets "
+        help="comma-separated fixture folders (relative to tests/fixtures; `salm`: canary-qwen's) and espeak sets "
         f"({', '.join(ESPEAK_SETS)}) to run; default: all",
     )
     ap.add_argument("--json", type=Path, help="write every number here")
@@ -371,6 +406,8 @@ def main() -> None:
             for key, stem in ESPEAK_SETS.items():
                 if not args.only or key in args.only.split(","):
                     res["variants"][v][key] = measure_espeak(models, stem, v)
+            if not args.only or "salm" in args.only.split(","):
+                res["variants"][v]["salm"] = measure_salm(Path(tmp), v, args.group_size)
     res["seconds"] = time.perf_counter() - started
     res["failed"] = list(failed.values())
     res["suites"] = [n for n in res["suites"] if n not in failed]
@@ -380,8 +417,11 @@ def main() -> None:
     print("\n".join(summary_table(res)))
     print("\nItems identical to NeMo per fixture (greedy + beam):\n")
     print("\n".join(suite_table(res)))
+    if any(r.get("salm") for r in res["variants"].values()):
+        print("\ncanary-qwen (SALM) fixture, `generate()` one clip at a time (tests/fixtures/salm):\n")
+        print("\n".join(salm_table(res)))
     quantized = [v for v in variants if VARIANTS[v][1]]
-    if quantized:
+    if quantized and res["variants"][quantized[0]]["suites"]:
         shares = [s["quantized_share"] for s in res["variants"][quantized[0]]["suites"].values()]
         print(f"\nQuantized: affine, group size {args.group_size}; share of the linear weights quantized: "
               f"{100 * min(shares):.0f}% to {100 * max(shares):.0f}% (by model)")  # fmt: skip

@@ -1,4 +1,5 @@
-"""Speed of the server on random-weight models with the real dimensions of canary-180m-flash / canary-1b-flash.
+"""Speed of the server on random-weight models with the real dimensions of canary-180m-flash / canary-1b-flash /
+canary-qwen-2.5b (`--model qwen-2.5b`: bench/random_salm.py; about 10 GB of memory in float32).
 
 Everything goes through the HTTP server (`bench/serve_capped.py`, i.e. `canary-server serve` with the decode length
 forced to round(4 * seconds) tokens, because random weights never stop by themselves) on 127.0.0.1, so it measures
@@ -346,7 +347,9 @@ def fmt_dur(s: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("180m-flash", "1b-flash", "tiny"), default="180m-flash")
+    ap.add_argument(
+        "--model", choices=("180m-flash", "1b-flash", "tiny", "qwen-2.5b", "tiny-salm"), default="180m-flash"
+    )
     ap.add_argument("--dtype", default="float32", help=f"compute dtype(s), comma-separated, of {', '.join(DTYPES)}")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     ap.add_argument("--single-only", action="store_true", help="skip the concurrency and long-file runs")
@@ -365,8 +368,10 @@ def main() -> None:
         ap.error(f"--dtype: comma-separated values of {', '.join(DTYPES)}; got {args.dtype!r}")
 
     import random_model
+    import random_salm
 
-    model_dir = random_model.build(args.model, args.model_dir or random_model.DEFAULT_ROOT / args.model)
+    builder = random_salm if args.model in random_salm.MODELS else random_model  # canary-qwen: bench/random_salm.py
+    model_dir = builder.build(args.model, args.model_dir or builder.DEFAULT_ROOT / args.model)
     res = {"model": f"canary-{args.model}", "dtypes": dtypes, "date": date.today().isoformat(),
            "machine": describe(with_mlx=False), "commit": git_commit(),
            "tokens_per_second_forced": TOKENS_PER_SECOND, "ours": {}}  # fmt: skip

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import canary_server  # noqa: F401  (preloads OpenBLAS before anything imports MLX)
 from canary_server.cli import main
-from canary_server.pipeline import encoding
+from canary_server.pipeline import encoding, salm_batcher
 
 RATE = float(os.environ.get("CANARY_BENCH_TOKENS_PER_SECOND", "4"))
 _nemo_limit = encoding.single_item_max_new_tokens
+_salm_limit = salm_batcher.max_new_tokens
 
 
 def capped_max_new_tokens(m, num_samples: int, prompt_len: int) -> int:
@@ -36,6 +37,9 @@ def force_decode_length() -> None:
     """Cap every sequence the continuous batcher starts from now on (in this process) as above."""
     assert encoding.single_item_max_new_tokens is _nemo_limit, "the limit moved: patch where the batcher reads it"
     encoding.single_item_max_new_tokens = capped_max_new_tokens
+    # canary-qwen (pipeline/salm_batcher.py): the same forced length, within the server's own limit
+    assert salm_batcher.max_new_tokens is _salm_limit, "the SALM limit moved: patch where its batcher reads it"
+    salm_batcher.max_new_tokens = lambda m, n, frames: min(_salm_limit(m, n, frames), max(1, round(RATE * n / 16000)))
 
 
 def _write_stats(path: str) -> None:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_PATTERNS = ["*.nemo", "*.json", "*.md"]
+# canary-qwen-2.5b (a NeMo SALM) has no .nemo: its weights, and its LLM's config and tokenizer from that LLM's repo.
+SALM_PATTERNS = ["config.json", "model.safetensors"]
+LLM_PATTERNS = ["config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def default_cache_dir() -> Path:
@@ -54,9 +57,20 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 
 def _convert_cached(
-    nemo: Path, cache_dir: Path, dtype: str, name: str | None = None, progress: ProgressFactory | None = None
+    nemo: Path,
+    cache_dir: Path,
+    dtype: str,
+    name: str | None = None,
+    progress: ProgressFactory | None = None,
+    convert=None,
 ) -> Path:
+    """`convert(out_dir)`: how to convert (default: `convert_nemo` of `nemo`, the file keying the cache entry)."""
     from . import convert_nemo  # the package imports this module's siblings; avoid a cycle
+
+    if convert is None:
+
+        def convert(target: Path) -> Path:
+            return convert_nemo(nemo, target, dtype=dtype, overwrite=True, progress=progress)
 
     target = cache_dir / f"{name or nemo.stem}-{cache_key(nemo, dtype)}"
     if (target / CONFIG_FILE).is_file():
@@ -70,7 +84,7 @@ def _convert_cached(
             shutil.rmtree(stale, ignore_errors=True)
         log.info("converting %s into %s (first use)", nemo, target)
         # A target without config.json can only be foreign debris (publishing is atomic): replace it.
-        convert_nemo(nemo, target, dtype=dtype, overwrite=True, progress=progress)
+        convert(target)
     return target
 
 
@@ -105,19 +119,17 @@ def _hub_cache_name() -> str:
     return constants.HF_HUB_CACHE
 
 
-def download_nemo(repo_id: str, progress: ProgressFactory | None = None) -> Path:
-    """The single `.nemo` of a Hugging Face repo, from the local hub cache or downloaded (not when offline).
-
-    `progress`: the tqdm class for the download's bars (None: huggingface_hub's own)."""
+def _snapshot(repo_id: str, patterns: list[str], progress: ProgressFactory | None) -> Path:
+    """The repo's files matching `patterns`, from the local hub cache or downloaded (not when offline)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = _offline()
     try:
-        snapshot = Path(
+        return Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=HUB_PATTERNS,
+                allow_patterns=patterns,
                 cache_dir=_hub_cache_dir(),
                 local_files_only=offline,
                 tqdm_class=progress,
@@ -141,11 +153,53 @@ def download_nemo(repo_id: str, progress: ProgressFactory | None = None) -> Path
         ) from e
     except OSError as e:  # includes requests/httpx errors
         raise ConversionError(f"{repo_id}: could not download from the Hugging Face Hub: {_first_line(e)}") from e
+
+
+def download_nemo(repo_id: str, progress: ProgressFactory | None = None) -> Path:
+    """The single `.nemo` of a Hugging Face repo, from the local hub cache or downloaded (not when offline).
+
+    `progress`: the tqdm class for the download's bars (None: huggingface_hub's own)."""
+    return _single_nemo(repo_id, _snapshot(repo_id, HUB_PATTERNS, progress))
+
+
+def _single_nemo(repo_id: str, snapshot: Path) -> Path:
     nemos = sorted(snapshot.glob("*.nemo"))
     if len(nemos) != 1:
         found = ", ".join(p.name for p in nemos) or "none"
         raise ConversionError(f"{repo_id}: expected exactly one .nemo file in the repo, found {found}")
     return nemos[0]
+
+
+def _is_salm_config(path: Path) -> bool:
+    from .salm import is_salm_config
+
+    return is_salm_config(path)
+
+
+def _salm_cached(
+    source: Path, llm_dir: Path | None, cache_dir: Path, dtype: str, name: str, progress: ProgressFactory | None
+) -> Path:
+    """A SALM directory (config.json + model.safetensors) converted once into the cache, keyed by its weights."""
+    from .salm import convert_salm
+
+    def convert(target: Path) -> Path:
+        return convert_salm(source, target, llm_dir=llm_dir, dtype=dtype, overwrite=True)
+
+    weights = (source / "model.safetensors").resolve()  # hub files are symlinks into blobs/
+    return _convert_cached(weights, cache_dir, dtype, name=name, progress=progress, convert=convert)
+
+
+def _salm_from_hub(repo_id: str, cache_dir: Path, dtype: str, progress: ProgressFactory | None) -> Path:
+    """canary-qwen-2.5b: its weights and config, then the LLM's config and tokenizer files from the LLM's repo
+    (`pretrained_llm`, Qwen/Qwen3-1.7B): nothing else of either repo is fetched."""
+    import json
+
+    snapshot = _snapshot(repo_id, SALM_PATTERNS, progress)
+    llm_repo = str(json.loads((snapshot / "config.json").read_text()).get("pretrained_llm"))
+    if not _REPO_ID.match(llm_repo):
+        raise ConversionError(f"{repo_id}: config.json pretrained_llm {llm_repo!r} is not a Hugging Face repo id")
+    llm = _snapshot(llm_repo, LLM_PATTERNS, progress)
+    return _salm_cached(snapshot, llm, cache_dir, dtype, repo_id.split("/")[-1], progress)
 
 
 def _first_line(e: BaseException) -> str:
@@ -169,6 +223,8 @@ def resolve_model(
     spec = str(spec)
     cache_dir = expand(cache_dir) if cache_dir is not None else default_cache_dir()
     path = expand(spec)
+    if path.is_dir() and _is_salm_config(path / CONFIG_FILE):  # a SALM release directory, not yet converted
+        return _salm_cached(path, None, cache_dir, dtype, path.name, progress)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise ConversionError(f"{path}: directory has no {CONFIG_FILE}; not a converted model directory")
@@ -182,6 +238,9 @@ def resolve_model(
             f"{spec}: no such file or directory (and not a Hugging Face repo id); a model is a .nemo file, a "
             "directory written by `canary-server convert`, or a repo id such as nvidia/canary-1b-flash"
         )
-    nemo = download_nemo(spec, progress)
+    snapshot = _snapshot(spec, HUB_PATTERNS, progress)
+    if not any(snapshot.glob("*.nemo")) and _is_salm_config(snapshot / CONFIG_FILE):
+        return _salm_from_hub(spec, cache_dir, dtype, progress)
+    nemo = _single_nemo(spec, snapshot)
     # Hub files are symlinks into blobs/; name the cache entry after the repo file, key it by the blob.
     return _convert_cached(nemo.resolve(), cache_dir, dtype, name=nemo.stem, progress=progress)

@@ -93,6 +93,13 @@ def _encoder(cfg: dict, features: int) -> dict:
     }
 
 
+def frontend_sections(cfg: dict, sample_rate: int) -> tuple[dict, dict]:
+    """config.json `preprocessor` and `encoder` from a config holding NeMo's `preprocessor` and `encoder` (the
+    same checks as the Canary models'; canary-qwen-2.5b's `perception`, convert/salm.py)."""
+    preprocessor = _preprocessor(cfg, sample_rate)
+    return preprocessor, _encoder(cfg, preprocessor["features"])
+
+
 def _decoder(cfg: dict, vocab_size: int) -> dict:
     require("transf_encoder.num_layers", value_at(cfg, "transf_encoder.num_layers", 0), [0])
     t = value_at(cfg, "transf_decoder")
@@ -140,12 +147,17 @@ CANARY_1B_V2_LANGUAGES = ("bg", "cs", "da", "de", "el", "en", "es", "et", "fi", 
 
 def check_model_class(cfg: dict) -> None:
     """Only NeMo's Canary class (EncDecMultiTaskModel) converts; anything else is refused by its class name, before
-    any other check (canary-qwen-2.5b, for one, is a FastConformer feeding an LLM)."""
+    any other check (canary-qwen-2.5b, a FastConformer feeding an LLM, converts from its hub files: convert/salm.py)."""
     target = cfg.get("target")
     if isinstance(target, str) and (target == MODEL_CLASS or target.endswith("." + MODEL_CLASS)):
         return
     name = target if isinstance(target, str) else "a model with no 'target' class in model_config.yaml"
-    hint = " (canary-qwen-2.5b is a speech-LLM: a FastConformer feeding Qwen)" if "speechlm" in str(target) else ""
+    hint = (
+        " (canary-qwen-2.5b is a speech-LLM: a FastConformer feeding Qwen; it converts from its Hugging Face "
+        "directory, config.json + model.safetensors, not from a .nemo: see convert/salm.py)"
+        if "speechlm" in str(target)
+        else ""
+    )
     raise ConversionError(
         f"model_config.yaml target: {name}{hint} is not a Canary model; canary-server converts NeMo's "
         f"{MODEL_CLASS} checkpoints (canary-1b, canary-1b-flash, canary-180m-flash, canary-1b-v2)"

@@ -115,6 +115,7 @@ _COMPILED_RULES = [(re.compile(p), t, f) for p, t, f in RULES]
 _COMPILED_DROPS = [re.compile(p) for p, _ in DROPS]
 _COMPILED_CTC_RULES = [(re.compile(p), t, f) for p, t, f in CTC_RULES]
 _COMPILED_CTC_DROPS = [re.compile(p) for p, _ in CTC_DROPS]
+_COMPILED_FRONTEND_RULES = [(re.compile(p), t, f) for p, t, f in FRONTEND_RULES]
 
 TIED_HEAD = "log_softmax.mlp.layer0.weight"
 TIED_EMBEDDING = "transf_decoder._embedding.token_embedding.weight"
@@ -235,6 +236,12 @@ def map_ctc_state_dict(state: dict[str, np.ndarray], ctc_config: dict) -> dict[s
     """The same for the timestamps CTC model (`timestamps_asr_model_weights.ckpt`)."""
     expected = ctc_expected_shapes(ctc_config)
     return _map(state, expected, _COMPILED_CTC_RULES, _COMPILED_CTC_DROPS, "timestamps model state dict")
+
+
+def map_frontend_state_dict(state: dict, config: dict, what: str = "state dict") -> dict:
+    """Preprocessor and encoder tensors alone (canary-qwen-2.5b's perception, convert/salm.py): `config` holds the
+    config.json `preprocessor` and `encoder` sections. Values only need `.shape` and the transforms' indexing."""
+    return _map(state, _frontend_shapes(config), _COMPILED_FRONTEND_RULES, _COMPILED_CTC_DROPS, what)
 
 
 def _map(state: dict[str, np.ndarray], expected: dict, rules, drops, what: str) -> dict[str, np.ndarray]:

@@ -13,6 +13,8 @@ from canary_server.model.tokenizer import load_tokenizer
 
 def summary(out_dir: Path) -> list[str]:
     raw = json.loads((Path(out_dir) / "config.json").read_text())
+    if raw.get("model_type") == "salm":
+        return salm_summary(raw)
     config = ModelConfig.from_dict(raw)
     tokenizer = load_tokenizer(Path(out_dir), config.tokenizer)
     e, d = config.encoder, config.decoder
@@ -43,3 +45,21 @@ def summary(out_dir: Path) -> list[str]:
         ),
     ]
     return lines + [f"note: {note}" for note in raw.get("notes", [])]
+
+
+def salm_summary(raw: dict) -> list[str]:
+    """canary-qwen-2.5b (NeMo SALM): FastConformer + projection + Qwen3 (LoRA merged)."""
+    e, llm, q = raw["encoder"], raw["llm"], raw.get("quantization")
+    lora = raw.get("lora_merged")
+    return [
+        f"family: SALM ({e['n_layers']} x {e['d_model']} encoder, {llm['num_hidden_layers']}-layer "
+        f"{llm['model_type']} LLM, {raw.get('dtype', 'float32')} weights"
+        + (f", {q['bits']}-bit LLM linear layers" if q else "")
+        + ")",
+        f"LLM: {raw['source'].get('llm')}"
+        + (f", LoRA (rank {lora['r']}) merged into {', '.join(lora['targets'])}" if lora else ""),
+        f"prompt format: qwen (user turn 'Transcribe the following: {raw['audio_locator_tag']}')",
+        "languages (1): en (speech recognition only: no translation)",
+        "decoding: greedy",
+        "timestamps: none (segment times only)",
+    ]

@@ -28,14 +28,19 @@ def default_dtype() -> mx.Dtype:
     return mx.float32
 
 
-def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:
+def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:  # or model.salm.SALM
     """Load a directory written by `canary-server convert`. `dtype` overrides the stored weight dtype."""
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{directory} is not a converted Canary model (no config.json)")
     try:
-        config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+        raw = json.loads(config_path.read_text())
+        if raw.get("model_type") == "salm":  # canary-qwen-2.5b: its own module (model/salm.py)
+            from .salm import load_salm
+
+            return load_salm(directory, raw, dtype)
+        config = ModelConfig.from_dict(raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{config_path}: {exc}") from exc
     model = Canary(config, load_tokenizer(directory, config.tokenizer))

@@ -25,6 +25,10 @@ BatcherFactory = Callable[..., BatcherLike]  # (model, **scheduling settings) ->
 
 
 def default_batcher(model: ModelLike, **kwargs: Any) -> BatcherLike:
+    if getattr(model.config, "prompt_format", None) == "qwen":  # canary-qwen-2.5b (model/salm.py): LLM rows
+        from canary_server.pipeline.salm_batcher import SalmBatcher
+
+        return SalmBatcher(model, **kwargs)
     from canary_server.pipeline.scheduler import ContinuousBatcher
 
     return ContinuousBatcher(model, **kwargs)
@@ -43,10 +47,12 @@ class ModelInfo:
     decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
     timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
     detects_language: bool = True  # its language slot was trained (NeMo's use_loss_mask_for_prompt: false)
+    max_chunk_seconds: float | None = None  # the longest piece the model takes at once (None: chunk_seconds rules)
+    pads_short_audio: bool = True  # NeMo's AED transcribe pads files under 1 s; its SALM generate() does not
 
     @property
     def supports_context(self) -> bool:
-        return self.prompt_format == "canary2"
+        return self.prompt_format in ("canary2", "qwen")  # qwen: the prompt goes into the LLM's user turn
 
 
 def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
@@ -60,12 +66,16 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
         timestamp_source=getattr(model, "timestamp_source", None),
         detects_language=not getattr(model.config, "prompt_loss_masked", False),
+        max_chunk_seconds=getattr(model, "max_chunk_seconds", None),
+        pads_short_audio=bool(getattr(model, "pads_short_audio", True)),
     )
 
 
 def _family(config: Any) -> str:
     from canary_server.model.config import ModelConfig, family
 
+    if getattr(config, "prompt_format", None) == "qwen":
+        return "canary-qwen-2.5b" if config.llm.get("num_hidden_layers") == 28 else "canary-qwen (SALM) layout"
     return family(config) if isinstance(config, ModelConfig) else ""
 
 

@@ -275,12 +275,13 @@ class Pipeline:
             raise InvalidAudio("the audio contains no samples")
         if duration > self.config.max_audio_seconds:
             raise AudioTooLong(duration, self.config.max_audio_seconds)
+        longest = min(self.config.chunk_seconds, self.info.max_chunk_seconds or self.config.chunk_seconds)
         if options.cue_seconds is None:
-            chunks = split_audio(samples, sample_rate, self.config.chunk_seconds)
+            chunks = split_audio(samples, sample_rate, longest)
         else:  # times wanted from a model without them: short pieces cut at pauses, one segment / cue each
-            pieces = split_audio(samples, sample_rate, min(options.cue_seconds, self.config.chunk_seconds))
-            chunks = merge_short_tail(pieces, samples, sample_rate, self.config.chunk_seconds)
-        if not isinstance(audio, np.ndarray):
+            pieces = split_audio(samples, sample_rate, min(options.cue_seconds, longest))
+            chunks = merge_short_tail(pieces, samples, sample_rate, longest)
+        if not isinstance(audio, np.ndarray) and self.info.pads_short_audio:
             # A piece under 1 s is padded here as NeMo's file loader (lhotse) pads it; arrays are padded by the
             # model as NeMo's in-memory path does (model/audio.py, pad_to_min_duration).
             min_samples = int(MIN_AUDIO_SECONDS * sample_rate)

@@ -26,6 +26,7 @@ NEMO_PYTHON = Path(os.environ.get("NEMO_PYTHON") or REPO.parent / "nemo-venv" / 
 # What each script is run with here (bench/synth.py is a module; bench/serve_capped.py is the server run.py starts).
 SMOKE_ARGS = {
     "random_model.py": ["tiny", "--out", "{tiny}"],
+    "random_salm.py": ["tiny-salm", "--out", "{tiny}-salm"],
     "run.py": [
         "--model",
         "tiny",
@@ -93,6 +94,17 @@ def test_run_measures_the_server_end_to_end(tiny):
     out = _bench("run.py", tiny)
     assert "| 2 s |" in out and "| 5 s |" in out and "| concurrency 2 | 4 |" in out
     assert "one at a time during a 12 s file" in out and "Peak memory: server peak RSS" in out
+
+
+def test_run_measures_a_canary_qwen_shaped_model(tiny):
+    assert "M parameters" in _bench("random_salm.py", tiny)
+    args = ["--model", "tiny-salm", "--model-dir", f"{tiny}-salm", "--repeats", "1", "--single-seconds", "2",
+            "--concurrency", "2", "--clips-per-client", "2", "--long-seconds", "12"]  # fmt: skip
+    env = {**os.environ, "CANARY_WYOMING_PORT": "0"}  # HTTP only: nothing else to listen on
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| 2 s |" in proc.stdout and "| concurrency 2 | 4 |" in proc.stdout
 
 
 def test_fairness_measures_both_sides_of_the_share(tiny):
