@@ -49,13 +49,18 @@ class ServerProcess:
 
 
 def start_server(
-    model: Path, *, memory_cap: int = 0, env: dict[str, str] | None = None, timeout: float = 120
+    model: Path,
+    *,
+    memory_cap: int = 0,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
 ) -> ServerProcess:
     """Start `canary-server serve --model MODEL --port 0` (settings through CANARY_* `env`; `memory_cap` bytes of
-    address space, 0: none), wait until /health is 200. Stop it with `stop_server`."""
+    address space, 0: none; working directory `cwd`), wait until /health is 200. Stop it with `stop_server`."""
     child_env = {**os.environ, "CANARY_LOG_LEVEL": "info", "CANARY_WYOMING_PORT": "0", **(env or {})}
     cmd = [sys.executable, "-c", _BOOT, str(memory_cap), "serve", "--model", str(model), "--port", "0"]
-    proc = subprocess.Popen(cmd, env=child_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, env=child_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd)
     server = ServerProcess(proc)
     found = threading.Event()
 
