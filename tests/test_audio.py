@@ -140,14 +140,21 @@ def test_what_is_not_audio_is_refused_before_any_decoder_opens_it(name, tmp_path
 
 
 def test_ffmpeg_is_kept_to_the_sniffed_demuxer_and_no_protocol(tmp_path, monkeypatch):
-    """Even a script that passed the sniffing would be read by the one allowed demuxer, which refuses it."""
+    """Each of the two FFmpeg options alone stops a script that got past the sniffing: the demuxer whitelist refuses
+    the concat demuxer, and the empty protocol list refuses the file it names even where both demuxers are allowed."""
     sf.write(tmp_path / "memo.wav", _tone(16000), 16000)
     monkeypatch.chdir(tmp_path)
     import av
 
-    script = io.BytesIO(hostile.ffconcat("memo.wav"))
+    def read(options: dict[str, str]) -> int:
+        with av.open(io.BytesIO(hostile.ffconcat("memo.wav")), format="concat", options=options) as c:
+            return sum(frame.samples for frame in c.decode(c.streams.audio[0]))
+
+    assert read({"format_whitelist": "concat,wav"}) == 16000  # what an upload could do without them
     with pytest.raises(av.error.FFmpegError):
-        av.open(script, format="concat", options=containers.av_options(containers.WAV))
+        read(containers.av_options(containers.WAV))
+    with pytest.raises(av.error.FFmpegError):
+        read({"format_whitelist": "concat,wav", "protocol_whitelist": ""})
 
 
 def test_a_wav_with_0_bits_per_sample_is_a_clear_error_without_ffmpeg_internals():
