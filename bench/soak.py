@@ -5,13 +5,15 @@ a tiny Canary-architecture network trained with NeMo on espeak-ng speech, NOT a 
 upload format (wav, flac, mp3, ogg, m4a, webm), every response format, streaming, both endpoints, the four
 languages, short prompts and long files (1 and 5 minutes). Faults, drawn at random: clients that disconnect
 mid-upload, mid-decode and mid-stream; corrupt and hostile files (lying headers, absurd rates, huge samples, a 100 KB
-prompt); oversize bodies; bursts of concurrent requests past `max_queued_requests`; and a SIGTERM at the end with
-requests in flight.
+prompt, a 0-bit WAV, decode bombs at 384 kHz x 8 channels) and attacks on FFmpeg (an ffconcat script naming a
+file in the server's working directory, an SDP that binds UDP, an HLS playlist, `concat:`/`file:`/`subfile:` URLs as
+the upload), each of which must be refused; oversize bodies; bursts of concurrent requests past
+`max_queued_requests`; and a SIGTERM at the end with requests in flight.
 
 Every distinct request is first sent alone (one at a time, same server); every answer in the soak is checked
 against that answer: same status, same body (streams: the deltas add up to the final text, and that text and its
-usage are the ones sent alone). A request is lost if the client sent it whole and got no HTTP answer. Prints a
-Markdown table (and `--json`).
+usage are the ones sent alone). A request is lost if the client sent it whole and got no HTTP answer. The server's
+open descriptors are counted fresh and after the soak. Prints a Markdown table (and `--json`).
 
     .venv/bin/python bench/soak.py --requests 10000 [--concurrency 8] [--seed 0] [--json soak.json]
 """
@@ -26,6 +28,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +44,17 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from hostile_files import flac_silence, float_wav, wav_claiming_rate  # noqa: E402  (the limit tests' files)
+from hostile_files import (  # noqa: E402  (the limit tests' files)
+    ffconcat,
+    flac_bomb,
+    flac_silence,
+    float_wav,
+    hls_playlist,
+    sdp,
+    url_upload,
+    wav_claiming_rate,
+    zero_bit_wav,
+)
 
 SHARED = REPO.parent / "shared" / "models"
 SR = 16000
@@ -50,6 +63,10 @@ MAX_QUEUED = 32
 MAX_UPLOAD_MB = 16
 MAX_AUDIO_SECONDS = 600
 GRACE = 10.0
+# The decode budget (samples x channels at the file's own rate): 60 s of 384 kHz x 8 channels would pass it, so the
+# unknown-length bomb is stopped while decoding; every normal and long file here is far under it.
+MAX_DECODE_SAMPLES = 60_000_000
+MEMO = "Recordings/memo.wav"  # a speech clip in the server's working directory; no upload may reach it
 FORMATS = ("wav", "flac", "mp3", "ogg", "m4a", "webm")
 # Share of drawn requests of each kind; the rest are normal requests. A burst is MAX_QUEUED + 24 requests at once.
 FAULTS = [
@@ -97,11 +114,26 @@ def encode(x: np.ndarray, fmt: str) -> bytes:
     return _av_bytes(soxr.resample(x, SR, 48000).astype(np.float32), 48000, "webm", "libopus")
 
 
+def attack_files(udp_port: int) -> dict[str, bytes]:
+    """Uploads that made FFmpeg open files or sockets (issue 19): each must be refused (400), never transcribed."""
+    return {
+        "ffconcat naming a server file": ffconcat(MEMO),
+        "sdp binding UDP": sdp(udp_port),
+        "hls playlist": hls_playlist(MEMO),
+        "concat: url": url_upload(f"concat:{MEMO}|{MEMO}"),
+        "file: url": url_upload(f"file:{MEMO}"),
+        "subfile: url": url_upload(f"subfile,,start,0,end,0,,:{MEMO}"),
+    }
+
+
 def hostile_files(clip: np.ndarray) -> dict[str, bytes]:
     """Corrupt and hostile uploads (all small); the server must answer each quickly, the same way every time."""
     rng = np.random.default_rng(7)
     wav = encode(clip, "wav")
     return {
+        "wav of 0 bits per sample": zero_bit_wav(),
+        "flac 384 kHz x 8 ch claiming 500 s": flac_bomb(500.0),  # refused from the header (1.5 G samples)
+        "flac 384 kHz x 8 ch of unknown length, 30 s": flac_bomb(real_seconds=30.0, claimed=False),  # stopped at 60 M
         "wav claiming 1 Hz": wav_claiming_rate(1),
         "flac claiming 3 h": flac_silence(1.0, 48000, 2, claimed_frames=3 * 3600 * 48000),  # 1 s of 48 kHz stereo
         "flac of unknown length, 700 s": flac_silence(700, 8000, 1, claimed_frames=0),
@@ -168,9 +200,10 @@ class Plan:
     normal: list[Template] = field(default_factory=list)
     long: list[Template] = field(default_factory=list)
     hostile: list[Template] = field(default_factory=list)
+    attacks: set[str] = field(default_factory=set)  # file keys that must be refused
 
 
-def build_plan(long_seconds: tuple[float, ...] = (60, 300)) -> Plan:
+def build_plan(long_seconds: tuple[float, ...] = (60, 300), udp_port: int = 9) -> Plan:
     clip_dir = SHARED / "espeak-tiny-multi-clips"
     names = sorted(p.name for p in clip_dir.glob("*.wav"))
     audio = {n: sf.read(clip_dir / n, dtype="float32")[0] for n in names}
@@ -193,6 +226,10 @@ def build_plan(long_seconds: tuple[float, ...] = (60, 300)) -> Plan:
     for name, data in hostile_files(audio[names[0]]).items():
         plan.corpus[name], plan.langs[name] = data, "en"
         plan.hostile.append(Template("transcriptions", name, (("language", "en"),)))
+    for name, data in attack_files(udp_port).items():
+        plan.corpus[name], plan.langs[name] = data, "en"
+        plan.attacks.add(name)
+        plan.hostile.append(Template("transcriptions", name, (("language", "en"),)))
     big_prompt = " ".join(["hello world"] * 10_000)  # 120 KB: it crashed the server before the prompt cap
     plan.hostile.append(Template("transcriptions", "en_00.wav", (("language", "en"), ("prompt", big_prompt))))
     return plan
@@ -200,7 +237,9 @@ def build_plan(long_seconds: tuple[float, ...] = (60, 300)) -> Plan:
 
 # ---- the server -----------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, cwd: Path, memo: bytes) -> None:
+        (cwd / MEMO).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / MEMO).write_bytes(memo)
         env = {
             **os.environ,
             "CANARY_LOG_LEVEL": "warning",
@@ -209,12 +248,13 @@ class Server:
             "CANARY_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
             "CANARY_MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS),
             "CANARY_SHUTDOWN_GRACE_SECONDS": str(GRACE),
+            "CANARY_MAX_DECODE_SAMPLES": str(MAX_DECODE_SAMPLES),
         }
         with socket_port() as port:
             self.url = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "canary_server", "serve", "--model", str(model), "--port", str(port)]
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
         self.rss_peak, self._sampling = 0, True
         deadline = time.monotonic() + 300
         while True:
@@ -237,6 +277,13 @@ class Server:
         m = re.search(r"VmRSS:\s+(\d+) kB", status)  # absent once the process is a zombie
         return int(m.group(1)) * 1024 if m else 0
 
+    def descriptors(self) -> int:
+        """Open file descriptors of the server process (0 once it is gone)."""
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        except OSError:
+            return 0
+
     def _sample(self) -> None:
         while self._sampling and self.proc.poll() is None:
             self.rss_peak = max(self.rss_peak, self.rss())
@@ -257,8 +304,6 @@ class socket_port:
     """A free loopback port (bound, then released for the server to take)."""
 
     def __enter__(self) -> int:
-        import socket
-
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         return self.sock.getsockname()[1]
@@ -349,6 +394,7 @@ class Soak:
         self.pool = plan.normal[:pool]  # the requests bursts and the shutdown batch draw from
         self.alone: dict[Template, tuple[int, object]] = {}
         self.outcomes: list[Outcome] = []
+        self.fds_fresh = self.fds_after = 0  # the server's open descriptors
 
     def draw(self) -> tuple[str, Template | None]:
         r, p = self.rng.random(), self.plan
@@ -397,7 +443,10 @@ class Soak:
             self.outcomes.append(Outcome(kind, t, f"lost: {type(exc).__name__}", time.monotonic() - began))
             return
         out = Outcome(kind, t, status, time.monotonic() - began, retry_after=retry)
-        if status == 200:
+        if t.file in self.plan.attacks and status not in (400, 429, 503):
+            out.correct = False  # an attack that got anything but a refusal is a wrong answer, whatever alone said
+            out.note = f"{t.file}: status {status}: {str(body)[:200]}"
+        elif status == 200:
             out.correct = self.alone[t][0] == 200 and same_answer(body, self.alone[t][1])
             if not out.correct:
                 out.note = f"{t.file} {t.fields}: got {str(body)[:200]!r}, alone {str(self.alone[t][1])[:200]!r}"
@@ -441,6 +490,7 @@ class Soak:
                 await asyncio.sleep(0.1)
             await asyncio.sleep(4.0)  # the engine hands memory back 2 s after its work runs out
             self.rss_idle = self.server.rss()
+            self.fds_after = self.server.descriptors()
             await self.shutdown(client)
 
     async def shutdown(self, client: httpx.AsyncClient) -> None:
@@ -474,6 +524,9 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
     short = [o.latency for o in outs if o.status == 200 and o.kind in ("normal", "burst")]
     longs = [o.latency for o in outs if o.status == 200 and o.kind == "long"]
     shutdown = [o for o in outs if o.kind.startswith("shutdown")]
+    attacks = [o for o in outs if o.template is not None and o.template.file in soak.plan.attacks]
+    refused = sum(o.status == 400 for o in attacks)
+    busy = sum(o.status in (429, 503) for o in attacks)
 
     def pct(xs: list[float], q: float) -> float:
         return float(np.percentile(xs, q)) if xs else float("nan")
@@ -487,6 +540,9 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
         "unexpected_statuses": len(unexpected),
         "lost_requests": len(lost),
         "429_503_without_retry_after": len(no_retry),
+        "attacks": {"400": refused, "429/503": busy, "other": len(attacks) - refused - busy},
+        "descriptors_fresh": soak.fds_fresh,
+        "descriptors_after_soak": soak.fds_after,
         "rss_fresh_mib": rss_fresh / mib,
         "rss_after_reference_mib": soak.rss_after_reference / mib,
         "rss_peak_mib": soak.server.rss_peak / mib,
@@ -511,6 +567,14 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
         ("unexpected statuses (not the status alone, 429 or 503)", f"{len(unexpected)}"),
         ("lost requests (sent whole, no HTTP answer)", f"{len(lost)}"),
         ("429/503 without Retry-After", f"{len(no_retry)}"),
+        (
+            "attacks on FFmpeg (ffconcat, sdp, hls, URLs as uploads)",
+            f"400: {refused}, 429/503: {busy}, other: {len(attacks) - refused - busy}",
+        ),
+        (
+            "server descriptors fresh / after the soak (+ the client's open connections)",
+            f"{soak.fds_fresh} / {soak.fds_after}",
+        ),
         ("RSS fresh / after the reference pass", f"{rss_fresh / mib:.0f} / {soak.rss_after_reference / mib:.0f} MiB"),
         ("RSS peak / idle after the soak", f"{soak.server.rss_peak / mib:.0f} / {soak.rss_idle / mib:.0f} MiB"),
         ("latency p50 / p95, short clips (200s)", f"{pct(short, 50):.2f} / {pct(short, 95):.2f} s"),
@@ -546,11 +610,16 @@ def main() -> int:
             from canary_server.convert import convert_nemo
 
             model = convert_nemo(model, Path(tmp) / "model")
-        plan = build_plan(tuple(args.long_seconds))
-        server = Server(model)
+        # The SDP names a port whose next one is taken: FFmpeg used to leak its socket then.
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        taken.bind(("127.0.0.1", 0))
+        plan = build_plan(tuple(args.long_seconds), udp_port=taken.getsockname()[1] - 1)
+        memo = plan.corpus["en_00.wav"]
+        server = Server(model, Path(tmp), memo)
         try:
             rss_fresh = server.rss()
             soak = Soak(server, plan, args.seed, args.concurrency, args.pool)
+            soak.fds_fresh = server.descriptors()
             asyncio.run(soak.run(args.requests, progress=not args.quiet))
             result = report(soak, time.monotonic() - began, rss_fresh)
         except BaseException:
@@ -558,6 +627,7 @@ def main() -> int:
             raise
         finally:
             server.stop()
+            taken.close()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     ok = not (result["wrong_answers"] or result["lost_requests"] or result["unexpected_statuses"])

@@ -1,23 +1,30 @@
 """Audio decoding: WAV/FLAC/OGG/MP3 through soundfile, other containers (m4a, mp4, webm, mpeg) through PyAV;
-downmix to mono and resample to 16 kHz with soxr. Returns float32 numpy arrays.
+downmix to mono and resample to 16 kHz with soxr. Returns float32 numpy arrays. Only audio is opened: the container
+is identified from its magic bytes first (model/containers.py) and the decoders are told that one format.
 
 Decoding streams: blocks are downmixed and resampled as they are read (soxr's streaming resampler gives the same
 samples, bit for bit, as resampling the whole file at once), so with `max_seconds` memory stays bounded by that
 limit: a file whose header says it is longer is refused before any decoding, and one whose header lies is refused
-as soon as more than the limit has been decoded."""
+as soon as more than the limit has been decoded. `DecodeLimits` bounds the work the same way (samples at the file's
+own rate x channels, from the header and as decoded) and the time (wall-clock and CPU, checked between blocks)."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import soxr
 
-from .errors import AudioDecodeError, AudioTooLong, CanaryError
+from .containers import Container, av_options, check_codec, sniff
+from .errors import AudioDecodeError, AudioTooCostly, AudioTooLong, CanaryError
+
+log = logging.getLogger("canary.audio")
 
 SAMPLE_RATE = 16000
 MIN_AUDIO_SECONDS = 1.0  # NeMo 3.0.0 transcribe(pad_min_duration=1.0, pad_direction="both")
@@ -32,27 +39,53 @@ UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX frames when the head
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase
 
 
-def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one file may cost (None: no limit). `max_samples` counts samples at the file's own rate
+    times its channels (a 384 kHz x 8 channel hour is 11 G of them, minutes of CPU, yet small as FLAC); the
+    deadlines count from the start of the decode."""
+
+    max_samples: float | None = None
+    wall_seconds: float | None = None
+    cpu_seconds: float | None = None  # of the decoding thread (time.thread_time)
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    limits: DecodeLimits | None = None,
+) -> np.ndarray:
     """Decode a file path or in-memory bytes into mono float32 at `sample_rate`.
 
     `max_seconds`: refuse longer audio (AudioTooLong) from the header or, for a header that lies, as soon as
-    decoding passes it; memory then stays within about `max_seconds` of output samples."""
+    decoding passes it; memory then stays within about `max_seconds` of output samples. `limits`: refuse a file
+    that implies more work, or stop one that takes longer (AudioTooCostly)."""
     data = _read_bytes(source)
     if not data:
         raise AudioDecodeError("the audio file is empty")
-    out = _Output(sample_rate, max_seconds)
-    try:
-        _decode_soundfile(data, out)
-    except CanaryError:
-        raise  # the file opened: its rate, length or samples are the problem, not the container
-    except Exception:
-        out = _Output(sample_rate, max_seconds)
+    container = sniff(data)  # before any decoder sees a byte
+    limits = limits or DecodeLimits()
+    budget = _Budget(limits)
+    if container.soundfile:
         try:
-            _decode_av(data, out)
+            _decode_soundfile(data, out := _Output(sample_rate, max_seconds, budget))
+            return out.samples()
         except CanaryError:
-            raise
+            raise  # the file opened: its rate, length or samples are the problem, not the container
         except Exception as exc:
-            raise AudioDecodeError(f"could not decode audio: {_short(exc)}") from None
+            log.debug("libsndfile could not read the %s upload: %s", container.name, _short(exc))
+            budget.values = 0  # FFmpeg starts over; the time already spent still counts
+    try:
+        _decode_av(data, container, out := _Output(sample_rate, max_seconds, budget))
+    except CanaryError:
+        raise
+    except Exception as exc:
+        # FFmpeg's own words name its internals ("[Errno 1094995529] ... '<none>'"): log them, tell the client less.
+        log.debug("FFmpeg could not read the %s upload: %s", container.name, _short(exc))
+        raise AudioDecodeError(
+            f"could not decode the {container.name} file: it is damaged or its audio encoding is not supported"
+        ) from None
     return out.samples()
 
 
@@ -90,21 +123,49 @@ def check_sample_rate(rate: int) -> None:
 
 
 @dataclass
+class _Budget:
+    """`DecodeLimits` being spent: samples decoded so far and the time since the decode began."""
+
+    limits: DecodeLimits
+    values: int = 0
+    _wall: float = field(default_factory=time.monotonic)
+    _cpu: float = field(default_factory=time.thread_time)
+
+    def check_header(self, rate: int, channels: int, seconds: float | None) -> None:
+        most = self.limits.max_samples
+        if most is not None and seconds is not None and rate * channels * seconds > most:
+            raise AudioTooCostly.samples(rate, channels, seconds, most)
+
+    def spend(self, values: int) -> None:
+        """Count decoded samples (frames x channels); stop a decode past any limit."""
+        self.values += values
+        limits = self.limits
+        if limits.max_samples is not None and self.values > limits.max_samples:
+            raise AudioTooCostly(f"decoding passed the limit of {limits.max_samples:.3g} samples (rate x channels)")
+        if limits.wall_seconds is not None and time.monotonic() - self._wall > limits.wall_seconds:
+            raise AudioTooCostly(f"decoding took more than {limits.wall_seconds:g} s")
+        if limits.cpu_seconds is not None and time.thread_time() - self._cpu > limits.cpu_seconds:
+            raise AudioTooCostly(f"decoding took more than {limits.cpu_seconds:g} s of CPU")
+
+
+@dataclass
 class _Output:
     """Mono blocks at the native rate in, resampled samples out, counted against the limit as they arrive."""
 
     sample_rate: int
     max_seconds: float | None
+    budget: _Budget = field(default_factory=lambda: _Budget(DecodeLimits()))
     rate: int = 0
     _buf: np.ndarray | None = None
     _n: int = 0
     _stream: soxr.ResampleStream | None = None
 
-    def start(self, rate: int, header_seconds: float | None) -> None:
+    def start(self, rate: int, header_seconds: float | None, channels: int = 1) -> None:
         """The native rate, and the duration the header claims (None: it does not say)."""
         check_sample_rate(rate)
         if self.max_seconds is not None and header_seconds is not None and header_seconds > self.max_seconds:
             raise AudioTooLong(header_seconds, self.max_seconds)
+        self.budget.check_header(rate, channels, header_seconds)
         self.rate = rate
         if rate != self.sample_rate:
             self._stream = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32", quality="HQ")
@@ -156,7 +217,7 @@ def _decode_soundfile(data: bytes, out: _Output) -> None:
     with sf.SoundFile(io.BytesIO(data)) as f:
         channels = f.channels
         known = f.samplerate > 0 and 0 <= f.frames < UNKNOWN_FRAMES  # e.g. a FLAC streamed out has no length
-        out.start(f.samplerate, f.frames / f.samplerate if known else None)
+        out.start(f.samplerate, f.frames / f.samplerate if known else None, channels)
         # Not `f.blocks()`: it trusts the header's frame count and pads short reads of a truncated file (an MP3
         # cut short) with whatever its buffer held. Reads here stop at the data that is really there. The seek is
         # sf.read's: libsndfile's MP3 decoder gives (slightly) different samples without it, and also when the
@@ -167,24 +228,29 @@ def _decode_soundfile(data: bytes, out: _Output) -> None:
         first = f.frames if known and f.frames > 0 and f.format == "MP3" else size
         block = f.read(first, dtype="float32", always_2d=True)
         while block.shape[0]:
+            out.budget.spend(block.size)
             out.add(block.mean(axis=1, dtype=np.float32))  # per frame: as resample() downmixes a whole file
             del block
             block = f.read(size, dtype="float32", always_2d=True)
         out.finish()
 
 
-def _decode_av(data: bytes, out: _Output) -> None:
+def _decode_av(data: bytes, kind: Container, out: _Output) -> None:
     import av
 
-    with av.open(io.BytesIO(data), mode="r") as container:
+    # The one demuxer `sniff` named, no protocols (the input is memory): nothing to probe, nothing else to open.
+    with av.open(io.BytesIO(data), mode="r", format=kind.demuxer, options=av_options(kind)) as container:
         if not container.streams.audio:
-            raise AudioDecodeError("no audio stream in the file")
+            raise AudioDecodeError(f"the {kind.name} file has no audio stream")
         stream = container.streams.audio[0]
+        check_codec(stream.codec_context.codec.canonical_name)
         rate = stream.rate or stream.codec_context.rate
-        out.start(rate, _av_duration(container, stream))
+        channels = max(1, stream.codec_context.channels)
+        out.start(rate, _av_duration(container, stream), channels)
         # Let FFmpeg downmix to mono float; keep the native rate, soxr resamples afterwards.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         for frame in container.decode(stream):
+            out.budget.spend(frame.samples * channels)
             for block in resampler.resample(frame):
                 out.add(block.to_ndarray().reshape(-1))
         for block in resampler.resample(None):

@@ -17,6 +17,17 @@ class AudioDecodeError(CanaryError):
     """The audio could not be decoded."""
 
 
+class AudioTooCostly(AudioDecodeError):
+    """Decoding the file would cost (from its header) or did cost (while decoding) more than the caller allows."""
+
+    @classmethod
+    def samples(cls, rate: int, channels: int, seconds: float, limit: float) -> AudioTooCostly:
+        return cls(
+            f"the file holds {rate} Hz x {channels} channel(s) x {seconds:.0f} s = {rate * channels * seconds:.3g} "
+            f"samples to decode; this server decodes at most {limit:.3g} per file"
+        )
+
+
 class ModelLoadError(CanaryError):
     """A converted model directory is missing, incomplete or of an unknown format."""
 

@@ -57,6 +57,11 @@ class PipelineConfig:
     idle_unload_seconds: float | None = None
     max_prompt_tokens: int = 224  # decoder context keeps its last N tokens (OpenAI's whisper-1 convention)
     max_concurrent_decodes: int = 2  # files decoded/resampled at once (each holds up to max_audio_seconds)
+    # The decode budget of one file: samples at its own rate x channels (from the header, then as decoded; default
+    # an hour of 96 kHz stereo), and the wall-clock and CPU seconds its decode may take (checked between blocks).
+    max_decode_samples: float = 3600 * 96000 * 2.0
+    max_decode_seconds: float = 120.0
+    max_decode_cpu_seconds: float = 60.0
     max_queued_audio_seconds: float = 4 * 3600.0  # audio held by accepted requests; more are refused (EngineBusy)
     shutdown_grace_seconds: float = 30.0  # on shutdown, running requests get this long to finish
     idle_release_seconds: float = 2.0  # idle this long after work, the engine hands freed memory back (0: never)

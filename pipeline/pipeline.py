@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from canary_server.model.audio import MIN_AUDIO_SECONDS, check_samples, pad_to_m
 from canary_server.model.errors import UnsupportedLanguageError
 from canary_server.pipeline.chunking import Chunk, merge_short_tail, split_audio
 from canary_server.pipeline.engine import Engine, EngineState, ModelInfo, ModelLike
-from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, InvalidAudio, LanguageDetectionUnavailable
+from canary_server.pipeline.errors import (
+    AudioTooLong,
+    EngineBusy,
+    EngineNotReady,
+    InvalidAudio,
+    LanguageDetectionUnavailable,
+)
 from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetection
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
@@ -41,10 +48,13 @@ Progress = Callable[[float, float], None]  # (seconds of audio decoded, seconds 
 CHARS_PER_TOKEN = 16
 
 
-def default_decoder() -> AudioDecoder:
-    from canary_server.model.audio import load_audio
+def default_decoder(config: PipelineConfig | None = None) -> AudioDecoder:
+    """model/audio.py's decoder, with the config's decode budget (work and time per file)."""
+    from canary_server.model.audio import DecodeLimits, load_audio
 
-    return lambda data, max_seconds: load_audio(data, max_seconds=max_seconds)
+    config = config or PipelineConfig()
+    limits = DecodeLimits(config.max_decode_samples, config.max_decode_seconds, config.max_decode_cpu_seconds)
+    return lambda data, max_seconds: load_audio(data, max_seconds=max_seconds, limits=limits)
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,10 @@ class Pipeline:
                 release_after_idle=self.config.idle_release_seconds,
             )
         self.engine = engine
-        self.decode_audio = decode_audio or default_decoder()
+        self.decode_audio = decode_audio or default_decoder(self.config)
         self._decode_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Semaphore
+        self._decoding = 0  # requests waiting for a decode slot or decoding (all event loops)
+        self._decoding_lock = threading.Lock()
 
     def _checked(self, loader: Callable[[], ModelLike]) -> Callable[[], ModelLike]:
         """`loader`, then the config checked against the model it loaded (a failure fails the load)."""
@@ -300,9 +312,36 @@ class Pipeline:
             raise InvalidAudio(f"audio file not found: {audio}")
         # Reading, decoding and resampling are CPU work (not MLX): a worker thread keeps the event loop free. The
         # gate bounds the files held decoded-in-progress at once (memory: about max_audio_seconds of 16 kHz
-        # float32 each, plus the encoded file).
-        async with self._decode_gate():
-            return await asyncio.to_thread(self._read_and_decode, audio)
+        # float32 each, plus the encoded file). Those waiting for it count in max_queued_requests.
+        self._enter_decode()
+        gate = self._decode_gate()
+        try:
+            await gate.acquire()
+        except BaseException:
+            self._leave_decode()
+            raise
+        work = asyncio.ensure_future(asyncio.to_thread(self._read_and_decode, audio))
+
+        def done(finished: asyncio.Future) -> None:  # not at cancellation: the thread holds its slot until it ends
+            gate.release()
+            self._leave_decode()
+            if not finished.cancelled():
+                finished.exception()  # retrieved: nobody may await a cancelled request's decode
+
+        work.add_done_callback(done)
+        return await asyncio.shield(work)
+
+    def _enter_decode(self) -> None:
+        """Count a request about to wait for a decode slot; EngineBusy when the queues are full already."""
+        with self._decoding_lock:
+            waiting = self._decoding + self.engine.queued
+            if waiting >= self.config.max_queued_requests:
+                raise EngineBusy(f"the server is busy ({waiting} requests queued); retry shortly")
+            self._decoding += 1
+
+    def _leave_decode(self) -> None:
+        with self._decoding_lock:
+            self._decoding -= 1
 
     def _read_and_decode(self, audio: AudioInput) -> np.ndarray:
         if isinstance(audio, str | Path):

@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     max_concurrent_decodes: int = Field(
         2, ge=1, description="Uploads decoded and resampled at once (each holds up to max_audio_seconds)."
     )
+    max_decode_samples: float = Field(
+        3600 * 96000 * 2.0,
+        gt=0,
+        description="Most samples (rate x channels x seconds, at the file's own rate) one upload may decode; "
+        "checked from the header, then while decoding; more get 400.",
+    )
+    max_decode_seconds: float = Field(
+        120.0, gt=0, description="Wall-clock seconds one upload's decode may take; longer gets 400."
+    )
+    max_decode_cpu_seconds: float = Field(
+        60.0, gt=0, description="CPU seconds one upload's decode may take; longer gets 400."
+    )
     max_prompt_tokens: int = Field(
         224, ge=0, description="The prompt (decoder context) keeps its last this many tokens (OpenAI's whisper-1)."
     )

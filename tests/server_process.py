@@ -57,10 +57,11 @@ def start_server(
     descriptor_limit: int = 0,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    cwd: Path | None = None,
 ) -> ServerProcess:
     """Start `canary-server serve --model MODEL --port 0` (settings through CANARY_* `env`; `memory_cap` bytes of
-    address space, `descriptor_limit` open files, soft and hard, as `ulimit -n` sets them; 0: none), wait until
-    /health is 200. Stop it with `stop_server`."""
+    address space, `descriptor_limit` open files, soft and hard, as `ulimit -n` sets them; 0: none; working
+    directory `cwd`), wait until /health is 200. Stop it with `stop_server`."""
     child_env = {**os.environ, "CANARY_LOG_LEVEL": "info", "CANARY_WYOMING_PORT": "0", **(env or {})}
     cmd = [
         sys.executable,
@@ -75,7 +76,7 @@ def start_server(
         "0",
     ]
     # stderr and stdout (uvicorn's access log) in one pipe, in order
-    proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     server = ServerProcess(proc)
     found = threading.Event()
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import logging
 import os
+import threading
 import time
 import tracemalloc
 
@@ -198,6 +199,66 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once():
 
     asyncio.run(main())
     assert most == 2
+
+
+def test_requests_waiting_for_a_decode_slot_count_in_max_queued_requests():
+    """Slow decodes (4 SDP uploads held both slots ~20 s each) queued everyone else without any 429."""
+    release = threading.Event()
+
+    def decode(data: bytes, max_seconds: float) -> np.ndarray:
+        release.wait(10)
+        return tone(1.0)
+
+    async def main():
+        engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
+        config = PipelineConfig(max_concurrent_decodes=1, max_queued_requests=3)
+        p = Pipeline(engine=engine, decode_audio=decode, config=config)
+        p.start()
+        try:
+            await p.wait_ready()
+            options = p.options("en")
+            waiting = [asyncio.ensure_future(p.prepare(b"x", options)) for _ in range(3)]
+            await asyncio.sleep(0)  # they enter: one decodes, two wait for the slot
+            with pytest.raises(EngineBusy, match="3 requests queued"):
+                await p.prepare(b"x", options)
+            release.set()
+            await asyncio.gather(*waiting)
+            assert (await p.transcribe(b"x", options)).text  # room again once they are through
+        finally:
+            p.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_request_keeps_its_decode_slot_until_its_decode_ends():
+    """The worker thread cannot be cancelled: releasing the slot at once would let disconnecting clients run any
+    number of decodes at the same time."""
+    started, release = threading.Event(), threading.Event()
+
+    def decode(data: bytes, max_seconds: float) -> np.ndarray:
+        started.set()
+        release.wait(10)
+        return tone(1.0)
+
+    async def main():
+        engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
+        p = Pipeline(engine=engine, decode_audio=decode, config=PipelineConfig(max_concurrent_decodes=1))
+        p.start()
+        try:
+            await p.wait_ready()
+            options = p.options("en")
+            first = asyncio.ensure_future(p.prepare(b"x", options))
+            await asyncio.to_thread(started.wait, 10)
+            first.cancel()
+            await asyncio.wait([first])
+            assert p._decode_gate().locked() and p._decoding == 1  # still held by the running thread
+            release.set()
+            await p.prepare(b"x", options)
+            assert not p._decode_gate().locked() and p._decoding == 0
+        finally:
+            p.close()
+
+    asyncio.run(main())
 
 
 # ---- the engine: queued audio, shutdown ----------------------------------------------------------------

@@ -19,7 +19,17 @@ import soundfile as sf
 from canary_server.server.app import create_app
 from canary_server.server.settings import Settings
 from conftest import ESPEAK_CLIPS
-from hostile_files import flac_silence, float_wav, wav_claiming_rate
+from hostile_files import (
+    ffconcat,
+    flac_bomb,
+    flac_silence,
+    float_wav,
+    hls_playlist,
+    sdp,
+    url_upload,
+    wav_claiming_rate,
+    zero_bit_wav,
+)
 from server_fakes import SR, running_server, tone, wait_ready, wav_bytes
 from server_process import ServerProcess, start_server, stop_server
 
@@ -29,11 +39,23 @@ MEMORY_CAP = 3 * 1024**3  # address space; the server idles at ~1.2 GB of it, th
 FORM = {"model": "whisper-1", "language": "en"}
 
 
+DECODE_SAMPLES = 20_000_000  # the capped server's decode budget: 52 s of 384 kHz x 8 channels
+
+
 @pytest.fixture(scope="module")
-def capped(espeak_dir: Path):
-    """The espeak server under a 3 GiB address-space cap, with an API key and a 600 s audio limit."""
-    env = {"CANARY_API_KEY": KEY, "CANARY_MAX_AUDIO_SECONDS": "600", "CANARY_CHUNK_SECONDS": "8"}
-    server = start_server(espeak_dir, memory_cap=MEMORY_CAP, env=env)
+def capped(espeak_dir: Path, tmp_path_factory):
+    """The espeak server under a 3 GiB address-space cap, with an API key, a 600 s audio limit and a 20 M sample
+    decode budget, working in a directory that holds `Recordings/memo.wav` (a clip an upload must never reach)."""
+    env = {
+        "CANARY_API_KEY": KEY,
+        "CANARY_MAX_AUDIO_SECONDS": "600",
+        "CANARY_CHUNK_SECONDS": "8",
+        "CANARY_MAX_DECODE_SAMPLES": str(DECODE_SAMPLES),
+    }
+    cwd = tmp_path_factory.mktemp("server-cwd")
+    (cwd / "Recordings").mkdir()
+    (cwd / "Recordings" / "memo.wav").write_bytes(_clip())
+    server = start_server(espeak_dir, memory_cap=MEMORY_CAP, env=env, cwd=cwd)
     yield server
     stop_server(server)
 
@@ -67,6 +89,26 @@ HOSTILE = {
     ),
     # finite float samples so large that the features overflowed to NaN (`<unk>` spam, 500s, NaN in SSE)
     "samples of 1e20": (lambda: {"file": ("a.wav", float_wav(tone(2.0) * np.float32(1e20)))}, {}, 400, "invalid_audio"),
+    # answered with FFmpeg's internals ("[Errno 1094995529] ... '<none>'")
+    "wav of 0 bits per sample": (lambda: {"file": ("a.wav", zero_bit_wav())}, {}, 400, "invalid_audio"),
+    # 384 kHz x 8 channels x 3500 s (11 G samples) took 236 s of CPU; 500 s (under the 600 s limit here) is refused
+    # from the header
+    "flac claiming 384 kHz x 8 ch x 500 s": (lambda: {"file": ("a.flac", flac_bomb(500.0))}, {}, 400, "invalid_audio"),
+    # the same without a length in its header (60 s, 184 M samples): stopped at the decode budget
+    "flac of 384 kHz x 8 ch, unknown length": (
+        lambda: {"file": ("a.flac", flac_bomb(real_seconds=60.0, claimed=False))},
+        {},
+        400,
+        "invalid_audio",
+    ),
+    "hls playlist": (lambda: {"file": ("a.m3u8", hls_playlist("/etc/hostname"))}, {}, 400, "invalid_audio"),
+    "concat: url": (lambda: {"file": ("a.mp3", url_upload("concat:Recordings/memo.wav"))}, {}, 400, "invalid_audio"),
+    "subfile: url": (
+        lambda: {"file": ("a.mp3", url_upload("subfile,,start,0,end,0,,:Recordings/memo.wav"))},
+        {},
+        400,
+        "invalid_audio",
+    ),
     # 20,000 words (120 KB, under every form limit): it crashed the server (positions past the decoder's table)
     "100 KB prompt": (lambda: {"file": ("a.wav", _clip())}, {"prompt": " ".join(["hello world"] * 10_000)}, 200, None),
 }
@@ -90,6 +132,84 @@ def test_a_hostile_upload_is_answered_quickly_and_the_server_stays_up(capped, es
             assert r.json()["error"]["code"] == code
         assert "NaN" not in r.text
     _still_serving(capped, espeak_nemo_transcripts["clip00.wav"].strip())
+
+
+def _descriptors(server: ServerProcess) -> int:
+    return len(list(Path(f"/proc/{server.proc.pid}/fd").iterdir()))
+
+
+def _cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU of the server process so far (/proc/<pid>/stat fields 14 and 15, in clock ticks)."""
+    import os
+
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_ffconcat_upload_cannot_read_a_file_of_the_server(capped, espeak_nemo_transcripts):
+    """A 60-byte concat script naming `Recordings/memo.wav` had that file transcribed and returned; a missing file
+    gave another error, telling which files exist. Now both are the same refusal, naming no file."""
+    answers = []
+    for name in ("Recordings/memo.wav", "Recordings/missing.wav"):
+        r = httpx.post(
+            f"{capped.url}/v1/audio/transcriptions", headers=AUTH, data=FORM, files={"file": ("a.wav", ffconcat(name))}
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_audio" and "wav, webm" in error["message"]
+        assert "memo" not in r.text and "Recordings" not in r.text and "Errno" not in r.text
+        answers.append(r.json())
+    assert answers[0] == answers[1]
+    _still_serving(capped, espeak_nemo_transcripts["clip00.wav"].strip())
+
+
+def test_sdp_uploads_bind_no_socket_and_leak_no_descriptor(capped):
+    """Each SDP upload bound UDP ports; with the next port taken the socket leaked (200 uploads: 200 descriptors,
+    then every request 500) and each held a decode slot ~20 s."""
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1] - 1  # FFmpeg binds the RTP port and the next one (RTCP): the next is taken
+    try:
+        with httpx.Client(base_url=capped.url, headers=AUTH, timeout=30) as client:
+            client.get("/health")
+            before = _descriptors(capped)
+            began = time.monotonic()
+            for _ in range(50):
+                r = client.post("/v1/audio/transcriptions", data=FORM, files={"file": ("a.sdp", sdp(port))})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio", r.text
+            elapsed = time.monotonic() - began
+            after = _descriptors(capped)
+    finally:
+        taken.close()
+    assert after <= before, (before, after)
+    assert elapsed < 10  # 50 refusals, not 50 x 20 s
+    free = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    free.bind(("127.0.0.1", port))  # nobody bound the RTP port
+    free.close()
+
+
+def test_a_decode_bomb_costs_the_server_little_cpu(capped, espeak_nemo_transcripts):
+    """The issue's FLAC (384 kHz x 8 channels x 3500 s) took 236 s of CPU; now the header refuses it, and one that
+    hides its length is stopped by the decode budget (20 M samples here; the audio limit here is 600 s)."""
+    for data in (flac_bomb(500.0), flac_bomb(real_seconds=60.0, claimed=False)):
+        cpu, began = _cpu_seconds(capped), time.monotonic()
+        r = httpx.post(
+            f"{capped.url}/v1/audio/transcriptions", headers=AUTH, data=FORM, files={"file": ("a.flac", data)}
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio", r.text
+        assert "samples" in r.json()["error"]["message"]
+        assert time.monotonic() - began < 10 and _cpu_seconds(capped) - cpu < 10
+    _still_serving(capped, espeak_nemo_transcripts["clip00.wav"].strip())
+
+
+def test_two_file_parts_are_a_clear_400(capped):
+    """The last of two `file` parts used to be transcribed silently."""
+    files = [("file", ("a.wav", _clip())), ("file", ("b.wav", _clip()))]
+    r = httpx.post(f"{capped.url}/v1/audio/transcriptions", headers=AUTH, data=FORM, files=files)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "file" and "2 'file' parts" in r.json()["error"]["message"]
+    r = httpx.post(f"{capped.url}/v1/audio/translations", headers=AUTH, data=FORM, files=files)
+    assert r.status_code == 400 and "2 'file' parts" in r.json()["error"]["message"]
 
 
 def test_the_api_key_is_checked_before_the_body_is_read(capped):

@@ -18,7 +18,7 @@ from canary_server.server.settings import Settings
 
 router = APIRouter(route_class=ErrorRoute)
 
-FileField = Annotated[UploadFile, File(description="Audio: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm.")]
+FileField = Annotated[UploadFile, File(description="Audio: aac, flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm.")]
 ModelField = Annotated[str, Form()]
 TextField = Annotated[str | None, Form()]
 FormatField = Annotated[ResponseFormat, Form()]
@@ -35,6 +35,18 @@ def _check_model(name: str, settings: Settings, request: Request) -> None:
             code="model_not_found",
         )
     request.state.model = name
+
+
+async def _one_file(request: Request) -> None:
+    """400 for a form with several `file` parts: which one to transcribe would be a guess (FastAPI takes the last)."""
+    count = len((await request.form()).getlist("file"))  # the form FastAPI parsed, cached on the request
+    if count > 1:
+        raise ApiError(
+            400,
+            f"send one audio file per request; this one has {count} 'file' parts",
+            param="file",
+            code="invalid_value",
+        )
 
 
 def _render(result: TranscriptResult, fmt: ResponseFormat, with_logprobs: bool = False) -> Response:
@@ -111,6 +123,7 @@ async def create_transcription(
 ) -> Response:
     """`language`: a code, or "auto" to detect it from the audio; without one it is detected too (within
     `languages[]` if sent), unless the server's `default_language` is a code."""
+    await _one_file(request)
     _check_model(model, settings, request)
     with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])
@@ -166,6 +179,7 @@ async def create_translation(
 ) -> Response:
     """Translate to English; the source language comes from `language` ("auto": detected) or the configured
     default."""
+    await _one_file(request)
     _check_model(model, settings, request)
     pipeline = ready_pipeline(request)
     options = pipeline.options(
