@@ -37,7 +37,6 @@ from canary_server.wyoming_server.limits import (
     FrameError,
     HeldAudio,
     ReadDeadline,
-    ReadTimeout,
     WyomingLimitError,
 )
 
@@ -115,14 +114,18 @@ class CanaryEventHandler(AsyncEventHandler):
         """wyoming's loop, with a deadline on every read, frames checked before they are read, and a turn for the
         event loop every YIELD_EVERY events (a flood of tiny chunks arrives already buffered)."""
         self._is_running = True
-        deadline = ReadDeadline(self.reader, self._deadline)
+        deadline = ReadDeadline(self._deadline, self._stop_reading)
         try:
             count = 0
             while self._is_running:
+                problem: WyomingLimitError | None = None
                 try:
                     event = await read_event(self.reader)
-                except (FrameError, ReadTimeout) as exc:
-                    await self._refuse(exc)
+                except FrameError as exc:
+                    event, problem = None, exc
+                problem = deadline.expired or problem  # the deadline ended the read: that is what to answer
+                if problem is not None:
+                    await self._refuse(problem)
                     break
                 if event is None:
                     break
@@ -138,6 +141,12 @@ class CanaryEventHandler(AsyncEventHandler):
             self._reset()
             await self.disconnect()
             self.writer.close()
+
+    def _stop_reading(self) -> None:
+        """The read deadline passed: no more bytes from the client (feed_data after EOF would be a bug), and the
+        read in progress ends as if it had closed."""
+        self.writer.transport.pause_reading()
+        self.reader.feed_eof()
 
     async def _refuse(self, exc: WyomingLimitError) -> None:
         """A broken frame or a deadline: answer, end our side, drop what the client still sends for a moment

@@ -7,7 +7,7 @@ closes at once (a broken frame, a deadline) or at the utterance's `audio-stop` (
   costs 1 byte a byte, not the 64 of 16 kHz float32), capped in bytes, seconds and chunks; converted to the
   model's format only when it is submitted at `audio-stop`.
 - `AudioBudget`: what all connections hold together, in bytes and seconds.
-- `ReadDeadline`: one timer per connection that fails the pending read when the client has sent nothing for too
+- `ReadDeadline`: one timer per connection that ends the pending read when the client has sent nothing for too
   long (idle between utterances, between chunks, or a frame half sent); it is moved lazily, not re-armed per event.
 """
 
@@ -117,16 +117,18 @@ class HeldAudio:
 
 
 class ReadDeadline:
-    """Fails `reader`'s pending read with ReadTimeout once nothing arrived for `limit()` seconds while reading.
+    """Calls `expire()` once nothing arrived for `limit()` seconds while the connection is read (`expired` is then
+    the ReadTimeout to answer). The handler's `expire` stops reading and ends the read in progress.
 
     `pause()` while the handler works (a transcription is not the client's delay), `resume()` when it reads again
-    and after every event; the timer checks when it fires and moves itself to the new due time."""
+    and after every event; the one timer checks when it fires and moves itself to the new due time."""
 
-    def __init__(self, reader: asyncio.StreamReader, limit: Callable[[], float]) -> None:
-        self._reader, self._limit = reader, limit
+    def __init__(self, limit: Callable[[], float], expire: Callable[[], None]) -> None:
+        self._limit, self._expire = limit, expire
         self._loop = asyncio.get_running_loop()
         self.last = self._loop.time()
         self.reading = True
+        self.expired: ReadTimeout | None = None
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(self.last + limit(), self._check)
 
     def pause(self) -> None:
@@ -135,6 +137,10 @@ class ReadDeadline:
     def resume(self) -> None:
         self.last = self._loop.time()
         self.reading = True
+        due = self.last + self._limit()
+        if self._timer is not None and due < self._timer.when():  # a shorter limit now (an utterance began)
+            self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._check)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -147,6 +153,7 @@ class ReadDeadline:
         due = self.last + limit if self.reading else now + limit
         if self.reading and now >= due:
             self._timer = None
-            self._reader.set_exception(ReadTimeout(f"nothing received for {limit:g} s; closing the connection"))
+            self.expired = ReadTimeout(f"nothing received for {limit:g} s; closing the connection")
+            self._expire()
             return
         self._timer = self._loop.call_at(due, self._check)
