@@ -132,6 +132,12 @@ def _rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -241,6 +247,7 @@ def test_1100_idle_connections_keep_descriptors_bounded_and_the_server_up(wy, es
         for _ in range(1100):
             socks.append(_connect(port))
         most = _descriptors(server.proc.pid)
+        print(f"descriptors: {before} before, {most} with 1100 connections open")
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
         refused = [_answers(s) for s in socks[-20:]]  # the last ones are past the cap: answered at once
         for events in refused:
@@ -250,7 +257,8 @@ def test_1100_idle_connections_keep_descriptors_bounded_and_the_server_up(wy, es
     finally:
         for s in socks:
             s.close()
-    assert most <= before + 40 + 5, (before, most)
+    # max_connections, plus refused ones not closed yet (asyncio accepts up to its backlog, 100, in one turn)
+    assert most <= before + 40 + 300, (before, most)
     assert len(server.log()) - log_before < 2000, server.log()[log_before:][-3000:]  # a line or two, not 1060
     _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])
     assert _descriptors(server.proc.pid) <= before + 2
@@ -297,15 +305,15 @@ def _refused_count(socks: list[socket.socket]) -> int:
 def test_twenty_connections_flooding_audio_hold_at_most_the_caps_and_release_it(espeak_dir, espeak_nemo_transcripts):
     """20 x 3 MiB of 8-bit 1 kHz audio (3146 s each, under max_audio_seconds; 3.8 GiB as 16 kHz float32): held as
     sent, at most wyoming_max_held_mb = 24 MiB of it; the rest refused; released when the clients leave."""
-    server, port = _serve(espeak_dir)
+    server, port = _serve(espeak_dir, CANARY_WYOMING_MAX_HELD_SECONDS="1e6")  # the bytes cap binds
     try:
         _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])  # warm: model, buffers
         base = _rss_mib(server.proc.pid)
         rounds = []
         for _ in range(2):  # the second round finds the budget given back by the first
             socks = _held_round(port, 20, 3 * 2**20)
+            refused = _refused_count(socks)  # (waits 0.5 s on each holding one: the server has read it all)
             held = _rss_mib(server.proc.pid)
-            refused = _refused_count(socks)
             for s in socks:
                 s.close()
             _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])
@@ -343,6 +351,7 @@ def test_200k_one_sample_chunks_do_not_stall_the_event_loop(wy, espeak_nemo_tran
 
     thread = threading.Thread(target=attack)
     latencies = []
+    cpu = _cpu_seconds(server.proc.pid)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         thread.start()
         while not done.is_set():
@@ -351,12 +360,68 @@ def test_200k_one_sample_chunks_do_not_stall_the_event_loop(wy, espeak_nemo_tran
             latencies.append(time.monotonic() - began)
             done.wait(0.02)
     thread.join()
+    cpu = _cpu_seconds(server.proc.pid) - cpu
     events, took = answer
     assert "more than 100000 audio chunks" in _error_then_closed(events, "audio_too_long")
     latencies.sort()
     print(
-        f"200k chunks: {took:.1f} s, /health n={len(latencies)} p50 {latencies[len(latencies) // 2] * 1000:.0f} ms "
-        f"max {latencies[-1] * 1000:.0f} ms"
+        f"200k chunks: {took:.1f} s, server CPU {cpu:.1f} s, /health n={len(latencies)} "
+        f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms max {latencies[-1] * 1000:.0f} ms"
     )
-    assert len(latencies) >= 5 and latencies[-1] < 0.5, latencies[-5:]
+    # generous for a shared 2-core machine (the old reader, no turn for the loop: p50 45-66 ms, max 0.3-0.5 s here)
+    assert len(latencies) >= 5 and latencies[len(latencies) // 2] < 0.04 and latencies[-1] < 1.0, latencies
     _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])
+
+
+# ---- the caps' arithmetic, in process ---------------------------------------------------------------------
+def _held(budget, *, rate=16000, width=2, channels=1, max_bytes=2**20, max_chunks=100, max_seconds=3600.0):
+    from canary_server.pipeline.live import LiveAudio
+    from canary_server.wyoming_server.limits import HeldAudio
+
+    live = LiveAudio(rate, width, channels, sample_rate=16000, max_seconds=max_seconds)
+    return HeldAudio(live, budget, max_bytes=max_bytes, max_chunks=max_chunks)
+
+
+def test_held_audio_counts_bytes_and_seconds_against_its_own_and_the_shared_caps():
+    from canary_server.pipeline.errors import AudioTooLong
+    from canary_server.wyoming_server.limits import AudioBudget, ServerBusy, UtteranceTooLarge
+
+    budget = AudioBudget(max_bytes=100_000, max_seconds=3.0)
+    a, b = _held(budget), _held(budget, rate=8000, width=1)
+    a.add(b"\0" * 64_000)  # 2 s at 16 kHz 16-bit
+    assert (budget.bytes, budget.seconds) == (64_000, 2.0)
+    with pytest.raises(ServerBusy):
+        b.add(b"\0" * 16_000)  # 2 s more: past the 3 s shared
+    assert (budget.bytes, len(b.data)) == (64_000, 0)  # nothing of a refused chunk is held
+    a.release()
+    b.add(b"\0" * 16_000)
+    assert (budget.bytes, budget.seconds) == (16_000, 2.0)
+    with pytest.raises(UtteranceTooLarge, match="more than 1 MiB"):
+        _held(AudioBudget(2**30, 1e9)).add(b"\0" * (2**20 + 2))
+    with pytest.raises(AudioTooLong):
+        _held(AudioBudget(2**30, 1e9), max_seconds=1.0).add(b"\0" * 32_002)
+    many = _held(AudioBudget(2**30, 1e9), max_chunks=3)
+    for _ in range(3):
+        many.add(b"\0\0")
+    with pytest.raises(UtteranceTooLarge, match="more than 3 audio chunks"):
+        many.add(b"\0\0")
+
+
+def test_held_audio_converts_to_what_the_pipeline_converts_as_it_arrives():
+    """Held as sent and converted at the end (in 1 MiB slices) == LiveAudio fed chunk by chunk."""
+    import numpy as np
+
+    from canary_server.pipeline.live import LiveAudio
+    from canary_server.wyoming_server.limits import AudioBudget
+
+    rng = np.random.default_rng(0)
+    pcm = (rng.standard_normal(48000 * 30) * 3000).astype("<i2").tobytes()  # 30 s at 48 kHz: several slices
+    held = _held(AudioBudget(2**30, 1e9), rate=48000, max_bytes=2**30, max_chunks=10**6)
+    live = LiveAudio(48000, 2, 1, sample_rate=16000, max_seconds=3600)
+    for i in range(0, len(pcm), 3001):
+        held.add(pcm[i : i + 3001])
+        live.add(pcm[i : i + 3001])
+    expected = live.finish()
+    got = held.to_samples()
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from wyoming.error import Error
-from wyoming.event import async_write_event
+from wyoming.event import write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 
 from canary_server.pipeline import Pipeline
@@ -110,7 +111,7 @@ class WyomingServer:
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._handlers) >= self.config.max_connections:
-            await self._refuse(writer)
+            self._refuse(writer)
             return
         limits = self.config.connection_limits()
         handler = CanaryEventHandler(self.pipeline, self.info, reader, writer, budget=self.budget, limits=limits)
@@ -125,8 +126,9 @@ class WyomingServer:
         finally:
             self._handlers.pop(task, None)
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        """Past max_connections: an error event, then closed (nothing is read; one log line a minute at most)."""
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Past max_connections: an error event, then closed, with no await (so a flood of connections holds each
+        descriptor for one turn of the loop); nothing is read; one log line a minute at most."""
         self.refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:
@@ -137,13 +139,11 @@ class WyomingServer:
             )
             self._refusal_logged, self.refused = now, 0
         text = f"too many open connections ({self.config.max_connections}); try again later"
-        try:
-            await asyncio.wait_for(async_write_event(Error(text=text, code="rate_limit_exceeded").event(), writer), 1.0)
-            writer.write_eof()
-        except (OSError, RuntimeError, asyncio.TimeoutError):
-            pass
-        finally:
-            writer.close()
+        frame = io.BytesIO()
+        write_event(Error(text=text, code="rate_limit_exceeded").event(), frame)
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(frame.getvalue())  # ~100 bytes on a fresh socket: sent at once
+        writer.close()
 
     async def stop(self) -> None:
         """Stop listening, withdraw the announcement, let transcriptions in progress finish (a grace period),
