@@ -219,6 +219,28 @@ def test_idle_and_half_sent_connections_are_closed_at_their_deadline(wy, espeak_
     _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])
 
 
+def test_a_client_that_never_reads_its_answers_is_dropped_after_the_idle_deadline(wy):
+    """20,000 describes (14 MB of answers) and not one answer read, through a 4 KiB receive window: the server's
+    writes stall, and the connection is dropped once one has stalled for wyoming_idle_seconds (3 s here)."""
+    server, port = wy
+    before = _descriptors(server.proc.pid)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    s.settimeout(TIMEOUT)
+    s.connect(("127.0.0.1", port))
+    began = time.monotonic()
+    with contextlib.suppress(OSError):
+        s.sendall(_frame(Event("describe")) * 20_000)
+    while _descriptors(server.proc.pid) == before and time.monotonic() - began < TIMEOUT:
+        time.sleep(0.01)  # until the server has accepted it
+    while _descriptors(server.proc.pid) > before and time.monotonic() - began < TIMEOUT:
+        time.sleep(0.1)  # polling the server's descriptor table (nothing to wait on)
+    waited = time.monotonic() - began
+    s.close()
+    assert _descriptors(server.proc.pid) <= before and 2.5 < waited < 30, waited
+    assert "Traceback" not in server.log()
+
+
 def test_an_utterance_that_stops_sending_is_closed_after_the_chunk_deadline(espeak_dir):
     server, port = _serve(espeak_dir, CANARY_WYOMING_CHUNK_SECONDS="2", CANARY_WYOMING_IDLE_SECONDS="30")
     try:
