@@ -285,6 +285,8 @@ class CanaryEventHandler(AsyncEventHandler):
 
     async def _send_error(self, exc: BaseException) -> bool:
         """Answer an error event; False when the client is gone. An unexpected error's text stays in the log."""
+        if isinstance(exc, ConnectionError):  # the client went away or stopped reading: no one to answer
+            return False
         code = error_code(exc)
         if code == "internal_error":
             log.error("wyoming request failed", exc_info=exc)
