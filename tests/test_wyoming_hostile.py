@@ -447,3 +447,47 @@ def test_held_audio_converts_to_what_the_pipeline_converts_as_it_arrives():
     got = held.to_samples()
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def _read_frames(raw: bytes) -> list:
+    """read_event over `raw` then EOF, as the server reads (StreamReader limit = the header limit): the events,
+    or the FrameError's text last."""
+    import asyncio
+
+    from canary_server.wyoming_server.framing import MAX_HEADER_BYTES, read_event
+    from canary_server.wyoming_server.limits import FrameError
+
+    async def main():
+        reader = asyncio.StreamReader(limit=MAX_HEADER_BYTES)
+        reader.feed_data(raw)
+        reader.feed_eof()
+        out = []
+        try:
+            while (event := await read_event(reader)) is not None:
+                out.append(event)
+        except FrameError as e:
+            out.append(str(e))
+        return out
+
+    return asyncio.run(main())
+
+
+def test_frames_at_the_limits_are_read_and_one_byte_past_is_refused():
+    from canary_server.wyoming_server.framing import MAX_DATA_BYTES, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
+
+    most = _frame(Event("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\0" * MAX_PAYLOAD_BYTES))
+    (event,) = _read_frames(most)
+    assert event.data["rate"] == 16000 and len(event.payload) == MAX_PAYLOAD_BYTES
+    assert "payload_length must be an integer in [0, 4194304], not 4194305" in _read_frames(
+        b'{"type": "audio-chunk", "payload_length": %d}\n' % (MAX_PAYLOAD_BYTES + 1)
+    )
+    data = b'{"language": "%s"}' % (b"x" * (MAX_DATA_BYTES - 16))
+    (event,) = _read_frames(b'{"type": "transcribe", "data_length": %d}\n' % len(data) + data)
+    assert len(event.data["language"]) == MAX_DATA_BYTES - 16
+    long_header = b'{"type": "ping", "data": {"pad": "%s"}}' % (b"x" * MAX_HEADER_BYTES)
+    assert _read_frames(long_header + b"\n") == [f"event header longer than {MAX_HEADER_BYTES} bytes"]
+    assert _read_frames(b'{"type": "ping"}\n{"type": "pi') == [
+        Event("ping"),
+        "the connection ended inside an event header",
+    ]
+    assert _read_frames(b'{"type": "ping", "payload_length": 9}\nabc') == ["the connection ended inside an event"]
