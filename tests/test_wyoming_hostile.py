@@ -46,6 +46,8 @@ def _free_port() -> int:
 
 
 def _serve(model: Path, **env: str) -> tuple[ServerProcess, int]:
+    if not hasattr(resource, "prlimit") or not Path("/proc/self/fd").is_dir():
+        pytest.skip("these tests read and set a process's limits through Linux's /proc and prlimit")
     port = _free_port()
     server = start_server(model, memory_cap=MEMORY_CAP, env={**LIMITS, "CANARY_WYOMING_PORT": str(port), **env})
     resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (SERVER_NOFILE, SERVER_NOFILE))
