@@ -176,6 +176,25 @@ class Settings(BaseSettings):
     wyoming_zeroconf: bool = Field(
         False, description="Announce the Wyoming server over zeroconf (_wyoming._tcp) for Home Assistant."
     )
+    wyoming_max_connections: int = Field(
+        64, ge=1, description="Wyoming connections open at once; more get an error event and are closed."
+    )
+    wyoming_idle_seconds: float = Field(
+        30.0, gt=0, description="A Wyoming connection silent this long between utterances (or mid-frame) is closed."
+    )
+    wyoming_chunk_seconds: float = Field(
+        10.0, gt=0, description="Within a Wyoming utterance, the longest wait for its next event; then it is closed."
+    )
+    wyoming_max_utterance_mb: float = Field(
+        32.0, gt=0, description="PCM one Wyoming utterance may send, in MiB as sent (max_audio_seconds applies too)."
+    )
+    wyoming_max_chunks: int = Field(50_000, ge=1, description="audio-chunk events in one Wyoming utterance.")
+    wyoming_max_held_mb: float = Field(
+        256.0, gt=0, description="PCM held by all Wyoming connections together, in MiB; past it: rate_limit_exceeded."
+    )
+    wyoming_max_held_seconds: float = Field(
+        3600.0, gt=0, description="Seconds of audio held by all Wyoming connections together; past it: same."
+    )
     idle_unload_seconds: float | None = Field(
         None, gt=0, description="Free the model after this many seconds without requests; unset: never."
     )

@@ -8,18 +8,22 @@
                                                   comes), transcript {text, language}, transcript-stop
 Any failure answers `error {text, code}` (the HTTP error codes: unsupported_language, audio_too_long,
 invalid_audio, model_not_ready, rate_limit_exceeded, ...); the rest of that utterance is ignored and the
-connection is closed at its audio-stop (older Home Assistant versions wait for a transcript otherwise).
+connection is closed at its audio-stop (older Home Assistant versions wait for a transcript otherwise). A frame
+that is not an event (`invalid_request`) or a client silent past its deadline (`timeout`) is answered and closed
+at once. The audio is held as it arrived (limits.py: `HeldAudio`) and converted when it is submitted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_write_event
 from wyoming.info import Describe, Info
 from wyoming.server import AsyncEventHandler
 
@@ -27,13 +31,36 @@ from canary_server.model.errors import AudioDecodeError, CanaryError, Unsupporte
 from canary_server.pipeline import EngineBusy, EngineNotReady, Pipeline, TextDelta, TranscriptResult
 from canary_server.pipeline.errors import AudioTooLong, InvalidAudio, LanguageDetectionUnavailable
 from canary_server.pipeline.language import AUTO
-from canary_server.pipeline.live import LiveAudio
+from canary_server.wyoming_server.framing import read_event
+from canary_server.wyoming_server.limits import (
+    AudioBudget,
+    FrameError,
+    HeldAudio,
+    ReadDeadline,
+    WyomingLimitError,
+)
 
 log = logging.getLogger("canary.wyoming")
+
+YIELD_EVERY = 16  # events read back to back (already buffered) before the event loop gets a turn
+LINGER_BYTES = 1 << 20  # after a broken frame: what is read and dropped so the error event is not lost to a reset
+LINGER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-connection limits (WyomingConfig's, with the pipeline's max_audio_seconds enforced by LiveAudio)."""
+
+    idle_seconds: float = 30.0  # no event between utterances (or a frame half sent) this long: closed
+    chunk_seconds: float = 10.0  # within an utterance, the longest wait for its next event
+    max_utterance_bytes: int = 32 * 2**20
+    max_chunks: int = 50_000
 
 
 def error_code(exc: BaseException) -> str:
     """The `code` of the error event: the same words as the HTTP error bodies' `code`."""
+    if isinstance(exc, WyomingLimitError):
+        return exc.code
     if isinstance(exc, UnsupportedLanguageError):
         return "unsupported_language"
     if isinstance(exc, LanguageDetectionUnavailable):
@@ -54,19 +81,109 @@ def error_code(exc: BaseException) -> str:
 class CanaryEventHandler(AsyncEventHandler):
     """Parses the events, validates, feeds the pipeline, writes what comes back (no pipeline step in here)."""
 
-    def __init__(self, pipeline: Pipeline, info: Callable[[], Info], *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        info: Callable[[], Info],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        budget: AudioBudget,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        super().__init__(reader, writer)
         self.pipeline = pipeline
         self.info = info  # the answer to describe
+        self.budget = budget  # audio held by all connections
+        self.limits = limits or ConnectionLimits()
         self.busy = False  # transcribing (the server lets that finish when it stops)
+        self.audio: HeldAudio | None = None
         self._reset()
 
     def _reset(self) -> None:
+        if self.audio is not None:
+            self.audio.release()
         self.language: str | None = None  # from `transcribe`
-        self.audio: LiveAudio | None = None
+        self.audio = None
+        self.in_utterance = False  # audio-start or a chunk came: the chunk deadline applies
         self.failed = False  # an error was sent: ignore the rest of this utterance, then close
+        self.ignored_chunks = 0  # chunks after the error, still bounded by max_chunks
+
+    def _deadline(self) -> float:
+        return self.limits.chunk_seconds if self.in_utterance else self.limits.idle_seconds
+
+    async def run(self) -> None:
+        """wyoming's loop, with a deadline on every read, frames checked before they are read, and a turn for the
+        event loop every YIELD_EVERY events (a flood of tiny chunks arrives already buffered)."""
+        self._is_running = True
+        deadline = ReadDeadline(self._deadline, self._stop_reading)
+        try:
+            count = 0
+            while self._is_running:
+                problem: WyomingLimitError | None = None
+                try:
+                    event = await read_event(self.reader)
+                except FrameError as exc:
+                    event, problem = None, exc
+                problem = deadline.expired or problem  # the deadline ended the read: that is what to answer
+                if problem is not None:
+                    await self._refuse(problem)
+                    break
+                if event is None:
+                    break
+                deadline.pause()
+                if not await self.handle_event(event):
+                    break
+                deadline.resume()
+                count += 1
+                if count % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        finally:
+            deadline.cancel()
+            self._reset()
+            await self.disconnect()
+            self.writer.close()
+
+    def _stop_reading(self) -> None:
+        """The read deadline passed: no more bytes from the client (feed_data after EOF would be a bug), and the
+        read in progress ends as if it had closed."""
+        self.writer.transport.pause_reading()
+        self.reader.feed_eof()
+
+    async def _refuse(self, exc: WyomingLimitError) -> None:
+        """A broken frame or a deadline: answer, end our side, drop what the client still sends for a moment
+        (closing with unread data would reset the connection and lose the answer), then close."""
+        log.debug("wyoming: closing a connection: %s", exc)
+        if not await self._send_error(exc):
+            return
+        try:
+            self.writer.write_eof()
+            if isinstance(exc, FrameError):
+                await asyncio.wait_for(self._drain_input(), LINGER_SECONDS)
+        except (OSError, RuntimeError, asyncio.TimeoutError, WyomingLimitError):
+            pass
+
+    async def _drain_input(self) -> None:
+        left = LINGER_BYTES
+        while left > 0:
+            data = await self.reader.read(min(left, 65536))
+            if not data:
+                return
+            left -= len(data)
+
+    async def write_event(self, event: Event) -> None:
+        """Send an event; a client that stops reading for the idle deadline is dropped (ConnectionError)."""
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), self.limits.idle_seconds)
+        except asyncio.TimeoutError:
+            self.writer.transport.abort()
+            raise ConnectionResetError("the client stopped reading") from None
 
     async def handle_event(self, event: Event) -> bool:
+        if AudioChunk.is_type(event.type):  # first: the one event that comes thousands of times
+            return await self._chunk(event)
         if AudioStop.is_type(event.type):
             if self.failed:  # its error was sent when it happened
                 self._reset()
@@ -81,40 +198,67 @@ class CanaryEventHandler(AsyncEventHandler):
                 await self.write_event(self.info().event())
             elif Transcribe.is_type(event.type):
                 self._reset()
-                self.language = _language_code(Transcribe.from_event(event).language)
+                self.language = _language_code(event.data.get("language"))
                 self._options()  # validate now: a bad language is answered before the audio is sent
             elif AudioStart.is_type(event.type) and not self.failed:
-                start = AudioStart.from_event(event)
-                self.audio = self.pipeline.live_audio(start.rate, start.width, start.channels)
-            elif AudioChunk.is_type(event.type) and not self.failed:
-                self._add(AudioChunk.from_event(event))
+                self._start(event.data)
             # other events (ping, select-program, ...) are not for a speech-to-text server
         except Exception as exc:  # noqa: BLE001 - answered as an error event
             # After a describe (e.g. while the model loads) the client may ask again; in an utterance the rest
             # of its audio is ignored and the connection closes at its audio-stop.
-            self.audio, self.failed = None, not Describe.is_type(event.type)
-            return await self._send_error(exc)
+            return await self._fail(exc, utterance=not Describe.is_type(event.type))
         return True
+
+    async def _chunk(self, event: Event) -> bool:
+        if self.failed:  # the rest of a failed utterance: dropped, counted
+            self.ignored_chunks += 1
+            return self.ignored_chunks <= self.limits.max_chunks
+        try:
+            data = event.data
+            if self.audio is None:  # no audio-start: the chunks carry their format
+                self._start(data)
+            elif not self.audio.same_format(data.get("rate"), data.get("width"), data.get("channels")):
+                a = self.audio.live
+                raise InvalidAudio(
+                    f"audio format changed mid-utterance: {a.rate} Hz/{a.width} B/{a.channels} ch, then "
+                    f"{_fmt(data.get('rate'))} Hz/{_fmt(data.get('width'))} B/{_fmt(data.get('channels'))} ch"
+                )
+            self.audio.add(event.payload or b"")
+        except Exception as exc:  # noqa: BLE001 - answered as an error event
+            return await self._fail(exc, utterance=True)
+        return True
+
+    def _start(self, data: dict) -> None:
+        """audio-start (or the first chunk without one): the format, validated by the pipeline's LiveAudio."""
+        if self.audio is not None:
+            self.audio.release()
+            self.audio = None
+        self.in_utterance = True
+        live = self.pipeline.live_audio(data.get("rate"), data.get("width"), data.get("channels"))
+        self.audio = HeldAudio(
+            live, self.budget, max_bytes=self.limits.max_utterance_bytes, max_chunks=self.limits.max_chunks
+        )
+
+    async def _fail(self, exc: BaseException, *, utterance: bool) -> bool:
+        if self.audio is not None:
+            self.audio.release()
+        self.audio = None
+        self.failed = self.failed or utterance
+        return await self._send_error(exc)
 
     def _options(self):
         return self.pipeline.options(self.language, None)
 
-    def _add(self, chunk: AudioChunk) -> None:
-        if self.audio is None:  # no audio-start: the chunks carry their format
-            self.audio = self.pipeline.live_audio(chunk.rate, chunk.width, chunk.channels)
-        elif not self.audio.same_format(chunk.rate, chunk.width, chunk.channels):
-            a = self.audio
-            raise InvalidAudio(
-                f"audio format changed mid-utterance: {a.rate} Hz/{a.width} B/{a.channels} ch, then "
-                f"{chunk.rate} Hz/{chunk.width} B/{chunk.channels} ch"
-            )
-        self.audio.add(chunk.audio)
-
     async def _finish(self) -> bool:
         """audio-stop: transcribe the utterance, streaming the text as it is decoded."""
-        samples = self.audio.finish() if self.audio is not None else None
-        options = self._options()
+        audio, options = self.audio, self._options()
+        self.audio = None  # the handler's reset no longer releases it: done below, once converted
         self._reset()
+        try:
+            samples = await asyncio.to_thread(audio.to_samples) if audio is not None else None
+        finally:
+            if audio is not None:
+                audio.release()
         if samples is None or not len(samples):  # e.g. Home Assistant's VAD heard nothing
             await self._write_all([TranscriptStart(), Transcript(text=""), TranscriptStop()])
             return True
@@ -142,12 +286,15 @@ class CanaryEventHandler(AsyncEventHandler):
             await events.aclose()  # a client that went away cancels the engine work
 
     async def _send_error(self, exc: BaseException) -> bool:
-        """Answer an error event; False when the client is gone."""
+        """Answer an error event; False when the client is gone. An unexpected error's text stays in the log."""
+        if isinstance(exc, ConnectionError):  # the client went away or stopped reading: no one to answer
+            return False
         code = error_code(exc)
         if code == "internal_error":
             log.error("wyoming request failed", exc_info=exc)
+        text = "internal error (see the server log)" if code == "internal_error" else str(exc) or code
         try:
-            await self.write_event(Error(text=str(exc) or type(exc).__name__, code=code).event())
+            await self.write_event(Error(text=text, code=code).event())
         except (ConnectionError, RuntimeError):
             return False
         return True
@@ -157,8 +304,15 @@ class CanaryEventHandler(AsyncEventHandler):
             await self.write_event(e.event())
 
 
-def _language_code(language: str | None) -> str | None:
+def _fmt(value: object) -> str:
+    """A client's format field in an error text: short, whatever it sent."""
+    return repr(value)[:20]
+
+
+def _language_code(language: object) -> str | None:
     """Home Assistant may send a locale ("de-DE"): the model's prompt takes the language part."""
+    if language is not None and not isinstance(language, str):
+        raise WyomingLimitError("transcribe: language must be a string")
     if not language:
         return None
     language = language.strip().replace("_", "-")

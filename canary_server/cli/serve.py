@@ -148,6 +148,13 @@ def build_app(settings, *, wyoming_port: int | None = None, engine=None, model_d
             port=settings.wyoming_port if wyoming_port is None else wyoming_port,
             zeroconf=settings.wyoming_zeroconf,
             model_name=settings.model_id,
+            max_connections=settings.wyoming_max_connections,
+            idle_seconds=settings.wyoming_idle_seconds,
+            chunk_seconds=settings.wyoming_chunk_seconds,
+            max_utterance_mb=settings.wyoming_max_utterance_mb,
+            max_chunks=settings.wyoming_max_chunks,
+            max_held_mb=settings.wyoming_max_held_mb,
+            max_held_seconds=settings.wyoming_max_held_seconds,
         )
         services.append(WyomingServer(pipeline, config))
     app = create_app(settings, pipeline=pipeline, services=services)
