@@ -58,6 +58,7 @@ class _Row:
     """A stream's per-step decoding state (host side)."""
 
     stream: Stream
+    enc: mx.array  # (1, T, H) the window's projected encoder states (padded to the batch's T)
     enc_len: int  # frames cross-attention sees
     enc_frames: int  # the row's own encoder output length (NeMo's xatt_scores.shape[-1] at batch 1)
     last: bool
@@ -93,39 +94,38 @@ class StreamingDecoder:
         if not ready:
             return []
         lasts = [s.buffer.feed() for s in ready]
-        audio, lengths = _pad([s.buffer.samples for s in ready])
-        enc, enc_lens = self.model.encode(audio, lengths)
-        full = np.array(enc_lens).tolist()
-        pc = self.model.config
-        tensor = [
-            encoder_frames(len(s.buffer.samples), pc.preprocessor.hop_length, pc.encoder.n_subsampling_convs)
-            for s in ready
-        ]
-        rows = [
-            _Row(s, full[i] if last else s.buffer.encoder_length(), tensor[i], last, s.buffer.encoder_shift())
-            for i, (s, last) in enumerate(zip(ready, lasts, strict=True))
-        ]
         before = [len(s.tokens) for s in ready]
-        go = [i for i, r in enumerate(rows) if self._passes_gate(r)]
-        if go:
-            self._decode([rows[i] for i in go], enc[mx.array(go)] if len(go) < len(rows) else enc)
-        out = []
-        for s, n, last in zip(ready, before, lasts, strict=True):
-            out.append(StepResult(s, s.tokens[n:], last))
-        return out
+        go = [(s, last) for s, last in zip(ready, lasts, strict=True) if self._passes_gate(s, last)]
+        if go:  # only streams the policy lets decode are encoded at all
+            self._decode(self._rows(go))
+        return [StepResult(s, s.tokens[n:], last) for s, n, last in zip(ready, before, lasts, strict=True)]
 
     def text(self, stream: Stream) -> str:
         return self.model.tokenizer.ids_to_text(stream.tokens).strip()
 
     # ---- decoding -------------------------------------------------------------------------------------------
-    def _passes_gate(self, row: _Row) -> bool:
+    def _passes_gate(self, stream: Stream, last: bool) -> bool:
         """NeMo's start gate (both policies): wait until waitk_lagging chunks are in, unless this is the end."""
-        if row.stream.halted:
+        if stream.halted:
             return False
-        return row.last or row.enc_len // self.ctx.chunk >= self.config.waitk_lagging
+        return last or stream.buffer.encoder_length() // self.ctx.chunk >= self.config.waitk_lagging
 
-    def _decode(self, rows: list[_Row], enc: mx.array) -> None:
+    def _rows(self, go: list[tuple[Stream, bool]]) -> list[_Row]:
+        """Encode the windows of `go` as one padded batch."""
+        audio, lengths = _pad([s.buffer.samples for s, _ in go])
+        enc, enc_lens = self.model.encode(audio, lengths)
+        full = np.array(enc_lens).tolist()
+        pc = self.model.config
+        rows = []
+        for i, (s, last) in enumerate(go):
+            tensor = encoder_frames(len(s.buffer.samples), pc.preprocessor.hop_length, pc.encoder.n_subsampling_convs)
+            enc_len = full[i] if last else s.buffer.encoder_length()
+            rows.append(_Row(s, enc[i : i + 1], enc_len, tensor, last, s.buffer.encoder_shift()))
+        return rows
+
+    def _decode(self, rows: list[_Row]) -> None:
         dec = self.model.decoder
+        enc = mx.concatenate([r.enc for r in rows])  # (B, T, H)
         enc_len = mx.array([r.enc_len for r in rows])
         cross = dec.cross_kv(enc)
         cross_mask = cross_attention_mask(enc_len, enc.shape[1], enc.dtype)
