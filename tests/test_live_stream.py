@@ -7,10 +7,12 @@ import asyncio
 import json
 
 import numpy as np
+import pytest
 
 from canary_server.model.audio import load_audio
 from canary_server.model.stream_buffer import StreamingConfig
 from canary_server.pipeline.engine import Engine
+from canary_server.pipeline.errors import AudioTooLong
 from conftest import ESPEAK_CLIPS, FIXTURES
 
 GOLDEN = json.loads((FIXTURES / "streaming" / "golden.json").read_text())
@@ -96,3 +98,17 @@ def test_live_streams_and_file_requests_share_the_engine(espeak_model):
     assert b.final and b.tokens == alignatt["tokens"]
     assert file.tokens == espeak_model.generate(short).tokens
     assert engine.stats["completed"] == 1
+
+
+def test_a_live_stream_longer_than_its_limit_is_refused_as_it_grows(espeak_model):
+    engine = Engine(lambda: espeak_model, batch_size=4)
+
+    async def main():
+        job = engine.open_stream("en", "en", True, max_seconds=1.0)
+        job.feed(np.zeros(16000, np.float32))
+        with pytest.raises(AudioTooLong):
+            job.feed(np.zeros(1, np.float32))
+        job.close()
+        return await engine.transcribe(load_audio(ESPEAK_CLIPS / "clip04.wav"), "en", "en", True, None)
+
+    assert _run_engine(engine, main).text  # the engine goes on serving

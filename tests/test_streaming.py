@@ -100,3 +100,37 @@ def test_streams_decoded_together_each_get_their_own_nemo_tokens(models, group):
     seen = _run(decoder, streams)
     for c, steps in zip(cases, seen, strict=True):
         assert steps == [s["tokens"] for s in c["steps"]]
+
+
+def test_a_stream_waiting_for_audio_is_not_stepped(models):
+    m = models("v2_unified")
+    decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "alignatt"))
+    waiting, fed = decoder.open(CASES[0]["prompt"]), decoder.open(CASES[0]["prompt"])
+    waiting.append(np.zeros(16000, np.float32))  # less than chunk + right context
+    fed.append(np.zeros(24000, np.float32))
+    assert [r.stream for r in decoder.step([waiting, fed])] == [fed]
+    assert decoder.step([waiting, fed]) == []  # fed needs another full chunk now
+    assert waiting.buffer.steps == 0 and fed.buffer.steps == 1
+
+
+def test_a_stream_ending_on_a_chunk_boundary_gets_a_last_step_without_audio(models):
+    m = models("v2_unified")
+    decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "waitk"))
+    s = decoder.open(CASES[0]["prompt"])
+    s.append(np.load(FIXTURES / "v2_unified" / "golden.npz")["audio_2"][:40000])  # 1.5 s + one 1 s chunk
+    while s.buffer.ready:
+        (res,) = decoder.step([s])
+        assert not res.final
+    s.end()
+    (res,) = decoder.step([s])
+    assert res.final and s.done and s.buffer.steps == 3
+    with pytest.raises(ValueError, match="after the end"):
+        s.append(np.zeros(10, np.float32))
+
+
+def test_streaming_settings_are_checked():
+    with pytest.raises(ValueError, match="policy"):
+        StreamingConfig(policy="greedy")
+    with pytest.raises(ValueError, match="chunk"):
+        StreamingConfig(chunk_secs=0.0)
+    assert StreamingConfig(0.5, 10.0, 0.0).alignatt_budget == 0  # NeMo: int(0.5) * 10, one token per chunk
