@@ -13,6 +13,7 @@ import soundfile as sf
 
 from canary_server import model
 from canary_server.convert import convert_nemo
+from canary_server.model.prompt import PromptSpec
 from canary_server.model.stream_buffer import StreamingConfig
 from canary_server.model.streaming import StreamingDecoder
 from conftest import FIXTURES, SHARED
@@ -60,6 +61,10 @@ def _config(case: dict) -> StreamingConfig:
     return StreamingConfig(case["chunk_secs"], case["left_secs"], case["right_secs"], case["policy"])
 
 
+def _en(m) -> list[int]:
+    return m.prompt_ids(PromptSpec("en", "en", pnc=True))
+
+
 def _run(decoder: StreamingDecoder, streams: list) -> list[list[list[int]]]:
     """Step until every stream is done; the committed tokens of each stream after each of its steps."""
     seen: list[list[list[int]]] = [[] for _ in streams]
@@ -80,6 +85,16 @@ def test_streaming_commits_nemo_tokens_after_every_chunk(models, case):
     assert steps == [s["tokens"] for s in case["steps"]]
     assert stream.tokens == case["tokens"]
     assert decoder.text(stream) == case["text"]
+
+
+ONE_PER_AUDIO = [c for c in CASES if c["policy"] == "waitk" and c["context"] == "c1_l2_r0"]
+
+
+@pytest.mark.parametrize("case", ONE_PER_AUDIO, ids=_case_id)
+def test_our_prompt_is_nemos_streaming_prompt(models, case):
+    lang = "de" if case["audio"].startswith("de_") else "en"  # the generator's prompts: pnc yes, transcription
+    spec = PromptSpec(lang, lang, pnc=True)
+    assert models(case["model"]).prompt_ids(spec) == case["prompt"]
 
 
 def _groups() -> list[tuple[str, str, str]]:
@@ -105,7 +120,7 @@ def test_streams_decoded_together_each_get_their_own_nemo_tokens(models, group):
 def test_a_stream_waiting_for_audio_is_not_stepped(models):
     m = models("v2_unified")
     decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "alignatt"))
-    waiting, fed = decoder.open(CASES[0]["prompt"]), decoder.open(CASES[0]["prompt"])
+    waiting, fed = decoder.open(_en(m)), decoder.open(_en(m))
     waiting.append(np.zeros(16000, np.float32))  # less than chunk + right context
     fed.append(np.zeros(24000, np.float32))
     assert [r.stream for r in decoder.step([waiting, fed])] == [fed]
@@ -116,7 +131,7 @@ def test_a_stream_waiting_for_audio_is_not_stepped(models):
 def test_a_stream_ending_on_a_chunk_boundary_gets_a_last_step_without_audio(models):
     m = models("v2_unified")
     decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "waitk"))
-    s = decoder.open(CASES[0]["prompt"])
+    s = decoder.open(_en(m))
     s.append(np.load(FIXTURES / "v2_unified" / "golden.npz")["audio_2"][:40000])  # 1.5 s + one 1 s chunk
     while s.buffer.ready:
         (res,) = decoder.step([s])
