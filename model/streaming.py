@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from .batch_decoder import check_prompt_length
 from .cache import KVCache
 from .decoder import NEG_INF, causal_mask, cross_attention_mask
 from .decoding import encoder_frames
@@ -83,6 +84,8 @@ class StreamingDecoder:
         self.eos = model.tokenizer.eos_id
 
     def open(self, prompt: list[int]) -> Stream:
+        """A new stream decoding after `prompt` (raises PromptTooLong when no token would fit after it)."""
+        check_prompt_length(len(prompt) + 1, self.limit)
         dec = self.model.decoder.cfg
         heads = dec.num_attention_heads
         cache = KVCache(dec.num_layers, 1, heads, self.limit, dec.hidden_size // heads, self.model.dtype)
