@@ -27,6 +27,7 @@ import numpy as np
 
 from canary_server.pipeline.errors import EngineBusy, EngineNotReady
 from canary_server.pipeline.jobs import BatcherLike, Job, JobBook, Stream, StreamEvent, TranscriptionLike
+from canary_server.pipeline.live_stream import LiveJob, LiveMessage, LiveStreams
 from canary_server.pipeline.loading import (
     BatcherFactory,
     ModelInfo,
@@ -99,6 +100,7 @@ class Engine:
         self.stats = self.monitor.requests  # requests ended, by outcome
         self._book = JobBook(self.stats, self.monitor)  # submitted, not yet delivered (engine thread only)
         self._jobs = self._book.jobs
+        self._live = LiveStreams()  # open live streams (engine thread only)
         self._open_jobs = 0  # submitted and not finished, counted from the event loop side
         self._open_seconds = 0.0  # their audio
         self._lock = threading.Lock()  # accepting, the counters, and the order of jobs and _STOP in the queue
@@ -226,6 +228,28 @@ class Engine:
                 job.future.cancel()
             self._release(job)
 
+    def open_stream(
+        self, source_lang: str, target_lang: str, pnc: bool, config: Any = None, max_seconds: float = 3600.0
+    ) -> LiveJob:
+        """A live stream decoded as its audio arrives (NeMo's streaming Canary decoding): `feed()` 16 kHz mono
+        float32 pieces, `end()`, and read `updates()` (committed text after every chunk, then the final text).
+        `config`: a `model.stream_buffer.StreamingConfig` (None: NeMo's defaults). Closing it frees its place."""
+        from canary_server.model.prompt import PromptSpec
+        from canary_server.model.stream_buffer import StreamingConfig
+
+        if not self.ready:
+            raise EngineNotReady(self.not_ready_message())
+        spec = PromptSpec(source_lang, target_lang, pnc=pnc, max_context_tokens=self.max_context_tokens)
+        job = LiveJob(
+            spec, config or StreamingConfig(), asyncio.get_running_loop(), self._queue.put,
+            self.info.sample_rate, max_seconds,
+        )  # fmt: skip
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotReady(self.not_ready_message())
+            self._queue.put(LiveMessage("open", job))
+        return job
+
     def _new_job(
         self,
         audios,
@@ -326,8 +350,9 @@ class Engine:
         while not (stopping and not self._jobs):
             # Block for work only when nothing is in flight; otherwise just take what has arrived. Idle, wait at
             # most until the next idle timer: memory release, then model unload.
-            idle = not self._jobs and not stopping
-            timers = self._idle_timers(idle_since, worked) if idle and batcher is not None else {}
+            idle = not self._jobs and not self._live.ready() and not stopping
+            # an open live stream keeps the model (it may send audio any moment)
+            timers = self._idle_timers(idle_since, worked) if idle and batcher is not None and not self._live else {}
             jobs = self._intake(
                 block=idle, timeout=max(0.0, min(timers.values()) - time.monotonic()) if timers else None
             )
@@ -344,12 +369,15 @@ class Engine:
             for job in jobs:
                 if job is _STOP:
                     stopping = True
+                    self._live.fail_all(EngineNotReady("the server is shutting down"))
                     if batcher is not None:
                         self._book.fail_unstarted(batcher)
                 elif stopping:
                     job.deliver(error=EngineNotReady("the server is shutting down; retry shortly"))
                 elif batcher is None and (batcher := self._reload()) is None:
                     job.deliver(error=EngineNotReady(f"the model failed to load again: {self.error}"))
+                elif isinstance(job, LiveMessage):
+                    self._live.handle(job, batcher.model)
                 else:
                     self._book.submit(batcher, job)
             if stopping and self._deadline is not None and time.monotonic() >= self._deadline:
@@ -363,6 +391,13 @@ class Engine:
                 continue
             self._book.drop_cancelled(batcher)
             idle_since = time.monotonic()  # idle timers count from the last moment there was work
+            if self._live.ready():
+                worked = True
+                try:
+                    self._live.step(batcher.model)
+                except Exception as exc:  # a bug, never bad input: fail the live streams, keep serving
+                    log.exception("live stream step failed")
+                    self._live.fail_all(exc)
             if not len(batcher):
                 continue
             worked = True
