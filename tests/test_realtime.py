@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from canary_server.model.audio import load_audio
+from canary_server.server.realtime_config import LOGPROBS
 from conftest import ESPEAK_CLIPS, FIXTURES
 from server_process import start_server, stop_server
 
@@ -229,12 +230,29 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
         (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_value"),
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
         (json.dumps({"type": "session.update", "session": {"type": "realtime"}}), "invalid_value"),
-        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
-            "type": "semantic_vad"}}}}}), "unsupported_turn_detection"),  # fmt: skip
-        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {
-            "type": "audio/pcma"}}}}}), "invalid_value"),  # fmt: skip
-        (json.dumps({"type": "session.update", "session": _session(16000, None) | {"audio": {"input": {
-            "transcription": {"language": "xx"}}}}}), "unsupported_language"),  # fmt: skip
+        (json.dumps({"type": "session.update", "session": {"include": [LOGPROBS]}}), "unsupported_include"),
+        (
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+                }
+            ),
+            "unsupported_turn_detection",
+        ),  # fmt: skip
+        (
+            json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcma"}}}}}),
+            "invalid_value",
+        ),  # fmt: skip
+        (
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": _session(16000, None) | {"audio": {"input": {"transcription": {"language": "xx"}}}},
+                }
+            ),
+            "unsupported_language",
+        ),  # fmt: skip
     ]
 
     async def main():
