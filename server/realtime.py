@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from canary_server.model.errors import UnsupportedLanguageError
+from canary_server.model.errors import AudioDecodeError, UnsupportedLanguageError
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.errors import AudioTooLong, EngineNotReady
 from canary_server.pipeline.live_stream import LiveJob
@@ -286,6 +286,10 @@ class Session:
         except AudioTooLong as exc:
             self.gate.release(n)
             await self.error(f"{exc} (realtime_max_turn_seconds): commit or clear the buffer", code="audio_too_long")
+            return
+        except AudioDecodeError as exc:  # samples the decoder refuses (16-bit PCM cannot make them: a guard)
+            self.gate.release(n)
+            await self.error(str(exc), code="invalid_audio", param="audio")
             return
         turn.held += n
         turn.samples += len(samples)
