@@ -410,6 +410,7 @@ async def realtime(ws: WebSocket) -> None:
         await ws.close(1013)
         return
     session = Session(ws, ws.app.state.pipeline, settings, gate, config)
+    session.pipeline.stats.session("realtime", +1)  # /metrics: canary_sessions{kind="realtime"}
     try:
         await session.run()
         with contextlib.suppress(Exception):
@@ -419,3 +420,4 @@ async def realtime(ws: WebSocket) -> None:
     finally:
         await session.close()
         gate.leave()
+        session.pipeline.stats.session("realtime", -1)

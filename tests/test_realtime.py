@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 
+import httpx
 import numpy as np
 import pytest
 
@@ -285,6 +286,8 @@ def test_caps_sessions_frames_turn_length_and_idle(server):
         held = [await _raw(server) for _ in range(3)]
         for ws in held:
             assert (await _next(ws))["type"] == "session.created"
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            metrics = (await http.get("/metrics")).text
         extra = await _raw(server)
         refused = await _next(extra)
         with pytest.raises(websockets.exceptions.ConnectionClosed):
@@ -307,9 +310,10 @@ def test_caps_sessions_frames_turn_length_and_idle(server):
         timed_out = await asyncio.wait_for(idle.recv(), IDLE + WAIT)
         with pytest.raises(websockets.exceptions.ConnectionClosed):
             await asyncio.wait_for(idle.recv(), WAIT)
-        return refused, too_long, closed.value, json.loads(timed_out)
+        return refused, too_long, closed.value, json.loads(timed_out), metrics
 
-    refused, too_long, closed, timed_out = asyncio.run(main())
+    refused, too_long, closed, timed_out, metrics = asyncio.run(main())
+    assert 'canary_sessions{kind="realtime"} 3.0' in metrics
     assert refused["error"]["code"] == "rate_limit_exceeded"
     assert too_long["error"]["code"] == "audio_too_long"
     assert closed.rcvd is not None and closed.rcvd.code == 1009
