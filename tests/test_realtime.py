@@ -29,6 +29,7 @@ ENV = {
     "CANARY_REALTIME_IDLE_SECONDS": str(IDLE),
     "CANARY_REALTIME_MAX_TURN_SECONDS": "8",
     "CANARY_REALTIME_MAX_FRAME_MB": "1",
+    "CANARY_REALTIME_MAX_HELD_MB": "0.75",  # 12.3 s of 16 kHz float32 for all turns together
     "CANARY_DEFAULT_LANGUAGE": "en",
 }
 GOLDEN = json.loads((FIXTURES / "streaming" / "golden.json").read_text())
@@ -318,3 +319,30 @@ def test_caps_sessions_frames_turn_length_and_idle(server):
     assert too_long["error"]["code"] == "audio_too_long"
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert timed_out["error"]["code"] == "idle_timeout"
+
+
+def test_turn_audio_held_by_all_sessions_is_capped(server):
+    seven_seconds = json.dumps({"type": "input_audio_buffer.append", "audio": _b64(bytes(16000 * 2 * 7))})
+    update = json.dumps({"type": "session.update", "session": _session(16000, None)})
+
+    async def main():
+        a, b = await _raw(server), await _raw(server)
+        try:
+            for ws in (a, b):
+                await _next(ws)
+                await ws.send(update)
+                await _next(ws)
+            await a.send(seven_seconds)
+            await b.send(seven_seconds)  # 14 s held together: past 0.75 MiB
+            refused = await _next(b)
+            await a.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            cleared = await _next(a)
+            await b.send(seven_seconds)  # room again
+            await b.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            return refused, cleared, await _next(b)
+        finally:
+            await asyncio.gather(a.close(), b.close())
+
+    refused, cleared, after = asyncio.run(main())
+    assert refused["error"]["code"] == "rate_limit_exceeded"
+    assert cleared["type"] == after["type"] == "input_audio_buffer.cleared"
