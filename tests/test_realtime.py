@@ -346,3 +346,28 @@ def test_turn_audio_held_by_all_sessions_is_capped(server):
     refused, cleared, after = asyncio.run(main())
     assert refused["error"]["code"] == "rate_limit_exceeded"
     assert cleared["type"] == after["type"] == "input_audio_buffer.cleared"
+
+
+def test_sigterm_closes_open_sessions_and_the_server_exits(espeak_dir):
+    import signal
+
+    proc = start_server(espeak_dir, env={"CANARY_SHUTDOWN_GRACE_SECONDS": "2"})
+    try:
+
+        async def main():
+            ws = await websockets.connect(_ws_url(proc))
+            assert (await _next(ws))["type"] == "session.created"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": _b64(bytes(32000))}))
+            sent = proc.signal(signal.SIGTERM)
+            status, exited = await asyncio.to_thread(proc.wait_exit, 60)
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), WAIT)
+            return status, exited - sent, closed.value
+
+        status, took, closed = asyncio.run(main())
+    finally:
+        stop_server(proc)
+    assert status == -signal.SIGTERM and took < 2 + 15
+    assert closed.rcvd is not None and closed.rcvd.code == 1012  # "service restart": uvicorn closes it
+    assert "Traceback" not in proc.log()
