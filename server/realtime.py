@@ -394,7 +394,7 @@ async def realtime(ws: WebSocket) -> None:
     await ws.accept(subprotocol=_subprotocol(ws))
     intent = ws.query_params.get("intent")
     config = SessionConfig(model=settings.model_id)
-    if intent != "transcription":
+    if intent not in (None, "transcription"):  # GA clients may also connect bare and set session.type
         await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
             "this server serves transcription sessions only: connect with ?intent=transcription",
             code="unsupported_intent",

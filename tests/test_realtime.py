@@ -223,6 +223,18 @@ async def _next(ws) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
 
 
+def test_only_transcription_intent_is_served(server):
+    async def main():
+        url = _ws_url(server).replace("intent=transcription", "intent=conversation")
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            refused = await _next(ws)
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), WAIT)
+            return refused
+
+    assert asyncio.run(main())["error"]["code"] == "unsupported_intent"
+
+
 def test_bad_events_get_error_events_and_the_session_goes_on(server):
     bad = [
         ("not json", "invalid_json"),
