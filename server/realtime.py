@@ -37,6 +37,8 @@ log = logging.getLogger("canary.realtime")
 router = APIRouter()
 MIN_COMMIT_MS = 100  # OpenAI's least audio for a commit
 BYTES_PER_SAMPLE = 4  # turns are held as float32 at the model's rate
+MAX_ECHO = 128  # characters of a client's event_id sent back in an error
+INLINE_PCM = 64 * 1024  # larger appends are resampled and run through the VAD off the event loop
 
 
 def _id(prefix: str) -> str:
@@ -148,13 +150,13 @@ class Session:
     async def handle(self, text: str) -> None:
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             await self.error("the message is not valid JSON", code="invalid_json")
             return
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             await self.error("an event is a JSON object with a string 'type'", code="invalid_event", param="type")
             return
-        event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        event_id = event["event_id"][:MAX_ECHO] if isinstance(event.get("event_id"), str) else None
         handler = HANDLERS.get(event["type"])
         if handler is None:
             await self.error(
@@ -202,7 +204,10 @@ class Session:
             pcm = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise SessionError("'audio' is not valid base64", "audio", "invalid_base64") from None
-        await self._events(self.turns.add(pcm))
+        if len(pcm) > INLINE_PCM:  # seconds of audio in one message: keep HTTP and other sessions answered
+            await self._events(await asyncio.to_thread(self.turns.add, pcm))
+        else:
+            await self._events(self.turns.add(pcm))
 
     async def on_commit(self, event: dict[str, Any]) -> None:
         await self._events(self.turns.flush())
