@@ -399,20 +399,17 @@ async def realtime(ws: WebSocket) -> None:
     await ws.accept(subprotocol=_subprotocol(ws))
     intent = ws.query_params.get("intent")
     config = SessionConfig(model=settings.model_id)
+    refuse = Session(ws, ws.app.state.pipeline, settings, gate, config)
     if intent not in (None, "transcription"):  # GA clients may also connect bare and set session.type
-        await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
-            "this server serves transcription sessions only: connect with ?intent=transcription",
-            code="unsupported_intent",
-            param="intent",
-        )
-        await ws.close(1008)
+        message = "this server serves transcription sessions only: connect with ?intent=transcription"
+        await _refuse(refuse, message, "unsupported_intent", 1008, param="intent")
         return
     if not gate.enter():
-        await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
-            f"realtime_max_sessions ({settings.realtime_max_sessions}) sessions are open: retry shortly",
-            code="rate_limit_exceeded",
-        )
-        await ws.close(1013)
+        n = settings.realtime_max_sessions
+        message = f"{n} Realtime sessions are open (realtime_max_sessions): retry shortly"
+        if n == 0:
+            message = "Realtime sessions are turned off on this server (realtime_max_sessions = 0)"
+        await _refuse(refuse, message, "rate_limit_exceeded", 1013)
         return
     session = Session(ws, ws.app.state.pipeline, settings, gate, config)
     session.pipeline.stats.session("realtime", +1)  # /metrics: canary_sessions{kind="realtime"}
@@ -426,3 +423,10 @@ async def realtime(ws: WebSocket) -> None:
         await session.close()
         gate.leave()
         session.pipeline.stats.session("realtime", -1)
+
+
+async def _refuse(session: Session, message: str, code: str, close_code: int, param: str | None = None) -> None:
+    """An `error` event, then the close (a client already gone hears nothing, and nothing is logged)."""
+    with contextlib.suppress(WebSocketDisconnect, asyncio.TimeoutError, TimeoutError, OSError, RuntimeError):
+        await session.error(message, code=code, param=param)
+        await session.ws.close(close_code)
