@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ SMOKE_ARGS = {
     "lifecycle.py": ["--bursts", "1", "--files", "1", "--seconds", "8", "--settle", "0.5", "--signal-after", "0.5"],
     "router_throughput.py": ["--requests", "4", "--concurrency", "2", "--rounds", "1"],
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
+    "vad_eval.py": ["--clips", "1"],
+    "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -216,6 +219,21 @@ def test_lifecycle_measures_idle_memory_and_a_sigterm():
 def test_idle_release_times_requests_after_an_idle_pause(tiny):
     out = _bench("idle_release.py", tiny)
     assert re.search(r"^\| released after 0\.1 s idle \| [\d.]+ s \| [\d.]+ s \|", out, flags=re.M), out
+
+
+def test_vad_eval_compares_the_energy_rule_with_silero():
+    if not shutil.which("espeak-ng"):
+        pytest.skip("bench/vad_eval.py speaks its test sentences with espeak-ng, which is not installed")
+    out = _bench("vad_eval.py")
+    assert re.search(r"^\| energy rule \(chunking\.py\) \| [\d.]+ \|", out, flags=re.M), out
+    assert re.search(r"^\| silero v6 numpy, pipeline/vad\.py \(p>0\.5\) \| [\d.]+ \| [\d.]+ \|", out, flags=re.M), out
+
+
+def test_realtime_latency_streams_paced_audio_through_the_sdk():
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("realtime_latency.py")
+    assert re.search(r"^\| 1 \| 1 \| \d+ / \d+ \| \d+ / \d+ \| \d+ / \d+ \(\d+\) \| (yes|no) \|", out, flags=re.M), out
 
 
 def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_accept():
