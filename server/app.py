@@ -19,7 +19,7 @@ from canary_server.server.errors import install_error_handler, keep_private
 from canary_server.server.limits import SpoolBudgetMiddleware, UploadLimitMiddleware
 from canary_server.server.metrics import Metrics, MetricsMiddleware
 from canary_server.server.request_log import RequestIdMiddleware
-from canary_server.server.routes import audio, health, metrics, models
+from canary_server.server.routes import audio, health, metrics, models, page
 from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
 from canary_server.server.settings import Settings
 
@@ -93,6 +93,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(audio.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(page.router)
     return app
 
 
