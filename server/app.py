@@ -18,6 +18,8 @@ from canary_server.pipeline.pipeline import AudioDecoder
 from canary_server.server.errors import install_error_handler, keep_private
 from canary_server.server.limits import SpoolBudgetMiddleware, UploadLimitMiddleware
 from canary_server.server.metrics import Metrics, MetricsMiddleware
+from canary_server.server.realtime import realtime_gate
+from canary_server.server.realtime import router as realtime_router
 from canary_server.server.request_log import RequestIdMiddleware
 from canary_server.server.routes import audio, health, metrics, models, page
 from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
@@ -76,6 +78,7 @@ def create_app(
     app.state.pipeline = pipeline
     app.state.engine = pipeline.engine
     app.state.started_at = int(time.time())
+    app.state.realtime = realtime_gate(settings)  # Realtime sessions and the live audio they hold
     keep_private(settings.model, settings.cache_dir, model_dir, Path.home() / ".cache")  # out of /health, 503s
     install_error_handler(app)
     # The last added runs first: the Host check, the Origin rule, then the API key (all before the body is read),
@@ -93,6 +96,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(audio.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(realtime_router, prefix="/v1")
     app.include_router(page.router)
     return app
 

@@ -75,9 +75,12 @@ class HostCheckMiddleware:
         self.app, self.allowed = app, allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.allowed is not None:
+        if scope["type"] in ("http", "websocket") and self.allowed is not None:
             host = Headers(scope=scope).get("host", "")
             if not host_allowed(host, self.allowed):
+                if scope["type"] == "websocket":  # closing before accepting answers the handshake with 403
+                    await send({"type": "websocket.close", "code": 1008, "reason": "host not allowed"})
+                    return
                 err = ApiError(
                     400,
                     f"Host {_host_name(host)!r} is not allowed; add it to the allowed_hosts setting",
@@ -141,6 +144,9 @@ def add_origin_rules(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
 
 
+WS_KEY_PREFIX = "openai-insecure-api-key."
+
+
 class ApiKeyMiddleware:
     """401 for requests under `prefix` without `Authorization: Bearer <api_key>`, before the body is read."""
 
@@ -148,13 +154,29 @@ class ApiKeyMiddleware:
         self.app, self.key, self.prefix = app, api_key, prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.key is not None and _under(scope["path"], self.prefix):
-            err = check_api_key(Headers(scope=scope).get("authorization", ""), self.key)
+        if scope["type"] in ("http", "websocket") and self.key is not None and _under(scope["path"], self.prefix):
+            err = check_api_key(_authorization(scope), self.key)
             if err is not None:
+                if scope["type"] == "websocket":  # closing before accepting answers the handshake with 403
+                    await send({"type": "websocket.close", "code": 1008, "reason": "invalid API key"})
+                    return
                 headers = {"WWW-Authenticate": "Bearer"}
                 await JSONResponse(error_body(err), status_code=401, headers=headers)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _authorization(scope: Scope) -> str:
+    """The Authorization header; on a WebSocket, browsers (which cannot set headers) may send the key as the
+    subprotocol `openai-insecure-api-key.<key>`, as OpenAI's Realtime API accepts it."""
+    headers = Headers(scope=scope)
+    auth = headers.get("authorization", "")
+    if auth or scope["type"] != "websocket":
+        return auth
+    for proto in scope.get("subprotocols") or []:
+        if proto.startswith(WS_KEY_PREFIX):
+            return "Bearer " + proto[len(WS_KEY_PREFIX) :]
+    return ""
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -108,6 +108,8 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         # X-Forwarded-For/-Proto only from the proxies named (uvicorn alone believes them from loopback).
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies,
+        # Realtime (/v1/realtime): WebSocket messages capped as they arrive
+        ws_max_size=int(settings.realtime_max_frame_mb * 1024 * 1024),
     )
     install_request_logging(settings.log_format)  # after uvicorn.Config has set up its own handlers
     DeadlineServer(config, app.state.pipeline, settings.shutdown_grace_seconds).run()

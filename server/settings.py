@@ -199,6 +199,38 @@ class Settings(BaseSettings):
         None, gt=0, description="Free the model after this many seconds without requests; unset: never."
     )
 
+    # ---- OpenAI Realtime transcription (issue 20): /v1/realtime WebSocket ----
+    realtime_max_sessions: int = Field(
+        16, ge=0, description="Realtime sessions open at once; more get an error event and are closed (0: off)."
+    )
+    realtime_idle_seconds: float = Field(
+        60.0, gt=0, description="A Realtime session that sends nothing for this long gets an error and is closed."
+    )
+    realtime_max_session_seconds: float = Field(
+        3600.0, gt=0, description="Longest a Realtime session may stay open; then it gets an error and is closed."
+    )
+    realtime_max_turn_seconds: float = Field(
+        300.0, gt=0, description="Audio seconds one Realtime turn (one committed item) may hold; past it: an error."
+    )
+    realtime_max_held_mb: float = Field(
+        256.0, gt=0, description="MiB of audio (16 kHz float32) all Realtime turns hold together; past it: error."
+    )
+    realtime_max_frame_mb: float = Field(
+        16.0, gt=0, description="Largest WebSocket message a Realtime client may send, in MiB (larger: closed, 1009)."
+    )
+    realtime_chunk_seconds: float = Field(
+        1.0, gt=0, le=10, description="Realtime streaming decode step: new audio per step (partials come this often)."
+    )
+    realtime_left_context_seconds: float = Field(
+        10.0, ge=0, le=30, description="Realtime streaming decode: seconds of past audio each step's encoder sees."
+    )
+    realtime_right_context_seconds: float = Field(
+        0.5, ge=0, le=10, description="Realtime streaming decode: seconds of look-ahead (added to the latency)."
+    )
+    realtime_policy: Literal["waitk", "alignatt"] = Field(
+        "alignatt", description="Realtime streaming decode policy (NeMo's waitk or alignatt)."
+    )
+
     # ---- monitoring and routers (issue 24) ----
     metrics_loopback_only: bool = Field(
         False, description="Serve /metrics only to clients on this machine (others get 403)."
