@@ -61,6 +61,8 @@ function fillLanguages(codes) {
   }
 }
 
+$("target").addEventListener("change", () => { $("live-note").hidden = !$("target").value; });
+
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   page.key = $("api-key").value.trim();
@@ -142,7 +144,7 @@ $("file-input").addEventListener("change", () => {
 
 // --- Microphone: the Realtime WebSocket ---------------------------------------------------------------------------
 
-const live = { ws: null, audio: null, stream: null, speaking: false, lines: new Map() };
+const live = { ws: null, audio: null, stream: null, speaking: false, closing: false, pending: [], lines: new Map() };
 
 function realtimeUrl() {
   const u = url("v1/realtime?intent=transcription");
@@ -229,10 +231,15 @@ async function startMic() {
     return;
   }
   $("mic").disabled = true;
+  live.pending = [];
   try {
     live.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
-    live.audio = new AudioContext({ sampleRate: RATE }); // the browser resamples the microphone to 24 kHz
+    live.audio = audioContext();
     await live.audio.audioWorklet.addModule(url("static/pcm-worklet.js"));
+    const node = new AudioWorkletNode(live.audio, "pcm16-block");
+    node.port.onmessage = (message) => sendAudio(message.data);
+    // The node outputs silence; connected to the output it runs.
+    live.audio.createMediaStreamSource(live.stream).connect(node).connect(live.audio.destination);
   } catch (error) {
     stopAudio();
     $("mic").disabled = false;
@@ -240,6 +247,27 @@ async function startMic() {
     return;
   }
   openSocket(live.audio.sampleRate);
+}
+
+function audioContext() {
+  try {
+    return new AudioContext({ sampleRate: RATE }); // the browser resamples the microphone to 24 kHz
+  } catch (_) {
+    return new AudioContext(); // a browser that cannot: the session is told the device's rate instead
+  }
+}
+
+// Audio recorded while the connection opens waits (up to MAX_PENDING blocks) so the first word is not lost.
+const MAX_PENDING = 100;
+
+function sendAudio(buffer) {
+  const ws = live.ws;
+  if (live.closing || !ws || ws.readyState > WebSocket.OPEN) return;
+  if (ws.readyState === WebSocket.CONNECTING || live.pending.length) {
+    if (live.pending.length < MAX_PENDING) live.pending.push(buffer);
+    return;
+  }
+  ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio: base64(buffer) }));
 }
 
 function openSocket(rate) {
@@ -251,14 +279,9 @@ function openSocket(rate) {
   live.closing = false;
   ws.onopen = () => {
     ws.send(JSON.stringify(sessionUpdate(rate)));
-    const source = live.audio.createMediaStreamSource(live.stream);
-    const node = new AudioWorkletNode(live.audio, "pcm16-block");
-    node.port.onmessage = (message) => {
-      if (ws.readyState === WebSocket.OPEN && !live.closing) {
-        ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio: base64(message.data) }));
-      }
-    };
-    source.connect(node).connect(live.audio.destination); // the node outputs silence; connected, it runs
+    const waiting = live.pending;
+    live.pending = [];
+    for (const buffer of waiting) sendAudio(buffer);
     $("mic").textContent = "Stop";
     $("mic").classList.add("recording");
     $("mic").disabled = false;
@@ -269,6 +292,7 @@ function openSocket(rate) {
   ws.onclose = (event) => {
     if (event.code !== 1000 && event.code !== 1005 && event.reason) showError(`Live connection closed: ${event.reason}`);
     stopAudio();
+    live.ws = null;
     resetButton();
   };
 }
