@@ -139,7 +139,9 @@ drop.addEventListener("drop", (event) => {
   if (event.dataTransfer.files.length) transcribeFile(event.dataTransfer.files[0]);
 });
 $("file-input").addEventListener("change", () => {
-  if ($("file-input").files.length) transcribeFile($("file-input").files[0]);
+  const input = $("file-input");
+  if (input.files.length) transcribeFile(input.files[0]);
+  input.value = ""; // choosing the same file again (say, with other options) is a change too
 });
 
 // --- Microphone: the Realtime WebSocket ---------------------------------------------------------------------------
