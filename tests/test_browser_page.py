@@ -7,7 +7,6 @@ fake capture device playing a WAV) shows the live transcript from the Realtime W
 from __future__ import annotations
 
 import re
-import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import tomllib
 
 from canary_server.server.app import create_app
 from canary_server.server.routes.page import STATIC
@@ -120,7 +120,8 @@ def test_the_realtime_handshake_takes_the_page_origin_and_the_key_as_a_subprotoc
     with connect(ws_url, origin=fake_server, subprotocols=protocols, open_timeout=WAIT) as ws:
         assert ws.subprotocol == "realtime"
         assert '"session.created"' in ws.recv(timeout=WAIT)
-    for origin, offered in (("http://evil.example", protocols), (fake_server, ["realtime", "openai-insecure-api-key.x"])):
+    wrong_key = ["realtime", "openai-insecure-api-key.x"]
+    for origin, offered in (("http://evil.example", protocols), (fake_server, wrong_key)):
         with pytest.raises(InvalidStatus) as refused:
             connect(ws_url, origin=origin, subprotocols=offered, open_timeout=WAIT)
         assert refused.value.response.status_code == 403
