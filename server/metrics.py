@@ -54,7 +54,7 @@ class PipelineCollector(Collector):
             yield _gauge("canary_mlx_active_memory_bytes", "MLX arrays in use.", s.mlx_active_bytes)
             yield _gauge("canary_mlx_peak_memory_bytes", "MLX's peak of arrays in use.", s.mlx_peak_bytes)
         sessions = GaugeMetricFamily("canary_sessions", "Open front-door sessions, by kind.", labels=["kind"])
-        for kind, n in sorted({"wyoming": 0, **s.sessions}.items()):
+        for kind, n in sorted({"wyoming": 0, "realtime": 0, **s.sessions}.items()):
             sessions.add_metric([kind], n)
         yield sessions
 

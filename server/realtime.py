@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from canary_server.model.errors import UnsupportedLanguageError
+from canary_server.model.errors import AudioDecodeError, UnsupportedLanguageError
 from canary_server.pipeline import Pipeline
 from canary_server.pipeline.errors import AudioTooLong, EngineNotReady
 from canary_server.pipeline.live_stream import LiveJob
@@ -287,6 +287,10 @@ class Session:
             self.gate.release(n)
             await self.error(f"{exc} (realtime_max_turn_seconds): commit or clear the buffer", code="audio_too_long")
             return
+        except AudioDecodeError as exc:  # samples the decoder refuses (16-bit PCM cannot make them: a guard)
+            self.gate.release(n)
+            await self.error(str(exc), code="invalid_audio", param="audio")
+            return
         turn.held += n
         turn.samples += len(samples)
 
@@ -390,7 +394,7 @@ async def realtime(ws: WebSocket) -> None:
     await ws.accept(subprotocol=_subprotocol(ws))
     intent = ws.query_params.get("intent")
     config = SessionConfig(model=settings.model_id)
-    if intent != "transcription":
+    if intent not in (None, "transcription"):  # GA clients may also connect bare and set session.type
         await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
             "this server serves transcription sessions only: connect with ?intent=transcription",
             code="unsupported_intent",
@@ -406,6 +410,7 @@ async def realtime(ws: WebSocket) -> None:
         await ws.close(1013)
         return
     session = Session(ws, ws.app.state.pipeline, settings, gate, config)
+    session.pipeline.stats.session("realtime", +1)  # /metrics: canary_sessions{kind="realtime"}
     try:
         await session.run()
         with contextlib.suppress(Exception):
@@ -415,3 +420,4 @@ async def realtime(ws: WebSocket) -> None:
     finally:
         await session.close()
         gate.leave()
+        session.pipeline.stats.session("realtime", -1)

@@ -130,9 +130,16 @@ def _include(config: SessionConfig, session: dict[str, Any], param: str) -> Sess
     include = session["include"]
     if include is None:
         return replace(config, include=())
-    if not isinstance(include, list) or any(i != LOGPROBS for i in include):
-        raise SessionError(f"{param} may only list {LOGPROBS!r}", param)
-    return replace(config, include=tuple(include))
+    if not isinstance(include, list):
+        raise SessionError(f"{param} must be a list", param)
+    if include:  # the streaming decoder keeps no per-token log-probs yet: say so rather than send none
+        raise SessionError(
+            f"{param}: {LOGPROBS!r} is not available from the live (streaming) decoder; "
+            "POST /v1/audio/transcriptions with include[]=logprobs has them",
+            param,
+            "unsupported_include",
+        )
+    return replace(config, include=())
 
 
 def _format(fmt: Any, param: str) -> int:

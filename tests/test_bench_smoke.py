@@ -49,6 +49,7 @@ SMOKE_ARGS = {
     "fairness.py": ["--model", "tiny", "--model-dir", "{tiny}", "--shares", "0.5", "--long-seconds", "12"],
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
+    "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
     "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
     "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
@@ -64,6 +65,7 @@ SMOKE_ARGS = {
     "router_throughput.py": ["--requests", "4", "--concurrency", "2", "--rounds", "1"],
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
     "vad_eval.py": ["--clips", "1"],
+    "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -117,6 +119,11 @@ def test_fairness_measures_both_sides_of_the_share(tiny):
 def test_encoder_ops_times_the_ops_and_the_encoder(tiny):
     out = _bench("encoder_ops.py", tiny)
     assert "| SiLU, 0.77 M values" in out and "| 1 x 30 s |" in out
+
+
+def test_streaming_step_times_chunk_steps(tiny):
+    out = _bench("streaming_step.py", tiny)
+    assert re.search(r"^  2 streams: +[\d.]+ ms per step", out, flags=re.M)
 
 
 def test_decoder_step_times_batched_steps():
@@ -220,6 +227,13 @@ def test_vad_eval_compares_the_energy_rule_with_silero():
     out = _bench("vad_eval.py")
     assert re.search(r"^\| energy rule \(chunking\.py\) \| [\d.]+ \|", out, flags=re.M), out
     assert re.search(r"^\| silero v6 numpy, pipeline/vad\.py \(p>0\.5\) \| [\d.]+ \| [\d.]+ \|", out, flags=re.M), out
+
+
+def test_realtime_latency_streams_paced_audio_through_the_sdk():
+    if not ESPEAK_NEMO.is_file():
+        pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
+    out = _bench("realtime_latency.py")
+    assert re.search(r"^\| 1 \| 1 \| \d+ / \d+ \| \d+ / \d+ \| \d+ / \d+ \(\d+\) \| (yes|no) \|", out, flags=re.M), out
 
 
 def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_accept():

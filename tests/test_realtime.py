@@ -9,10 +9,12 @@ import asyncio
 import base64
 import json
 
+import httpx
 import numpy as np
 import pytest
 
 from canary_server.model.audio import load_audio
+from canary_server.server.realtime_config import LOGPROBS
 from conftest import ESPEAK_CLIPS, FIXTURES
 from server_process import start_server, stop_server
 
@@ -27,6 +29,7 @@ ENV = {
     "CANARY_REALTIME_IDLE_SECONDS": str(IDLE),
     "CANARY_REALTIME_MAX_TURN_SECONDS": "8",
     "CANARY_REALTIME_MAX_FRAME_MB": "1",
+    "CANARY_REALTIME_MAX_HELD_MB": "0.75",  # 12.3 s of 16 kHz float32 for all turns together
     "CANARY_DEFAULT_LANGUAGE": "en",
 }
 GOLDEN = json.loads((FIXTURES / "streaming" / "golden.json").read_text())
@@ -220,6 +223,18 @@ async def _next(ws) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
 
 
+def test_only_transcription_intent_is_served(server):
+    async def main():
+        url = _ws_url(server).replace("intent=transcription", "intent=conversation")
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            refused = await _next(ws)
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), WAIT)
+            return refused
+
+    assert asyncio.run(main())["error"]["code"] == "unsupported_intent"
+
+
 def test_bad_events_get_error_events_and_the_session_goes_on(server):
     bad = [
         ("not json", "invalid_json"),
@@ -229,12 +244,29 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
         (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_value"),
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
         (json.dumps({"type": "session.update", "session": {"type": "realtime"}}), "invalid_value"),
-        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
-            "type": "semantic_vad"}}}}}), "unsupported_turn_detection"),  # fmt: skip
-        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {
-            "type": "audio/pcma"}}}}}), "invalid_value"),  # fmt: skip
-        (json.dumps({"type": "session.update", "session": _session(16000, None) | {"audio": {"input": {
-            "transcription": {"language": "xx"}}}}}), "unsupported_language"),  # fmt: skip
+        (json.dumps({"type": "session.update", "session": {"include": [LOGPROBS]}}), "unsupported_include"),
+        (
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+                }
+            ),
+            "unsupported_turn_detection",
+        ),  # fmt: skip
+        (
+            json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcma"}}}}}),
+            "invalid_value",
+        ),  # fmt: skip
+        (
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": _session(16000, None) | {"audio": {"input": {"transcription": {"language": "xx"}}}},
+                }
+            ),
+            "unsupported_language",
+        ),  # fmt: skip
     ]
 
     async def main():
@@ -267,6 +299,8 @@ def test_caps_sessions_frames_turn_length_and_idle(server):
         held = [await _raw(server) for _ in range(3)]
         for ws in held:
             assert (await _next(ws))["type"] == "session.created"
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            metrics = (await http.get("/metrics")).text
         extra = await _raw(server)
         refused = await _next(extra)
         with pytest.raises(websockets.exceptions.ConnectionClosed):
@@ -289,10 +323,63 @@ def test_caps_sessions_frames_turn_length_and_idle(server):
         timed_out = await asyncio.wait_for(idle.recv(), IDLE + WAIT)
         with pytest.raises(websockets.exceptions.ConnectionClosed):
             await asyncio.wait_for(idle.recv(), WAIT)
-        return refused, too_long, closed.value, json.loads(timed_out)
+        return refused, too_long, closed.value, json.loads(timed_out), metrics
 
-    refused, too_long, closed, timed_out = asyncio.run(main())
+    refused, too_long, closed, timed_out, metrics = asyncio.run(main())
+    assert 'canary_sessions{kind="realtime"} 3.0' in metrics
     assert refused["error"]["code"] == "rate_limit_exceeded"
     assert too_long["error"]["code"] == "audio_too_long"
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert timed_out["error"]["code"] == "idle_timeout"
+
+
+def test_turn_audio_held_by_all_sessions_is_capped(server):
+    seven_seconds = json.dumps({"type": "input_audio_buffer.append", "audio": _b64(bytes(16000 * 2 * 7))})
+    update = json.dumps({"type": "session.update", "session": _session(16000, None)})
+
+    async def main():
+        a, b = await _raw(server), await _raw(server)
+        try:
+            for ws in (a, b):
+                await _next(ws)
+                await ws.send(update)
+                await _next(ws)
+            await a.send(seven_seconds)
+            await b.send(seven_seconds)  # 14 s held together: past 0.75 MiB
+            refused = await _next(b)
+            await a.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            cleared = await _next(a)
+            await b.send(seven_seconds)  # room again
+            await b.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            return refused, cleared, await _next(b)
+        finally:
+            await asyncio.gather(a.close(), b.close())
+
+    refused, cleared, after = asyncio.run(main())
+    assert refused["error"]["code"] == "rate_limit_exceeded"
+    assert cleared["type"] == after["type"] == "input_audio_buffer.cleared"
+
+
+def test_sigterm_closes_open_sessions_and_the_server_exits(espeak_dir):
+    import signal
+
+    proc = start_server(espeak_dir, env={"CANARY_SHUTDOWN_GRACE_SECONDS": "2"})
+    try:
+
+        async def main():
+            ws = await websockets.connect(_ws_url(proc))
+            assert (await _next(ws))["type"] == "session.created"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": _b64(bytes(32000))}))
+            sent = proc.signal(signal.SIGTERM)
+            status, exited = await asyncio.to_thread(proc.wait_exit, 60)
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), WAIT)
+            return status, exited - sent, closed.value
+
+        status, took, closed = asyncio.run(main())
+    finally:
+        stop_server(proc)
+    assert status == -signal.SIGTERM and took < 2 + 15
+    assert closed.rcvd is not None and closed.rcvd.code == 1012  # "service restart": uvicorn closes it
+    assert "Traceback" not in proc.log()
