@@ -54,10 +54,20 @@ async function loadModel() {
 }
 
 function fillLanguages(codes) {
+  const names = window.Intl && Intl.DisplayNames
+    ? new Intl.DisplayNames([navigator.language, "en"], { type: "language" })
+    : null;
+  const label = (code) => {
+    try {
+      return names ? `${names.of(code)} (${code})` : code;
+    } catch (_) {
+      return code; // a code Intl does not know
+    }
+  };
   for (const select of [$("language"), $("target")]) {
     const keep = select.options[0];
     select.replaceChildren(keep);
-    for (const code of codes) select.add(new Option(code, code));
+    for (const code of codes) select.add(new Option(label(code), code));
   }
 }
 
