@@ -302,7 +302,9 @@ function openSocket(rate) {
   ws.onmessage = (message) => onEvent(JSON.parse(message.data));
   ws.onerror = () => showError("The live connection failed (see the server's log).");
   ws.onclose = (event) => {
-    if (event.code !== 1000 && event.code !== 1005 && event.reason) showError(`Live connection closed: ${event.reason}`);
+    if (event.code !== 1000 && event.code !== 1005 && event.reason) {
+      showError(`Live connection closed: ${event.reason}`);
+    }
     stopAudio();
     live.ws = null;
     resetButton();
