@@ -300,8 +300,9 @@ function openSocket(rate) {
     $("mic-state").textContent = "listening";
   };
   ws.onmessage = (message) => onEvent(JSON.parse(message.data));
-  ws.onerror = () => showError("The live connection failed (see the server's log).");
+  ws.onerror = () => live.ws === ws && showError("The live connection failed (see the server's log).");
   ws.onclose = (event) => {
+    if (live.ws !== ws) return; // a session the page already ended (a new one may be starting)
     if (event.code !== 1000 && event.code !== 1005 && event.reason) {
       showError(`Live connection closed: ${event.reason}`);
     }
@@ -320,7 +321,8 @@ function stopMic() {
     live.closing = true;
     ws.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
     $("mic-state").textContent = "finishing…";
-    setTimeout(stopSocket, 10000);
+    $("mic").disabled = true;
+    setTimeout(() => live.ws === ws && stopSocket(), 10000);
   } else {
     stopSocket();
   }
