@@ -149,20 +149,28 @@ def speech_wav(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(browser_binary, espeak_dir, speech_wav, tmp_path_factory):
-    """A real server with an API key, and Chromium whose microphone plays `speech_wav` once."""
+def real_server(espeak_dir):
+    """`canary-server serve` on the espeak model, with an API key."""
     server = start_server(espeak_dir, env={"CANARY_API_KEY": KEY, "CANARY_DEFAULT_LANGUAGE": "en"})
-    flags = [
-        "--use-fake-ui-for-media-stream",  # allow the microphone without asking
+    yield server
+    stop_server(server)
+
+
+def _microphone(wav: Path) -> list[str]:
+    """Chromium flags: the microphone is allowed without asking and plays `wav` once, then silence."""
+    return [
+        "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={speech_wav}%noloop",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
     ]
-    try:
-        with chromium(browser_binary, tmp_path_factory.mktemp("profile"), flags) as browser:
-            browser.goto(server.url + "/")
-            yield browser, server
-    finally:
-        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def page(browser_binary, real_server, speech_wav, tmp_path_factory):
+    """Chromium on the page of the real server, its microphone playing `speech_wav`."""
+    with chromium(browser_binary, tmp_path_factory.mktemp("profile"), _microphone(speech_wav)) as browser:
+        browser.goto(real_server.url + "/")
+        yield browser, real_server
 
 
 def _text(browser: Chromium, selector: str) -> str:
@@ -255,3 +263,36 @@ def test_in_chromium_a_file_shows_its_word_times_and_a_refusal_shows_the_servers
         browser.set_file("#file-input", wav)
         message = browser.wait_until("document.getElementById('error').textContent", WAIT)
         assert "xx" in message and not _text(browser, "#file-text")
+
+
+def test_in_chromium_stopping_while_speaking_commits_the_turn_and_shows_its_final_text(
+    browser_binary, real_server, tmp_path
+):
+    """Stop pressed mid-speech (at the first partial of two clips spoken without a pause): the page commits the
+    turn (`input_audio_buffer.commit`) and shows its completed transcript before it closes the connection."""
+    first, rate = sf.read(ESPEAK_CLIPS / CLIP, dtype="float32")
+    second, _ = sf.read(ESPEAK_CLIPS / "clip01.wav", dtype="float32")
+    wav = tmp_path / "long.wav"
+    sf.write(wav, np.concatenate([first, second, first]), rate, subtype="PCM_16")
+    with chromium(browser_binary, tmp_path / "profile", _microphone(wav)) as browser:
+        browser.goto(real_server.url + "/")
+        _enter_key(browser)
+        browser.evaluate("document.getElementById('mic').click()", gesture=True)
+        try:
+            partial = browser.wait_until("(document.querySelector('#live-text li.partial') || {}).textContent", WAIT)
+            # stop, mid-speech; the state is read in the same task as the click (the answer cannot come between)
+            state = browser.evaluate(
+                "document.getElementById('mic').click(), document.getElementById('mic-state').textContent",
+                gesture=True,
+            )
+            assert state == "finishing…"
+            final = browser.wait_until(
+                "document.getElementById('mic').textContent === 'Start recording' && "
+                "(document.querySelector('#live-text li.final') || {}).textContent",
+                WAIT,
+            )
+        except Exception as exc:
+            raise AssertionError(_fail(browser, real_server)) from exc
+        assert _text(browser, "#error") == "", _fail(browser, real_server)
+        assert " ".join(final.split()).startswith(" ".join(partial.split())), (partial, final)
+        assert len(final.split()) >= max(3, len(partial.split())), (partial, final)  # the committed turn
