@@ -37,6 +37,8 @@ log = logging.getLogger("canary.realtime")
 router = APIRouter()
 MIN_COMMIT_MS = 100  # OpenAI's least audio for a commit
 BYTES_PER_SAMPLE = 4  # turns are held as float32 at the model's rate
+MAX_ECHO = 128  # characters of a client's event_id sent back in an error
+INLINE_PCM = 64 * 1024  # larger appends are resampled and run through the VAD off the event loop
 
 
 def _id(prefix: str) -> str:
@@ -148,13 +150,13 @@ class Session:
     async def handle(self, text: str) -> None:
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             await self.error("the message is not valid JSON", code="invalid_json")
             return
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             await self.error("an event is a JSON object with a string 'type'", code="invalid_event", param="type")
             return
-        event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        event_id = event["event_id"][:MAX_ECHO] if isinstance(event.get("event_id"), str) else None
         handler = HANDLERS.get(event["type"])
         if handler is None:
             await self.error(
@@ -202,7 +204,10 @@ class Session:
             pcm = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise SessionError("'audio' is not valid base64", "audio", "invalid_base64") from None
-        await self._events(self.turns.add(pcm))
+        if len(pcm) > INLINE_PCM:  # seconds of audio in one message: keep HTTP and other sessions answered
+            await self._events(await asyncio.to_thread(self.turns.add, pcm))
+        else:
+            await self._events(self.turns.add(pcm))
 
     async def on_commit(self, event: dict[str, Any]) -> None:
         await self._events(self.turns.flush())
@@ -394,20 +399,17 @@ async def realtime(ws: WebSocket) -> None:
     await ws.accept(subprotocol=_subprotocol(ws))
     intent = ws.query_params.get("intent")
     config = SessionConfig(model=settings.model_id)
+    refuse = Session(ws, ws.app.state.pipeline, settings, gate, config)
     if intent not in (None, "transcription"):  # GA clients may also connect bare and set session.type
-        await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
-            "this server serves transcription sessions only: connect with ?intent=transcription",
-            code="unsupported_intent",
-            param="intent",
-        )
-        await ws.close(1008)
+        message = "this server serves transcription sessions only: connect with ?intent=transcription"
+        await _refuse(refuse, message, "unsupported_intent", 1008, param="intent")
         return
     if not gate.enter():
-        await Session(ws, ws.app.state.pipeline, settings, gate, config).error(
-            f"realtime_max_sessions ({settings.realtime_max_sessions}) sessions are open: retry shortly",
-            code="rate_limit_exceeded",
-        )
-        await ws.close(1013)
+        n = settings.realtime_max_sessions
+        message = f"{n} Realtime sessions are open (realtime_max_sessions): retry shortly"
+        if n == 0:
+            message = "Realtime sessions are turned off on this server (realtime_max_sessions = 0)"
+        await _refuse(refuse, message, "rate_limit_exceeded", 1013)
         return
     session = Session(ws, ws.app.state.pipeline, settings, gate, config)
     session.pipeline.stats.session("realtime", +1)  # /metrics: canary_sessions{kind="realtime"}
@@ -421,3 +423,10 @@ async def realtime(ws: WebSocket) -> None:
         await session.close()
         gate.leave()
         session.pipeline.stats.session("realtime", -1)
+
+
+async def _refuse(session: Session, message: str, code: str, close_code: int, param: str | None = None) -> None:
+    """An `error` event, then the close (a client already gone hears nothing, and nothing is logged)."""
+    with contextlib.suppress(WebSocketDisconnect, asyncio.TimeoutError, TimeoutError, OSError, RuntimeError):
+        await session.error(message, code=code, param=param)
+        await session.ws.close(close_code)

@@ -238,6 +238,7 @@ def test_only_transcription_intent_is_served(server):
 def test_bad_events_get_error_events_and_the_session_goes_on(server):
     bad = [
         ("not json", "invalid_json"),
+        ("[" * 200_000, "invalid_json"),  # deeper than Python's recursion limit
         (json.dumps([1, 2]), "invalid_event"),
         (json.dumps({"type": "response.create"}), "unknown_event"),
         (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_base64"),
