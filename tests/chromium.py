@@ -60,9 +60,12 @@ class Chromium:
             *flags,
             "about:blank",
         ]
-        self.proc = subprocess.Popen(
-            cmd, preexec_fn=descriptors, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )  # close_fds=False keeps 3 and 4; Python's own descriptors are close-on-exec anyway
+        # Its log goes to a file: a pipe nobody reads would fill up and stall the browser.
+        self._log = profile.with_name(profile.name + ".log")
+        with open(self._log, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, preexec_fn=descriptors, close_fds=False, stdout=log, stderr=subprocess.STDOUT
+            )  # close_fds=False keeps 3 and 4; Python's own descriptors are close-on-exec anyway
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._next_id = 0
@@ -167,7 +170,8 @@ class Chromium:
         return lines
 
     def stderr(self) -> str:
-        return self.proc.stderr.read().decode(errors="replace")[-3000:] if self.proc.poll() is not None else ""
+        """The end of the browser's own log."""
+        return self._log.read_text(errors="replace")[-3000:] if self._log.exists() else ""
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -175,7 +179,6 @@ class Chromium:
         self.proc.wait(30)
         os.close(self._to_chrome)
         self._reader.join(10)
-        self.proc.stderr.close()
 
 
 @contextmanager
