@@ -246,12 +246,16 @@ async function startMic() {
   live.pending = [];
   try {
     live.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
-    live.audio = audioContext();
-    await live.audio.audioWorklet.addModule(url("static/pcm-worklet.js"));
-    const node = new AudioWorkletNode(live.audio, "pcm16-block");
-    node.port.onmessage = (message) => sendAudio(message.data);
-    // The node outputs silence; connected to the output it runs.
-    live.audio.createMediaStreamSource(live.stream).connect(node).connect(live.audio.destination);
+    live.audio = new AudioContext({ sampleRate: RATE }); // the browser resamples the microphone to 24 kHz
+    try {
+      await capture(live.audio);
+    } catch (error) {
+      if (error.name !== "NotSupportedError") throw error;
+      // A browser that cannot resample a microphone into a 24 kHz context: the session is told the device's rate.
+      live.audio.close();
+      live.audio = new AudioContext();
+      await capture(live.audio);
+    }
   } catch (error) {
     stopAudio();
     $("mic").disabled = false;
@@ -261,12 +265,12 @@ async function startMic() {
   openSocket(live.audio.sampleRate);
 }
 
-function audioContext() {
-  try {
-    return new AudioContext({ sampleRate: RATE }); // the browser resamples the microphone to 24 kHz
-  } catch (_) {
-    return new AudioContext(); // a browser that cannot: the session is told the device's rate instead
-  }
+async function capture(context) {
+  await context.audioWorklet.addModule(url("static/pcm-worklet.js"));
+  const node = new AudioWorkletNode(context, "pcm16-block");
+  node.port.onmessage = (message) => sendAudio(message.data);
+  // The node outputs silence; connected to the output it runs.
+  context.createMediaStreamSource(live.stream).connect(node).connect(context.destination);
 }
 
 // Audio recorded while the connection opens waits (up to MAX_PENDING blocks) so the first word is not lost.
