@@ -219,6 +219,16 @@ async def _raw(server, subprotocols=None):
     return await websockets.connect(_ws_url(server), additional_headers={"Authorization": f"Bearer {KEY}"})
 
 
+async def _sessions_closed(server) -> None:
+    """Until the server has ended every Realtime session of the tests before (a client's close is seen first)."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers) as http:
+        while 'canary_sessions{kind="realtime"} 0.0' not in (await http.get("/metrics")).text:
+            assert asyncio.get_running_loop().time() < deadline, "Realtime sessions still open"
+            await asyncio.sleep(0.02)
+
+
 async def _next(ws) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
 
@@ -297,6 +307,7 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
 
 def test_caps_sessions_frames_turn_length_and_idle(server):
     async def main():
+        await _sessions_closed(server)
         held = [await _raw(server) for _ in range(3)]
         for ws in held:
             assert (await _next(ws))["type"] == "session.created"
@@ -339,6 +350,7 @@ def test_turn_audio_held_by_all_sessions_is_capped(server):
     update = json.dumps({"type": "session.update", "session": _session(16000, None)})
 
     async def main():
+        await _sessions_closed(server)
         a, b = await _raw(server), await _raw(server)
         try:
             for ws in (a, b):
