@@ -6,6 +6,7 @@ fake capture device playing a WAV) shows the live transcript from the Realtime W
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -296,3 +297,37 @@ def test_in_chromium_stopping_while_speaking_commits_the_turn_and_shows_its_fina
         assert _text(browser, "#error") == "", _fail(browser, real_server)
         assert " ".join(final.split()).startswith(" ".join(partial.split())), (partial, final)
         assert len(final.split()) >= max(3, len(partial.split())), (partial, final)  # the committed turn
+
+
+def test_in_chromium_a_pause_before_speaking_is_not_text_on_the_silence_robust_model(
+    browser_binary, silence_robust_dir, tmp_path
+):
+    """As a user does: Start, a second of silence, then speech, then silence. On the model trained with silence
+    around speech (tests/fixtures/silence_robust; NOT a real Canary) the page shows the spoken words and nothing
+    for the pauses."""
+    clips = REPO / "tests" / "fixtures" / "silence_robust" / "clips"
+    expected = json.loads((clips / "nemo_transcripts.json").read_text())["00_padded.wav"].split()
+    speech, rate = sf.read(clips / "00_padded.wav", dtype="float32")
+    wav = tmp_path / "pause-then-speech.wav"
+    sf.write(wav, np.concatenate([np.zeros(rate, np.float32), speech, np.zeros(3 * rate, np.float32)]), rate,
+             subtype="PCM_16")  # fmt: skip
+    server = start_server(silence_robust_dir, env={"CANARY_DEFAULT_LANGUAGE": "en"})
+    try:
+        with chromium(browser_binary, tmp_path / "profile", _microphone(wav)) as browser:
+            browser.goto(server.url + "/")
+            browser.wait_until("!document.getElementById('mic').disabled", WAIT)
+            browser.evaluate("document.getElementById('mic').click()", gesture=True)
+            try:
+                final = browser.wait_until(
+                    "(document.querySelector('#live-text li.final') || {}).textContent || "
+                    "document.getElementById('error').textContent",
+                    WAIT,
+                )
+            except Exception as exc:
+                raise AssertionError(_fail(browser, server)) from exc
+            assert _text(browser, "#error") == "", _fail(browser, server)
+            heard = final.split()
+            assert sum(word in heard for word in expected) >= 0.7 * len(expected), (final, expected)
+            assert browser.evaluate("document.querySelectorAll('#live-text li').length") == 1
+    finally:
+        stop_server(server)
