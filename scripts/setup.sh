@@ -6,7 +6,8 @@
 # from uv (installed with pip if missing; uv downloads a standalone Python build).
 # On Linux it also installs Debian's OpenBLAS (libopenblas0-pthread): MLX's CPU wheel links a slow
 # reference BLAS, and model/blas.py preloads OpenBLAS instead (about 20x faster fp32 matmuls). `--dev` on Linux
-# also installs HAProxy (the router tests/test_router.py runs two instances behind; README, "Several machines").
+# also installs HAProxy (the router tests/test_router.py runs two instances behind; README, "Several machines")
+# and Chromium (the browser page's tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -120,6 +121,19 @@ if [ -n "$extras" ] && [ "$(uname -s)" = "Linux" ] && ! command -v haproxy >/dev
         $sudo apt-get update -qq && $sudo apt-get install -y -qq haproxy >/dev/null
     else
         echo "warning: install haproxy for tests/test_router.py" >&2
+    fi
+fi
+
+# `--dev` on Linux: Debian's Chromium for the browser page's tests (tests/test_browser_page.py drives it headless;
+# Playwright's own browser download is not used). Elsewhere those tests find an installed Chrome or skip.
+if [ -n "$extras" ] && [ "$(uname -s)" = "Linux" ] && ! command -v chromium >/dev/null \
+    && ! command -v chromium-browser >/dev/null; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    if command -v apt-get >/dev/null; then
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null \
+            || echo "warning: could not install chromium: tests/test_browser_page.py will skip its browser tests" >&2
+    else
+        echo "warning: install chromium for tests/test_browser_page.py" >&2
     fi
 fi
 

@@ -21,7 +21,7 @@ from canary_server.server.metrics import Metrics, MetricsMiddleware
 from canary_server.server.realtime import realtime_gate
 from canary_server.server.realtime import router as realtime_router
 from canary_server.server.request_log import RequestIdMiddleware
-from canary_server.server.routes import audio, health, metrics, models
+from canary_server.server.routes import audio, health, metrics, models, page
 from canary_server.server.security import ApiKeyMiddleware, HostCheckMiddleware, add_origin_rules, allowed_hosts
 from canary_server.server.settings import Settings
 
@@ -97,6 +97,7 @@ def create_app(
     app.include_router(audio.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
+    app.include_router(page.router)
     return app
 
 
