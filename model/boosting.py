@@ -152,8 +152,10 @@ def _tabulate(phrases, root: _Node, nodes: list[_Node], vocab_size: int, eos: in
             cur = cur.fail
         base[i] = np.float32(acc + root_w)
         # <|endoftext|>: max(0, the row's best score) + the final weight; the state stays (GPUBoostingTreeModel.advance)
-        best = max([base[i]] + [w for w, _ in found.values()]) if len(found) < vocab_size else max(
-            w for w, _ in found.values()
+        best = (
+            max([base[i]] + [w for w, _ in found.values()])
+            if len(found) < vocab_size
+            else max(w for w, _ in found.values())
         )
         final = np.float32(FINAL_EOS_SCORE if node.is_end else 0.0)
         found[eos] = (np.float32(max(best, np.float32(0.0)) + final), i)

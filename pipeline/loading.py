@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from canary_server.model.boosting import phrase_ids
 from canary_server.pipeline.jobs import BatcherLike
 
 log = logging.getLogger("canary.engine")
@@ -42,6 +43,8 @@ class ModelInfo:
     family: str = ""  # the release it has the shape of ("canary-1b-flash"), else a description
     decoding: str = "greedy"  # how requests are decoded: "greedy" or "beam search, beam N" (settings included)
     timestamp_source: str | None = None  # "tokens" (flash), "ctc" (canary-1b-v2's aligner) or None
+    # spell(phrase, lang): raises model.boosting.UnspellablePhrase (the tokenizer only: safe off the engine thread)
+    spell: Callable[[str, str], object] | None = None
 
     @property
     def supports_context(self) -> bool:
@@ -58,7 +61,15 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         family=_family(model.config),
         decoding="greedy" if beam_size <= 1 else f"beam search, beam {beam_size}",
         timestamp_source=getattr(model, "timestamp_source", None),
+        spell=_speller(model),
     )
+
+
+def _speller(model: ModelLike) -> Callable[[str, str], object] | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    return lambda phrase, lang: phrase_ids(tokenizer, phrase, lang)
 
 
 def _family(config: Any) -> str:

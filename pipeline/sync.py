@@ -81,13 +81,16 @@ class Transcriber:
         batch_size: int = 8,
         beam_size: int | None = None,
         timestamps: bool = False,
+        keywords: Sequence[str] | None = None,
     ) -> TranscriptResult | list[TranscriptResult]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs of any
         length: paths, encoded bytes, or 16 kHz mono float32 arrays. `source_lang="auto"` detects the spoken
         language (`result.detected_language`). Long audio is cut at pauses and its pieces
         decoded together, exactly as the server does. At most `batch_size` inputs are in flight at once;
         `beam_size` (default: the model's decoding config) picks NeMo's beam search; `timestamps=True` adds
-        word and segment times on models that have them (flash models, canary-1b-v2)."""
+        word and segment times on models that have them (flash models, canary-1b-v2). `keywords`: phrases to
+        boost (NeMo's boosting tree; None: the config's `keywords`, [] none); a phrase the model cannot spell
+        raises `pipeline.keywords.InvalidKeywords` naming it."""
         single = not isinstance(audio, list | tuple)
         items = [audio] if single else list(audio)
         options = self.pipeline.options(
@@ -98,6 +101,7 @@ class Transcriber:
             timestamps=timestamps,
             language_role="source language",
             target_role="target language",
+            keywords=keywords,
         )
         results = self._run(self._transcribe_all(items, options, max(1, batch_size), beam_size))
         return results[0] if single else results

@@ -55,7 +55,7 @@ def _generate(m: model.Canary, family: str, c: dict) -> list[list[int]]:
         _audio(family, c),
         source_lang=kw["source_lang"],
         target_lang=kw["target_lang"],
-        batch_size=len(c["tokens"]),
+        batch_size=c["batch_size"],  # beam > 1: one item at a time (NeMo's batched beam search mixes items)
         beam_size=c["beam_size"],
         keywords=c["phrases"],
         keywords_alpha=c["alpha"],
@@ -79,3 +79,37 @@ def test_boosted_tokens_equal_nemo_on_the_random_weight_families(models, family,
 def test_boosted_tokens_equal_nemo_on_the_espeak_model(espeak_model, case):
     c = next(x for x in _cases("espeak") if x["name"] == case)
     assert _generate(espeak_model, "espeak", c) == c["tokens"]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_rows_with_different_keyword_lists_and_none_share_one_batch_each_as_if_alone(models, beam):
+    """One decoder loop, rows joining at different steps with their own trees (two lists, one of them twice, and
+    none): every item's tokens equal NeMo-style generate() alone with its own list."""
+    m = models["flash_agg"]
+    single, multi = (
+        next(c["phrases"] for c in _cases("flash_agg") if c["name"].startswith(n)) for n in ("single", "multi")
+    )
+    lists = [single, None, multi, single]
+    g = np.load(FIXTURES / "flash_agg" / "golden.npz")
+    waves = [g[f"audio_{i}"] for i in (1, 0, 2, 1)]
+    jobs = list(zip(waves, lists, strict=True))
+    alone = [m.generate(w, beam_size=beam, keywords=kw, keywords_alpha=5.0).tokens for w, kw in jobs]
+    assert len({tuple(a) for a in alone}) > 2  # the lists do change the outputs
+    batcher = ContinuousBatcher(m, max_batch=3, encode_seconds=2.5, beam_size=beam, keywords_alpha=5.0)
+    items = [WorkItem(w, PromptSpec("en", "en", keywords=tuple(kw or ())), tag=i) for i, (w, kw) in enumerate(jobs)]
+    batcher.submit(items)
+    done = []
+    while len(batcher):
+        done += batcher.step()
+    assert sorted(it.tag for it in done) == [0, 1, 2, 3]
+    assert [it.result.tokens for it in items] == alone
+    assert len(batcher._decoder(0 if beam == 1 else beam).boosts.trees) == 0  # nothing kept after the rows left
+
+
+def test_a_phrase_the_tokenizer_cannot_spell_is_named(models):
+    m = models["flash_agg"]
+    with pytest.raises(UnspellablePhrase, match="<\\|endoftext\\|>"):
+        m.keyword_tree(["hello <|endoftext|>"], "en")
+    tree = build_tree(m.tokenizer, ["a", "a"], "en", m.config.decoder.vocab_size)
+    assert tree.phrases == ("a",)  # duplicates count once, as NeMo keys phrases by text
+    assert m.keyword_tree(("a",), "en") is m.keyword_tree(["a"], "en")  # built once per content
