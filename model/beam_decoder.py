@@ -49,7 +49,8 @@ class BeamBatchDecoder(BatchDecoder):
         trees = [s.keywords for s in seqs]
         starts = self.boosts.starts(trees)
         alphas = [s.keywords_alpha if s.keywords is not None else 0.0 for s in seqs]
-        fused = self.boosts.fuse(logp, starts, mx.array(alphas, dtype=mx.float32)) if self.boosts.active else logp
+        boosted = any(t is not None for t in trees)
+        fused = self.boosts.fuse(logp, starts, mx.array(alphas, dtype=mx.float32)) if boosted else logp
         order = mx.argsort(-fused, axis=-1)[:, :k]  # (n, k) best first, like torch.topk
         scores = mx.take_along_axis(fused, order, axis=-1)
         token_lps = mx.take_along_axis(logp, order, axis=-1)

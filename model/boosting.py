@@ -132,41 +132,47 @@ def _fill_fail(root: _Node) -> list[_Node]:
 
 
 def _tabulate(phrases, root: _Node, nodes: list[_Node], vocab_size: int, eos: int) -> BoostingTree:
-    """NeMo's advance for every state: walk the back-off chain accumulating float32 back-off weights."""
+    """NeMo's advance for every state: walk the back-off chain accumulating float32 back-off weights; the first
+    chain state with an arc for a label decides its score and next state."""
     all_nodes = [root, *nodes]
     index = {id(n): i for i, n in enumerate(all_nodes)}
-    backoff = {id(n): _backoff_weight(n) for n in nodes}
-    rows: list[dict[int, tuple[np.float32, int]]] = []
-    base = np.zeros(len(all_nodes), np.float32)
-    root_w = np.float32(UNK_SCORE)
+    arcs = {  # per node: its arcs' labels, float32 weights (BoostingTreeStorage keeps float32) and target states
+        id(n): (
+            np.fromiter(n.next.keys(), np.int64, len(n.next)),
+            np.array([c.token_score for c in n.next.values()], np.float32),
+            np.array([index[id(c)] for c in n.next.values()], np.int64),
+        )
+        for n in all_nodes
+    }
+    rows, base = [], np.zeros(len(all_nodes), np.float32)
     for i, node in enumerate(all_nodes):
-        found: dict[int, tuple[np.float32, int]] = {}
+        labels, weights, nexts = [], [], []
         acc, cur = np.float32(0.0), node
         while True:
-            for token, child in cur.next.items():
-                if token not in found:
-                    found[token] = (np.float32(acc + np.float32(child.token_score)), index[id(child)])
+            lab, w, nxt = arcs[id(cur)]
+            labels.append(lab)
+            weights.append(acc + w)  # float32 + float32, as torch adds accumulated_backoff + arc weight
+            nexts.append(nxt)
             if cur is root:
                 break
-            acc = np.float32(acc + backoff[id(cur)])
+            acc = np.float32(acc + _backoff_weight(cur))
             cur = cur.fail
-        base[i] = np.float32(acc + root_w)
+        base[i] = np.float32(acc + np.float32(UNK_SCORE))  # the root's arcs for every other label
+        lab, first = np.unique(np.concatenate(labels), return_index=True)  # nearest chain state wins
+        w, nxt = np.concatenate(weights)[first], np.concatenate(nexts)[first]
         # <|endoftext|>: max(0, the row's best score) + the final weight; the state stays (GPUBoostingTreeModel.advance)
-        best = (
-            max([base[i]] + [w for w, _ in found.values()])
-            if len(found) < vocab_size
-            else max(w for w, _ in found.values())
-        )
+        best = max(w.max(initial=-np.inf), base[i]) if len(lab) < vocab_size else w.max()
         final = np.float32(FINAL_EOS_SCORE if node.is_end else 0.0)
-        found[eos] = (np.float32(max(best, np.float32(0.0)) + final), i)
-        rows.append(found)
-    k = max(len(r) for r in rows)
+        keep = lab != eos
+        lab = np.append(lab[keep], eos)
+        w = np.append(w[keep], np.float32(max(best, np.float32(0.0)) + final)).astype(np.float32)
+        rows.append((lab, w, np.append(nxt[keep], i)))
+    k = max(len(r[0]) for r in rows)
     labels = np.full((len(rows), k), vocab_size, np.int32)
     weights = np.zeros((len(rows), k), np.float32)
     nexts = np.zeros((len(rows), k), np.int32)
-    for i, found in enumerate(rows):
-        for j, (token, (w, nxt)) in enumerate(found.items()):
-            labels[i, j], weights[i, j], nexts[i, j] = token, w, nxt
+    for i, (lab, w, nxt) in enumerate(rows):
+        labels[i, : len(lab)], weights[i, : len(lab)], nexts[i, : len(lab)] = lab, w, nxt
     return BoostingTree(phrases, vocab_size, base, labels, weights, nexts)
 
 

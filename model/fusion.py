@@ -29,7 +29,7 @@ class RowBoosts:
     @property
     def active(self) -> bool:
         """Some row boosts: only then do steps pay for the scores."""
-        return bool(self._offsets)
+        return any(t is not None for t in self.trees)
 
     # ---- rows ---------------------------------------------------------------------------------------------
     def starts(self, trees: list[BoostingTree | None]) -> mx.array:

@@ -94,3 +94,16 @@ def test_bad_keywords_are_400_in_openai_shape_and_the_server_stays_up(server, ke
     assert needle in err["message"] and err["param"] == "keywords[]" and err["code"] == "invalid_keywords"
     assert set(err) == {"message", "type", "param", "code"}
     assert _post(server, "clip04.wav", None).status_code == 200
+
+
+def test_server_keywords_come_from_the_setting_and_the_file_checked_at_startup(tmp_path):
+    from canary_server.server.settings import Settings, SettingsError
+
+    names = tmp_path / "names.txt"
+    names.write_text("Wohnzimmer\n\n  Stehlampe  \nkitchen\n", encoding="utf-8")
+    s = Settings.load(keywords=["kitchen", "Nadia"], keywords_file=str(names))
+    assert s.pipeline_config().keywords == ("kitchen", "Nadia", "Wohnzimmer", "Stehlampe")
+    with pytest.raises(SettingsError, match="at most 1000"):
+        Settings.load(keywords=[f"w{i}" for i in range(1001)])
+    with pytest.raises(SettingsError, match="keywords_file"):
+        Settings.load(keywords_file=str(tmp_path / "missing.txt"))
