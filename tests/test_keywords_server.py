@@ -107,3 +107,20 @@ def test_server_keywords_come_from_the_setting_and_the_file_checked_at_startup(t
         Settings.load(keywords=[f"w{i}" for i in range(1001)])
     with pytest.raises(SettingsError, match="keywords_file"):
         Settings.load(keywords_file=str(tmp_path / "missing.txt"))
+
+
+def test_a_wyoming_utterance_is_decoded_with_the_server_keywords_as_in_nemo(espeak_dir):
+    """Home Assistant's case: device and room names set once for the server apply to every voice command."""
+    import asyncio
+
+    from test_wyoming import clip_pcm, serve, text_of, utterance
+
+    from canary_server.server.settings import Settings
+    from server_fakes import wait_ready
+
+    settings = Settings(model=str(espeak_dir), keywords=SERVER_LIST, boosting_tree_alpha=ALPHA)
+    app, server = serve(settings)
+    with server as url:
+        wait_ready(url)
+        events = asyncio.run(utterance(app.state.wyoming.port, clip_pcm(ESPEAK_CLIPS, "clip04.wav"), language="en"))
+    assert text_of(events) == (_nemo_text(f"single_beam1_alpha{ALPHA}", "clip04.wav"), "en")
