@@ -39,7 +39,7 @@ def server(espeak_dir: Path):
 
 
 def _post(url: str, clip: str, keywords: list[str] | None, path: str = "transcriptions") -> httpx.Response:
-    data = [("model", "whisper-1")] + [("keywords[]", k) for k in keywords or []]
+    data = {"model": "whisper-1", **({"keywords[]": keywords} if keywords else {})}  # repeated keywords[]
     files = {"file": (clip, (ESPEAK_CLIPS / clip).read_bytes(), "audio/wav")}
     return httpx.post(f"{url}/v1/audio/{path}", data=data, files=files, timeout=120)
 
