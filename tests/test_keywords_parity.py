@@ -89,12 +89,12 @@ def test_boosted_tokens_equal_nemo_on_the_espeak_model(espeak_model, case):
 def test_rows_with_different_keyword_lists_and_none_share_one_batch_each_as_if_alone(models, beam):
     """One decoder loop, rows joining at different steps with their own trees (two lists, one of them twice, and
     none): every item's tokens equal NeMo-style generate() alone with its own list."""
-    m = models["flash_agg"]
+    m = models["v1_agg"]
     single, multi = (
-        next(c["phrases"] for c in _cases("flash_agg") if c["name"].startswith(n)) for n in ("single", "multi")
+        next(c["phrases"] for c in _cases("v1_agg") if c["name"].startswith(n)) for n in ("single", "multi")
     )
     lists = [single, None, multi, single]
-    g = np.load(FIXTURES / "flash_agg" / "golden.npz")
+    g = np.load(FIXTURES / "v1_agg" / "golden.npz")
     waves = [g[f"audio_{i}"] for i in (1, 0, 2, 1)]
     jobs = list(zip(waves, lists, strict=True))
     alone = [m.generate(w, beam_size=beam, keywords=kw, keywords_alpha=5.0).tokens for w, kw in jobs]
@@ -111,7 +111,7 @@ def test_rows_with_different_keyword_lists_and_none_share_one_batch_each_as_if_a
 
 
 def test_a_phrase_the_tokenizer_cannot_spell_is_named(models):
-    m = models["flash_agg"]
+    m = models["v1_agg"]
     with pytest.raises(UnspellablePhrase, match="<\\|endoftext\\|>"):
         m.keyword_tree(["hello <|endoftext|>"], "en")
     tree = build_tree(m.tokenizer, ["a", "a"], "en", m.config.decoder.vocab_size)
