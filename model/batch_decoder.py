@@ -41,6 +41,8 @@ class Sequence:
     cancelled: bool = False
     score: float | None = None  # beam search: the best hypothesis' penalised score
     overflowed: bool = False  # float16/bfloat16: its logits were inf/NaN; it left unfinished (recompute in float32)
+    keywords: Any = None  # model.boosting.BoostingTree: phrase boosting (beam decoders only), None: none
+    keywords_alpha: float = 0.0  # its weight (NeMo's boosting_tree_alpha)
 
 
 @dataclass(eq=False)

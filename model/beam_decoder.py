@@ -7,6 +7,7 @@ import numpy as np
 
 from .batch_decoder import CACHE_STEP, BatchDecoder, Sequence, pad_axis, round_up
 from .decoder import NEG_INF
+from .fusion import RowBoosts
 
 
 class BeamBatchDecoder(BatchDecoder):
@@ -16,9 +17,15 @@ class BeamBatchDecoder(BatchDecoder):
     step, then per step top-k per hypothesis, finished hypotheses extended only by <pad> at +0 (their other
     candidates pushed down by NEG_INF), top-k of k^2 by score / ((5 + len) / 6) ** length_penalty, and the
     final argmax of the penalised scores. NeMo ignores the configured `len_pen` (it reads `length_penalty`),
-    so the effective penalty of the released configs is 0."""
+    so the effective penalty of the released configs is 0.
+
+    Rows whose sequence has `keywords` (a boosting tree) search with NeMo's shallow fusion
+    (BeamSearchSequenceGeneratorWithFusionModels): alpha x the tree's scores are added to the log-probs before
+    every top-k, and the tree state follows each hypothesis. With beam_size 1 that is NeMo's greedy with boosting.
+    Rows without keywords are not changed by it (their scores are +0)."""
 
     def __init__(self, model, beam_size: int, length_penalty: float = 0.0) -> None:
+        self.boosts = RowBoosts(model.decoder.cfg.vocab_size)
         super().__init__(model, compile=False)
         self.k = beam_size
         self.length_penalty = length_penalty
@@ -28,6 +35,7 @@ class BeamBatchDecoder(BatchDecoder):
 
     def _reset(self) -> None:
         super()._reset()
+        self.boosts.reset()
         self.scores: mx.array | None = None  # (R,) cumulative log-prob per hypothesis row
         self.hyps: list[list[int]] = []  # host: generated tokens per row
         self.hyp_lps: list[list[float]] = []  # host: their log-probabilities
@@ -38,9 +46,20 @@ class BeamBatchDecoder(BatchDecoder):
         k, p = self.k, len(seqs[0].prompt)
         self_k, self_v, cross, cross_mask, logits = self._run_prompts(seqs)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (n, V)
-        order = mx.argsort(-logp, axis=-1)[:, :k]  # (n, k) best first, like torch.topk
-        scores = mx.take_along_axis(logp, order, axis=-1)
+        trees = [s.keywords for s in seqs]
+        starts = self.boosts.starts(trees)
+        alphas = [s.keywords_alpha if s.keywords is not None else 0.0 for s in seqs]
+        boosted = any(t is not None for t in trees)
+        fused = self.boosts.fuse(logp, starts, mx.array(alphas, dtype=mx.float32)) if boosted else logp
+        order = mx.argsort(-fused, axis=-1)[:, :k]  # (n, k) best first, like torch.topk
+        scores = mx.take_along_axis(fused, order, axis=-1)
+        token_lps = mx.take_along_axis(logp, order, axis=-1)
         rep = mx.repeat(mx.arange(len(seqs)), k)  # every sequence's state copied to its k rows
+        self.boosts.append(
+            [t for t in trees for _ in range(k)],
+            [a for a in alphas for _ in range(k)],
+            self.boosts.next_states(starts, order).reshape(-1),
+        )
         self._append_rows(
             [a[rep] for a in self_k],
             [a[rep] for a in self_v],
@@ -51,7 +70,7 @@ class BeamBatchDecoder(BatchDecoder):
         )
         self.scores = scores.reshape(-1) if self.scores is None else mx.concatenate([self.scores, scores.reshape(-1)])
         first = np.array(order).reshape(-1).tolist()
-        first_lps = np.array(scores)  # (n, k)
+        first_lps = np.array(token_lps)  # (n, k)
         if self.guard:  # inf/NaN logits make the top log-probs non-finite: overflow
             for seq, lps in zip(seqs, first_lps, strict=True):
                 seq.overflowed = seq.overflowed or not np.isfinite(lps).all()
@@ -79,8 +98,11 @@ class BeamBatchDecoder(BatchDecoder):
         )
         lse = mx.logsumexp(logits, axis=-1, keepdims=True)
         logp = logits - lse
-        order = mx.argsort(-logp, axis=-1)[:, :k]  # (R, k)
-        cand_lp = mx.take_along_axis(logp, order, axis=-1)
+        boosted = self.boosts.active
+        fused = self.boosts.fuse(logp, self.boosts.state, self.boosts.alpha) if boosted else logp
+        order = mx.argsort(-fused, axis=-1)[:, :k]  # (R, k)
+        cand_lp = mx.take_along_axis(fused, order, axis=-1)
+        raw_lp = mx.take_along_axis(logp, order, axis=-1) if boosted else cand_lp
         cand_tok = mx.where(finished[:, None], self.pad, order)
         first_col = mx.arange(k)[None, :] == 0
         factor = mx.where(finished[:, None], mx.where(first_col, 0.0, 1.0 - NEG_INF), 1.0)
@@ -92,7 +114,10 @@ class BeamBatchDecoder(BatchDecoder):
         new_scores = mx.take_along_axis(flat, top, axis=-1).reshape(-1) * penalty  # NeMo: rank order x row penalty
         parents = (top // k + mx.arange(groups)[:, None] * k).reshape(-1)  # global row index
         tokens = mx.take_along_axis(cand_tok.reshape(groups, k * k), top, axis=-1).reshape(-1)
-        token_lps = mx.take_along_axis(cand_lp.reshape(groups, k * k), top, axis=-1).reshape(-1)
+        token_lps = mx.take_along_axis(raw_lp.reshape(groups, k * k), top, axis=-1).reshape(-1)
+        if boosted:  # NeMo follows the candidates' tree states from the top-k tokens (before <pad> replaces them)
+            cand_next = self.boosts.next_states(self.boosts.state, order).reshape(groups, k * k)
+            self.boosts.state = mx.take_along_axis(cand_next, top, axis=-1).reshape(-1)
         self.self_k = [a[parents] for a in self.self_k]
         self.self_v = [a[parents] for a in self.self_v]
         self.scores, self.last, self.offsets = new_scores, tokens, self.offsets + 1
@@ -157,3 +182,4 @@ class BeamBatchDecoder(BatchDecoder):
         self.cross_v = [a[idx] for a in self.cross_v]
         self.cross_mask, self.offsets, self.last = self.cross_mask[idx], self.offsets[idx], self.last[idx]
         self.scores = self.scores[idx]
+        self.boosts.keep(keep)

@@ -22,6 +22,7 @@ from .audio import (
     pad_to_min_duration,
 )
 from .batch_decoder import check_prompt_length
+from .boosting import DEFAULT_ALPHA, BoostingTree, TreeCache
 from .config import ModelConfig
 from .conformer import ConformerEncoder, drain
 from .decoder import TransformerDecoder, causal_mask, cross_attention_mask
@@ -30,7 +31,7 @@ from .errors import CanaryError, NonFiniteError
 from .features import Preprocessor
 from .prompt import PromptSpec, build_prompt, language_slot_prefix, supported_languages
 from .timestamps import TimedSegment, TimestampSource, Word, parse_timestamps, timestamp_source
-from .tokenizer import CanaryTokenizer
+from .tokenizer import AggregateTokenizer, CanaryTokenizer
 
 log = logging.getLogger("canary.model")
 
@@ -70,6 +71,7 @@ class Canary(nn.Module):
         self.decoder = TransformerDecoder(config.decoder)
         self.head = Head(config.decoder.vocab_size)
         self.timestamps_model = None  # canary-1b-v2's CTC aligner (model/ctc.py), attached by model.load
+        self._trees = TreeCache()  # keyword boosting trees by content
 
     # ---- network pieces -------------------------------------------------------------------------------
     @property
@@ -244,6 +246,8 @@ class Canary(nn.Module):
         batch_size: int = 8,
         beam_size: int | None = None,
         timestamps: bool = False,
+        keywords: list[str] | None = None,
+        keywords_alpha: float = DEFAULT_ALPHA,
     ) -> Transcription | list[Transcription]:
         """NeMo's `transcribe()` on whole inputs: each one decoded in a single pass, batches formed in input order
         (the decoder length limit depends on the longest item of a batch), exactly as NeMo 3.0.0 does.
@@ -251,7 +255,9 @@ class Canary(nn.Module):
         No cutting of long audio: that is the pipeline's job (`canary_server.load(...).transcribe()`), which this
         low-level method is the parity reference for. Inputs are paths, bytes, or float32 arrays at 16 kHz mono;
         target_lang None or == source_lang is transcription, a different one translation. `beam_size` defaults to
-        the converted config's. `timestamps=True` (only when `supports_timestamps`) fills `words` and `segments`."""
+        the converted config's. `timestamps=True` (only when `supports_timestamps`) fills `words` and `segments`.
+        `keywords`: phrases boosted as NeMo's boosting tree with `boosting_tree_alpha` = `keywords_alpha` (decoded
+        by beam search, beam_size 1 included, as NeMo does; an empty list is no boosting)."""
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         source_lang = source_lang or self.config.prompt_defaults.get("source_lang", "en")
@@ -265,34 +271,55 @@ class Canary(nn.Module):
         waves = [_as_waveform(x) for x in items]
         files = [not isinstance(x, np.ndarray) for x in items]  # NeMo pads short files and arrays differently
         beam = beam_size or self.config.decoding.beam_size
+        boost = (self.keyword_tree(keywords, source_lang), keywords_alpha) if keywords else None
         results: list[Transcription] = []
         for start in range(0, len(waves), batch_size):
             end = start + batch_size
-            results += self._generate_batch(waves[start:end], files[start:end], prompt, spec, beam)
+            results += self._generate_batch(waves[start:end], files[start:end], prompt, spec, beam, boost)
         return results[0] if single else results
 
+    def keyword_tree(self, phrases: list[str] | tuple[str, ...], lang: str | None) -> BoostingTree:
+        """The boosting tree of a phrase list (aggregate tokenizers: `lang`'s sub-tokenizer), built once per
+        content (a small LRU: a server-wide list is built once). Raises UnspellablePhrase naming the phrase."""
+        lang = lang if isinstance(self.tokenizer, AggregateTokenizer) else None  # unified: one tree for all
+        return self._trees.get(self.tokenizer, tuple(phrases), lang, self.config.decoder.vocab_size)
+
     def _generate_batch(
-        self, waves: list[np.ndarray], files: list[bool], prompt: list[int], spec: PromptSpec, beam_size: int = 1
+        self,
+        waves: list[np.ndarray],
+        files: list[bool],
+        prompt: list[int],
+        spec: PromptSpec,
+        beam_size: int = 1,
+        boost: tuple[BoostingTree, float] | None = None,
     ) -> list[Transcription]:
         """One NeMo batch; if it overflows float16/bfloat16, recomputed in float32, as is all later work."""
         if self.fell_back_to_float32:
-            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size)
+            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size, boost)
         try:
-            return self._decode_batch(waves, files, prompt, spec, beam_size)
+            return self._decode_batch(waves, files, prompt, spec, beam_size, boost)
         except NonFiniteError as exc:
             warn_overflow(self, exc)
-            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size)
+            return self.float32()._generate_batch(waves, files, prompt, spec, beam_size, boost)
 
     def _decode_batch(
-        self, waves: list[np.ndarray], files: list[bool], prompt: list[int], spec: PromptSpec, beam_size: int
+        self,
+        waves: list[np.ndarray],
+        files: list[bool],
+        prompt: list[int],
+        spec: PromptSpec,
+        beam_size: int,
+        boost: tuple[BoostingTree, float] | None = None,
     ) -> list[Transcription]:
         min_samples = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
         padded = [pad_to_min_duration(w, min_samples, f) for w, f in zip(waves, files, strict=True)]
         audio, lengths = pad_batch(padded)
         enc, enc_lengths = self.encode(audio, lengths)
         tok = self.tokenizer
-        if beam_size > 1:
-            decoded = beam_decode(self, enc, enc_lengths, prompt, beam_size, self.config.decoding.length_penalty)
+        if beam_size > 1 or boost:  # NeMo boosts in beam search only (beam_size 1 is its greedy with fusion)
+            tree, alpha = boost or (None, 0.0)
+            penalty = self.config.decoding.length_penalty
+            decoded = beam_decode(self, enc, enc_lengths, prompt, beam_size, penalty, tree, alpha)
         else:
             prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
             decoded = greedy_decode(self, enc, enc_lengths, prompts, tok.eos_id, tok.pad_id)

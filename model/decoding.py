@@ -96,16 +96,27 @@ def greedy_decode(
 
 
 def beam_decode(
-    model, enc: mx.array, enc_lengths: mx.array, prompt: list[int], beam_size: int, length_penalty: float = 0.0
+    model,
+    enc: mx.array,
+    enc_lengths: mx.array,
+    prompt: list[int],
+    beam_size: int,
+    length_penalty: float = 0.0,
+    keywords=None,
+    keywords_alpha: float = 0.0,
 ) -> DecodeResult:
-    """NeMo's batched beam search over one batch (the length limit of the whole batch, as NeMo computes it)."""
+    """NeMo's batched beam search over one batch (the length limit of the whole batch, as NeMo computes it);
+    `keywords` (a model.boosting.BoostingTree) boosts its phrases with weight `keywords_alpha`."""
     cfg = model.decoder.cfg
     check_prompt_length(len(prompt), cfg.max_sequence_length)
     max_gen = max_generation_length(
         enc.shape[1], len(prompt), cfg.max_sequence_length, model.config.decoding.max_generation_delta
     )
     lens = np.array(enc_lengths).tolist()
-    seqs = [Sequence(enc[i], lens[i], prompt, max_gen + 1, tag=i) for i in range(enc.shape[0])]
+    seqs = [
+        Sequence(enc[i], lens[i], prompt, max_gen + 1, tag=i, keywords=keywords, keywords_alpha=keywords_alpha)
+        for i in range(enc.shape[0])
+    ]
     decoder = BeamBatchDecoder(model, beam_size, length_penalty)
     done = decoder.add(seqs)
     while len(decoder):

@@ -22,6 +22,7 @@ class PromptSpec:
     timestamps: bool = False  # canary2 <|timestamp|>
     itn: bool | None = None  # canary2 inverse text normalisation; None: the model's prompt default
     max_context_tokens: int | None = None  # keep only the context's last N tokens (None: all of it)
+    keywords: tuple[str, ...] = ()  # phrases to boost (NeMo's boosting tree, in beam search); not in the prompt
 
     @property
     def is_translation(self) -> bool:

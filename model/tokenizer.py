@@ -29,6 +29,7 @@ class CanaryTokenizer:
 
     special_tokens: dict[str, int]
     vocab_size: int
+    unknown_ids: frozenset[int] = frozenset()  # <unk> pieces: text the tokenizer cannot spell
 
     @property
     def bos_id(self) -> int:
@@ -105,6 +106,8 @@ class AggregateTokenizer(CanaryTokenizer):
         spl = self.models[SPECIAL_LANG]
         pieces = (spl.id_to_piece(i) for i in range(spl.get_piece_size()))
         self.special_tokens = {p: i for i, p in enumerate(pieces) if _is_special(p)}
+        # each sub-tokenizer's <unk> (a piece it cannot spell)
+        self.unknown_ids = frozenset(self.offsets[n] + sp.unk_id() for n, sp in models if sp.unk_id() >= 0)
 
     @property
     def languages(self) -> list[str]:
@@ -134,6 +137,7 @@ class UnifiedTokenizer(CanaryTokenizer):
         self.vocab_size = sp.get_piece_size()
         pieces = (sp.id_to_piece(i) for i in range(self.vocab_size))
         self.special_tokens = {p: i for i, p in enumerate(pieces) if _is_special(p)}
+        self.unknown_ids = frozenset([sp.unk_id()] if sp.unk_id() >= 0 else [])
 
     @property
     def languages(self) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_batch, pad_to_min_duration
 from canary_server.model.batch_decoder import Sequence, check_prompt_length
 from canary_server.model.decoding import encoder_frames, single_item_max_new_tokens
-from canary_server.model.errors import PromptTooLong
+from canary_server.model.errors import CanaryError, PromptTooLong
 from canary_server.model.prompt import PromptSpec
 from canary_server.pipeline.language import LanguageChoice
 
@@ -66,9 +66,10 @@ def begin_encoding(model, items: list[WorkItem], stages: int) -> Encoding:
     return Encoding(items, prompts, waves, model.encode_stages(audio, lengths, stages))
 
 
-def sequences(model, encoding: Encoding, value: tuple) -> list[Sequence | BaseException]:
+def sequences(model, encoding: Encoding, value: tuple, keywords_alpha: float = 0.0) -> list[Sequence | BaseException]:
     """A finished encoding (`value`: encoder states and lengths) as decoder sequences, one per item, each with its
-    own NeMo single-item length limit; an item whose prompt failed or does not fit gets its exception instead."""
+    own NeMo single-item length limit and keyword tree (`keywords_alpha`: its weight); an item whose prompt failed
+    or does not fit, or whose keywords its (detected) language cannot spell, gets its exception instead."""
     enc, enc_lens = value
     _detect_languages(model, encoding, enc, enc_lens)
     enc_lens = np.array(enc_lens).tolist()
@@ -85,7 +86,13 @@ def sequences(model, encoding: Encoding, value: tuple) -> list[Sequence | BaseEx
             continue
         frames = encoder_frames(wave.shape[0], hop, n_convs)
         limit = single_item_max_new_tokens(model, wave.shape[0], len(prompt))
+        try:  # built once per list and language (the model's cache)
+            tree = model.keyword_tree(item.spec.keywords, item.spec.source_lang) if item.spec.keywords else None
+        except CanaryError as exc:
+            out.append(exc)
+            continue
         seq = Sequence(enc[i, :frames], enc_lens[i], prompt, limit, tag=item, cancelled=item.cancelled)
+        seq.keywords, seq.keywords_alpha = tree, keywords_alpha
         item._seq = seq
         out.append(seq)
     return out

@@ -81,6 +81,7 @@ class Engine:
         max_queued_seconds: float | None = None,
         max_context_tokens: int | None = None,
         release_after_idle: float = 2.0,
+        keywords_alpha: float | None = None,
     ) -> None:
         self._loader = loader
         self._batcher_factory = batcher
@@ -93,6 +94,7 @@ class Engine:
         self.max_queued_seconds = max_queued_seconds  # audio held by accepted requests (None: no limit)
         self.max_context_tokens = max_context_tokens  # decoder context keeps its last N tokens (None: all)
         self.release_after_idle = release_after_idle  # idle seconds after work before memory goes back (0: never)
+        self.keywords_alpha = keywords_alpha  # boosting_tree_alpha of keyword lists (None: the batcher's default)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._thread_main, name="canary-model", daemon=True)
         self._finished = threading.Event()  # the engine loop has ended (the thread itself stays parked)
@@ -171,6 +173,7 @@ class Engine:
         *,
         language: Any = None,
         progress: Callable[[int], None] | None = None,
+        keywords: tuple[str, ...] = (),
     ) -> list[TranscriptionLike]:
         """Several clips of one request (e.g. the chunks of long audio); one result per clip, in order.
 
@@ -188,6 +191,7 @@ class Engine:
             beam_size=beam_size,
             language=language,
             progress=progress,
+            keywords=keywords,
         )
         try:
             return await job.future
@@ -204,12 +208,21 @@ class Engine:
         beam_size: int | None = None,
         *,
         language: Any = None,
+        keywords: tuple[str, ...] = (),
     ) -> AsyncIterator[StreamEvent]:
         """Like `transcribe_batch`, yielding text deltas as the decoder produces them, then a `done` event.
 
         Closing the iterator early (client disconnect) cancels the request."""
         job = self._new_job(
-            audios, source_lang, target_lang, pnc, context, stream=True, beam_size=beam_size, language=language
+            audios,
+            source_lang,
+            target_lang,
+            pnc,
+            context,
+            stream=True,
+            beam_size=beam_size,
+            language=language,
+            keywords=keywords,
         )
         try:
             while True:
@@ -262,6 +275,7 @@ class Engine:
         beam_size: int | None = None,
         language: Any = None,
         progress: Callable[[int], None] | None = None,
+        keywords: tuple[str, ...] = (),
     ) -> Job:
         from canary_server.model.prompt import PromptSpec
 
@@ -275,6 +289,7 @@ class Engine:
             context=context or "",
             timestamps=timestamps,
             max_context_tokens=self.max_context_tokens,
+            keywords=tuple(keywords),
         )
         seconds = sum(a.shape[0] for a in audios) / self.info.sample_rate
         job = Job(
@@ -443,6 +458,7 @@ class Engine:
                 if self.length_penalty is not None
                 else getattr(decoding, "length_penalty", 0.0),
                 **({} if self.long_request_share is None else {"long_request_share": self.long_request_share}),
+                **({} if self.keywords_alpha is None else {"keywords_alpha": self.keywords_alpha}),
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and 503s
             if isinstance(e, ValueError | OSError):  # bad path, bad .nemo, unreachable hub: the message says it all

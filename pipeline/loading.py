@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from canary_server.model.boosting import phrase_ids
 from canary_server.pipeline.jobs import BatcherLike
 
 log = logging.getLogger("canary.engine")
@@ -49,6 +50,8 @@ class ModelInfo:
     detects_language: bool = True  # its language slot was trained (NeMo's use_loss_mask_for_prompt: false)
     max_chunk_seconds: float | None = None  # the longest piece the model takes at once (None: chunk_seconds rules)
     pads_short_audio: bool = True  # NeMo's AED transcribe pads files under 1 s; its SALM generate() does not
+    # spell(phrase, lang): raises model.boosting.UnspellablePhrase (the tokenizer only: safe off the engine thread)
+    spell: Callable[[str, str], object] | None = None
 
     @property
     def supports_context(self) -> bool:
@@ -68,7 +71,15 @@ def model_info(model: ModelLike, beam_size: int) -> ModelInfo:
         detects_language=not getattr(model.config, "prompt_loss_masked", False),
         max_chunk_seconds=getattr(model, "max_chunk_seconds", None),
         pads_short_audio=bool(getattr(model, "pads_short_audio", True)),
+        spell=_speller(model),
     )
+
+
+def _speller(model: ModelLike) -> Callable[[str, str], object] | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    return lambda phrase, lang: phrase_ids(tokenizer, phrase, lang)
 
 
 def _family(config: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from canary_server.model.boosting import DEFAULT_ALPHA
 from canary_server.pipeline.fairness import DEFAULT_SHARE
 from canary_server.pipeline.language import AUTO, LanguageDetection
 
@@ -23,6 +24,7 @@ class TranscribeOptions:
     cue_seconds: float | None = None
     # Detect the source language from the audio; source_lang / target_lang are then provisional (the fallback)
     detect: LanguageDetection | None = None
+    keywords: tuple[str, ...] = ()  # phrases to boost (pipeline/keywords.py); empty: none
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -65,3 +67,6 @@ class PipelineConfig:
     max_queued_audio_seconds: float = 4 * 3600.0  # audio held by accepted requests; more are refused (EngineBusy)
     shutdown_grace_seconds: float = 30.0  # on shutdown, running requests get this long to finish
     idle_release_seconds: float = 2.0  # idle this long after work, the engine hands freed memory back (0: never)
+    # Phrase boosting (NeMo's boosting tree): the list for requests without their own, and its weight
+    keywords: tuple[str, ...] = ()
+    boosting_tree_alpha: float = DEFAULT_ALPHA

@@ -30,6 +30,7 @@ from canary_server.pipeline.errors import (
     InvalidAudio,
     LanguageDetectionUnavailable,
 )
+from canary_server.pipeline.keywords import MAX_SERVER_PHRASES, check_spelling, clean_keywords
 from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetection
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
@@ -101,6 +102,7 @@ class Pipeline:
                 max_queued_seconds=self.config.max_queued_audio_seconds,
                 max_context_tokens=self.config.max_prompt_tokens,
                 release_after_idle=self.config.idle_release_seconds,
+                keywords_alpha=self.config.boosting_tree_alpha,
             )
         self.engine = engine
         self.decode_audio = decode_audio or default_decoder(self.config)
@@ -195,6 +197,8 @@ class Pipeline:
         language_role: str = "language",
         target_role: str = "target_language",
         languages_role: str = "languages",
+        keywords: Sequence[str] | None = None,
+        keywords_role: str = "keywords",
     ) -> TranscribeOptions:
         """Validated options: languages the model supports; context and timestamps only where the model has
         them (decoder context is a canary2 prompt slot; timestamps need the flash tokens or v2's aligner).
@@ -202,7 +206,8 @@ class Pipeline:
 
         `language`: a code, "auto" (detect it from the audio), or None (detection, unless the config fixes a
         `default_language`; `languages` narrows detection's choice). The target defaults to the source decoded:
-        never a translation the caller did not ask for."""
+        never a translation the caller did not ask for.
+        `keywords`: phrases to boost; None: the configured list, empty: none (pipeline/keywords.py)."""
         info = self.info
         target = self.check_language(target_language, target_role) if target_language else None
         detect = None
@@ -227,7 +232,18 @@ class Pipeline:
             timestamps and info.supports_timestamps,
             cue_seconds=self.config.cue_seconds if timestamps and not info.supports_timestamps else None,
             detect=detect,
+            keywords=self._keywords(keywords, detect.candidates if detect else (source,), keywords_role),
         )
+
+    def _keywords(self, keywords: Sequence[str] | None, langs: Sequence[str], role: str) -> tuple[str, ...]:
+        """The request's list (checked), or the configured one; spellable in every language it may decode in."""
+        if keywords is None:
+            role = "keywords (setting)"
+            phrases = clean_keywords(self.config.keywords, MAX_SERVER_PHRASES, role)
+        else:
+            phrases = clean_keywords(keywords, param=role)
+        check_spelling(phrases, langs, self.info.spell, role)
+        return phrases
 
     def _wants_detection(self, language: str | None, languages: Sequence[str] | None) -> bool:
         if language:
@@ -382,6 +398,7 @@ class Pipeline:
             beam_size,
             language=choice,
             progress=None if progress is None else _piece_progress(prepared, progress),
+            keywords=o.keywords,
         )
         return self._assemble(prepared, results, choice)
 
@@ -393,7 +410,9 @@ class Pipeline:
         With beam search the text comes at the end of each chunk (beams are only final then)."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
         choice = LanguageChoice(prepared.options.detect) if prepared.options.detect else None
-        events = self.engine.stream_batch(*self._engine_args(prepared), beam_size, language=choice)
+        events = self.engine.stream_batch(
+            *self._engine_args(prepared), beam_size, language=choice, keywords=prepared.options.keywords
+        )
         try:
             async for event in events:
                 if event.kind == "delta":

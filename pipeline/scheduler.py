@@ -16,6 +16,7 @@ import mlx.core as mx
 from canary_server.model.audio import MIN_AUDIO_SECONDS, pad_to_min_duration
 from canary_server.model.batch_decoder import BatchDecoder, Parked, Sequence
 from canary_server.model.beam_decoder import BeamBatchDecoder
+from canary_server.model.boosting import DEFAULT_ALPHA
 from canary_server.model.conformer import drain
 from canary_server.model.errors import NonFiniteError
 from canary_server.pipeline.encoding import Encoding, WorkItem, begin_encoding, sequences
@@ -32,6 +33,7 @@ AGING_PER_SECOND = 10.0
 PARK_RATIO, PARK_MARGIN_SECONDS = 3.0, 20.0
 # An encoder batch runs in about this many + 1 pieces (subsampling, groups of layers), one per step, so that
 # a short request arriving during a long batch's encoding waits for one piece, not the whole batch.
+BOOSTED_GREEDY = 0  # decoder key: beam search with beam 1 for greedy requests with keywords
 ENCODE_STAGES = 6
 
 
@@ -59,6 +61,7 @@ class ContinuousBatcher:
         long_request_share: float = DEFAULT_SHARE,
         fair_grace_seconds: float = DEFAULT_GRACE_SECONDS,
         clock=time.monotonic,
+        keywords_alpha: float = DEFAULT_ALPHA,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -66,6 +69,7 @@ class ContinuousBatcher:
         self.encode_stages = encode_stages
         self.beam_size = beam_size
         self.length_penalty = length_penalty
+        self.keywords_alpha = keywords_alpha
         self._compile = compile
         self.decoders: dict[int, BatchDecoder] = {}
         self.waiting: list[WorkItem] = []
@@ -78,14 +82,20 @@ class ContinuousBatcher:
         self._order = 0  # FIFO tie-break among equal priorities
 
     # ---- decoders ---------------------------------------------------------------------------------------
-    def _decoder(self, beam: int) -> BatchDecoder:
-        if beam not in self.decoders:
-            self.decoders[beam] = (
-                BeamBatchDecoder(self.model, beam, self.length_penalty)
-                if beam > 1
+    # Decoders are keyed by beam size; key BOOSTED_GREEDY is beam search with beam 1, which is how NeMo decodes
+    # greedy requests that boost keywords (a greedy request without keywords stays in the greedy decoder).
+    def _decoder(self, key: int) -> BatchDecoder:
+        if key not in self.decoders:
+            self.decoders[key] = (
+                BeamBatchDecoder(self.model, max(key, 1), self.length_penalty)
+                if key != 1
                 else BatchDecoder(self.model, compile=self._compile)
             )
-        return self.decoders[beam]
+        return self.decoders[key]
+
+    def _key(self, item: WorkItem) -> int:
+        beam = self._beam(item)
+        return BOOSTED_GREEDY if beam == 1 and item.spec.keywords else beam
 
     @property
     def decoder(self) -> BatchDecoder:
@@ -98,8 +108,8 @@ class ContinuousBatcher:
     def _active(self) -> list[Sequence]:
         """Sequences in a decoder (a beam sequence once, not once per hypothesis row)."""
         seqs: list[Sequence] = []
-        for beam, d in self.decoders.items():
-            seqs += d.rows[::beam]
+        for key, d in self.decoders.items():
+            seqs += d.rows[:: max(key, 1)]
         return seqs
 
     def __len__(self) -> int:
@@ -144,7 +154,7 @@ class ContinuousBatcher:
         if item.result is not None:
             return item.result.text
         seq = item._seq
-        if seq is None or self._beam(item) > 1 or not seq.tokens:
+        if seq is None or self._key(item) != 1 or not seq.tokens:
             return ""
         return self.model.tokenizer.transcript(seq.tokens)
 
@@ -198,7 +208,7 @@ class ContinuousBatcher:
             return [self._finish(s) for s in decoder.step()]
         except Exception as exc:  # never seen in practice; fail that decoder's items, keep the engine alive
             log.exception("decoder step failed")
-            failed = decoder.rows[::beam]
+            failed = decoder.rows[:: max(beam, 1)]
             del self.decoders[beam]
             for seq in failed:
                 seq.tag.error = exc
@@ -269,7 +279,7 @@ class ContinuousBatcher:
         except StopIteration as finished:
             self.encoding.pop()
             try:
-                seqs = sequences(self.model, enc, finished.value)
+                seqs = sequences(self.model, enc, finished.value, self.keywords_alpha)
             except Exception as exc:  # noqa: BLE001 - isolated below
                 return done + self._isolate(enc.items, exc), False
             return done + self._join(enc.items, seqs), False
@@ -318,7 +328,7 @@ class ContinuousBatcher:
     def _encode(self, items: list[WorkItem]) -> list[Sequence | BaseException]:
         """Encode items as one padded batch, all stages at once."""
         encoding = begin_encoding(self.model, items, self.encode_stages)
-        return sequences(self.model, encoding, drain(encoding.stages))
+        return sequences(self.model, encoding, drain(encoding.stages), self.keywords_alpha)
 
     def _isolate(self, items: list[WorkItem], exc: BaseException) -> list[WorkItem]:
         """A batch failed: fail it if it is one item, else encode the items one by one (the others still run)."""
@@ -348,7 +358,7 @@ class ContinuousBatcher:
         by_beam: dict[int, list[Sequence]] = {}
         for s in seqs:
             if isinstance(s, Sequence):
-                by_beam.setdefault(self._beam(s.tag), []).append(s)
+                by_beam.setdefault(self._key(s.tag), []).append(s)
         return failed + [self._finish(s) for beam, group in by_beam.items() for s in self._decoder(beam).add(group)]
 
     def _finish(self, seq: Sequence) -> WorkItem:

@@ -84,6 +84,7 @@ class Transcriber:
         batch_size: int = 8,
         beam_size: int | None = None,
         timestamps: bool = False,
+        keywords: Sequence[str] | None = None,
     ) -> TranscriptResult | list[TranscriptResult]:
         """Transcribe (target_lang None or == source_lang) or translate one input or a list of inputs of any
         length: paths, encoded bytes, or 16 kHz mono float32 arrays. `source_lang` None or "auto" detects the
@@ -91,11 +92,15 @@ class Transcriber:
         cut at pauses and its pieces decoded together, exactly as the server does. At most `batch_size` inputs are
         in flight at once;
         `beam_size` (default: the model's decoding config) picks NeMo's beam search; `timestamps=True` adds
-        word and segment times on models that have them (flash models, canary-1b-v2)."""
+        word and segment times on models that have them (flash models, canary-1b-v2). `keywords`: phrases to
+        boost (NeMo's boosting tree; None: the config's `keywords`, [] none); a phrase the model cannot spell
+        raises `pipeline.keywords.InvalidKeywords` naming it."""
         single = not isinstance(audio, list | tuple)
         items = [audio] if single else list(audio)
         results = []
-        each = self.transcribe_each(items, source_lang, target_lang, pnc, context, batch_size, beam_size, timestamps)
+        each = self.transcribe_each(
+            items, source_lang, target_lang, pnc, context, batch_size, beam_size, timestamps, keywords=keywords
+        )
         with contextlib.closing(each):  # closing it cancels the inputs still in flight
             for result in each:
                 if isinstance(result, Exception):
@@ -114,6 +119,7 @@ class Transcriber:
         beam_size: int | None = None,
         timestamps: bool = False,
         progress: Callable[[int, float, float], None] | None = None,
+        keywords: Sequence[str] | None = None,
     ) -> Iterator[TranscriptResult | CanaryError]:
         """`transcribe` for a list whose inputs fail alone: yields, in input order as soon as it is done, each
         input's result or the `CanaryError` it raised (a file that is not audio, too long, ...). Other errors
@@ -127,6 +133,7 @@ class Transcriber:
             timestamps=timestamps,
             language_role="source language",
             target_role="target language",
+            keywords=keywords,
         )
         gate = asyncio.Semaphore(max(1, batch_size))  # binds to the private loop on first use
 

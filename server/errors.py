@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from canary_server.model.boosting import UnspellablePhrase
 from canary_server.model.errors import AudioDecodeError, CanaryError, UnsupportedLanguageError
 from canary_server.pipeline.errors import (
     AudioTooLong,
@@ -28,6 +29,7 @@ from canary_server.pipeline.errors import (
     LanguageDetectionUnavailable,
     PromptTooLong,
 )
+from canary_server.pipeline.keywords import InvalidKeywords
 
 log = logging.getLogger("canary.server")
 
@@ -115,6 +117,10 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="file", code="audio_too_long")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="prompt", code="prompt_too_long")
+    if isinstance(exc, InvalidKeywords):
+        return ApiError(400, str(exc), param=exc.param, code="invalid_keywords")
+    if isinstance(exc, UnspellablePhrase):  # a detected language whose tokenizer cannot spell a keyword
+        return ApiError(400, str(exc), param="keywords[]", code="invalid_keywords")
     if isinstance(exc, CanaryError):
         return ApiError(400, str(exc))
     if isinstance(exc, EngineNotReady):

@@ -30,7 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI (pydantic-settings uses it too)
     import tomli as tomllib
 
+from canary_server.model.boosting import DEFAULT_ALPHA
 from canary_server.pipeline.fairness import DEFAULT_SHARE
+from canary_server.pipeline.keywords import MAX_SERVER_PHRASES, InvalidKeywords, clean_keywords, read_keywords_file
 from canary_server.pipeline.options import PipelineConfig
 
 # The TOML file of the `Settings.load` call in progress (a class attribute would leak between calls).
@@ -38,7 +40,7 @@ _config_file: ContextVar[Path | None] = ContextVar("canary_config_file", default
 
 # Settings that name files or directories: `~` and `$VARS` in them are expanded (TOML and env values are not
 # expanded by a shell, so "~/.cache/x" would otherwise be a directory named "~").
-PATH_SETTINGS = ("model", "cache_dir")
+PATH_SETTINGS = ("model", "cache_dir", "keywords_file")
 
 ENV_PREFIX = "CANARY_"
 
@@ -153,6 +155,14 @@ class Settings(BaseSettings):
         le=1,
         description="Share of engine time kept by work deferred for shorter requests (0: pure short-first).",
     )
+    keywords: list[str] = Field(
+        default_factory=list,
+        description="Phrases boosted for requests without their own keywords[] and for every Wyoming utterance.",
+    )
+    keywords_file: Path | None = Field(None, description="More such phrases, one a line (UTF-8).")
+    boosting_tree_alpha: float = Field(
+        DEFAULT_ALPHA, ge=0, le=10, description="Keyword boost weight (NeMo's boosting_tree_alpha); 0: none."
+    )
     model_aliases: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALIASES),
         description="Extra model names accepted in requests and listed by /v1/models.",
@@ -253,6 +263,14 @@ class Settings(BaseSettings):
             raise ValueError('give a language code, or "auto" to detect it')
         return v
 
+    @model_validator(mode="after")
+    def _keywords_readable(self) -> Settings:
+        try:
+            self.server_keywords()  # refused at startup, not at the first request
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_none(cls, v: str | None) -> str | None:
@@ -302,7 +320,17 @@ class Settings(BaseSettings):
         names = [f.name for f in dataclasses.fields(PipelineConfig) if f.name in Settings.model_fields]
         values = {name: getattr(self, name) for name in names}
         values["detect_languages"] = tuple(values["detect_languages"])
+        values["keywords"] = self.server_keywords()
         return PipelineConfig(**values)
+
+    def server_keywords(self) -> tuple[str, ...]:
+        """`keywords` then the phrases of `keywords_file`, checked (pipeline/keywords.py); raises SettingsError."""
+        try:
+            listed = clean_keywords(self.keywords, MAX_SERVER_PHRASES, "keywords")
+            from_file = read_keywords_file(self.keywords_file) if self.keywords_file else ()
+            return clean_keywords(listed + from_file, MAX_SERVER_PHRASES, "keywords")
+        except (InvalidKeywords, OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"keywords / keywords_file: {exc}") from None
 
     @property
     def max_upload_bytes(self) -> int:

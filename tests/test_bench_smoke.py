@@ -58,6 +58,7 @@ SMOKE_ARGS = {
     # arguments are checked here
     "make_big_v2_nemo.py": ["--help"],
     "wyoming_latency.py": ["--models", "espeak", "--repeats", "2", "--cache-dir", "{tiny}-cache"],
+    "keywords.py": ["--clips", "10", "--keywords", "3", "--alphas", "1"],
     "idle_unload.py": ["--models", "espeak", "--repeats", "1", "--cache-dir", "{tiny}-cache"],
     "language_id.py": ["--repeats", "1", "--skip-heldout", "--dims", "tiny", "--cache-dir", "{tiny}-cache"],
     "soak.py": ["--requests", "12", "--concurrency", "2", "--long-seconds", "6", "--pool", "3", "--seed", "3"],
@@ -250,3 +251,13 @@ def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_acc
             helps[script] = proc.stdout
         for flag in re.findall(r"(?<!\S)--[\w-]+", args):
             assert flag in helps[script], f"README/BENCHMARKS: bench/{script} {args.strip()}: {flag} is not an option"
+
+
+def test_keywords_measures_recall_wer_and_cost_on_the_espeak_model():
+    import shutil
+
+    if not ESPEAK_NEMO.is_file() or shutil.which("espeak-ng") is None:
+        pytest.skip("needs the espeak-trained test model and espeak-ng")
+    out = _bench("keywords.py")
+    assert "| no keywords |" not in out and "| none |" in out and "| 1 |" in out
+    assert "| 1000 |" in out and "| beam 1 + keywords |" in out

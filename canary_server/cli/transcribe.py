@@ -68,6 +68,13 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--cache-dir", default=None, help="where converted models are kept (default: ~/.cache/canary-server)"
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float32)")
+    p.add_argument(
+        "--keywords", nargs="+", default=None, metavar="PHRASE", help="phrases to boost (names, jargon; quote phrases)"
+    )
+    p.add_argument("--keywords-file", default=None, metavar="PATH", help="phrases to boost, one a line (UTF-8)")
+    p.add_argument(
+        "--boosting-tree-alpha", type=float, default=None, help="keyword boost weight (default: 1.0; 0: none)"
+    )
     p.set_defaults(func=run)
 
 
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from canary_server.model.errors import CanaryError
     from canary_server.pipeline import Transcriber
     from canary_server.pipeline.formats import ResponseFormat, render
+    from canary_server.pipeline.keywords import read_keywords_file
     from canary_server.pipeline.options import PipelineConfig
 
     def parser_error(message: str) -> None:
@@ -99,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     _check(args, parser_error)
     targets = _targets(args, parser_error)  # before the model loads: a clash is found at once
     fmt = ResponseFormat(args.format)
-    config = PipelineConfig(chunk_seconds=args.chunk_seconds, batch_size=max(args.batch_size, 1))
+    alpha = {} if args.boosting_tree_alpha is None else {"boosting_tree_alpha": args.boosting_tree_alpha}
+    config = PipelineConfig(chunk_seconds=args.chunk_seconds, batch_size=max(args.batch_size, 1), **alpha)
+    keywords = list(args.keywords or []) + list(read_keywords_file(args.keywords_file) if args.keywords_file else [])
     # Download / convert in the foreground, with progress, before the engine thread loads the directory.
     model_dir = resolve_model(args.model, args.cache_dir, progress=progress_class(args.quiet))
     failed = 0
@@ -114,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             context=args.prompt,
             batch_size=args.batch_size,
             beam_size=args.beam_size,
+            keywords=keywords,
             # the server asks the model for times exactly when the response shows them
             timestamps=args.timestamps or fmt in (ResponseFormat.srt, ResponseFormat.vtt),
             progress=LongFileProgress(args.audio, progress_class(args.quiet)),

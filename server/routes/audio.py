@@ -23,6 +23,8 @@ ModelField = Annotated[str, Form()]
 TextField = Annotated[str | None, Form()]
 FormatField = Annotated[ResponseFormat, Form()]
 TemperatureField = Annotated[float, Form(ge=0, le=1)]
+# OpenAI's keywords[] (the SDK sends a list as repeated `keywords[]`); absent: the server's `keywords` setting
+KeywordsField = Annotated[list[str] | None, Form(alias="keywords[]")]
 
 
 def _check_model(name: str, settings: Settings, request: Request) -> None:
@@ -120,6 +122,7 @@ async def create_transcription(
     target_language: TextField = None,
     languages: Annotated[list[str] | None, Form(alias="languages[]")] = None,
     pnc: Annotated[bool, Form()] = True,
+    keywords: KeywordsField = None,
 ) -> Response:
     """`language`: a code, or "auto" to detect it from the audio; without one it is detected too (within
     `languages[]` if sent), unless the server's `default_language` is a code."""
@@ -156,6 +159,8 @@ async def create_transcription(
         pnc=pnc,
         context=prompt,
         timestamps=_wants_timestamps(response_format, granularities),
+        keywords=keywords,
+        keywords_role="keywords[]",
     )
     if stream:
         return await _stream(pipeline, file.file, options, with_logprobs)
@@ -176,9 +181,10 @@ async def create_translation(
     response_format: FormatField = ResponseFormat.json,
     temperature: TemperatureField = 0.0,
     pnc: Annotated[bool, Form()] = True,
+    keywords: KeywordsField = None,
 ) -> Response:
     """Translate to English; the source language comes from `language` ("auto": detected) or the configured
-    default."""
+    default. `keywords[]` (not in OpenAI's translation API: the SDK sends it with extra_body) boosts phrases."""
     await _one_file(request)
     _check_model(model, settings, request)
     pipeline = ready_pipeline(request)
@@ -188,5 +194,7 @@ async def create_translation(
         pnc=pnc,
         context=prompt,
         timestamps=_wants_timestamps(response_format, set()),
+        keywords=keywords,
+        keywords_role="keywords[]",
     )
     return _render(await _run(request, pipeline, file, options), response_format)
