@@ -3,8 +3,8 @@
 Builds the model as bench/nemo_baseline.py does (random weights, real dims, forced decode length), then for each
 line on stdin transcribes the clip once and prints one JSON line of stage times (seconds), from forward hooks:
 upload decode (soundfile reading the WAV bytes, then `transcribe()` up to its preprocessor: NeMo's dataloader),
-features (preprocessor), encoder (+ encoder_decoder_proj), prompt + prefill (up to the second call of the
-transformer decoder), decoder steps (from there to the end of the last decoder/head call), result + response (the
+features (preprocessor), encoder (+ encoder_decoder_proj), prompt + prefill (up to the end of the first call
+of the output head), decoder steps (from there to the end of its last call), result + response (the
 rest of `transcribe()` and a JSON dump). `--repeats N` without stdin: N runs, the per-stage medians as one line.
 
     ../nemo-venv/bin/python bench/nemo_stages.py --model 180m-flash --tokenizers ~/.cache/canary-bench/180m-flash
@@ -37,7 +37,7 @@ class Clock:
 
     def __init__(self, model) -> None:
         self.events: list[tuple[str, str, float]] = []
-        mods = {"pre": model.preprocessor, "enc": model.encoder, "dec": model.transf_decoder, "head": model.log_softmax}
+        mods = {"pre": model.preprocessor, "enc": model.encoder, "head": model.log_softmax}
         if hasattr(model, "encoder_decoder_proj"):
             mods["proj"] = model.encoder_decoder_proj
         for name, mod in mods.items():
@@ -66,27 +66,20 @@ def once(model, clock: Clock, data: bytes, seconds: float) -> dict:
     json.dumps({"text": hyps[0].text})
     t_end = time.perf_counter()
     enc_end = clock.last("proj", "end") if any(n == "proj" for n, _, _ in clock.events) else clock.last("enc", "end")
-    dec_calls = sum(1 for n, w, _ in clock.events if n == "dec" and w == "start")
-    second_dec = clock.first("dec", "start", 1)
-    last_compute = max(clock.last("dec", "end"), clock.last("head", "end"))
+    heads = [tt for n, w, tt in clock.events if n == "head" and w == "end"]  # one per decoder call
     t = {
         "upload decode": clock.first("pre", "start") - t0,
         "features": clock.last("pre", "end") - clock.first("pre", "start"),
         "encoder": enc_end - clock.last("pre", "end"),
-        "prompt + prefill": second_dec - enc_end,
-        "decoder steps": last_compute - second_dec,
-        "result + response": t_end - last_compute,
-        "steps": dec_calls - 1,
+        "prompt + prefill": heads[0] - enc_end,
+        "decoder steps": heads[-1] - heads[0],
+        "result + response": t_end - heads[-1],
+        "steps": len(heads) - 1,
         "tokens": len(hyps[0].y_sequence),
     }
-    t["step median"] = _step_median(clock)
+    t["step median"] = statistics.median(b - a for a, b in zip(heads, heads[1:], strict=False))
     t["total"] = t_end - t0
     return t
-
-
-def _step_median(clock: Clock) -> float:
-    starts = [t for n, w, t in clock.events if n == "dec" and w == "start"][1:]
-    return statistics.median(b - a for a, b in zip(starts, starts[1:], strict=False))
 
 
 def main() -> None:
