@@ -65,12 +65,13 @@ def once(model, clock: Clock, data: bytes, seconds: float) -> dict:
     hyps = model.transcribe([audio], source_lang="en", target_lang="en", pnc="yes", batch_size=16, verbose=False)
     json.dumps({"text": hyps[0].text})
     t_end = time.perf_counter()
-    enc_end = clock.last("proj", "end") if any(n == "proj" for n, _, _ in clock.events) else clock.last("enc", "end")
+    starts = {n: tt for n, w, tt in reversed(clock.events) if w == "start"}  # each module's first call
+    enc_end = starts.get("proj") or clock.last("enc", "end")  # NeMo's preprocessor and encoder may not report "end"
     heads = [tt for n, w, tt in clock.events if n == "head" and w == "end"]  # one per decoder call
     t = {
-        "upload decode": clock.first("pre", "start") - t0,
-        "features": clock.last("pre", "end") - clock.first("pre", "start"),
-        "encoder": enc_end - clock.last("pre", "end"),
+        "upload decode": starts["pre"] - t0,
+        "features": starts["enc"] - starts["pre"],
+        "encoder": enc_end - starts["enc"],
         "prompt + prefill": heads[0] - enc_end,
         "decoder steps": heads[-1] - heads[0],
         "result + response": t_end - heads[-1],
