@@ -3,8 +3,8 @@
 Builds the model as bench/nemo_baseline.py does (random weights, real dims, forced decode length), then for each
 line on stdin transcribes the clip once and prints one JSON line of stage times (seconds), from forward hooks:
 upload decode (soundfile reading the WAV bytes, then `transcribe()` up to its preprocessor: NeMo's dataloader),
-features (preprocessor), encoder (+ encoder_decoder_proj), prompt + prefill (up to the end of the first call
-of the output head), decoder steps (from there to the end of its last call), result + response (the
+features (preprocessor), encoder (+ encoder_decoder_proj), prompt + prefill (up to the end of the generator's first
+`_one_step_forward`), decoder steps (from there to the end of its last one), result + response (the
 rest of `transcribe()` and a JSON dump). `--repeats N` without stdin: N runs, the per-stage medians as one line.
 
     ../nemo-venv/bin/python bench/nemo_stages.py --model 180m-flash --tokenizers ~/.cache/canary-bench/180m-flash
@@ -37,12 +37,24 @@ class Clock:
 
     def __init__(self, model) -> None:
         self.events: list[tuple[str, str, float]] = []
-        mods = {"pre": model.preprocessor, "enc": model.encoder, "head": model.log_softmax}
+        mods = {"pre": model.preprocessor, "enc": model.encoder}
         if hasattr(model, "encoder_decoder_proj"):
             mods["proj"] = model.encoder_decoder_proj
         for name, mod in mods.items():
             mod.register_forward_pre_hook(self._mark(name, "start"))
             mod.register_forward_hook(self._mark(name, "end"))
+        # NeMo's generator calls its embedding, decoder and head with `.forward()` (no hooks): time each of its
+        # one-step calls (the prompt's, then one per token) by wrapping the method itself.
+        gen = model.decoding.decoding.beam_search
+        one_step = gen._one_step_forward
+
+        def timed(*a, **kw):
+            self.events.append(("head", "start", time.perf_counter()))
+            out = one_step(*a, **kw)
+            self.events.append(("head", "end", time.perf_counter()))
+            return out
+
+        gen._one_step_forward = timed
 
     def _mark(self, name: str, what: str):
         def hook(*_):
