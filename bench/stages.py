@@ -100,10 +100,10 @@ def ours_once(model, data: bytes, tokens: int) -> dict:
 class Nemo:
     """bench/nemo_stages.py as a subprocess holding its model: one request per `run()`."""
 
-    def __init__(self, name: str, seconds: float) -> None:
+    def __init__(self, name: str, seconds: float, threads: int = 2) -> None:
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         cmd = [str(NEMO_PY), str(BENCH / "nemo_stages.py"), "--model", name, "--tokenizers", str(model_dir(name)),
-               "--seconds", str(seconds)]  # fmt: skip
+               "--seconds", str(seconds), "--threads", str(threads)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         while self.proc.stdout.readline().strip() != "ready":
             if self.proc.poll() is not None:
@@ -129,13 +129,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-nemo", action="store_true")
+    ap.add_argument("--nemo-threads", type=int, default=2, help="torch threads of NeMo's process")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     model = load(model_dir(args.model))
     data = wav_bytes(speech_like(args.seconds, seed=int(args.seconds)))
     tokens = round(TOKENS_PER_SECOND * args.seconds)
     ours_once(model, data, tokens)  # warm-up
-    nemo_side = None if args.no_nemo else Nemo(args.model, args.seconds)
+    nemo_side = None if args.no_nemo else Nemo(args.model, args.seconds, args.nemo_threads)
     ours, nemo = [], []
     for _ in range(args.repeats):  # alternate, so that a change of the machine's load hits both sides
         ours.append(ours_once(model, data, tokens))
@@ -145,7 +146,8 @@ def main() -> None:
         nemo_side.close()
     o = medians(ours)
     n = medians(nemo) if nemo else None
-    print(f"{args.model} dims, {args.seconds:g} s clip, {tokens} tokens forced, float32, median of {args.repeats}")
+    print(f"{args.model} dims, {args.seconds:g} s clip, {tokens} tokens forced, float32, median of {args.repeats}, "
+          f"NeMo with {args.nemo_threads} torch threads")  # fmt: skip
     print("| stage | ours (ms) | NeMo (ms) | NeMo / ours |\n|---|---:|---:|---:|")
     for s in (*STAGES, "total"):
         nv = f"{n[s] * 1e3:.0f} | {n[s] / o[s]:.2f}x" if n else "- | -"
