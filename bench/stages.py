@@ -42,8 +42,8 @@ NEMO_PY = Path(os.environ.get("NEMO_PYTHON", REPO.parent / "nemo-venv" / "bin" /
 STAGES = ("upload decode", "features", "encoder", "prompt + prefill", "decoder steps", "result + response")
 
 
-def model_dir(name: str) -> Path:
-    d = Path.home() / ".cache" / "canary-bench" / name
+def model_dir(name: str, given: Path | None = None) -> Path:
+    d = given or Path.home() / ".cache" / "canary-bench" / name
     if not (d / "config.json").exists():
         subprocess.run([sys.executable, str(BENCH / "random_model.py"), name, "--out", str(d)], check=True)
     return d
@@ -100,9 +100,9 @@ def ours_once(model, data: bytes, tokens: int) -> dict:
 class Nemo:
     """bench/nemo_stages.py as a subprocess holding its model: one request per `run()`."""
 
-    def __init__(self, name: str, seconds: float, threads: int = 2) -> None:
+    def __init__(self, name: str, tokenizers: Path, seconds: float, threads: int = 2) -> None:
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        cmd = [str(NEMO_PY), str(BENCH / "nemo_stages.py"), "--model", name, "--tokenizers", str(model_dir(name)),
+        cmd = [str(NEMO_PY), str(BENCH / "nemo_stages.py"), "--model", name, "--tokenizers", str(tokenizers),
                "--seconds", str(seconds), "--threads", str(threads)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         while self.proc.stdout.readline().strip() != "ready":
@@ -128,15 +128,17 @@ def main() -> None:
     ap.add_argument("--model", default="180m-flash", choices=("180m-flash", "1b-flash", "tiny"))
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model-dir", type=Path, help="default: ~/.cache/canary-bench/MODEL (written if missing)")
     ap.add_argument("--no-nemo", action="store_true")
     ap.add_argument("--nemo-threads", type=int, default=2, help="torch threads of NeMo's process")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model = load(model_dir(args.model))
+    directory = model_dir(args.model, args.model_dir)
+    model = load(directory)
     data = wav_bytes(speech_like(args.seconds, seed=int(args.seconds)))
     tokens = round(TOKENS_PER_SECOND * args.seconds)
     ours_once(model, data, tokens)  # warm-up
-    nemo_side = None if args.no_nemo else Nemo(args.model, args.seconds, args.nemo_threads)
+    nemo_side = None if args.no_nemo else Nemo(args.model, directory, args.seconds, args.nemo_threads)
     ours, nemo = [], []
     for _ in range(args.repeats):  # alternate, so that a change of the machine's load hits both sides
         ours.append(ours_once(model, data, tokens))
