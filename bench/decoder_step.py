@@ -26,6 +26,7 @@ from canary_server.model import backend, batch_decoder  # noqa: E402
 from canary_server.model.batch_decoder import BatchDecoder, Sequence  # noqa: E402
 from canary_server.model.canary import Canary  # noqa: E402
 from canary_server.model.cpu_layout import use_cpu_buffer_cache  # noqa: E402
+from canary_server.model.quantize import DEFAULT_GROUP_SIZE, quantize  # noqa: E402
 from canary_server.model.config import (  # noqa: E402
     DecoderConfig,
     DecodingConfig,
@@ -45,7 +46,7 @@ class _Tok:
 DIMS = {"real": DecoderConfig(), "tiny": DecoderConfig(num_layers=2, hidden_size=64, inner_size=256, vocab_size=512)}
 
 
-def build(cpu_layout: bool, decoder: DecoderConfig) -> Canary:
+def build(cpu_layout: bool, decoder: DecoderConfig, bits: int = 0) -> Canary:
     """A model with only the decoder's real dims (1 encoder layer: the step never runs it)."""
     cfg = ModelConfig(
         preprocessor=PreprocessorConfig(),
@@ -57,6 +58,8 @@ def build(cpu_layout: bool, decoder: DecoderConfig) -> Canary:
     )
     m = Canary(cfg, _Tok())
     m.head.bias = mx.where(mx.arange(cfg.decoder.vocab_size) < 5, -1e4, 0.0)  # never stop
+    if bits:
+        quantize(m.decoder, bits, DEFAULT_GROUP_SIZE)  # what `convert --quantize` stores
     mx.eval(m.parameters())
     if cpu_layout:
         m.use_cpu_layout()
@@ -210,6 +213,7 @@ def main() -> None:
     ap.add_argument("--dims", choices=sorted(DIMS), default="real", help="real: the flash models' decoder")
     ap.add_argument("--enc-frames", type=int, default=375, help="cross-attention length (375: 30 s, 63: 5 s)")
     ap.add_argument("--limit-only", action="store_true", help="only the bandwidth / bytes / ops / syncs table")
+    ap.add_argument("--bits", type=int, choices=(4, 8), help="also time the decoder quantized to BITS (group 64)")
     args = ap.parse_args()
     layouts = [False, True] if mx.default_device() == mx.cpu else [False]
     d = DIMS[args.dims]
@@ -220,12 +224,14 @@ def main() -> None:
         return
     print("\n| weights | batch | step, plain (ms) | step, pipelined (ms) | tokens/s pipelined |")
     print("|---|---|---|---|---|")
-    for cpu_layout in layouts:
-        m = build(cpu_layout, d)
+    variants = [(cpu_layout, 0) for cpu_layout in layouts] + ([(layouts[-1], args.bits)] if args.bits else [])
+    for cpu_layout, bits in variants:
+        m = build(cpu_layout, d, bits)
         for b in args.batches:
             plain = time_steps(m, b, args.steps, pipelined=False, t_enc=args.enc_frames)
             piped = time_steps(m, b, args.steps, pipelined=True, t_enc=args.enc_frames)
             name = "pre-transposed (CPU layout)" if cpu_layout else "nn.Linear"
+            name = f"{bits}-bit decoder" if bits else name
             print(f"| {name} | {b} | {plain * 1e3:.1f} | {piped * 1e3:.1f} | {b / piped:.0f} |")
 
 
