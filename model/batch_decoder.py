@@ -134,11 +134,14 @@ class BatchDecoder:
         x = dec.embedding(mx.array([s.prompt for s in seqs], dtype=mx.int32), mx.arange(p))
         self_k, self_v = [], []
         mask = causal_mask(p, enc.dtype)
-        for i, layer in enumerate(dec.layers):
-            k, v = layer.first_sub_layer.kv(layer.layer_norm_1(x))
+
+        def keep(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
             self_k.append(k)
             self_v.append(v)
-            x = layer(x, (k, v), mask, cross[i], cross_mask)
+            return k, v
+
+        for i, layer in enumerate(dec.layers):
+            x = layer.with_cache(x, keep, mask, cross[i], cross_mask)
         return self_k, self_v, cross, cross_mask, self.model.logits(dec.final_layer_norm(x[:, -1]))
 
     def _append_rows(self, self_k, self_v, cross, cross_mask, positions: int | list[int], last: mx.array) -> None:
@@ -241,11 +244,17 @@ class BatchDecoder:
         self_mask = self_mask[:, None, None, :]  # (B, 1, 1, L): each row sees its own past only
         write_idx = mx.broadcast_to(offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
         new_k, new_v = [], []
+
+        def write(i: int):
+            def at_offsets(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:  # k, v (B, H, 1, d_k)
+                new_k.append(mx.put_along_axis(self_k[i], write_idx, k, axis=2))
+                new_v.append(mx.put_along_axis(self_v[i], write_idx, v, axis=2))
+                return new_k[i], new_v[i]
+
+            return at_offsets
+
         for i, layer in enumerate(dec.layers):
-            k, v = layer.first_sub_layer.kv(layer.layer_norm_1(x))  # (B, H, 1, d_k)
-            new_k.append(mx.put_along_axis(self_k[i], write_idx, k, axis=2))
-            new_v.append(mx.put_along_axis(self_v[i], write_idx, v, axis=2))
-            x = layer(x, (new_k[i], new_v[i]), self_mask, (cross_k[i], cross_v[i]), cross_mask)
+            x = layer.with_cache(x, write(i), self_mask, (cross_k[i], cross_v[i]), cross_mask)
         return self.model.logits(dec.final_layer_norm(x[:, -1])), new_k, new_v
 
     def _collect(self, token: mx.array, token_lp: mx.array, seqs: list[Sequence]) -> list[Sequence]:

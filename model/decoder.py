@@ -5,7 +5,9 @@ Reference §3. Cross-attention K/V are computed once per utterance (`cross_kv`),
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,8 +37,11 @@ class MultiHeadAttention(nn.Module):
         return self.heads(self.key_net(x)), self.heads(self.value_net(x))
 
     def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        b, t, _ = x.shape
-        q = self.heads(self.query_net(x))
+        return self.attend_heads(self.heads(self.query_net(x)), k, v, mask)
+
+    def attend_heads(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+        """Attention of queries already split into heads (B, H, T, d_k) -> (B, T, D)."""
+        b, _, t, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_projection(out.transpose(0, 2, 1, 3).reshape(b, t, -1))  # (B, T, D)
 
@@ -71,6 +76,25 @@ class DecoderBlock(nn.Module):
         cross_mask: mx.array,
     ) -> mx.array:
         x = x + self.first_sub_layer.attend(self.layer_norm_1(x), *self_kv, self_mask)
+        return self.cross_and_ff(x, cross_kv, cross_mask)
+
+    def with_cache(
+        self,
+        x: mx.array,
+        write_kv: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]],
+        self_mask: mx.array | None,
+        cross_kv: tuple[mx.array, mx.array],
+        cross_mask: mx.array,
+    ) -> mx.array:
+        """The block with a self-attention cache: `write_kv(k, v)` stores x's new K/V and returns what attention
+        sees. Same math as `__call__`; layer_norm_1 is computed once for the queries and the new K/V."""
+        att = self.first_sub_layer
+        h = self.layer_norm_1(x)
+        k, v = write_kv(*att.kv(h))
+        x = x + att.attend_heads(att.heads(att.query_net(h)), k, v, self_mask)
+        return self.cross_and_ff(x, cross_kv, cross_mask)
+
+    def cross_and_ff(self, x: mx.array, cross_kv: tuple[mx.array, mx.array], cross_mask: mx.array) -> mx.array:
         x = x + self.second_sub_layer.attend(self.layer_norm_2(x), *cross_kv, cross_mask)
         return x + self.third_sub_layer(self.layer_norm_3(x))
 
@@ -124,13 +148,15 @@ class TransformerDecoder(nn.Module):
         `self_mask` (additive, broadcastable to (B, H, T, T_cache)) adds causality / padding."""
         x = self.embedding(ids, positions)
         for i, layer in enumerate(self.layers):
-            k, v = layer.first_sub_layer.kv(layer.layer_norm_1(x))
-            if cache is not None:
-                k, v = cache.update(i, k, v)
-            x = layer(x, (k, v), self_mask, cross[i], cross_mask)
+            write = _no_cache if cache is None else functools.partial(cache.update, i)
+            x = layer.with_cache(x, write, self_mask, cross[i], cross_mask)
         if cache is not None:
             cache.advance(ids.shape[1])
         return self.final_layer_norm(x)
+
+
+def _no_cache(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    return k, v
 
 
 def cross_attention_mask(enc_lengths: mx.array, t_enc: int, dtype: mx.Dtype = mx.float32) -> mx.array:

@@ -10,6 +10,7 @@ that does not exist.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -50,6 +51,8 @@ SMOKE_ARGS = {
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
     "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
+    "stages.py": ["--model", "tiny", "--model-dir", "{tiny}", "--seconds", "2", "--repeats", "1", "--no-nemo"],
+    "nemo_stages.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--seconds", "2", "--repeats", "1"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
     "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
     "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
@@ -69,7 +72,7 @@ SMOKE_ARGS = {
     "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
-NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
+NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py", "nemo_stages.py"}
 
 
 def _bench(script: str, tiny: Path | None = None, python: str = sys.executable) -> str:
@@ -130,6 +133,23 @@ def test_streaming_step_times_chunk_steps(tiny):
 def test_decoder_step_times_batched_steps():
     out = _bench("decoder_step.py")
     assert re.search(r"\| nn\.Linear \| 2 \| [\d.]+ \| [\d.]+ \| \d+ \|", out)
+    # the limit table: bytes per step, ops and host reads per step for both paths (counts, not times)
+    cpu_row = r"^\| cpu \| 1 \| [\d.]+ \(.*\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \| 2 \|$"
+    assert re.search(cpu_row, out, flags=re.M), out
+    assert re.search(r"^\| gpu \| 2 \| .* \| \d+ \| 2 \|$", out, flags=re.M), out
+
+
+def test_stages_breaks_one_request_into_its_stages(tiny):
+    out = _bench("stages.py", tiny)
+    for stage in ("upload decode", "features", "encoder", "prompt + prefill", "decoder steps", "total"):
+        assert re.search(rf"^\| {re.escape(stage)} \| \d+ \|", out, flags=re.M), out
+
+
+def test_nemo_stages_runs_in_nemos_interpreter(tiny):
+    _require_nemo("nemo_stages.py")
+    out = _bench("nemo_stages.py", tiny, python=str(NEMO_PYTHON))
+    stages = json.loads(out.strip().splitlines()[-1])
+    assert stages["tokens"] == 8 and stages["steps"] == 7 and stages["encoder"] > 0, out
 
 
 def test_quantize_eval_reports_the_quantized_share_of_the_cpu_layouts_linears():
