@@ -19,6 +19,7 @@ from .batch_decoder import check_prompt_length
 from .cache import KVCache
 from .decoder import NEG_INF, causal_mask, cross_attention_mask
 from .decoding import encoder_frames
+from .errors import NonFiniteError
 from .stream_buffer import AudioBuffer, ContextFrames, StreamingConfig
 
 PRED_BUFFER = 256  # AEDStreamingState.max_generation_length: the prediction buffer, prompt included
@@ -144,8 +145,12 @@ class StreamingDecoder:
             tokens = mx.array([_last_token(r.stream) for r in rows])
             pos = mx.array([len(r.stream.prompt) + len(r.stream.tokens) - 1 for r in rows])
             hidden, probs = _forward(dec, tokens, pos, keys, values, cross, cross_mask, self.xatt_layer)
-            next_tok = mx.argmax(self.model.logits(hidden), axis=-1)
-            mx.eval(next_tok, probs)
+            logits = self.model.logits(hidden)
+            next_tok = mx.argmax(logits, axis=-1)
+            finite = mx.all(mx.isfinite(logits)) if self.model.guards_overflow else mx.array(True)
+            mx.eval(next_tok, probs, finite)
+            if not finite.item():  # float16/bfloat16 only; no float32 fallback for live streams yet
+                raise NonFiniteError.overflow("the decoder's logits", self.model.dtype)
             self._advance(rows, np.array(next_tok).tolist(), np.array(probs))
         for b, r in enumerate(rows):
             for i in range(len(dec.layers)):

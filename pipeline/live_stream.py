@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from canary_server.model.audio import check_samples
 from canary_server.pipeline.errors import AudioTooLong
 
 log = logging.getLogger("canary.engine")
@@ -54,6 +55,7 @@ class LiveJob:
         if self.ended:
             raise ValueError("audio after the end of the stream")
         audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        check_samples(audio)  # NaN, inf, absurd magnitudes: refused here, before the engine sees them
         if (self.samples + audio.shape[0]) / self.sample_rate > self.max_seconds:
             raise AudioTooLong((self.samples + audio.shape[0]) / self.sample_rate, self.max_seconds)
         self.samples += audio.shape[0]

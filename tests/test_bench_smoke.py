@@ -49,6 +49,7 @@ SMOKE_ARGS = {
     "fairness.py": ["--model", "tiny", "--model-dir", "{tiny}", "--shares", "0.5", "--long-seconds", "12"],
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
+    "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
     "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
     "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
@@ -117,6 +118,11 @@ def test_fairness_measures_both_sides_of_the_share(tiny):
 def test_encoder_ops_times_the_ops_and_the_encoder(tiny):
     out = _bench("encoder_ops.py", tiny)
     assert "| SiLU, 0.77 M values" in out and "| 1 x 30 s |" in out
+
+
+def test_streaming_step_times_chunk_steps(tiny):
+    out = _bench("streaming_step.py", tiny)
+    assert re.search(r"^  2 streams: +[\d.]+ ms per step", out, flags=re.M)
 
 
 def test_decoder_step_times_batched_steps():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from canary_server.model.audio import load_audio
+from canary_server.model.errors import AudioDecodeError
 from canary_server.model.stream_buffer import StreamingConfig
 from canary_server.pipeline.engine import Engine
 from canary_server.pipeline.errors import AudioTooLong
@@ -100,7 +101,7 @@ def test_live_streams_and_file_requests_share_the_engine(espeak_model):
     assert engine.stats["completed"] == 1
 
 
-def test_a_live_stream_longer_than_its_limit_is_refused_as_it_grows(espeak_model):
+def test_a_live_stream_too_long_or_not_finite_is_refused_as_it_grows(espeak_model):
     engine = Engine(lambda: espeak_model, batch_size=4)
 
     async def main():
@@ -108,6 +109,8 @@ def test_a_live_stream_longer_than_its_limit_is_refused_as_it_grows(espeak_model
         job.feed(np.zeros(16000, np.float32))
         with pytest.raises(AudioTooLong):
             job.feed(np.zeros(1, np.float32))
+        with pytest.raises(AudioDecodeError, match="NaN"):
+            job.feed(np.full(10, np.nan, np.float32))
         job.close()
         return await engine.transcribe(load_audio(ESPEAK_CLIPS / "clip04.wav"), "en", "en", True, None)
 
