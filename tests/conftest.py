@@ -19,6 +19,9 @@ ESPEAK_CLIPS = SHARED / "models" / "espeak-tiny-en-clips"
 ESPEAK_SERVER_CHUNK_SECONDS = 8.0  # long-audio chunking of the shared espeak server
 ESPEAK_MULTI_NEMO = SHARED / "models" / "espeak-tiny-multi.nemo"
 ESPEAK_MULTI_CLIPS = SHARED / "models" / "espeak-tiny-multi-clips"
+# espeak-tiny-en fine-tuned on speech with silence and noise around it (NOT a real Canary); committed here.
+SILENCE_ROBUST_NEMO = FIXTURES / "silence_robust" / "silence_robust.nemo"
+SILENCE_ROBUST_CLIPS = FIXTURES / "silence_robust" / "clips"
 # A log line of canary-server (ours and uvicorn's): "2026-12-07 01:20:00,123 INFO:     message".
 LOG_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<level>[A-Z]+): +(?P<message>.*)")
 
@@ -51,6 +54,14 @@ def espeak_multi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from canary_server.convert import convert_nemo
 
     return convert_nemo(ESPEAK_MULTI_NEMO, tmp_path_factory.mktemp("espeak-multi") / "model")
+
+
+@pytest.fixture(scope="session")
+def silence_robust_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The silence-robust espeak test model (tests/fixtures/silence_robust; NOT a real Canary), converted once."""
+    from canary_server.convert import convert_nemo
+
+    return convert_nemo(SILENCE_ROBUST_NEMO, tmp_path_factory.mktemp("silence-robust") / "model")
 
 
 @pytest.fixture(scope="session")
