@@ -252,8 +252,15 @@ class CanaryEventHandler(AsyncEventHandler):
             live, self.budget, max_bytes=self.limits.max_utterance_bytes, max_chunks=self.limits.max_chunks
         )
         if self.limits.partials != "off":
-            fmt = (live.rate, live.width, live.channels)
-            self.partials = Partials.open(self.pipeline, self._options(), fmt, self.write_event, self.budget)
+            self.partials = self._open_partials(live)
+
+    def _open_partials(self, live) -> Partials | None:
+        try:
+            options = self._options()
+        except CanaryError:  # e.g. detection unavailable: answered at audio-stop, as without partials
+            return None
+        fmt = (live.rate, live.width, live.channels)
+        return Partials.open(self.pipeline, options, fmt, self.write_event, self.budget)
 
     async def _fail(self, exc: BaseException, *, utterance: bool) -> bool:
         if self.audio is not None:
