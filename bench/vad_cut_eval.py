@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--recordings", type=int, default=6)
     ap.add_argument("--chunk-seconds", type=float, default=8.0)
     ap.add_argument("--prefix-ms", default="30,300")
+    ap.add_argument("--nemo", type=Path, default=NEMO, help="the .nemo model (default: espeak-tiny-en)")
     args = ap.parse_args()
     from canary_server.convert import convert_nemo
     from canary_server.model import load
@@ -86,8 +87,8 @@ def main() -> None:
     from canary_server.pipeline.speech import VadParams, speech_probabilities
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = load(convert_nemo(NEMO, Path(tmp) / "m"), dtype="float32")
-    print(f"{args.recordings} recordings of 8 espeak clips each, chunk_seconds {args.chunk_seconds:g}\n")
+        model = load(convert_nemo(args.nemo, Path(tmp) / "m"), dtype="float32")
+    print(f"{args.nemo.name}: {args.recordings} recordings of 8 espeak clips each, chunk {args.chunk_seconds:g} s\n")
     print("| audio | cutting | WER | cuts inside a clip |\n|---|---|---|---|")
     for noise in (None, 10.0):
         recs = recordings(args.recordings, noise, np.random.default_rng(0))
