@@ -65,6 +65,7 @@ SMOKE_ARGS = {
     "router_throughput.py": ["--requests", "4", "--concurrency", "2", "--rounds", "1"],
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
     "vad_eval.py": ["--clips", "1"],
+    "vad_cut_eval.py": ["--recordings", "1", "--prefix-ms", "100"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -242,3 +243,11 @@ def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_acc
             helps[script] = proc.stdout
         for flag in re.findall(r"(?<!\S)--[\w-]+", args):
             assert flag in helps[script], f"README/BENCHMARKS: bench/{script} {args.strip()}: {flag} is not an option"
+
+
+def test_vad_cut_eval_compares_the_energy_rule_with_vad_cuts():
+    if not (REPO.parent / "shared" / "models" / "espeak-tiny-en.nemo").exists():
+        pytest.skip("bench/vad_cut_eval.py needs the espeak test model in ../shared/models")
+    out = _bench("vad_cut_eval.py")
+    assert re.search(r"^\| clean \| energy rule \| [\d.]+ \| \d+ \|", out, flags=re.M), out
+    assert re.search(r"^\| white noise 10 dB SNR \| VAD, prefix 100 ms \| [\d.]+ \| \d+ \|", out, flags=re.M), out
