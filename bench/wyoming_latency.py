@@ -16,6 +16,14 @@ round(4 * seconds) tokens by bench/serve_capped.py, synthetic speech-like audio)
 
     .venv/bin/python bench/wyoming_latency.py [--models espeak,180m-flash] [--repeats 20]
 
+`--live` instead: live partials (issue 20). Four espeak clips (1.5-5.5 s) sent as a microphone sends them (1024
+samples every 64 ms, paced in real time), to three `serve` processes: `wyoming_partials` off (main's behaviour:
+all text after audio-stop), preview (partials while speaking, the final transcript decoded whole at audio-stop)
+and final (the streaming decoder's text is the transcript). Reported: first transcript-chunk after audio-start,
+audio-stop -> transcript, and how many final transcripts equal the HTTP (offline, NeMo-exact) text.
+
+    .venv/bin/python bench/wyoming_latency.py --live [--repeats 5]
+
 Prints a Markdown table (ms: median and p90). Timings on a shared machine are noisy.
 """
 
@@ -131,6 +139,76 @@ async def wyoming(port: int, pcm: np.ndarray, language: str) -> tuple[float, flo
                 raise RuntimeError(event.data)
 
 
+async def wyoming_live(port: int, pcm: np.ndarray, language: str) -> tuple[float | None, float, str]:
+    """Paced in real time: (audio-start -> first transcript-chunk or None, audio-stop -> transcript, text)."""
+    raw, fmt = pcm.tobytes(), {"rate": SR, "width": 2, "channels": 1}
+    first: float | None = None
+    stop: float | None = None
+
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+
+        async def read() -> tuple[float, str]:
+            nonlocal first
+            while True:
+                event = await client.read_event()
+                if event.type == "transcript-chunk" and first is None:
+                    first = time.perf_counter() - t0
+                if event.type == "transcript":
+                    return time.perf_counter(), event.data["text"]
+                if event.type == "error":
+                    raise RuntimeError(event.data)
+
+        await client.write_event(Transcribe(language=language).event())
+        t0 = time.perf_counter()
+        await client.write_event(AudioStart(**fmt).event())
+        reader = asyncio.create_task(read())
+        for k, i in enumerate(range(0, len(raw), 2048)):
+            due = t0 + k * 1024 / SR
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))  # a microphone's clock
+            await client.write_event(AudioChunk(audio=raw[i : i + 2048], **fmt).event())
+        await asyncio.sleep(max(0.0, t0 + len(pcm) / SR - time.perf_counter()))  # the last chunk's end
+        await client.write_event(AudioStop().event())
+        stop = time.perf_counter()
+        end, text = await reader
+    return first, end - stop, text
+
+
+LIVE_CLIPS = ["clip00.wav", "clip01.wav", "clip06.wav", "clip08.wav"]
+
+
+def live_bench(repeats: int, tmp: Path) -> None:
+    path = model_dir("espeak", tmp, CACHE)
+    clips = {name: sf.read(CLIP.parent / name, dtype="int16")[0] for name in LIVE_CLIPS}
+    rows = []
+    for mode in ("off", "preview", "final"):
+        http_port, wy_port = free_port(), free_port()
+        os.environ["CANARY_WYOMING_PARTIALS"] = mode
+        proc = start_server(path, http_port, wy_port, capped=False)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=600) as client:
+                offline = {n: http_json(client, wav_bytes(pcm))[1] for n, pcm in clips.items()}
+            asyncio.run(wyoming_live(wy_port, clips[LIVE_CLIPS[0]], "en"))  # warm-up
+            firsts, stops, same, n = [], [], 0, 0
+            for _ in range(repeats):
+                for name, pcm in clips.items():
+                    first, stop, text = asyncio.run(wyoming_live(wy_port, pcm, "en"))
+                    firsts += [first] if first is not None else []
+                    stops.append(stop)
+                    same += text == offline[name]
+                    n += 1
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        first_col = f"{stats(firsts)} ({len(firsts)}/{n} with partials)" if firsts else f"none (0/{n})"
+        rows.append(f"| {mode} | {first_col} | {stats(stops)} | {same}/{n} |")
+    os.environ.pop("CANARY_WYOMING_PARTIALS", None)
+    lengths = ", ".join(f"{len(p) / SR:.1f}" for p in clips.values())
+    print(f"\nespeak-tiny-en (toy), clips of {lengths} s paced in real time, {repeats} rounds; ms median / p90\n")
+    print("| wyoming_partials | audio-start -> first transcript-chunk | audio-stop -> transcript | final = HTTP text |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def stats(xs: list[float]) -> str:
     ms = sorted(x * 1e3 for x in xs)
     p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
@@ -188,7 +266,12 @@ def main() -> None:
         default=CACHE,
         help="where the random-weight models are written (default: ~/.cache/canary-bench)",
     )
+    ap.add_argument("--live", action="store_true", help="live partials: off / preview / final, paced audio")
     args = ap.parse_args()
+    if args.live:
+        with tempfile.TemporaryDirectory() as tmp:
+            live_bench(args.repeats, Path(tmp))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

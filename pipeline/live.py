@@ -61,6 +61,13 @@ class LiveAudio:
             mono = self._resampler.resample_chunk(mono)
         self._pieces.append(np.ascontiguousarray(mono, dtype=np.float32))
 
+    def take(self) -> np.ndarray:
+        """The samples converted since the last `take()`, given away (a live stream feeds them to the engine as
+        they arrive instead of holding the utterance twice); `finish()` then returns only what came after."""
+        out = np.concatenate(self._pieces) if self._pieces else np.zeros(0, np.float32)
+        self._pieces = []
+        return out.astype(np.float32, copy=False)
+
     def finish(self) -> np.ndarray:
         """The whole utterance, mono float32 at the model's rate (a trailing partial frame is dropped)."""
         if self._resampler is not None:

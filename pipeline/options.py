@@ -8,6 +8,7 @@ from typing import Literal
 from canary_server.model.boosting import DEFAULT_ALPHA
 from canary_server.pipeline.fairness import DEFAULT_SHARE
 from canary_server.pipeline.language import AUTO, LanguageDetection
+from canary_server.pipeline.speech import VadParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class TranscribeOptions:
     # Detect the source language from the audio; source_lang / target_lang are then provisional (the fallback)
     detect: LanguageDetection | None = None
     keywords: tuple[str, ...] = ()  # phrases to boost (pipeline/keywords.py); empty: none
+    vad: VadParams = VadParams()  # chunking_strategy's server_vad fields (pipeline/speech.py)
 
     @property
     def task(self) -> Literal["transcribe", "translate"]:
@@ -54,6 +56,9 @@ class PipelineConfig:
     detect_language: bool = False
     detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
     detect_threshold: float = 0.5  # below it (best candidate's probability), a fixed default_language is decoded
+    # Silero VAD on every request (pipeline/speech.py): audio without speech gets empty text undecoded; audio longer
+    # than chunk_seconds is cut in its pauses (False: the energy rule alone cuts, everything is decoded)
+    vad: bool = True
     # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
     # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
     idle_unload_seconds: float | None = None

@@ -35,7 +35,9 @@ from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetect
 from canary_server.pipeline.live import LiveAudio
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
+from canary_server.pipeline.speech import has_speech, speech_probabilities, split_at_pauses
 from canary_server.pipeline.stats import PipelineStats, StatsSnapshot
+from canary_server.pipeline.vad import SAMPLE_RATE as VAD_RATE
 
 log = logging.getLogger("canary.pipeline")
 
@@ -304,7 +306,12 @@ class Pipeline:
         if duration > self.config.max_audio_seconds:
             raise AudioTooLong(duration, self.config.max_audio_seconds)
         longest = min(self.config.chunk_seconds, self.info.max_chunk_seconds or self.config.chunk_seconds)
-        if options.cue_seconds is None:
+        probs = await self._speech(samples, sample_rate)
+        if probs is not None and not has_speech(probs, options.vad):  # silence, noise: empty text, nothing decoded
+            return PreparedAudio([], duration, options)
+        if options.cue_seconds is None and probs is not None:
+            chunks = split_at_pauses(samples, sample_rate, longest, probs, options.vad)
+        elif options.cue_seconds is None:
             chunks = split_audio(samples, sample_rate, longest)
         else:  # times wanted from a model without them: short pieces cut at pauses, one segment / cue each
             pieces = split_audio(samples, sample_rate, min(options.cue_seconds, longest))
@@ -316,6 +323,13 @@ class Pipeline:
             chunks = [dataclasses.replace(c, audio=pad_to_min_duration(c.audio, min_samples, from_file=True))
                       for c in chunks]  # fmt: skip
         return PreparedAudio(chunks, duration, options)
+
+    async def _speech(self, samples: np.ndarray, sample_rate: int) -> np.ndarray | None:
+        """The VAD's speech probabilities (off the event loop: 5 ms of CPU per audio second), None when it is off
+        or the model's rate is not the VAD's."""
+        if not self.config.vad or sample_rate != VAD_RATE:
+            return None
+        return await asyncio.to_thread(speech_probabilities, samples, sample_rate)
 
     async def _samples(self, audio: AudioInput) -> np.ndarray:
         if isinstance(audio, np.ndarray):
@@ -390,6 +404,8 @@ class Pipeline:
         `beam_size`: None for the engine's decoding (the model's config unless the settings override it).
         `progress(done, total)`: seconds of audio decoded and in all, on this loop, as each piece finishes."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
+        if not prepared.chunks:  # no speech
+            return self._assemble(prepared, [], None)
         o = prepared.options
         choice = LanguageChoice(o.detect) if o.detect else None
         results = await self.engine.transcribe_batch(
@@ -409,6 +425,9 @@ class Pipeline:
         (bad audio, busy, loading) raise from the first `__anext__`; closing the iterator cancels the work.
         With beam search the text comes at the end of each chunk (beams are only final then)."""
         prepared = audio if isinstance(audio, PreparedAudio) else await self.prepare(audio, options)
+        if not prepared.chunks:  # no speech
+            yield self._assemble(prepared, [], None)
+            return
         choice = LanguageChoice(prepared.options.detect) if prepared.options.detect else None
         events = self.engine.stream_batch(
             *self._engine_args(prepared), beam_size, language=choice, keywords=prepared.options.keywords

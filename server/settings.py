@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     detect_languages: list[str] = Field(
         default_factory=list, description="Detection picks only among these codes (empty: all the model's)."
     )
+    vad: bool = Field(
+        True,
+        description="Silero VAD: audio without speech gets empty text undecoded; long audio is cut in its pauses.",
+    )
     detect_threshold: float = Field(
         0.5, ge=0, le=1, description="Below this probability of the detected language, decode a default_language code."
     )
@@ -204,6 +208,11 @@ class Settings(BaseSettings):
     )
     wyoming_max_held_seconds: float = Field(
         3600.0, gt=0, description="Seconds of audio held by all Wyoming connections together; past it: same."
+    )
+    wyoming_partials: Literal["off", "preview", "final"] = Field(
+        "preview",
+        description="Wyoming transcript-chunks while the audio arrives (streaming decoder): preview (final "
+        "transcript decoded whole at audio-stop), final (the stream's text is the transcript), off.",
     )
     idle_unload_seconds: float | None = Field(
         None, gt=0, description="Free the model after this many seconds without requests; unset: never."

@@ -95,3 +95,17 @@ def espeak_client(espeak_server: str):
 
     with OpenAI(base_url=f"{espeak_server}/v1", api_key="unused", max_retries=0) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _vad_only_where_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake model's audio is pure tones, which the VAD rightly calls no speech (empty text, nothing decoded):
+    in-process tests run without the VAD unless marked `vad`, so tests of other things can use tones. Servers
+    started as processes (tests/server_process.py) keep it, as do the tests of the VAD itself."""
+    if request.node.get_closest_marker("vad") is None:
+        from canary_server.pipeline.pipeline import Pipeline
+
+        async def no_vad(self, samples, sample_rate):
+            return None
+
+        monkeypatch.setattr(Pipeline, "_speech", no_vad)

@@ -70,6 +70,7 @@ SMOKE_ARGS = {
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
     "vad_eval.py": ["--clips", "1"],
     "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
+    "vad_cut_eval.py": ["--recordings", "1", "--prefix-ms", "100"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py", "nemo_stages.py"}
@@ -281,3 +282,11 @@ def test_keywords_measures_recall_wer_and_cost_on_the_espeak_model():
     out = _bench("keywords.py")
     assert "| no keywords |" not in out and "| none |" in out and "| 1 |" in out
     assert "| 1000 |" in out and "| beam 1 + keywords |" in out
+
+
+def test_vad_cut_eval_compares_the_energy_rule_with_vad_cuts():
+    if not (REPO.parent / "shared" / "models" / "espeak-tiny-en.nemo").exists():
+        pytest.skip("bench/vad_cut_eval.py needs the espeak test model in ../shared/models")
+    out = _bench("vad_cut_eval.py")
+    assert re.search(r"^\| clean \| energy rule \| [\d.]+ \| \d+ \|", out, flags=re.M), out
+    assert re.search(r"^\| white noise 10 dB SNR \| VAD, prefix 100 ms \| [\d.]+ \| \d+ \|", out, flags=re.M), out

@@ -4,8 +4,10 @@
     transcribe {language?}                     (a code, or "auto"/none: detected, unless a default_language is set)
     audio-start {rate, width, channels}        (optional: the first audio-chunk's format is used without it)
     audio-chunk* (raw PCM payload)
-    audio-stop                                 -> transcript-start, transcript-chunk* (the decoder's text as it
-                                                  comes), transcript {text, language}, transcript-stop
+      (with a known language: transcript-start, transcript-chunk* while the audio arrives, partials.py)
+    audio-stop                                 -> [transcript-start, transcript-chunk* (the decoder's text as it
+                                                  comes) when no partials were sent], transcript {text,
+                                                  language}, transcript-stop
 Any failure answers `error {text, code}` (the HTTP error codes: unsupported_language, audio_too_long,
 invalid_audio, model_not_ready, rate_limit_exceeded, ...); the rest of that utterance is ignored and the
 connection is closed at its audio-stop (older Home Assistant versions wait for a transcript otherwise). A frame
@@ -39,6 +41,7 @@ from canary_server.wyoming_server.limits import (
     ReadDeadline,
     WyomingLimitError,
 )
+from canary_server.wyoming_server.partials import Partials
 
 log = logging.getLogger("canary.wyoming")
 
@@ -55,6 +58,7 @@ class ConnectionLimits:
     chunk_seconds: float = 10.0  # within an utterance, the longest wait for its next event
     max_utterance_bytes: int = 32 * 2**20
     max_chunks: int = 50_000
+    partials: str = "preview"  # transcript-chunks while the audio arrives: "off", "preview" or "final" (partials.py)
 
 
 def error_code(exc: BaseException) -> str:
@@ -98,11 +102,15 @@ class CanaryEventHandler(AsyncEventHandler):
         self.limits = limits or ConnectionLimits()
         self.busy = False  # transcribing (the server lets that finish when it stops)
         self.audio: HeldAudio | None = None
+        self.partials: Partials | None = None
         self._reset()
 
     def _reset(self) -> None:
         if self.audio is not None:
             self.audio.release()
+        if self.partials is not None:
+            self.partials.close()
+        self.partials = None
         self.language: str | None = None  # from `transcribe`
         self.audio = None
         self.in_utterance = False  # audio-start or a chunk came: the chunk deadline applies
@@ -224,6 +232,8 @@ class CanaryEventHandler(AsyncEventHandler):
                     f"{_fmt(data.get('rate'))} Hz/{_fmt(data.get('width'))} B/{_fmt(data.get('channels'))} ch"
                 )
             self.audio.add(event.payload or b"")
+            if self.partials is not None:
+                self.partials.add(event.payload or b"")
         except Exception as exc:  # noqa: BLE001 - answered as an error event
             return await self._fail(exc, utterance=True)
         return True
@@ -233,16 +243,32 @@ class CanaryEventHandler(AsyncEventHandler):
         if self.audio is not None:
             self.audio.release()
             self.audio = None
+        if self.partials is not None:
+            self.partials.close()
+            self.partials = None
         self.in_utterance = True
         live = self.pipeline.live_audio(data.get("rate"), data.get("width"), data.get("channels"))
         self.audio = HeldAudio(
             live, self.budget, max_bytes=self.limits.max_utterance_bytes, max_chunks=self.limits.max_chunks
         )
+        if self.limits.partials != "off":
+            self.partials = self._open_partials(live)
+
+    def _open_partials(self, live) -> Partials | None:
+        try:
+            options = self._options()
+        except CanaryError:  # e.g. detection unavailable: answered at audio-stop, as without partials
+            return None
+        fmt = (live.rate, live.width, live.channels)
+        return Partials.open(self.pipeline, options, fmt, self.write_event, self.budget)
 
     async def _fail(self, exc: BaseException, *, utterance: bool) -> bool:
         if self.audio is not None:
             self.audio.release()
         self.audio = None
+        if self.partials is not None:
+            self.partials.close()
+            self.partials = None
         self.failed = self.failed or utterance
         return await self._send_error(exc)
 
@@ -251,9 +277,15 @@ class CanaryEventHandler(AsyncEventHandler):
 
     async def _finish(self) -> bool:
         """audio-stop: transcribe the utterance, streaming the text as it is decoded."""
-        audio, options = self.audio, self._options()
-        self.audio = None  # the handler's reset no longer releases it: done below, once converted
+        audio, options, partials = self.audio, self._options(), self.partials
+        self.audio = self.partials = None  # the handler's reset no longer releases them: done below
         self._reset()
+        self.busy = True
+        try:
+            if partials is not None and await self._final_from_stream(partials, audio):
+                return True
+        finally:
+            self.busy = False
         try:
             samples = await asyncio.to_thread(audio.to_samples) if audio is not None else None
         finally:
@@ -264,22 +296,51 @@ class CanaryEventHandler(AsyncEventHandler):
             return True
         self.busy = True
         try:
-            await self._transcribe(samples, options)
+            await self._transcribe(samples, options, sent=partials.text if partials and partials.started else None)
         finally:
             self.busy = False
         return True
 
-    async def _transcribe(self, samples, options) -> None:
+    async def _final_from_stream(self, partials: Partials, audio: HeldAudio | None) -> bool:
+        """`partials = "final"`: the streaming decoder's final text is the transcript (True when it was sent).
+        Otherwise (or when the stream failed) the stream stops here and the offline decode answers."""
+        if self.limits.partials != "final":
+            partials.close()
+            return False
+        try:
+            final = await partials.finish()
+        except Exception:
+            partials.close()
+            raise
+        if final is None:
+            return False
+        if audio is not None:
+            audio.release()
+        events = [] if partials.started else [TranscriptStart(language=partials.language)]
+        events += [TranscriptChunk(text=final.delta)] if final.delta else []
+        log.info("wyoming: streamed utterance -> %d characters", len(final.text))
+        await self._write_all([*events, Transcript(text=final.text, language=partials.language), TranscriptStop()])
+        return True
+
+    async def _transcribe(self, samples, options, *, sent: str | None = None) -> None:
+        """The offline decode of the utterance. After live partials (`sent`: their text) the offline deltas are not
+        sent again: one transcript-chunk with the rest of the text when the partials were its beginning (the chunks
+        then add up to the transcript), else only the final transcript."""
+        started = sent is not None
         events = self.pipeline.stream(samples, options)
         try:
             first = await anext(events)  # bad audio, busy or loading raise here, before transcript-start
             language = None if options.detect else options.target_lang
-            await self.write_event(TranscriptStart(language=language).event())
+            if not started:
+                await self.write_event(TranscriptStart(language=language).event())
             event = first
             while isinstance(event, TextDelta):
-                await self.write_event(TranscriptChunk(text=event.text).event())
+                if not started:
+                    await self.write_event(TranscriptChunk(text=event.text).event())
                 event = await anext(events)
             result: TranscriptResult = event
+            if sent is not None and result.text.startswith(sent) and len(result.text) > len(sent):
+                await self.write_event(TranscriptChunk(text=result.text[len(sent) :]).event())
             log.info("wyoming: %.2f s of %s -> %d characters", result.duration, result.language, len(result.text))
             await self._write_all([Transcript(text=result.text, language=result.language), TranscriptStop()])
         finally:

@@ -50,6 +50,7 @@ class WyomingConfig:
     max_chunks: int = 50_000  # audio-chunk events in one utterance
     max_held_mb: float = 256.0  # PCM held by all connections together
     max_held_seconds: float = 3600.0  # seconds of audio held by all connections together
+    partials: str = "preview"  # transcript-chunks while the audio arrives: "off", "preview", "final" (partials.py)
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(
@@ -57,6 +58,7 @@ class WyomingConfig:
             chunk_seconds=self.chunk_seconds,
             max_utterance_bytes=int(self.max_utterance_mb * MiB),
             max_chunks=self.max_chunks,
+            partials=self.partials,
         )
 
 

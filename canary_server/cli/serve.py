@@ -155,6 +155,7 @@ def build_app(settings, *, wyoming_port: int | None = None, engine=None, model_d
             max_chunks=settings.wyoming_max_chunks,
             max_held_mb=settings.wyoming_max_held_mb,
             max_held_seconds=settings.wyoming_max_held_seconds,
+            partials=settings.wyoming_partials,
         )
         services.append(WyomingServer(pipeline, config))
     app = create_app(settings, pipeline=pipeline, services=services)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from canary_server.pipeline import Pipeline, TextDelta, TranscribeOptions, TranscriptResult, formats
 from canary_server.pipeline.formats import ResponseFormat
+from canary_server.server.chunking import vad_params
 from canary_server.server.deps import get_settings, ready_pipeline
 from canary_server.server.disconnect import unless_disconnected
 from canary_server.server.errors import ApiError, ErrorRoute, to_api_error
@@ -125,9 +126,11 @@ async def create_transcription(
     keywords: KeywordsField = None,
 ) -> Response:
     """`language`: a code, or "auto" to detect it from the audio; without one it is detected too (within
-    `languages[]` if sent), unless the server's `default_language` is a code."""
+    `languages[]` if sent), unless the server's `default_language` is a code. `chunking_strategy` ("auto" or a
+    `server_vad` object): the VAD's threshold and pauses for this request (server/chunking.py)."""
     await _one_file(request)
     _check_model(model, settings, request)
+    vad = vad_params(await request.form())
     with_logprobs = _wants_logprobs(include, response_format)
     granularities = set(timestamp_granularities or [])
     for g in granularities - {"word", "segment"}:
@@ -162,6 +165,7 @@ async def create_transcription(
         keywords=keywords,
         keywords_role="keywords[]",
     )
+    options = dataclasses.replace(options, vad=vad)
     if stream:
         return await _stream(pipeline, file.file, options, with_logprobs)
     result = await _run(request, pipeline, file, options)
