@@ -1,7 +1,8 @@
 """Hostile connections against a real `canary-server serve` process (the espeak-trained test model, not a real
 Canary), with short deadlines so the tests are quick: idle and half-sent connections past the descriptor limit,
-stalled uploads and their spool files, the spool budget, a client stuck mid-body at shutdown, X-Forwarded-For.
-In process: the Origin rule for requests and WebSocket handshakes."""
+stalled uploads and their spool files, the spool budget, a client stuck mid-body at shutdown, X-Forwarded-For,
+a foreign origin's form POST. In process: the Origin rule in detail, WebSocket handshakes (main has no WebSocket
+route yet for a real server to refuse)."""
 
 from __future__ import annotations
 
@@ -190,6 +191,36 @@ def test_a_client_stuck_mid_body_does_not_hold_the_shutdown(espeak_dir, tmp_path
     assert status == -signal.SIGTERM
     assert exited - sent < 3.0, exited - sent  # not the 10 s of uvicorn's graceful timeout
     assert "Traceback" not in server.log(), server.log()
+
+
+# ---- foreign origins, against the real server -----------------------------------------------------------------
+@needs_proc
+def test_the_server_refuses_uploads_from_pages_of_other_origins(espeak_dir, espeak_nemo_transcripts):
+    """A browser page elsewhere POSTs audio to the server on localhost: 403 `invalid_origin`; the origin listed in
+    allowed_origins and the server's own pages (/docs) are let in, and clients that are not browsers (no Origin)."""
+    from conftest import ESPEAK_CLIPS
+
+    server = start_server(espeak_dir, env={"CANARY_ALLOWED_ORIGINS": '["https://app.example"]'})
+    try:
+        clip = (ESPEAK_CLIPS / "clip00.wav").read_bytes()
+        expected = espeak_nemo_transcripts["clip00.wav"].strip()
+
+        def post(origin: str | None) -> httpx.Response:
+            headers = {"Origin": origin} if origin is not None else {}
+            form = {"model": "whisper-1", "language": "en", "response_format": "text"}
+            files = {"file": ("a.wav", clip)}
+            return httpx.post(f"{server.url}/v1/audio/transcriptions", headers=headers, data=form, files=files)
+
+        for origin in ["https://evil.example", "null", "http://localhost:1"]:
+            r = post(origin)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_origin", (origin, r.text)
+        for origin in ["https://app.example", server.url, None]:
+            r = post(origin)
+            assert r.status_code == 200 and r.text.strip() == expected, (origin, r.text)
+        assert post("https://app.example").headers["access-control-allow-origin"] == "https://app.example"
+        assert "Traceback" not in server.log()
+    finally:
+        stop_server(server)
 
 
 # ---- in process: the Origin rule -----------------------------------------------------------------------------

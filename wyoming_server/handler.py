@@ -53,6 +53,7 @@ class ConnectionLimits:
 
     idle_seconds: float = 30.0  # no event between utterances (or a frame half sent) this long: closed
     chunk_seconds: float = 10.0  # within an utterance, the longest wait for its next event
+    utterance_seconds: float = 7200.0  # wall clock from an utterance's first event to its audio-stop
     max_utterance_bytes: int = 32 * 2**20
     max_chunks: int = 50_000
 
@@ -98,6 +99,7 @@ class CanaryEventHandler(AsyncEventHandler):
         self.limits = limits or ConnectionLimits()
         self.busy = False  # transcribing (the server lets that finish when it stops)
         self.audio: HeldAudio | None = None
+        self.deadline: ReadDeadline | None = None  # while run() reads
         self._reset()
 
     def _reset(self) -> None:
@@ -105,7 +107,9 @@ class CanaryEventHandler(AsyncEventHandler):
             self.audio.release()
         self.language: str | None = None  # from `transcribe`
         self.audio = None
-        self.in_utterance = False  # audio-start or a chunk came: the chunk deadline applies
+        self.in_utterance = False  # audio-start or a chunk came: the chunk deadline and the utterance's end apply
+        if self.deadline is not None:
+            self.deadline.end_at(None)
         self.failed = False  # an error was sent: ignore the rest of this utterance, then close
         self.ignored_chunks = 0  # chunks after the error, still bounded by max_chunks
 
@@ -116,7 +120,7 @@ class CanaryEventHandler(AsyncEventHandler):
         """wyoming's loop, with a deadline on every read, frames checked before they are read, and a turn for the
         event loop every YIELD_EVERY events (a flood of tiny chunks arrives already buffered)."""
         self._is_running = True
-        deadline = ReadDeadline(self._deadline, self._stop_reading)
+        self.deadline = deadline = ReadDeadline(self._deadline, self._stop_reading)
         try:
             count = 0
             while self._is_running:
@@ -233,6 +237,8 @@ class CanaryEventHandler(AsyncEventHandler):
         if self.audio is not None:
             self.audio.release()
             self.audio = None
+        if not self.in_utterance and self.deadline is not None:  # a second audio-start does not move the end
+            self.deadline.end_at(self.limits.utterance_seconds)
         self.in_utterance = True
         live = self.pipeline.live_audio(data.get("rate"), data.get("width"), data.get("channels"))
         self.audio = HeldAudio(
