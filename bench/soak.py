@@ -10,6 +10,15 @@ file in the server's working directory, an SDP that binds UDP, an HLS playlist, 
 the upload), each of which must be refused; oversize bodies; bursts of concurrent requests past
 `max_queued_requests`; and a SIGTERM at the end with requests in flight.
 
+The server also runs Wyoming (on a free port), with short connection deadlines, and while the mix runs, rounds of
+attacks on the connections go on beside it (`Attacks`), each of which must be answered as designed: 120 idle,
+header-dribbling and body-stalling HTTP connections (slowloris) against a cap of 160 (each closed by its deadline,
+or evicted for a newer connection), stalled uploads holding spool files (closed at the body deadline, the files
+gone), a foreign `Origin` (403), a spoofed `X-Forwarded-For` from an untrusted peer (never in the access log), and
+on the Wyoming port malformed frames, a 2 GiB `payload_length`, a flood of one-sample chunks, idle connections, one
+dripping a chunk a second past the utterance's wall-clock end, and a normal utterance (the same transcript each
+round).
+
 Every distinct request is first sent alone (one at a time, same server); every answer in the soak is checked
 against that answer: same status, same body (streams: the deltas add up to the final text, and that text and its
 usage are the ones sent alone). A request is lost if the client sent it whole and got no HTTP answer. The server's
