@@ -1,8 +1,8 @@
 """Hostile connections against a real `canary-server serve` process (the espeak-trained test model, not a real
 Canary), with short deadlines so the tests are quick: idle and half-sent connections past the descriptor limit,
 stalled uploads and their spool files, the spool budget, a client stuck mid-body at shutdown, X-Forwarded-For,
-a foreign origin's form POST. In process: the Origin rule in detail, WebSocket handshakes (main has no WebSocket
-route yet for a real server to refuse)."""
+a foreign origin's form POST, /health after a failed reload of a model under a path with spaces. In process: the
+Origin rule in detail and WebSocket handshakes (main has no WebSocket route yet for a real server to refuse)."""
 
 from __future__ import annotations
 
@@ -307,6 +307,31 @@ def test_health_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir
     for text in (r.text, body["error"]):
         assert "secret dir" not in text and str(tmp_path) not in text and "secret" not in text, text
     assert "my model" in body["error"]  # what failed, by its name
+
+
+@needs_proc
+def test_a_real_server_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir, tmp_path):
+    """The same through `canary-server serve` (the model path from its --model flag, spaces and all)."""
+    import shutil
+
+    from conftest import ESPEAK_CLIPS
+
+    model = tmp_path / "secret dir" / "my model"
+    shutil.copytree(espeak_dir, model)
+    server = start_server(model, env={"CANARY_IDLE_UNLOAD_SECONDS": "0.2"})
+    try:
+        health = lambda: httpx.get(f"{server.url}/health").json()  # noqa: E731
+        _wait_until(lambda: health()["status"] == "unloaded", 30, "never unloaded")
+        model.rename(tmp_path / "secret dir" / "gone")  # the reload fails
+        clip = {"file": (ESPEAK_CLIPS / "clip00.wav").read_bytes()}
+        r = httpx.post(f"{server.url}/v1/audio/transcriptions", data={"model": "whisper-1"}, files=clip, timeout=60)
+        body = health()
+    finally:
+        stop_server(server)
+    assert r.status_code == 503 and body["error"], (r.text, body)
+    for text in (r.text, body["error"]):
+        assert "secret dir" not in text and str(tmp_path) not in text and "secret" not in text, text
+    assert "my model" in body["error"]
 
 
 def test_the_connection_cap_stays_below_the_descriptor_limit():

@@ -1,7 +1,8 @@
 """Hostile input against a real `canary-server serve` process on the espeak-trained test model (not a real Canary):
 under an address-space cap, each hostile upload is answered quickly and the server stays up; uploads waiting
 for a decode slot count in the queue limit (429); the API key is checked before the body is read; shutdown answers
-queued requests 503 at once, running ones by the deadline, and a second signal exits at once. In process: the Host allow-list, /health without local paths, the bind warning."""
+queued requests 503 at once, running ones by the deadline, and a second signal exits at once. In process: the Host
+allow-list, /health without local paths, the bind warning."""
 
 from __future__ import annotations
 
