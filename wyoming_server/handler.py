@@ -107,9 +107,7 @@ class CanaryEventHandler(AsyncEventHandler):
             self.audio.release()
         self.language: str | None = None  # from `transcribe`
         self.audio = None
-        self.in_utterance = False  # audio-start or a chunk came: the chunk deadline and the utterance's end apply
-        if self.deadline is not None:
-            self.deadline.end_at(None)
+        self.in_utterance = False  # audio-start or a chunk came: the chunk deadline applies
         self.failed = False  # an error was sent: ignore the rest of this utterance, then close
         self.ignored_chunks = 0  # chunks after the error, still bounded by max_chunks
 
@@ -189,6 +187,8 @@ class CanaryEventHandler(AsyncEventHandler):
         if AudioChunk.is_type(event.type):  # first: the one event that comes thousands of times
             return await self._chunk(event)
         if AudioStop.is_type(event.type):
+            if self.deadline is not None:  # the utterance's wall-clock end: only audio-stop lifts it
+                self.deadline.end_at(None)
             if self.failed:  # its error was sent when it happened
                 self._reset()
                 return False
@@ -237,7 +237,7 @@ class CanaryEventHandler(AsyncEventHandler):
         if self.audio is not None:
             self.audio.release()
             self.audio = None
-        if not self.in_utterance and self.deadline is not None:  # a second audio-start does not move the end
+        if self.deadline is not None and self.deadline.end is None:  # audio-start or transcribe again: not moved
             self.deadline.end_at(self.limits.utterance_seconds)
         self.in_utterance = True
         live = self.pipeline.live_audio(data.get("rate"), data.get("width"), data.get("channels"))
