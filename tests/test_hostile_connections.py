@@ -340,3 +340,34 @@ def test_the_connection_cap_stays_below_the_descriptor_limit():
     assert connection_cap(512, 1024) == 352  # a hard limit of 1024: two descriptors each, an accept burst, a reserve
     assert connection_cap(512, 65536) == 512
     assert connection_cap(512, 100) == 1
+
+
+def test_past_the_cap_a_connection_kept_alive_between_requests_is_evicted_last():
+    """The soak found it: a burst near the cap evicted the httpx pool's kept-alive connections while their client
+    was sending the next request on them (6 POSTs lost in 2236, reset). Connections still waiting for their first
+    request go first, oldest first; a kept-alive one only when no other waits."""
+    import asyncio
+
+    from canary_server.server.connections import _Registry
+
+    class Conn:
+        def __init__(self, served: bool) -> None:
+            self.served, self.closed = served, False
+
+        def close_now(self) -> None:
+            self.closed = True
+            registry.forget(self)
+
+    async def main() -> None:
+        kept, first, second = Conn(True), Conn(False), Conn(False)
+        for conn in (kept, first, second):
+            assert registry.admit(conn)
+            registry.waiting[conn] = None
+        for _ in range(2):
+            assert registry.admit(Conn(False))  # new connections, not waiting yet (their request came at once)
+        assert (first.closed, second.closed, kept.closed) == (True, True, False)
+        assert registry.admit(Conn(False)) and kept.closed  # the only one waiting
+        assert not registry.admit(Conn(False))  # nothing waits: refused (503)
+
+    registry = _Registry(cap=3)
+    asyncio.run(main())
