@@ -65,7 +65,7 @@ def test_a_bad_file_is_named_in_one_line_and_the_good_ones_are_still_transcribed
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     errors = _errors(err)
-    assert len(errors) == 1 and errors[0].startswith("canary-server: error: bad.txt: could not decode audio"), err
+    assert len(errors) == 1 and errors[0].startswith("canary-server: error: bad.txt: the file is not audio"), err
     assert "Traceback" not in err and "never retrieved" not in err
     lines = out.splitlines()
     assert [line.split(": ")[0] for line in lines] == ["a.wav", "b.wav"], out  # text output names each file
@@ -134,7 +134,7 @@ def test_the_python_api_yields_each_files_error_in_place_and_transcribe_raises_i
     files = _files(tmp_path)
     with canary_server.load(espeak_dir) as m:
         each = list(m.transcribe_each([files["a.wav"], files["bad.txt"], files["b.wav"]]))
-        assert isinstance(each[1], CanaryError) and "could not decode audio" in str(each[1])
+        assert isinstance(each[1], CanaryError) and "not audio in a supported format" in str(each[1])
         assert [r.text for r in (each[0], each[2])] == [r.text for r in m.transcribe([files["a.wav"], files["b.wav"]])]
-        with pytest.raises(CanaryError, match="could not decode audio"):
+        with pytest.raises(CanaryError, match="not audio in a supported format"):
             m.transcribe([files["a.wav"], files["bad.txt"]])
