@@ -10,6 +10,15 @@ file in the server's working directory, an SDP that binds UDP, an HLS playlist, 
 the upload), each of which must be refused; oversize bodies; bursts of concurrent requests past
 `max_queued_requests`; and a SIGTERM at the end with requests in flight.
 
+The server also runs Wyoming (on a free port), with short connection deadlines, and while the mix runs, rounds of
+attacks on the connections go on beside it (`Attacks`), each of which must be answered as designed: 120 idle,
+header-dribbling and body-stalling HTTP connections (slowloris) against a cap of 160 (each closed by its deadline,
+or evicted for a newer connection), stalled uploads holding spool files (closed at the body deadline, the files
+gone), a foreign `Origin` (403), a spoofed `X-Forwarded-For` from an untrusted peer (never in the access log), and
+on the Wyoming port malformed frames, a 2 GiB `payload_length`, a flood of one-sample chunks, idle connections, one
+dripping a chunk a second past the utterance's wall-clock end, and a normal utterance (the same transcript each
+round).
+
 Every distinct request is first sent alone (one at a time, same server); every answer in the soak is checked
 against that answer: same status, same body (streams: the deltas add up to the final text, and that text and its
 usage are the ones sent alone). A request is lost if the client sent it whole and got no HTTP answer. The server's
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -201,13 +211,14 @@ class Plan:
     long: list[Template] = field(default_factory=list)
     hostile: list[Template] = field(default_factory=list)
     attacks: set[str] = field(default_factory=set)  # file keys that must be refused
+    clip_pcm: bytes = b""  # en_00 as 16 kHz 16-bit PCM: the Wyoming utterance and the foreign-Origin upload
 
 
 def build_plan(long_seconds: tuple[float, ...] = (60, 300), udp_port: int = 9) -> Plan:
     clip_dir = SHARED / "espeak-tiny-multi-clips"
     names = sorted(p.name for p in clip_dir.glob("*.wav"))
     audio = {n: sf.read(clip_dir / n, dtype="float32")[0] for n in names}
-    plan = Plan({}, {})
+    plan = Plan({}, {}, clip_pcm=sf.read(clip_dir / "en_00.wav", dtype="int16")[0].tobytes())
     for n in names:
         for fmt in FORMATS:
             key = f"{n[:-4]}.{fmt}"
@@ -240,18 +251,30 @@ class Server:
     def __init__(self, model: Path, cwd: Path, memo: bytes) -> None:
         (cwd / MEMO).parent.mkdir(parents=True, exist_ok=True)
         (cwd / MEMO).write_bytes(memo)
+        self.spool = cwd / "spool"  # the server's TMPDIR: its spooled uploads
+        self.spool.mkdir(exist_ok=True)
         env = {
             **os.environ,
-            "CANARY_LOG_LEVEL": "warning",
-            "CANARY_WYOMING_PORT": "0",  # HTTP only
+            "TMPDIR": str(self.spool),
+            "CANARY_LOG_LEVEL": "info",  # the access log: a spoofed X-Forwarded-For must not show there
             "CANARY_MAX_QUEUED_REQUESTS": str(MAX_QUEUED),
             "CANARY_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
             "CANARY_MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS),
             "CANARY_SHUTDOWN_GRACE_SECONDS": str(GRACE),
             "CANARY_MAX_DECODE_SAMPLES": str(MAX_DECODE_SAMPLES),
+            "CANARY_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+            "CANARY_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
+            "CANARY_BODY_MIN_RATE": str(BODY_MIN_RATE),
+            "CANARY_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+            "CANARY_WYOMING_IDLE_SECONDS": str(WY_IDLE),
+            "CANARY_WYOMING_CHUNK_SECONDS": str(WY_CHUNK),
+            "CANARY_WYOMING_MAX_UTTERANCE_SECONDS": str(WY_UTTERANCE),
+            "CANARY_WYOMING_MAX_CHUNKS": str(WY_MAX_CHUNKS),
         }
-        with socket_port() as port:
+        with socket_port() as port, socket_port() as wyoming_port:
             self.url = f"http://127.0.0.1:{port}"
+            self.wyoming_port = wyoming_port
+            env["CANARY_WYOMING_PORT"] = str(wyoming_port)
             cmd = [sys.executable, "-m", "canary_server", "serve", "--model", str(model), "--port", str(port)]
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
@@ -283,6 +306,20 @@ class Server:
             return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
         except OSError:
             return 0
+
+    def spool_files(self) -> int:
+        """Spooled upload files the server holds open (its descriptors into its TMPDIR)."""
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held += os.readlink(f"/proc/{self.proc.pid}/fd/{fd}").startswith(str(self.spool))
+        return held
+
+    def log_text(self) -> str:
+        """The whole log so far, read through a second open file (its offset is not the one the server writes at)."""
+        with open(f"/proc/self/fd/{self.log.fileno()}") as log:
+            return log.read()
 
     def _sample(self) -> None:
         while self._sampling and self.proc.poll() is None:
@@ -386,15 +423,276 @@ async def disconnect(server: Server, plan: Plan, t: Template, when: str, rng: ra
         writer.close()
 
 
+# ---- attacks on the connections (issue 19): HTTP deadlines, cap, spool, Origin, proxies; the Wyoming port -----
+# The soak's server runs with short deadlines (below) so each attack ends within a few seconds, and a connection cap
+# that the slowloris wave nearly fills: the normal mix must go on through it (a new connection evicts the oldest one
+# still waiting for headers).
+# (header_timeout above keep_alive_seconds, 5, as the defaults are: an idle kept-alive connection is closed by the
+# keep-alive timeout)
+HEADER_TIMEOUT, BODY_TIMEOUT, BODY_MIN_RATE = 6.0, 6.0, 256 * 1024
+MAX_CONNECTIONS, SLOWLORIS = 160, 120  # slowloris: a third silent, a third dribbling headers, a third stalled bodies
+STALLED_UPLOADS, STALLED_BYTES = 4, 2 * 2**20  # each past the 1 MiB kept in memory: a spool file
+WY_IDLE, WY_CHUNK, WY_UTTERANCE, WY_MAX_CHUNKS = 4.0, 3.0, 8.0, 20_000
+SLACK = 20.0  # seconds past a deadline still counted as on time (a loaded 2-core machine)
+SPOOFED = "203.0.113.77"  # X-Forwarded-For from an untrusted peer: must never be logged as the client
+WY_FMT = {"rate": 16000, "width": 2, "channels": 1}
+WY_HEADER = b'{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, '
+WY_MALFORMED = {
+    "bad json": b"{this is not json\n",
+    "payload_length 2.5": WY_HEADER + b'"payload_length": 2.5}\n' + b"\0" * 3,
+    "payload_length -1": WY_HEADER + b'"payload_length": -1}\n',
+    "binary junk": bytes(range(256)).replace(b"\n", b"") * 40 + b"\n",
+    "header not an object": b'["audio-chunk"]\n',
+}
+
+
+def wy_frame(event_type: str, data: dict | None = None, payload: bytes = b"") -> bytes:
+    from wyoming.event import Event, write_event
+
+    buf = io.BytesIO()
+    write_event(Event(event_type, data or {}, payload or None), buf)
+    return buf.getvalue()
+
+
+async def wy_events(reader: asyncio.StreamReader, timeout: float, until: str = "") -> list[dict]:
+    """The events the server sends until it closes (or sends an `until` event), within `timeout` seconds; each
+    event as its type and data."""
+    events: list[dict] = []
+
+    async def read() -> None:
+        while line := await reader.readline():
+            header = json.loads(line)
+            data = json.loads(await reader.readexactly(header["data_length"])) if header.get("data_length") else {}
+            if header.get("payload_length"):
+                await reader.readexactly(header["payload_length"])
+            events.append({"type": header["type"], **header.get("data", {}), **data})
+            if header["type"] == until:
+                return
+
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):  # a reset after the last event
+        await asyncio.wait_for(read(), timeout)
+    return events
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bytes | None:
+    """What the server sent before closing the connection; None if it was still open after `timeout`."""
+    got = bytearray()
+
+    async def read() -> None:
+        while chunk := await reader.read(65536):
+            got.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    except asyncio.TimeoutError:
+        return None
+    return bytes(got)
+
+
+class Attacks:
+    """Rounds of attacks while the mix runs; every outcome is "as designed" or a note saying what happened."""
+
+    def __init__(self, server: Server, clip_pcm: bytes) -> None:
+        self.server, self.clip_pcm = server, clip_pcm
+        self.host, port = server.url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.results: dict[str, Counter] = {}
+        self.notes: list[str] = []
+        self.wyoming_text: str | None = None  # the first normal utterance's transcript; later ones must equal it
+        self.spool_held: list[int] = []  # spool files open while the stalled uploads held them, per round
+
+    def record(self, name: str, ok: bool, note: str = "") -> None:
+        self.results.setdefault(name, Counter())[ok] += 1
+        if not ok and len(self.notes) < 20:
+            self.notes.append(f"{name}: {note}")
+
+    async def run(self, mix_done: asyncio.Event) -> None:
+        while True:
+            await self.round()
+            if mix_done.is_set():
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(mix_done.wait(), 5.0)
+
+    async def round(self) -> None:
+        await asyncio.gather(
+            self.slowloris(),
+            self.stalled_uploads(),
+            self.foreign_origin(),
+            self.spoofed_forwarded_for(),
+            *(self.wy_malformed(name) for name in WY_MALFORMED),
+            self.wy_oversize_payload(),
+            self.wy_tiny_chunks(),
+            *(self.wy_idle() for _ in range(4)),
+            self.wy_drip(),
+            self.wy_normal(),
+        )
+
+    # ---- HTTP ----
+    async def slowloris(self) -> None:
+        async def one(i: int) -> None:
+            kind = ("http idle connection", "http headers dribbled", "http body stalled")[i % 3]
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            began = time.monotonic()
+            bound = HEADER_TIMEOUT + SLACK
+            try:
+                if kind == "http headers dribbled":
+                    head = f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: x\r\n"
+                    sent = 0
+                    while not writer.is_closing() and sent < len(head) and time.monotonic() - began < bound:
+                        writer.write(head[sent : sent + 2].encode())  # 2 bytes a second
+                        await writer.drain()  # raises once the server has closed it
+                        sent += 2
+                        await asyncio.sleep(1.0)  # the attacker's pace
+                elif kind == "http body stalled":
+                    head = multipart_head(self.host, self.port, 2**20)
+                    writer.write(head + b"\0" * 4096)  # then 1 byte a second: far below body_min_rate
+                    bound = BODY_TIMEOUT + 4096 / BODY_MIN_RATE + SLACK
+                    for _ in range(int(bound)):
+                        if writer.is_closing():
+                            break
+                        writer.write(b"\0")
+                        await writer.drain()
+                        await asyncio.sleep(1.0)
+                await writer.drain()
+            except OSError:
+                pass  # the server closed it while we were sending: what we wait for below
+            got = await closed_by_server(reader, max(0.1, bound - (time.monotonic() - began)))
+            writer.close()
+            ok = got is not None and (not got or got.startswith(b"HTTP/1.1 408") or got.startswith(b"HTTP/1.1 503"))
+            self.record(kind, ok, "still open past its deadline" if got is None else repr(got[:80]))
+
+        await asyncio.gather(*(one(i) for i in range(SLOWLORIS)))
+
+    async def stalled_uploads(self) -> None:
+        """Uploads that send 2 MiB of a 4 MiB body and stop: each holds a spool file until its body deadline, then
+        the server closes it and the file is gone."""
+        conns = []
+        for _ in range(STALLED_UPLOADS):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(multipart_head(self.host, self.port, 2 * STALLED_BYTES) + b"\0" * STALLED_BYTES)
+            conns.append((reader, writer))
+        await asyncio.gather(*(w.drain() for _, w in conns), return_exceptions=True)
+        await asyncio.sleep(1.0)  # the server has read them (a sample of what it holds, not a synchronisation)
+        self.spool_held.append(self.server.spool_files())
+        bound = BODY_TIMEOUT + STALLED_BYTES / BODY_MIN_RATE + SLACK
+        for reader, writer in conns:
+            got = await closed_by_server(reader, bound)
+            writer.close()
+            ok = got is not None and (not got or got.startswith(b"HTTP/1.1 408"))
+            self.record("http upload stalled (spool)", ok, "held past its deadline" if got is None else repr(got[:80]))
+
+    async def foreign_origin(self) -> None:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=120) as client:
+            headers = {"Origin": "https://evil.example"}
+            files = {"file": ("a.wav", wav_bytes(self.clip_pcm))}
+            r = await client.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files, headers=headers)
+            ok = r.status_code == 403 and r.json()["error"]["code"] == "invalid_origin"
+            self.record("http foreign Origin (403)", ok, f"{r.status_code} {r.text[:100]}")
+
+    async def spoofed_forwarded_for(self) -> None:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=120) as client:
+            r = await client.get("/health", headers={"X-Forwarded-For": SPOOFED, "X-Forwarded-Proto": "https"})
+            self.record("http X-Forwarded-For spoofed (answered 200)", r.status_code == 200, f"{r.status_code}")
+
+    # ---- Wyoming ----
+    async def _wy(self, data: bytes, timeout: float, until: str = "") -> list[dict]:
+        reader, writer = await asyncio.open_connection(self.host, self.server.wyoming_port)
+        try:
+            writer.write(data)
+            await writer.drain()
+        except OSError:
+            pass
+        events = await wy_events(reader, timeout, until)
+        writer.close()
+        return events
+
+    def _error_closed(self, name: str, events: list[dict], code: str, text: str = "") -> None:
+        ok = [e["type"] for e in events] == ["error"] and events[0].get("code") == code and text in events[0]["text"]
+        self.record(name, ok, str(events)[:160])
+
+    async def wy_malformed(self, name: str) -> None:
+        events = await self._wy(WY_MALFORMED[name], 30 + SLACK)
+        self._error_closed(f"wyoming malformed frame ({name})", events, "invalid_request")
+
+    async def wy_oversize_payload(self) -> None:
+        events = await self._wy(WY_HEADER + b'"payload_length": 2147483648}\n', 30 + SLACK)
+        self._error_closed("wyoming payload_length 2 GiB", events, "invalid_request", "payload_length")
+
+    async def wy_tiny_chunks(self) -> None:
+        one = wy_frame("audio-chunk", WY_FMT, b"\1\0")
+        data = wy_frame("audio-start", WY_FMT) + one * (WY_MAX_CHUNKS + 5000) + wy_frame("audio-stop")
+        events = await self._wy(data, 120 + SLACK)
+        self._error_closed("wyoming flood of one-sample chunks", events, "audio_too_long", "audio chunks")
+
+    async def wy_idle(self) -> None:
+        began = time.monotonic()
+        events = await self._wy(b"", WY_IDLE + SLACK)
+        self._error_closed("wyoming idle connection", events, "timeout")
+        if time.monotonic() - began < WY_IDLE - 0.5:
+            self.record("wyoming idle connection", False, f"closed after {time.monotonic() - began:.1f} s")
+
+    async def wy_drip(self) -> None:
+        """One chunk a second, inside the chunk deadline: closed at the utterance's wall-clock end."""
+        reader, writer = await asyncio.open_connection(self.host, self.server.wyoming_port)
+        writer.write(wy_frame("audio-start", WY_FMT))
+        began, answer = time.monotonic(), b""
+        with contextlib.suppress(OSError):
+            while not answer and time.monotonic() - began < WY_UTTERANCE + SLACK:
+                with contextlib.suppress(asyncio.TimeoutError):  # the attacker's pace: a chunk a second
+                    answer = await asyncio.wait_for(reader.read(65536), 1.0)
+                    break
+                writer.write(wy_frame("audio-chunk", WY_FMT, b"\0\0" * 160))
+        took = time.monotonic() - began
+        answer += await closed_by_server(reader, 5.0) or b""
+        writer.close()
+        parsed = asyncio.StreamReader()
+        parsed.feed_data(answer)
+        parsed.feed_eof()
+        events = await wy_events(parsed, 1.0)
+        if took < WY_UTTERANCE - 0.5:
+            events.append({"type": f"closed after {took:.1f} s"})
+        self._error_closed("wyoming chunks dripped past the utterance's end", events, "timeout", "longer than")
+
+    async def wy_normal(self) -> None:
+        pcm = self.clip_pcm
+        chunks = [wy_frame("audio-chunk", WY_FMT, pcm[i : i + 2048]) for i in range(0, len(pcm), 2048)]
+        data = wy_frame("transcribe", {"language": "en"}) + wy_frame("audio-start", WY_FMT)
+        events = await self._wy(data + b"".join(chunks) + wy_frame("audio-stop"), 300, until="transcript-stop")
+        text = next((e.get("text") for e in events if e["type"] == "transcript"), None)
+        if self.wyoming_text is None:
+            self.wyoming_text = text
+        ok = text is not None and text == self.wyoming_text and events[-1]["type"] == "transcript-stop"
+        ok = ok or [(e["type"], e.get("code")) for e in events] == [("error", "rate_limit_exceeded")]  # a full queue
+        self.record("wyoming normal utterance (same transcript)", ok, str(events)[-160:])
+
+
+def multipart_head(host: str, port: int, length: int) -> bytes:
+    """The request line and headers of an upload whose body is `length` bytes (never all sent)."""
+    return (
+        f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {length}\r\n\r\n"
+        '--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    ).encode()
+
+
+def wav_bytes(pcm: bytes) -> bytes:
+    return _sf_bytes(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768, SR, "WAV", "PCM_16")
+
+
 # ---- the soak -------------------------------------------------------------------------------------------------
 class Soak:
     def __init__(self, server: Server, plan: Plan, seed: int, concurrency: int, pool: int = 50) -> None:
         self.server, self.plan, self.rng = server, plan, random.Random(seed)
+        self.attacks = Attacks(server, plan.clip_pcm)
         self.concurrency = concurrency
         self.pool = plan.normal[:pool]  # the requests bursts and the shutdown batch draw from
         self.alone: dict[Template, tuple[int, object]] = {}
         self.outcomes: list[Outcome] = []
         self.fds_fresh = self.fds_after = 0  # the server's open descriptors
+        self.spool_after = 0  # spooled upload files the server still holds after the soak
 
     def draw(self) -> tuple[str, Template | None]:
         r, p = self.rng.random(), self.plan
@@ -484,13 +782,18 @@ class Soak:
                         print(f"  {done}/{n} drawn requests, {rate:.1f}/s, RSS {self.server.rss() / 2**20:.0f} MiB",
                               file=sys.stderr, flush=True)  # fmt: skip
 
+            mix_done = asyncio.Event()
+            attacks = asyncio.ensure_future(self.attacks.run(mix_done))  # rounds of them while the mix runs
             await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+            mix_done.set()
+            await attacks
             self.soak_seconds = time.monotonic() - began
             while (await client.get("/health")).json().get("requests", 0):
                 await asyncio.sleep(0.1)
             await asyncio.sleep(4.0)  # the engine hands memory back 2 s after its work runs out
             self.rss_idle = self.server.rss()
             self.fds_after = self.server.descriptors()
+            self.spool_after = self.server.spool_files()
             await self.shutdown(client)
 
     async def shutdown(self, client: httpx.AsyncClient) -> None:
@@ -531,6 +834,13 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
     def pct(xs: list[float], q: float) -> float:
         return float(np.percentile(xs, q)) if xs else float("nan")
 
+    log = soak.server.log_text()
+    xff_logged = log.count(SPOOFED)
+    health_lines = len(re.findall(r'"GET /health HTTP/1.1" 200', log))
+    soak.attacks.record("access log: spoofed X-Forwarded-For never the client", xff_logged == 0 and health_lines > 0,
+                        f"{xff_logged} lines name it, {health_lines} /health lines")  # fmt: skip
+    connection_attacks = {name: {"as designed": c[True], "not": c[False]} for name, c in soak.attacks.results.items()}
+    attacks_failed = sum(c[False] for c in soak.attacks.results.values())
     mib = 2**20
     result = {
         "requests": len(outs),
@@ -541,6 +851,10 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
         "lost_requests": len(lost),
         "429_503_without_retry_after": len(no_retry),
         "attacks": {"400": refused, "429/503": busy, "other": len(attacks) - refused - busy},
+        "connection_attacks": connection_attacks,
+        "connection_attacks_not_as_designed": attacks_failed,
+        "spool_files_held_by_stalled_uploads": soak.attacks.spool_held,
+        "spool_files_after_soak": soak.spool_after,
         "descriptors_fresh": soak.fds_fresh,
         "descriptors_after_soak": soak.fds_after,
         "rss_fresh_mib": rss_fresh / mib,
@@ -558,7 +872,9 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
         "reference_seconds": soak.reference_seconds,
         "soak_seconds": soak.soak_seconds,
         "wall_seconds": wall,
-        "examples": [o.note for o in (wrong + unexpected)[:10]] + [str(o.status) for o in lost[:10]],
+        "examples": [o.note for o in (wrong + unexpected)[:10]]
+        + [str(o.status) for o in lost[:10]]
+        + soak.attacks.notes,
     }
     rows = [
         ("requests (incl. bursts and the shutdown batch)", f"{result['requests']}"),
@@ -570,6 +886,14 @@ def report(soak: Soak, wall: float, rss_fresh: int) -> dict:
         (
             "attacks on FFmpeg (ffconcat, sdp, hls, URLs as uploads)",
             f"400: {refused}, 429/503: {busy}, other: {len(attacks) - refused - busy}",
+        ),
+        *(
+            (f"{name}: as designed / not", f"{c[True]} / {c[False]}")
+            for name, c in sorted(soak.attacks.results.items())
+        ),
+        (
+            "spool files held by the stalled uploads (per round, max) / after the soak",
+            f"{max(soak.attacks.spool_held, default=0)} / {soak.spool_after}",
         ),
         (
             "server descriptors fresh / after the soak (+ the client's open connections)",
@@ -631,6 +955,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     ok = not (result["wrong_answers"] or result["lost_requests"] or result["unexpected_statuses"])
+    ok = ok and not result["connection_attacks_not_as_designed"] and not result["spool_files_after_soak"]
     return 0 if ok else 1
 
 

@@ -9,10 +9,11 @@ protocol class (passed to uvicorn as `http=`) whose connections are in one of th
 - body: until the request body is in; `body_timeout` plus 1 s per `body_min_rate` bytes received;
 - app: the request is in and the app answers it; no deadline here (the pipeline has its own).
 
-Past the cap a new connection closes the oldest one waiting for headers (a client that sends its request at
-once is never the oldest), or is refused with a 503 when every connection is busy. Descriptors are counted
-before `accept()` could fail: the cap is kept below half the soft RLIMIT_NOFILE (each upload may also hold a
-spool file), less the listen backlog that one accept burst can take.
+Past the cap a new connection closes the oldest one waiting for its first request's headers (a client that sends
+its request at once is never the oldest; one kept alive between requests only when no other waits), or is refused
+with a 503 when every connection is busy. Descriptors are counted before `accept()` could fail: the cap is kept
+below half the soft RLIMIT_NOFILE (each upload may also hold a spool file), less the listen backlog that one
+accept burst can take.
 """
 
 from __future__ import annotations
@@ -102,11 +103,16 @@ class _Registry:
             if not self.waiting:
                 self.count("refused")
                 return False
-            oldest = next(iter(self.waiting))
+            oldest = self._eviction_candidate()
             self.count("evicted")
             oldest.close_now()
         self.open.add(conn)
         return True
+
+    def _eviction_candidate(self) -> DeadlineH11Protocol:
+        """The oldest connection still waiting for its first request; only when there is none, the oldest kept
+        alive between requests (its client may be sending the next one this instant: closing it loses that)."""
+        return next((c for c in self.waiting if not c.served), next(iter(self.waiting)))
 
     def forget(self, conn: DeadlineH11Protocol) -> None:
         self.open.discard(conn)
@@ -169,6 +175,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._body_start = 0.0
         self._body_bytes = 0
         self._got_bytes = False
+        self.served = False  # a response was sent: kept alive between requests
         if not self.registry.admit(self):
             transport.write(_FULL)
             transport.close()
@@ -192,6 +199,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._update_phase()
 
     def on_response_complete(self) -> None:
+        self.served = True
         super().on_response_complete()
         self._update_phase()
 

@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     wyoming_chunk_seconds: float = Field(
         10.0, gt=0, description="Within a Wyoming utterance, the longest wait for its next event; then it is closed."
     )
+    wyoming_max_utterance_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Wall clock from a Wyoming utterance's start to its audio-stop (unset: 2 x max_audio_seconds).",
+    )
     wyoming_max_utterance_mb: float = Field(
         32.0, gt=0, description="PCM one Wyoming utterance may send, in MiB as sent (max_audio_seconds applies too)."
     )
@@ -348,6 +353,12 @@ class Settings(BaseSettings):
     @property
     def max_spooled_upload_bytes(self) -> int:
         return int(self.max_spooled_uploads_mb * 1024 * 1024)
+
+    @property
+    def wyoming_utterance_seconds(self) -> float:
+        """A Wyoming utterance streams in real time, so the longest one accepted takes max_audio_seconds of wall
+        clock; twice that lets a client send at half real time, and still no client holds a slot for ever."""
+        return self.wyoming_max_utterance_seconds or 2 * self.max_audio_seconds
 
     @property
     def model_id(self) -> str:

@@ -213,12 +213,19 @@ def test_language_id_reports_accuracy_and_its_cost(tiny):
     assert "12 shipped clips" in out and re.search(r"^\| tiny \(random weights\) \| 1 x 3 s \|", out, flags=re.M)
 
 
-def test_soak_checks_every_answer_against_the_request_alone():
+def test_soak_checks_every_answer_against_the_request_alone_and_every_attack_as_designed():
     if not (ESPEAK_NEMO.parent / "espeak-tiny-multi.nemo").is_file():
         pytest.skip("the espeak-trained multilingual test model is not available")
     out = _bench("soak.py")
     assert "| wrong answers (200 differing from the same request alone) | 0 |" in out, out
     assert "| lost requests (sent whole, no HTTP answer) | 0 |" in out, out
+    designed = re.findall(r"^\| (.+): as designed / not \| (\d+) / (\d+) \|$", out, flags=re.M)
+    assert len(designed) >= 10 and all(int(ok) and not int(bad) for _, ok, bad in designed), out
+    assert re.search(
+        r"^\| spool files held by the stalled uploads \(per round, max\) / after .* \| [1-9]\d* / 0 \|$",
+        out,
+        flags=re.M,
+    ), out
 
 
 def test_router_throughput_compares_one_instance_with_two_behind_haproxy():

@@ -1,7 +1,8 @@
 """Hostile connections against a real `canary-server serve` process (the espeak-trained test model, not a real
 Canary), with short deadlines so the tests are quick: idle and half-sent connections past the descriptor limit,
-stalled uploads and their spool files, the spool budget, a client stuck mid-body at shutdown, X-Forwarded-For.
-In process: the Origin rule for requests and WebSocket handshakes."""
+stalled uploads and their spool files, the spool budget, a client stuck mid-body at shutdown, X-Forwarded-For,
+a foreign origin's form POST, /health after a failed reload of a model under a path with spaces. In process: the
+Origin rule in detail and WebSocket handshakes (main has no WebSocket route yet for a real server to refuse)."""
 
 from __future__ import annotations
 
@@ -192,6 +193,36 @@ def test_a_client_stuck_mid_body_does_not_hold_the_shutdown(espeak_dir, tmp_path
     assert "Traceback" not in server.log(), server.log()
 
 
+# ---- foreign origins, against the real server -----------------------------------------------------------------
+@needs_proc
+def test_the_server_refuses_uploads_from_pages_of_other_origins(espeak_dir, espeak_nemo_transcripts):
+    """A browser page elsewhere POSTs audio to the server on localhost: 403 `invalid_origin`; the origin listed in
+    allowed_origins and the server's own pages (/docs) are let in, and clients that are not browsers (no Origin)."""
+    from conftest import ESPEAK_CLIPS
+
+    server = start_server(espeak_dir, env={"CANARY_ALLOWED_ORIGINS": '["https://app.example"]'})
+    try:
+        clip = (ESPEAK_CLIPS / "clip00.wav").read_bytes()
+        expected = espeak_nemo_transcripts["clip00.wav"].strip()
+
+        def post(origin: str | None) -> httpx.Response:
+            headers = {"Origin": origin} if origin is not None else {}
+            form = {"model": "whisper-1", "language": "en", "response_format": "text"}
+            files = {"file": ("a.wav", clip)}
+            return httpx.post(f"{server.url}/v1/audio/transcriptions", headers=headers, data=form, files=files)
+
+        for origin in ["https://evil.example", "null", "http://localhost:1"]:
+            r = post(origin)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_origin", (origin, r.text)
+        for origin in ["https://app.example", server.url, None]:
+            r = post(origin)
+            assert r.status_code == 200 and r.text.strip() == expected, (origin, r.text)
+        assert post("https://app.example").headers["access-control-allow-origin"] == "https://app.example"
+        assert "Traceback" not in server.log()
+    finally:
+        stop_server(server)
+
+
 # ---- in process: the Origin rule -----------------------------------------------------------------------------
 def test_browser_pages_of_other_origins_are_refused_unless_allowed():
     from canary_server.server.app import create_app
@@ -278,9 +309,65 @@ def test_health_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir
     assert "my model" in body["error"]  # what failed, by its name
 
 
+@needs_proc
+def test_a_real_server_after_a_failed_reload_names_no_local_path_with_spaces(espeak_dir, tmp_path):
+    """The same through `canary-server serve` (the model path from its --model flag, spaces and all)."""
+    import shutil
+
+    from conftest import ESPEAK_CLIPS
+
+    model = tmp_path / "secret dir" / "my model"
+    shutil.copytree(espeak_dir, model)
+    server = start_server(model, env={"CANARY_IDLE_UNLOAD_SECONDS": "0.2"})
+    try:
+        health = lambda: httpx.get(f"{server.url}/health").json()  # noqa: E731
+        _wait_until(lambda: health()["status"] == "unloaded", 30, "never unloaded")
+        model.rename(tmp_path / "secret dir" / "gone")  # the reload fails
+        clip = {"file": (ESPEAK_CLIPS / "clip00.wav").read_bytes()}
+        r = httpx.post(f"{server.url}/v1/audio/transcriptions", data={"model": "whisper-1"}, files=clip, timeout=60)
+        body = health()
+    finally:
+        stop_server(server)
+    assert r.status_code == 503 and body["error"], (r.text, body)
+    for text in (r.text, body["error"]):
+        assert "secret dir" not in text and str(tmp_path) not in text and "secret" not in text, text
+    assert "my model" in body["error"]
+
+
 def test_the_connection_cap_stays_below_the_descriptor_limit():
     from canary_server.server.connections import connection_cap
 
     assert connection_cap(512, 1024) == 352  # a hard limit of 1024: two descriptors each, an accept burst, a reserve
     assert connection_cap(512, 65536) == 512
     assert connection_cap(512, 100) == 1
+
+
+def test_past_the_cap_a_connection_kept_alive_between_requests_is_evicted_last():
+    """The soak found it: a burst near the cap evicted the httpx pool's kept-alive connections while their client
+    was sending the next request on them (6 POSTs lost in 2236, reset). Connections still waiting for their first
+    request go first, oldest first; a kept-alive one only when no other waits."""
+    import asyncio
+
+    from canary_server.server.connections import _Registry
+
+    class Conn:
+        def __init__(self, served: bool) -> None:
+            self.served, self.closed = served, False
+
+        def close_now(self) -> None:
+            self.closed = True
+            registry.forget(self)
+
+    async def main() -> None:
+        kept, first, second = Conn(True), Conn(False), Conn(False)
+        for conn in (kept, first, second):
+            assert registry.admit(conn)
+            registry.waiting[conn] = None
+        for _ in range(2):
+            assert registry.admit(Conn(False))  # new connections, not waiting yet (their request came at once)
+        assert (first.closed, second.closed, kept.closed) == (True, True, False)
+        assert registry.admit(Conn(False)) and kept.closed  # the only one waiting
+        assert not registry.admit(Conn(False))  # nothing waits: refused (503)
+
+    registry = _Registry(cap=3)
+    asyncio.run(main())

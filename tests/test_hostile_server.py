@@ -1,7 +1,8 @@
 """Hostile input against a real `canary-server serve` process on the espeak-trained test model (not a real Canary):
-under an address-space cap, each hostile upload is answered quickly and the server stays up; the API key is
-checked before the body is read; shutdown answers queued requests 503 at once, running ones by the deadline, and
-a second signal exits at once. In process: the Host allow-list, /health without local paths, the bind warning."""
+under an address-space cap, each hostile upload is answered quickly and the server stays up; uploads waiting
+for a decode slot count in the queue limit (429); the API key is checked before the body is read; shutdown answers
+queued requests 503 at once, running ones by the deadline, and a second signal exits at once. In process: the Host
+allow-list, /health without local paths, the bind warning."""
 
 from __future__ import annotations
 
@@ -351,3 +352,42 @@ def test_binding_off_loopback_without_a_key_warns():
     (warning,) = exposure_warnings(Settings(wyoming_host="0.0.0.0", api_key=KEY))
     assert "Wyoming on 0.0.0.0:10300" in warning and "no authentication" in warning
     assert exposure_warnings(Settings(wyoming_host="0.0.0.0", wyoming_port=0)) == []
+
+
+def test_uploads_waiting_for_a_decode_slot_get_429_past_the_queue_limit(espeak_dir, espeak_nemo_transcripts):
+    """Slow decodes (four SDP uploads held both slots ~20 s each) used to queue every other upload without a 429:
+    with one decode slot and max_queued_requests = 2, eight decode bombs sent at once get at most 2 x 400 (stopped
+    by the decode budget) and the rest 429 with Retry-After; a normal clip is transcribed after."""
+    env = {
+        "CANARY_MAX_CONCURRENT_DECODES": "1",
+        "CANARY_MAX_QUEUED_REQUESTS": "2",
+        "CANARY_MAX_DECODE_SAMPLES": str(DECODE_SAMPLES),
+    }
+    bomb = flac_bomb(real_seconds=20.0, claimed=False)  # 61 M samples of unknown length: stopped at 20 M
+    server = start_server(espeak_dir, memory_cap=MEMORY_CAP, env=env)
+    try:
+        answers: list[httpx.Response] = []
+        barrier = threading.Barrier(8)
+
+        def send() -> None:
+            barrier.wait()
+            files = {"file": ("a.flac", bomb)}
+            answers.append(httpx.post(f"{server.url}/v1/audio/transcriptions", data=FORM, files=files, timeout=120))
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        statuses = sorted(r.status_code for r in answers)
+        assert len(answers) == 8 and set(statuses) <= {400, 429} and statuses.count(429) >= 5, statuses
+        for r in answers:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error", r.text
+            else:
+                assert r.json()["error"]["code"] == "invalid_audio" and "samples" in r.json()["error"]["message"]
+        r = httpx.post(f"{server.url}/v1/audio/transcriptions", data=FORM, files={"file": _clip()}, timeout=120)
+        assert r.status_code == 200 and r.json()["text"] == espeak_nemo_transcripts["clip00.wav"].strip()
+        assert "Traceback" not in server.log()
+    finally:
+        stop_server(server)

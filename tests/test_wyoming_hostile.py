@@ -258,6 +258,53 @@ def test_an_utterance_that_stops_sending_is_closed_after_the_chunk_deadline(espe
         stop_server(server)
 
 
+def test_an_utterance_dripping_chunks_inside_the_chunk_deadline_is_closed_at_its_wall_clock_end(
+    espeak_dir, espeak_nemo_transcripts
+):
+    """One chunk a second (the chunk deadline is 2 s) used to hold the connection for ever; the utterance gets
+    wyoming_max_utterance_seconds (4 here) from its first event, starting over does not move that end, and
+    the utterance before it on the same connection (transcribed normally) does not count against it."""
+    import select
+
+    server, port = _serve(
+        espeak_dir,
+        CANARY_WYOMING_CHUNK_SECONDS="2",
+        CANARY_WYOMING_IDLE_SECONDS="30",
+        CANARY_WYOMING_MAX_UTTERANCE_SECONDS="4",
+    )
+    fmt = {"rate": 16000, "width": 2, "channels": 1}
+    pcm = _clip_pcm()
+    try:
+        with _connect(port) as s, s.makefile("rb") as f:
+            s.sendall(_frame(AudioStart(**fmt).event()) + _frame(AudioChunk(audio=pcm, **fmt).event()))
+            s.sendall(_frame(AudioStop().event()))
+            events = [read_event(f)]
+            while events[-1].type not in ("transcript-stop", "error"):
+                events.append(read_event(f))
+            transcript = next(e for e in events if e.type == "transcript")
+            assert transcript.data["text"] == espeak_nemo_transcripts["clip00.wav"].strip()
+            began = time.monotonic()
+            s.sendall(_frame(AudioStart(**fmt).event()))
+            drips = 0
+            while not select.select([s], [], [], 1.0)[0]:  # no answer within a second: one more chunk
+                restart = b""
+                if drips == 2:  # starting over (transcribe, audio-start) does not move the end: only audio-stop
+                    restart = _frame(Event("transcribe", {"language": "en"})) + _frame(AudioStart(**fmt).event())
+                s.sendall(restart + _frame(AudioChunk(audio=b"\0\0" * 160, **fmt).event()))
+                drips += 1
+                assert time.monotonic() - began < TIMEOUT, "the utterance was never closed"
+            answers: list[Event | None] = [read_event(f)]
+            with contextlib.suppress(ConnectionResetError):  # a drip crossing our close: a reset, not an event
+                answers.append(read_event(f))
+            text = _error_then_closed(answers if len(answers) == 2 else [*answers, None], "timeout")
+        waited = time.monotonic() - began
+        assert "longer than 4 s" in text, text
+        assert 3.5 < waited < 20 and drips >= 3, (waited, drips)
+        _still_transcribes(server, port, espeak_nemo_transcripts["clip00.wav"])
+    finally:
+        stop_server(server)
+
+
 # ---- connections and descriptors --------------------------------------------------------------------------
 def test_1100_idle_connections_keep_descriptors_bounded_and_the_server_up(espeak_dir, espeak_nemo_transcripts):
     """Past wyoming_max_connections (40) each connection is answered rate_limit_exceeded and closed at once: the

@@ -56,6 +56,7 @@ class ConnectionLimits:
 
     idle_seconds: float = 30.0  # no event between utterances (or a frame half sent) this long: closed
     chunk_seconds: float = 10.0  # within an utterance, the longest wait for its next event
+    utterance_seconds: float = 7200.0  # wall clock from an utterance's first event to its audio-stop
     max_utterance_bytes: int = 32 * 2**20
     max_chunks: int = 50_000
     partials: str = "preview"  # transcript-chunks while the audio arrives: "off", "preview" or "final" (partials.py)
@@ -103,6 +104,7 @@ class CanaryEventHandler(AsyncEventHandler):
         self.busy = False  # transcribing (the server lets that finish when it stops)
         self.audio: HeldAudio | None = None
         self.partials: Partials | None = None
+        self.deadline: ReadDeadline | None = None  # while run() reads
         self._reset()
 
     def _reset(self) -> None:
@@ -124,7 +126,7 @@ class CanaryEventHandler(AsyncEventHandler):
         """wyoming's loop, with a deadline on every read, frames checked before they are read, and a turn for the
         event loop every YIELD_EVERY events (a flood of tiny chunks arrives already buffered)."""
         self._is_running = True
-        deadline = ReadDeadline(self._deadline, self._stop_reading)
+        self.deadline = deadline = ReadDeadline(self._deadline, self._stop_reading)
         try:
             count = 0
             while self._is_running:
@@ -193,6 +195,8 @@ class CanaryEventHandler(AsyncEventHandler):
         if AudioChunk.is_type(event.type):  # first: the one event that comes thousands of times
             return await self._chunk(event)
         if AudioStop.is_type(event.type):
+            if self.deadline is not None:  # the utterance's wall-clock end: only audio-stop lifts it
+                self.deadline.end_at(None)
             if self.failed:  # its error was sent when it happened
                 self._reset()
                 return False
@@ -246,6 +250,8 @@ class CanaryEventHandler(AsyncEventHandler):
         if self.partials is not None:
             self.partials.close()
             self.partials = None
+        if self.deadline is not None and self.deadline.end is None:  # audio-start or transcribe again: not moved
+            self.deadline.end_at(self.limits.utterance_seconds)
         self.in_utterance = True
         live = self.pipeline.live_audio(data.get("rate"), data.get("width"), data.get("channels"))
         self.audio = HeldAudio(

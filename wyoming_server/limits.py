@@ -8,7 +8,9 @@ closes at once (a broken frame, a deadline) or at the utterance's `audio-stop` (
   model's format only when it is submitted at `audio-stop`.
 - `AudioBudget`: what all connections hold together, in bytes and seconds.
 - `ReadDeadline`: one timer per connection that ends the pending read when the client has sent nothing for too
-  long (idle between utterances, between chunks, or a frame half sent); it is moved lazily, not re-armed per event.
+  long (idle between utterances, between chunks, or a frame half sent), or when its utterance has run past its
+  wall-clock end (a client dripping one chunk just inside the chunk deadline); it is moved lazily, not re-armed
+  per event.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class FrameError(WyomingLimitError):
 
 class ReadTimeout(WyomingLimitError):
     code = "timeout"
+
+
+class UtteranceTooSlow(ReadTimeout):
+    """The utterance's wall-clock end passed before its audio-stop."""
 
 
 class UtteranceTooLarge(WyomingLimitError):
@@ -117,8 +123,9 @@ class HeldAudio:
 
 
 class ReadDeadline:
-    """Calls `expire()` once nothing arrived for `limit()` seconds while the connection is read (`expired` is then
-    the ReadTimeout to answer). The handler's `expire` stops reading and ends the read in progress.
+    """Calls `expire()` once nothing arrived for `limit()` seconds while the connection is read, or once the
+    utterance's end (`end_at`) passed (`expired` is then the ReadTimeout to answer). The handler's `expire` stops
+    reading and ends the read in progress.
 
     `pause()` while the handler works (a transcription is not the client's delay), `resume()` when it reads again
     and after every event; the one timer checks when it fires and moves itself to the new due time."""
@@ -128,8 +135,16 @@ class ReadDeadline:
         self._loop = asyncio.get_running_loop()
         self.last = self._loop.time()
         self.reading = True
+        self.end: float | None = None  # loop time the utterance must have ended by (None: not in one)
+        self._utterance_seconds = 0.0
         self.expired: ReadTimeout | None = None
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(self.last + limit(), self._check)
+
+    def end_at(self, seconds: float | None) -> None:
+        """An utterance began (`seconds`: how long it may take, wall clock, to its audio-stop) or ended (None)."""
+        self.end = None if seconds is None else self._loop.time() + seconds
+        self._utterance_seconds = seconds or 0.0
+        self._move_earlier()
 
     def pause(self) -> None:
         self.reading = False
@@ -137,23 +152,37 @@ class ReadDeadline:
     def resume(self) -> None:
         self.last = self._loop.time()
         self.reading = True
-        due = self.last + self._limit()
-        if self._timer is not None and due < self._timer.when():  # a shorter limit now (an utterance began)
-            self._timer.cancel()
-            self._timer = self._loop.call_at(due, self._check)
+        self._move_earlier()
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _due(self, now: float) -> float:
+        if not self.reading:  # the handler is working: checked again once it reads (resume moves the timer)
+            return now + self._limit()
+        due = self.last + self._limit()
+        return due if self.end is None else min(due, self.end)
+
+    def _move_earlier(self) -> None:
+        due = self._due(self._loop.time())
+        if self._timer is not None and due < self._timer.when():  # a shorter limit now (an utterance began)
+            self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._check)
+
     def _check(self) -> None:
-        limit = self._limit()
         now = self._loop.time()
-        due = self.last + limit if self.reading else now + limit
+        due = self._due(now)
         if self.reading and now >= due:
             self._timer = None
-            self.expired = ReadTimeout(f"nothing received for {limit:g} s; closing the connection")
+            if self.end is not None and now >= self.end:
+                self.expired = UtteranceTooSlow(
+                    f"the utterance took longer than {self._utterance_seconds:g} s to its audio-stop; closing the "
+                    "connection"
+                )
+            else:
+                self.expired = ReadTimeout(f"nothing received for {self._limit():g} s; closing the connection")
             self._expire()
             return
         self._timer = self._loop.call_at(due, self._check)

@@ -46,6 +46,7 @@ class WyomingConfig:
     max_connections: int = 64  # open at once; more are answered an error event and closed
     idle_seconds: float = 30.0  # no event between utterances, or a frame half sent, this long: closed
     chunk_seconds: float = 10.0  # within an utterance, the longest wait for its next event
+    max_utterance_seconds: float = 7200.0  # wall clock from an utterance's first event to its audio-stop
     max_utterance_mb: float = 32.0  # PCM held for one utterance, as it arrived (max_audio_seconds applies too)
     max_chunks: int = 50_000  # audio-chunk events in one utterance
     max_held_mb: float = 256.0  # PCM held by all connections together
@@ -56,6 +57,7 @@ class WyomingConfig:
         return ConnectionLimits(
             idle_seconds=self.idle_seconds,
             chunk_seconds=self.chunk_seconds,
+            utterance_seconds=self.max_utterance_seconds,
             max_utterance_bytes=int(self.max_utterance_mb * MiB),
             max_chunks=self.max_chunks,
             partials=self.partials,

@@ -151,6 +151,7 @@ def build_app(settings, *, wyoming_port: int | None = None, engine=None, model_d
             max_connections=settings.wyoming_max_connections,
             idle_seconds=settings.wyoming_idle_seconds,
             chunk_seconds=settings.wyoming_chunk_seconds,
+            max_utterance_seconds=settings.wyoming_utterance_seconds,
             max_utterance_mb=settings.wyoming_max_utterance_mb,
             max_chunks=settings.wyoming_max_chunks,
             max_held_mb=settings.wyoming_max_held_mb,
