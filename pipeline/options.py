@@ -52,6 +52,9 @@ class PipelineConfig:
     detect_language: bool = False
     detect_languages: tuple[str, ...] = ()  # detection picks only among these (empty: all the model's)
     detect_threshold: float = 0.5  # below it (best candidate's probability), a fixed default_language is decoded
+    # A live stream (Realtime) without a language holds its first audio this long, detects the language from it,
+    # then starts decoding in it (pipeline/live_stream.py); a turn that ends sooner is detected from what it has.
+    live_detect_seconds: float = 1.5
     # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
     # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
     idle_unload_seconds: float | None = None
