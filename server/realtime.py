@@ -102,6 +102,7 @@ class Session:
     previous_item: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     readers: set[asyncio.Task] = field(default_factory=set)
+    told_no_detection: bool = False  # the model cannot detect and the session names no language: said once
 
     def __post_init__(self) -> None:
         self.turns = LiveTurns(self.config.rate, self.config.turn_detection, self._sample_rate())
@@ -194,7 +195,7 @@ class Session:
         if (config.rate, config.turn_detection) != (self.config.rate, self.config.turn_detection):
             await self._drop_turn()  # a new format or turn rule starts from an empty buffer
             self.turns = LiveTurns(config.rate, config.turn_detection, self._sample_rate())
-        self.config = config
+        self.config, self.told_no_detection = config, False
         await self.send(reply, session=config.beta(self.id) if beta else config.ga(self.id))
 
     async def on_append(self, event: dict[str, Any]) -> None:
@@ -250,7 +251,9 @@ class Session:
             await self.error(str(exc), code="model_not_ready")
             return None
         except LanguageDetectionUnavailable as exc:
-            await self.error(str(exc), code="language_detection_unavailable", param="language")
+            if not self.told_no_detection:  # once per session configuration, not once per append
+                self.told_no_detection = True
+                await self.error(str(exc), code="language_detection_unavailable", param="language")
             return None
         self.turn = Turn(_id("item"), job)
         self.turn.reader = asyncio.create_task(self._read(self.turn))

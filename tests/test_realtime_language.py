@@ -86,6 +86,8 @@ def _transcribe(server, clip: str, language: str | None, early: int = 0) -> tupl
                     await conn.send({"type": "input_audio_buffer.append", "audio": _b64(piece)})
             await conn.send({"type": "input_audio_buffer.commit"})
             done = await _recv(conn, seen, "conversation.item.input_audio_transcription.completed")
+            while done.type == "error" and done.error.code == "language_detection_unavailable":
+                done = await _recv(conn, seen, "conversation.item.input_audio_transcription.completed")
         return seen, done
 
     return asyncio.run(main())
@@ -115,7 +117,9 @@ def test_a_turn_shorter_than_the_detection_window_is_detected_from_what_it_has(m
 def test_a_prompt_masked_model_refuses_a_session_without_a_language(masked_server):
     seen, done = _transcribe(masked_server, "de_00.wav", None)
     errors = [e for e in seen if e.type == "error"]
-    assert errors and errors[0].error.code == "language_detection_unavailable"
+    refused = [e for e in errors if e.error.code == "language_detection_unavailable"]
+    assert len(refused) == 1 and errors[0] is refused[0]  # said once, not once per append
+    assert done.error.code == "input_audio_buffer_commit_empty"  # no turn was opened: nothing to commit
     assert errors[0].error.param == "language" and "give language a language code" in errors[0].error.message
     _, named = _transcribe(masked_server, "de_00.wav", "de")
     assert named.type.endswith(".completed") and named.transcript
