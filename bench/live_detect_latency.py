@@ -4,11 +4,12 @@ its language named: seconds from the stream's start to its first delta, and from
 three clips of the espeak-trained en/de/es/fr model (NOT a real Canary), fed in 0.25 s pieces paced in real time
 through `Pipeline.open_stream` with the Realtime door's streaming defaults; 3 runs each.
 
-    .venv/bin/python bench/live_detect_latency.py
+    .venv/bin/python bench/live_detect_latency.py [--runs 3] [--clips de_00.wav fr_01.wav es_02.wav]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import tempfile
 import time
@@ -53,24 +54,28 @@ async def one(p: Pipeline, language: str | None, clip: str) -> tuple[float | Non
     return (first[0] if first else None), await reader - end
 
 
-async def run(p: Pipeline) -> None:
+async def run(p: Pipeline, clips: list[str], runs: int) -> None:
     while not p.engine.ready:
         await asyncio.sleep(0.01)
     print("| clip | language | first delta, s | final after the end, s |\n|---|---|---|---|")
-    for clip in ("de_00.wav", "fr_01.wav", "es_02.wav"):
+    for clip in clips:
         for language in (clip[:2], None):
-            res = [await one(p, language, clip) for _ in range(3)]
+            res = [await one(p, language, clip) for _ in range(runs)]
             firsts = ", ".join(f"{a:.2f}" if a is not None else "-" for a, _ in res)
             print(f"| {clip} | {language or 'detected'} | {firsts} | {', '.join(f'{b:.3f}' for _, b in res)} |")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clips", nargs="+", default=["de_00.wav", "fr_01.wav", "es_02.wav"])
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         m = canary.load(convert_nemo(SHARED / "espeak-tiny-multi.nemo", Path(tmp) / "model"), dtype="float32")
     p = Pipeline(lambda: m, PipelineConfig(live_detect_seconds=1.5))
     p.engine.start()
     try:
-        asyncio.run(run(p))
+        asyncio.run(run(p, args.clips, args.runs))
     finally:
         p.engine.close()
 

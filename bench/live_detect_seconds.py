@@ -11,6 +11,7 @@ Prints a Markdown table: seconds held, clips right, and the clips that were wron
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ def detect(m, audio: np.ndarray) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it is
     with tempfile.TemporaryDirectory() as tmp:
         m = canary.load(convert_nemo(SHARED / "espeak-tiny-multi.nemo", Path(tmp) / "model"), dtype="float32")
     names = sorted(json.loads((CLIPS / "nemo_transcripts.json").read_text()))

@@ -245,7 +245,7 @@ class Session:
         if self.turn is not None:
             return self.turn
         try:
-            options = self.pipeline.options(self.config.language, language_role="language")
+            options = self.pipeline.options(self.config.language)
             job = self.pipeline.open_stream(options, self._streaming(), self.settings.realtime_max_turn_seconds)
         except EngineNotReady as exc:
             await self.error(str(exc), code="model_not_ready")

@@ -66,6 +66,8 @@ SMOKE_ARGS = {
     "idle_release.py": ["{tiny}", "--seconds", "2", "--repeats", "1", "--idle", "0.3", "--release-after", "0.1"],
     "vad_eval.py": ["--clips", "1"],
     "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
+    "live_detect_seconds.py": [],
+    "live_detect_latency.py": ["--runs", "1", "--clips", "de_00.wav"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py"}
@@ -250,3 +252,13 @@ def test_the_readme_and_benchmarks_bench_commands_use_only_flags_the_scripts_acc
             helps[script] = proc.stdout
         for flag in re.findall(r"(?<!\S)--[\w-]+", args):
             assert flag in helps[script], f"README/BENCHMARKS: bench/{script} {args.strip()}: {flag} is not an option"
+
+
+def test_live_detect_seconds_tables_accuracy_per_seconds_held():
+    out = _bench("live_detect_seconds.py")
+    assert re.search(r"^\| 1\.5 \| 12 \|", out, flags=re.M)  # the default detects every clip
+
+
+def test_live_detect_latency_times_streams_with_and_without_a_language():
+    out = _bench("live_detect_latency.py")
+    assert "| de_00.wav | de |" in out and "| de_00.wav | detected |" in out
