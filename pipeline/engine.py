@@ -242,11 +242,21 @@ class Engine:
             self._release(job)
 
     def open_stream(
-        self, source_lang: str, target_lang: str, pnc: bool, config: Any = None, max_seconds: float = 3600.0
+        self,
+        source_lang: str,
+        target_lang: str,
+        pnc: bool,
+        config: Any = None,
+        max_seconds: float = 3600.0,
+        *,
+        language: Any = None,
+        detect_seconds: float = 0.0,
     ) -> LiveJob:
         """A live stream decoded as its audio arrives (NeMo's streaming Canary decoding): `feed()` 16 kHz mono
         float32 pieces, `end()`, and read `updates()` (committed text after every chunk, then the final text).
-        `config`: a `model.stream_buffer.StreamingConfig` (None: NeMo's defaults). Closing it frees its place."""
+        `config`: a `model.stream_buffer.StreamingConfig` (None: NeMo's defaults). Closing it frees its place.
+        `language`: a `pipeline.language.LanguageChoice` to detect the source language from the first
+        `detect_seconds` of audio before decoding starts (`Pipeline.open_stream` builds it)."""
         from canary_server.model.prompt import PromptSpec
         from canary_server.model.stream_buffer import StreamingConfig
 
@@ -255,7 +265,8 @@ class Engine:
         spec = PromptSpec(source_lang, target_lang, pnc=pnc, max_context_tokens=self.max_context_tokens)
         job = LiveJob(
             spec, config or StreamingConfig(), asyncio.get_running_loop(), self._queue.put,
-            self.info.sample_rate, max_seconds,
+            self.info.sample_rate, max_seconds, language=language,
+            detect_samples=int(detect_seconds * self.info.sample_rate),
         )  # fmt: skip
         with self._lock:
             if not self._accepting:

@@ -59,6 +59,9 @@ class PipelineConfig:
     # Silero VAD on every request (pipeline/speech.py): audio without speech gets empty text undecoded; audio longer
     # than chunk_seconds is cut in its pauses (False: the energy rule alone cuts, everything is decoded)
     vad: bool = True
+    # A live stream (Realtime) without a language holds its first audio this long, detects the language from it,
+    # then starts decoding in it (pipeline/live_stream.py); a turn that ends sooner is detected from what it has.
+    live_detect_seconds: float = 1.5
     # Free the model after this long without requests (None: never); the next request reloads it. Frees memory only
     # when the engine's loader loads it (a path or repo id), not for a model object the caller keeps.
     idle_unload_seconds: float | None = None

@@ -33,6 +33,7 @@ from canary_server.pipeline.errors import (
 from canary_server.pipeline.keywords import MAX_SERVER_PHRASES, check_spelling, clean_keywords
 from canary_server.pipeline.language import AUTO, LanguageChoice, LanguageDetection
 from canary_server.pipeline.live import LiveAudio
+from canary_server.pipeline.live_stream import LiveJob
 from canary_server.pipeline.options import PipelineConfig, TranscribeOptions
 from canary_server.pipeline.results import TranscriptResult, assemble
 from canary_server.pipeline.speech import has_speech, speech_probabilities, split_at_pauses
@@ -281,6 +282,18 @@ class Pipeline:
         return LiveAudio(
             rate, width, channels, sample_rate=self.info.sample_rate, max_seconds=self.config.max_audio_seconds
         )
+
+    def open_stream(self, options: TranscribeOptions, config: Any = None, max_seconds: float | None = None) -> LiveJob:
+        """A live stream (`Engine.open_stream`) for `options` (from `options()`): where they detect the language
+        (no language given on a multilingual model), the engine holds the first `live_detect_seconds` of audio,
+        detects the language from them and only then decodes, in that language. `max_seconds`: None for
+        `max_audio_seconds`."""
+        limit = self.config.max_audio_seconds if max_seconds is None else max_seconds
+        choice = LanguageChoice(options.detect) if options.detect else None
+        return self.engine.open_stream(
+            options.source_lang, options.target_lang, options.pnc, config, limit,
+            language=choice, detect_seconds=self.config.live_detect_seconds,
+        )  # fmt: skip
 
     def _context(self, text: str | None) -> str | None:
         """The prompt, cut to its end when it is far longer than the max_prompt_tokens the model keeps of it (the

@@ -2,7 +2,8 @@
 
 The Host, Origin and API key rules run before the handshake is accepted (server/security.py). A session holds one
 `LiveTurns` (pipeline/live_turns.py: PCM in, Silero turn detection) and at most one open turn, a live stream in the
-engine (`Engine.open_stream`: NeMo's streaming Canary decoding), whose committed text goes out as
+engine (`Pipeline.open_stream`: NeMo's streaming Canary decoding; a session without a language has each turn's
+language detected from its first `live_detect_seconds`, never a translation), whose committed text goes out as
 `conversation.item.input_audio_transcription.delta` while the user speaks and `.completed` after the turn ends
 (a `commit`, or `server_vad`'s silence). Every byte held is counted: the session's frame size (uvicorn's
 `ws_max_size`), each turn's seconds, all turns' audio together (`RealtimeGate`); a silent session and a long one
@@ -27,8 +28,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from canary_server.model.errors import AudioDecodeError, UnsupportedLanguageError
 from canary_server.pipeline import Pipeline
-from canary_server.pipeline.errors import AudioTooLong, EngineNotReady
-from canary_server.pipeline.live_stream import LiveJob
+from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, LanguageDetectionUnavailable
+from canary_server.pipeline.live_stream import LiveJob, LiveUpdate
 from canary_server.pipeline.live_turns import LiveTurns, TurnAudio, TurnEvent, TurnStart, TurnStop
 from canary_server.server.realtime_config import SessionConfig, SessionError, update_beta, update_ga
 from canary_server.server.settings import Settings
@@ -101,6 +102,7 @@ class Session:
     previous_item: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     readers: set[asyncio.Task] = field(default_factory=set)
+    told_no_detection: bool = False  # the model cannot detect and the session names no language: said once
 
     def __post_init__(self) -> None:
         self.turns = LiveTurns(self.config.rate, self.config.turn_detection, self._sample_rate())
@@ -193,7 +195,7 @@ class Session:
         if (config.rate, config.turn_detection) != (self.config.rate, self.config.turn_detection):
             await self._drop_turn()  # a new format or turn rule starts from an empty buffer
             self.turns = LiveTurns(config.rate, config.turn_detection, self._sample_rate())
-        self.config = config
+        self.config, self.told_no_detection = config, False
         await self.send(reply, session=config.beta(self.id) if beta else config.ga(self.id))
 
     async def on_append(self, event: dict[str, Any]) -> None:
@@ -242,27 +244,22 @@ class Session:
     async def _open(self) -> Turn | None:
         if self.turn is not None:
             return self.turn
-        options = self._languages()
         try:
-            job = self.pipeline.engine.open_stream(
-                options[0], options[1], True, self._streaming(), self.settings.realtime_max_turn_seconds
-            )
+            options = self.pipeline.options(self.config.language)
+            job = self.pipeline.open_stream(options, self._streaming(), self.settings.realtime_max_turn_seconds)
         except EngineNotReady as exc:
             await self.error(str(exc), code="model_not_ready")
+            return None
+        except LanguageDetectionUnavailable as exc:
+            if not self.told_no_detection:  # once per session configuration, not once per append
+                self.told_no_detection = True
+                await self.error(str(exc), code="language_detection_unavailable", param="language")
             return None
         self.turn = Turn(_id("item"), job)
         self.turn.reader = asyncio.create_task(self._read(self.turn))
         self.readers.add(self.turn.reader)
         self.turn.reader.add_done_callback(self.readers.discard)
         return self.turn
-
-    def _languages(self) -> tuple[str, str]:
-        """(source, target): the session's language, else the configured default; the streaming decoder cannot
-        detect a language, so `default_language = "auto"` means the model's own default here. Never a
-        translation: the target is the source."""
-        info = self.pipeline.engine.info
-        lang = self.config.language or self.pipeline.fixed_language or (info.default_language if info else "en")
-        return lang, lang
 
     def _streaming(self) -> Any:
         from canary_server.model.stream_buffer import StreamingConfig
@@ -348,7 +345,7 @@ class Session:
                     await self.send(
                         "conversation.item.input_audio_transcription.completed",
                         item_id=turn.item_id, content_index=0, transcript=update.text.strip(),
-                        usage={"type": "duration", "seconds": seconds},
+                        usage={"type": "duration", "seconds": seconds}, **_languages(update),
                     )  # fmt: skip
         except asyncio.CancelledError:
             raise
@@ -384,6 +381,15 @@ HANDLERS = {
     "input_audio_buffer.commit": Session.on_commit,
     "input_audio_buffer.clear": Session.on_clear,
 }
+
+
+def _languages(update: LiveUpdate) -> dict[str, Any]:
+    """OpenAI's `languages` on `.completed` (as in HTTP json): the detected language, [] when detection was unsure
+    and the default was decoded; left out when the session named its language."""
+    d = update.detected
+    if d is None:
+        return {}
+    return {"languages": [] if d.fell_back else [{"code": d.language}]}
 
 
 def _subprotocol(ws: WebSocket) -> str | None:

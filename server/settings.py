@@ -254,6 +254,12 @@ class Settings(BaseSettings):
     realtime_policy: Literal["waitk", "alignatt"] = Field(
         "alignatt", description="Realtime streaming decode policy (NeMo's waitk or alignatt)."
     )
+    live_detect_seconds: float = Field(
+        1.5,
+        gt=0,
+        le=30,
+        description="A Realtime turn without a language: audio held to detect the language from before decoding.",
+    )
 
     # ---- monitoring and routers (issue 24) ----
     metrics_loopback_only: bool = Field(

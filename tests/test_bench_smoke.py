@@ -71,6 +71,8 @@ SMOKE_ARGS = {
     "vad_eval.py": ["--clips", "1"],
     "realtime_latency.py": ["--streams", "1", "--utterances", "1", "--files", "1"],
     "vad_cut_eval.py": ["--recordings", "1", "--prefix-ms", "100"],
+    "live_detect_seconds.py": [],
+    "live_detect_latency.py": ["--runs", "1", "--clips", "de_00.wav"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py"}
 NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py", "nemo_stages.py"}
@@ -297,3 +299,13 @@ def test_vad_cut_eval_compares_the_energy_rule_with_vad_cuts():
     out = _bench("vad_cut_eval.py")
     assert re.search(r"^\| clean \| energy rule \| [\d.]+ \| \d+ \|", out, flags=re.M), out
     assert re.search(r"^\| white noise 10 dB SNR \| VAD, prefix 100 ms \| [\d.]+ \| \d+ \|", out, flags=re.M), out
+
+
+def test_live_detect_seconds_tables_accuracy_per_seconds_held():
+    out = _bench("live_detect_seconds.py")
+    assert re.search(r"^\| 1\.5 \| 12 \|", out, flags=re.M)  # the default detects every clip
+
+
+def test_live_detect_latency_times_streams_with_and_without_a_language():
+    out = _bench("live_detect_latency.py")
+    assert "| de_00.wav | de |" in out and "| de_00.wav | detected |" in out

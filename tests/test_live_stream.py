@@ -115,3 +115,49 @@ def test_a_live_stream_too_long_or_not_finite_is_refused_as_it_grows(espeak_mode
         return await engine.transcribe(load_audio(ESPEAK_CLIPS / "clip04.wav"), "en", "en", True, None)
 
     assert _run_engine(engine, main).text  # the engine goes on serving
+
+
+def test_a_live_stream_without_a_language_is_detected_from_its_first_audio_then_decoded_in_it(espeak_multi_dir):
+    """`Pipeline.open_stream` with options that detect (no language on a multilingual model): the first
+    `live_detect_seconds` are held, the language decided from them, then the stream decodes in it: the same
+    tokens as a stream opened in German, updates before the end of the audio; a stream closed while its audio
+    is held leaves the engine."""
+    from canary_server import model as canary
+    from canary_server.pipeline import Pipeline
+    from canary_server.pipeline.options import PipelineConfig
+    from conftest import ESPEAK_MULTI_CLIPS
+
+    m = canary.load(espeak_multi_dir, dtype="float32")
+    pipeline = Pipeline(lambda: m, PipelineConfig(live_detect_seconds=1.5))
+    audio = load_audio(ESPEAK_MULTI_CLIPS / "de_00.wav")
+    early = 12  # 3 s of its 4 s
+    config = StreamingConfig(1.0, 10.0, 0.5, "alignatt")  # the Realtime door's defaults
+
+    async def run(options) -> tuple[list, bool]:
+        job = pipeline.open_stream(options, config)
+        updates = job.updates()
+        pieces = _pieces(audio)
+        for piece in pieces[:early]:
+            job.feed(piece)
+        first = await asyncio.wait_for(updates.__anext__(), 60)
+        for piece in pieces[early:]:
+            job.feed(piece)
+        job.end()
+        got = [first] + [u async for u in updates]
+        return got, first.final
+
+    async def main():
+        held = pipeline.open_stream(pipeline.options(None))
+        held.feed(audio[:8000])  # 0.5 s: still held for detection when it closes
+        held.close()
+        detected, first_was_final = await run(pipeline.options(None))
+        named, _ = await run(pipeline.options("de"))
+        # the close went through the engine's queue before both streams' messages: the held stream is gone
+        assert not pipeline.engine._live.detecting and not pipeline.engine._live.jobs
+        return detected, first_was_final, named
+
+    detected, first_was_final, named = _run_engine(pipeline.engine, main)
+    assert not first_was_final  # text came while audio was still arriving
+    assert detected[-1].detected is not None and detected[-1].detected.language == "de"
+    assert named[-1].detected is None
+    assert detected[-1].tokens == named[-1].tokens and detected[-1].text == named[-1].text
