@@ -20,6 +20,7 @@ import numpy as np
 
 from canary_server.model.audio import check_samples
 from canary_server.pipeline.errors import AudioTooLong
+from canary_server.pipeline.results import TokenLogprob
 
 log = logging.getLogger("canary.engine")
 
@@ -27,12 +28,15 @@ log = logging.getLogger("canary.engine")
 @dataclass(frozen=True)
 class LiveUpdate:
     """What a stream committed: `delta` is the text added since the previous update (committed text is never
-    revised), `text` all of it; `final` once the end of the audio was decoded."""
+    revised), `text` all of it; `final` once the end of the audio was decoded. `logprobs`: each committed token's
+    text and log-probability, all of them; `new_logprobs` those of the tokens committed since the previous update."""
 
     delta: str
     text: str
     tokens: list[int]
     final: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -50,6 +54,7 @@ class LiveJob:
     ended: bool = False
     stream: Any = None  # model.streaming.Stream (engine thread only)
     sent: str = ""  # text sent so far (engine thread only)
+    sent_tokens: int = 0  # tokens whose log-probs went out (engine thread only)
 
     def feed(self, audio: np.ndarray) -> None:
         if self.ended:
@@ -142,7 +147,7 @@ class LiveStreams:
                 continue
             by_stream = {id(j.stream): j for j in jobs}
             for res in decoder.step([j.stream for j in jobs]):
-                self._report(by_stream[id(res.stream)], decoder, res.final)
+                self._report(by_stream[id(res.stream)], decoder, res.final, model)
         if not self.jobs:
             self._decoders.clear()  # they hold the model (and its idle unload waits for no open stream)
 
@@ -159,11 +164,15 @@ class LiveStreams:
             self._decoders[config] = StreamingDecoder(model, config)
         return self._decoders[config]
 
-    def _report(self, job: LiveJob, decoder: Any, final: bool) -> None:
+    def _report(self, job: LiveJob, decoder: Any, final: bool, model: Any) -> None:
         text = decoder.text(job.stream)
         if text != job.sent or final:
             delta = text[len(job.sent) :] if text.startswith(job.sent) else text
             job.sent = text
-            job.send(LiveUpdate(delta, text, list(job.stream.tokens), final))
+            s = job.stream
+            pieces = model.token_pieces(s.tokens)  # as include[]=logprobs shows them for files
+            logprobs = [TokenLogprob(p, lp) for p, lp in zip(pieces, s.logprobs, strict=True)]
+            new, job.sent_tokens = logprobs[job.sent_tokens :], len(logprobs)
+            job.send(LiveUpdate(delta, text, list(s.tokens), final, logprobs, new))
         if final:
             self.jobs.remove(job)
