@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from canary_server.model.audio import load_audio
-from canary_server.server.realtime_config import LOGPROBS
+from canary_server.server.realtime_config import LOGPROBS, SessionConfig, SessionError, update_beta, update_ga
 from conftest import ESPEAK_CLIPS, FIXTURES
 from server_process import start_server, stop_server
 
@@ -158,6 +158,15 @@ def test_logprobs_when_the_session_includes_them(server):
     assert all(lp.logprob <= 0 and bytes(lp.bytes).decode() == lp.token for lp in done.logprobs)
     assert deltas and all(d.logprobs is not None for d in deltas)
     assert [lp for d in deltas for lp in d.logprobs] == done.logprobs[: sum(len(d.logprobs) for d in deltas)]
+
+
+def test_include_in_either_session_shape_and_nothing_else():
+    config = SessionConfig(model="whisper-1")
+    assert update_beta(config, {"include": [LOGPROBS]}).include == (LOGPROBS,)
+    assert update_ga(config, {"include": [LOGPROBS]}).beta("s")["include"] == [LOGPROBS]
+    assert update_ga(update_ga(config, {"include": [LOGPROBS]}), {"include": None}).include == ()
+    with pytest.raises(SessionError, match="the one choice"):
+        update_beta(config, {"include": ["item.input_audio_transcription.words"]})
 
 
 def test_server_vad_finds_the_turn_and_commits_it(server):
