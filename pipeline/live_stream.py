@@ -173,6 +173,6 @@ class LiveStreams:
             pieces = model.token_pieces(s.tokens)  # as include[]=logprobs shows them for files
             logprobs = [TokenLogprob(p, lp) for p, lp in zip(pieces, s.logprobs, strict=True)]
             new, job.sent_tokens = logprobs[job.sent_tokens :], len(logprobs)
-            job.send(LiveUpdate(delta, text, list(s.tokens), final, logprobs, new))
+            job.send(LiveUpdate(delta, text, list(s.tokens), final, logprobs=logprobs, new_logprobs=new))
         if final:
             self.jobs.remove(job)
