@@ -34,6 +34,7 @@ class Stream:
     buffer: AudioBuffer
     cache: KVCache
     tokens: list[int] = field(default_factory=list)  # committed, never revised
+    logprobs: list[float] = field(default_factory=list)  # log-softmax of each committed token (float32 logits)
     started: bool = False  # the prompt is in the cache (NeMo: decoder_mems_list set by a committed step)
     halted: bool = False  # hallucination, length limit, or EOS on the last chunk: nothing more is committed
 
@@ -146,12 +147,13 @@ class StreamingDecoder:
             pos = mx.array([len(r.stream.prompt) + len(r.stream.tokens) - 1 for r in rows])
             hidden, probs = _forward(dec, tokens, pos, keys, values, cross, cross_mask, self.xatt_layer)
             logits = self.model.logits(hidden)
-            next_tok = mx.argmax(logits, axis=-1)
+            next_tok, token_lp = _pick(logits)
             finite = mx.all(mx.isfinite(logits)) if self.model.guards_overflow else mx.array(True)
-            mx.eval(next_tok, probs, finite)
+            mx.eval(next_tok, token_lp, probs, finite)  # the log-probs ride the step's one sync
             if not finite.item():  # float16/bfloat16 only; no float32 fallback for live streams yet
                 raise NonFiniteError.overflow("the decoder's logits", self.model.dtype)
-            self._advance(rows, np.array(next_tok).tolist(), np.array(probs))
+            picked = list(zip(np.array(next_tok).tolist(), np.array(token_lp).tolist(), strict=True))
+            self._advance(rows, picked, np.array(probs))
         for b, r in enumerate(rows):
             for i in range(len(dec.layers)):
                 r.stream.cache.keys[i] = keys[i][b : b + 1]
@@ -166,8 +168,10 @@ class StreamingDecoder:
             ids = mx.array([stream.prompt[:-1]])
             self.model.decoder(ids, mx.arange(p), cross, cross_mask, stream.cache, causal_mask(p, cross_mask.dtype))
 
-    def _advance(self, rows: list[_Row], next_tok: list[int], probs: np.ndarray) -> None:
-        """One decoder step's outcome per row, with NeMo's checks in NeMo's order."""
+    def _advance(self, rows: list[_Row], picked: list[tuple[int, float]], probs: np.ndarray) -> None:
+        """One decoder step's outcome per row (`picked`: each row's greedy token and its log-probability), with
+        NeMo's checks in NeMo's order."""
+        next_tok = [t for t, _ in picked]
         for b, r in enumerate(rows):
             if not r.active:
                 continue
@@ -179,7 +183,7 @@ class StreamingDecoder:
                 r.active = False  # not committed
                 r.stream.halted = r.last
                 continue
-            self._commit(r, next_tok[b])
+            self._commit(r, *picked[b])
             if self.config.policy == "waitk" and not r.last:
                 r.active = False  # waitk: one token per chunk until the last one
             budget = self.config.alignatt_budget
@@ -194,7 +198,7 @@ class StreamingDecoder:
         a = int(np.argmax(probs[excl : r.enc_frames])) + excl
         return r.enc_len - (a + 1) >= self.config.alignatt_thr
 
-    def _commit(self, r: _Row, token: int) -> None:
+    def _commit(self, r: _Row, token: int, logprob: float) -> None:
         s = r.stream
         seq = s.prompt + s.tokens + [token]
         ccl = len(seq) - 1  # index of the token just written
@@ -205,8 +209,15 @@ class StreamingDecoder:
             s.halted, r.active = True, False
             return
         s.tokens.append(token)
+        s.logprobs.append(logprob)
         s.started = True
         r.committed += 1
+
+
+def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Greedy token per row and its log-softmax value, from the same (float32) logits, as batch_decoder's."""
+    token = mx.argmax(logits, axis=-1)
+    return token, mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
 
 
 def _last_token(s: Stream) -> int:

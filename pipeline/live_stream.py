@@ -26,6 +26,7 @@ import numpy as np
 from canary_server.model.audio import MIN_AUDIO_SECONDS, check_samples, pad_to_min_duration
 from canary_server.pipeline.errors import AudioTooLong
 from canary_server.pipeline.language import DetectedLanguage, LanguageChoice
+from canary_server.pipeline.results import TokenLogprob
 
 log = logging.getLogger("canary.engine")
 
@@ -33,13 +34,16 @@ log = logging.getLogger("canary.engine")
 @dataclass(frozen=True)
 class LiveUpdate:
     """What a stream committed: `delta` is the text added since the previous update (committed text is never
-    revised), `text` all of it; `final` once the end of the audio was decoded."""
+    revised), `text` all of it; `final` once the end of the audio was decoded. `logprobs`: each committed token's
+    text and log-probability, all of them; `new_logprobs` those of the tokens committed since the previous update."""
 
     delta: str
     text: str
     tokens: list[int]
     final: bool = False
     detected: DetectedLanguage | None = None  # what detection decided (None: the stream was opened in a language)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -61,6 +65,7 @@ class LiveJob:
     sent: str = ""  # text sent so far (engine thread only)
     held: list[np.ndarray] = field(default_factory=list)  # audio waiting for detection (engine thread only)
     held_samples: int = 0  # (engine thread only)
+    sent_tokens: int = 0  # tokens whose log-probs went out (engine thread only)
 
     def feed(self, audio: np.ndarray) -> None:
         if self.ended:
@@ -187,7 +192,7 @@ class LiveStreams:
                 continue
             by_stream = {id(j.stream): j for j in jobs}
             for res in decoder.step([j.stream for j in jobs]):
-                self._report(by_stream[id(res.stream)], decoder, res.final)
+                self._report(by_stream[id(res.stream)], decoder, res.final, model)
         if not self.jobs:
             self._decoders.clear()  # they hold the model (and its idle unload waits for no open stream)
 
@@ -204,13 +209,17 @@ class LiveStreams:
             self._decoders[config] = StreamingDecoder(model, config)
         return self._decoders[config]
 
-    def _report(self, job: LiveJob, decoder: Any, final: bool) -> None:
+    def _report(self, job: LiveJob, decoder: Any, final: bool, model: Any) -> None:
         text = decoder.text(job.stream)
         if text != job.sent or final:
             delta = text[len(job.sent) :] if text.startswith(job.sent) else text
             job.sent = text
             detected = job.language.result if job.language is not None else None
-            job.send(LiveUpdate(delta, text, list(job.stream.tokens), final, detected))
+            s = job.stream
+            pieces = model.token_pieces(s.tokens)  # as include[]=logprobs shows them for files
+            logprobs = [TokenLogprob(p, lp) for p, lp in zip(pieces, s.logprobs, strict=True)]
+            new, job.sent_tokens = logprobs[job.sent_tokens :], len(logprobs)
+            job.send(LiveUpdate(delta, text, list(s.tokens), final, detected, logprobs=logprobs, new_logprobs=new))
         if final:
             self.jobs.remove(job)
 

@@ -31,7 +31,8 @@ from canary_server.pipeline import Pipeline
 from canary_server.pipeline.errors import AudioTooLong, EngineNotReady, LanguageDetectionUnavailable
 from canary_server.pipeline.live_stream import LiveJob, LiveUpdate
 from canary_server.pipeline.live_turns import LiveTurns, TurnAudio, TurnEvent, TurnStart, TurnStop
-from canary_server.server.realtime_config import SessionConfig, SessionError, update_beta, update_ga
+from canary_server.pipeline.results import TokenLogprob
+from canary_server.server.realtime_config import LOGPROBS, SessionConfig, SessionError, update_beta, update_ga
 from canary_server.server.settings import Settings
 
 log = logging.getLogger("canary.realtime")
@@ -337,6 +338,7 @@ class Session:
                     await self.send(
                         "conversation.item.input_audio_transcription.delta",
                         item_id=turn.item_id, content_index=0, delta=update.delta,
+                        **self._logprobs(update.new_logprobs),
                     )  # fmt: skip
                 if update.final:
                     final = True
@@ -346,6 +348,7 @@ class Session:
                         "conversation.item.input_audio_transcription.completed",
                         item_id=turn.item_id, content_index=0, transcript=update.text.strip(),
                         usage={"type": "duration", "seconds": seconds}, **_languages(update),
+                        **self._logprobs(update.logprobs),
                     )  # fmt: skip
         except asyncio.CancelledError:
             raise
@@ -364,6 +367,13 @@ class Session:
             self._release(turn)
             if not final:
                 turn.job.close()
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        """`logprobs` for a delta or completed event when the session's `include` asks, OpenAI's
+        {token, bytes, logprob} as `include[]=logprobs` gives them for files."""
+        if LOGPROBS not in self.config.include:
+            return {}
+        return {"logprobs": [{"token": t.token, "bytes": t.bytes, "logprob": t.logprob} for t in logprobs]}
 
     async def close(self) -> None:
         await self._drop_turn()

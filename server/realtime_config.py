@@ -3,8 +3,9 @@
 `input_audio_transcription`, `turn_detection`), read into one `SessionConfig` and written back in either shape.
 
 Only what canary-server does is accepted: `audio/pcm` (16-bit little-endian mono) at a rate in [8000, 48000]
-(24 kHz by default, as OpenAI's), `server_vad` turn detection or none. `semantic_vad` (an OpenAI model that judges
-whether the user finished a thought) is refused with a clear error rather than pretended; g711 likewise.
+(24 kHz by default, as OpenAI's), `server_vad` turn detection or none, `include` of the token log-probs.
+`semantic_vad` (an OpenAI model that judges whether the user finished a thought) is refused with a clear error
+rather than pretended; g711 likewise.
 """
 
 from __future__ import annotations
@@ -132,14 +133,10 @@ def _include(config: SessionConfig, session: dict[str, Any], param: str) -> Sess
         return replace(config, include=())
     if not isinstance(include, list):
         raise SessionError(f"{param} must be a list", param)
-    if include:  # the streaming decoder keeps no per-token log-probs yet: say so rather than send none
-        raise SessionError(
-            f"{param}: {LOGPROBS!r} is not available from the live (streaming) decoder; "
-            "POST /v1/audio/transcriptions with include[]=logprobs has them",
-            param,
-            "unsupported_include",
-        )
-    return replace(config, include=())
+    unknown = [x for x in include if x != LOGPROBS]
+    if unknown:
+        raise SessionError(f"{param}: {str(unknown[0])[:64]!r} is not supported; the one choice is {LOGPROBS!r}", param)
+    return replace(config, include=(LOGPROBS,) if include else ())
 
 
 def _format(fmt: Any, param: str) -> int:

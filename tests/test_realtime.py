@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from canary_server.model.audio import load_audio
-from canary_server.server.realtime_config import LOGPROBS
+from canary_server.server.realtime_config import LOGPROBS, SessionConfig, SessionError, update_beta, update_ga
 from conftest import ESPEAK_CLIPS, FIXTURES
 from server_process import start_server, stop_server
 
@@ -133,6 +133,40 @@ def test_manual_commit_streams_deltas_while_audio_arrives_and_completes_with_nem
     assert done.usage.type == "duration" and done.usage.seconds == pytest.approx(len(pcm) / 2 / 16000, abs=0.01)
     assert all(e.event_id for e in [created, *seen])
     assert "<|" not in done.transcript
+    assert done.logprobs is None and first.logprobs is None  # not asked for
+
+
+def test_logprobs_when_the_session_includes_them(server):
+    """`include: [LOGPROBS]`: each delta carries its new tokens' log-probs, `.completed` all of them."""
+    pcm = _pcm(load_audio(ESPEAK_CLIPS / "clip00.wav"))
+
+    async def main():
+        seen: list = []
+        async with _connect(server) as conn:
+            await conn.send({"type": "session.update", "session": _session(16000, None) | {"include": [LOGPROBS]}})
+            updated = await _until(conn, "session.updated", seen)
+            for piece in _pieces(pcm, 16000):
+                await conn.send({"type": "input_audio_buffer.append", "audio": _b64(piece)})
+            await conn.send({"type": "input_audio_buffer.commit"})
+            done = await _until(conn, "conversation.item.input_audio_transcription.completed", seen)
+        return updated, done, [e for e in seen if e.type.endswith(".delta")]
+
+    updated, done, deltas = asyncio.run(main())
+    assert updated.session.include == [LOGPROBS]
+    assert done.transcript == _golden_text("clip00") and done.logprobs
+    assert "".join(lp.token for lp in done.logprobs).strip() == done.transcript
+    assert all(lp.logprob <= 0 and bytes(lp.bytes).decode() == lp.token for lp in done.logprobs)
+    assert deltas and all(d.logprobs is not None for d in deltas)
+    assert [lp for d in deltas for lp in d.logprobs] == done.logprobs[: sum(len(d.logprobs) for d in deltas)]
+
+
+def test_include_in_either_session_shape_and_nothing_else():
+    config = SessionConfig(model="whisper-1")
+    assert update_beta(config, {"include": [LOGPROBS]}).include == (LOGPROBS,)
+    assert update_ga(config, {"include": [LOGPROBS]}).beta("s")["include"] == [LOGPROBS]
+    assert update_ga(update_ga(config, {"include": [LOGPROBS]}), {"include": None}).include == ()
+    with pytest.raises(SessionError, match="the one choice"):
+        update_beta(config, {"include": ["item.input_audio_transcription.words"]})
 
 
 def test_server_vad_finds_the_turn_and_commits_it(server):
@@ -255,7 +289,7 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
         (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_value"),
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
         (json.dumps({"type": "session.update", "session": {"type": "realtime"}}), "invalid_value"),
-        (json.dumps({"type": "session.update", "session": {"include": [LOGPROBS]}}), "unsupported_include"),
+        (json.dumps({"type": "session.update", "session": {"include": [LOGPROBS, "item.x"]}}), "invalid_value"),
         (
             json.dumps(
                 {
