@@ -64,9 +64,9 @@ def _generate(m: model.Canary, family: str, c: dict) -> list[list[int]]:
 
 
 def test_the_goldens_cover_the_aggregate_and_unified_tokenizers_and_the_trained_model():
-    # flash_agg (canary2 aggregate + projection) is not generated yet: `make_boosting_fixtures.py --only flash_agg`
-    # adds it (its cases are then tested below); v1_agg covers the aggregate tokenizer meanwhile
-    assert {"v1_agg", "v2_unified", "espeak"} <= set(golden()["families"])
+    # every family's prompt format and tokenizer: canary (v1_agg), canary2 aggregate + projection (flash_agg),
+    # unified (v2_unified), and the trained espeak model
+    assert {"v1_agg", "flash_agg", "v2_unified", "espeak"} <= set(golden()["families"])
 
 
 def test_the_goldens_show_boosting_changing_nemo_outputs():
