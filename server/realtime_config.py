@@ -156,6 +156,13 @@ def _transcription(config: SessionConfig, value: Any, param: str) -> SessionConf
     if value is None:
         return config
     value = _obj(value, param)
+    if value.get("keywords"):  # never dropped silently: NeMo's streaming decoder has no phrase boosting
+        raise SessionError(
+            "keywords are not applied to live transcription (the streaming decoder has no phrase boosting); "
+            "send keywords[] with /v1/audio/transcriptions, or set the server's keywords for Wyoming",
+            f"{param}.keywords",
+            "unsupported_keywords",
+        )
     for key in ("model", "language", "prompt"):
         if value.get(key) is not None and not isinstance(value[key], str):
             raise SessionError(f"{param}.{key} must be a string", f"{param}.{key}")

@@ -169,6 +169,17 @@ def test_include_in_either_session_shape_and_nothing_else():
         update_beta(config, {"include": ["item.input_audio_transcription.words"]})
 
 
+def test_keywords_on_a_live_session_are_refused_not_dropped():
+    config = SessionConfig(model="whisper-1")
+    ga = {"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1", "keywords": ["Nadia"]}}}}
+    with pytest.raises(SessionError, match="keywords are not applied") as e:
+        update_ga(config, ga)
+    assert e.value.code == "unsupported_keywords" and e.value.param.endswith("transcription.keywords")
+    with pytest.raises(SessionError, match="keywords are not applied"):
+        update_beta(config, {"input_audio_transcription": {"model": "whisper-1", "keywords": ["Nadia"]}})
+    assert update_beta(config, {"input_audio_transcription": {"model": "whisper-1", "keywords": []}}).model
+
+
 def test_server_vad_finds_the_turn_and_commits_it(server):
     import soxr
 
