@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+from serving import wait_healthy
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -71,16 +72,8 @@ def start_server(path: Path, port: int, sessions: int) -> subprocess.Popen:
     )
     cmd = [sys.executable, "-m", "canary_server", "serve", "--model", str(path), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.2)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", 600)
+    return proc
 
 
 async def stream(url: str, pcm: bytes, utterances: int) -> list[tuple[float, float, str]]:

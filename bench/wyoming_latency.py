@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+from serving import wait_healthy
 from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -83,16 +84,8 @@ def start_server(path: Path, http_port: int, wyoming_port: int, capped: bool) ->
     env = dict(os.environ, CANARY_LOG_LEVEL="warning")
     cmd = [sys.executable, *script, "--model", str(path), "--port", str(http_port), "--wyoming-port", str(wyoming_port)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.2)
+    wait_healthy(proc, f"http://127.0.0.1:{http_port}", 600)
+    return proc
 
 
 def http_json(client: httpx.Client, wav: bytes) -> tuple[float, str]:
