@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from canary_server import model  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
+
+if TYPE_CHECKING:
+    from canary_server.pipeline.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -24,6 +29,21 @@ SILENCE_ROBUST_NEMO = FIXTURES / "silence_robust" / "silence_robust.nemo"
 SILENCE_ROBUST_CLIPS = FIXTURES / "silence_robust" / "clips"
 # A log line of canary-server (ours and uvicorn's): "2026-12-07 01:20:00,123 INFO:     message".
 LOG_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<level>[A-Z]+): +(?P<message>.*)")
+
+
+def run_engine(engine: Engine, main):
+    """Start `engine`, run the coroutine function `main` once the model is loaded, and close the engine."""
+    engine.start()
+    try:
+
+        async def wrapped():
+            while not engine.ready:
+                await asyncio.sleep(0)
+            return await main()
+
+        return asyncio.run(wrapped())
+    finally:
+        engine.close()
 
 
 def log_message(line: str, level: str = "INFO") -> str | None:

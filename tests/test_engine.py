@@ -19,7 +19,7 @@ from canary_server.model.audio import load_audio
 from canary_server.pipeline.engine import Engine
 from canary_server.server.app import create_app
 from canary_server.server.settings import Settings
-from conftest import ESPEAK_CLIPS, FIXTURES
+from conftest import ESPEAK_CLIPS, FIXTURES, run_engine
 from server_fakes import FakeCanary, fake_batcher, running_server, tone, wait_ready, wav_bytes
 
 
@@ -27,20 +27,6 @@ from server_fakes import FakeCanary, fake_batcher, running_server, tone, wait_re
 def flash(tmp_path_factory) -> model.Canary:
     """The flash-style random-weight parity fixture (canary2, en/de/es/fr, encoder_decoder_proj)."""
     return model.load(convert_nemo(FIXTURES / "flash_agg" / "model.nemo", tmp_path_factory.mktemp("f") / "m"))
-
-
-def _run_engine(engine: Engine, main):
-    engine.start()
-    try:
-
-        async def wrapped():
-            while not engine.ready:
-                await asyncio.sleep(0)
-            return await main()
-
-        return asyncio.run(wrapped())
-    finally:
-        engine.close()
 
 
 def test_many_concurrent_requests_each_equal_their_single_request_nemo_output(flash):
@@ -61,7 +47,7 @@ def test_many_concurrent_requests_each_equal_their_single_request_nemo_output(fl
     async def main():
         return await asyncio.gather(*[engine.transcribe(audios[i], "en", t, pnc, None) for i, t, pnc, _ in jobs])
 
-    results = _run_engine(engine, main)
+    results = run_engine(engine, main)
     assert [r.tokens for r in results] == [expected for *_, expected in jobs]
     assert engine.stats["completed"] == len(jobs)
 
@@ -84,7 +70,7 @@ def test_a_short_request_finishes_while_a_long_file_is_still_decoding(espeak_mod
         quick = await one("short", engine.transcribe(short, "en", "en", True, None))
         return quick, await long
 
-    quick, long = _run_engine(engine, main)
+    quick, long = run_engine(engine, main)
     assert order == ["short", "long"]
     assert quick.tokens == espeak_model.generate(short).tokens
     assert [r.tokens for r in long] == [espeak_model.generate(c).tokens for c in long_chunks]
@@ -177,7 +163,7 @@ def test_streamed_deltas_arrive_per_piece_in_chunk_order_and_add_up_to_the_text(
         events = [ev async for ev in engine.stream_batch(chunks, "en", "en", True, None)]
         return events
 
-    events = _run_engine(engine, main)
+    events = run_engine(engine, main)
     deltas = [e.delta for e in events if e.kind == "delta"]
     assert events[-1].kind == "done" and len(deltas) > len(chunks)  # piece by piece, not chunk by chunk
     expected = [espeak_model.generate(c).text for c in chunks]
@@ -197,5 +183,5 @@ def test_closing_a_stream_early_cancels_the_request(espeak_model):
             await asyncio.sleep(0)
         return first
 
-    assert _run_engine(engine, main).kind == "delta"
+    assert run_engine(engine, main).kind == "delta"
     assert engine.stats["cancelled"] == 1 and engine.stats["completed"] == 0

@@ -14,7 +14,7 @@ from canary_server.model.errors import AudioDecodeError
 from canary_server.model.stream_buffer import StreamingConfig
 from canary_server.pipeline.engine import Engine
 from canary_server.pipeline.errors import AudioTooLong
-from conftest import ESPEAK_CLIPS, FIXTURES
+from conftest import ESPEAK_CLIPS, FIXTURES, run_engine
 
 GOLDEN = json.loads((FIXTURES / "streaming" / "golden.json").read_text())
 
@@ -25,20 +25,6 @@ def _golden(audio: str, context: str, policy: str) -> dict:
         if (c["model"], c["audio"], c["context"], c["policy"]) == ("espeak-tiny-en", audio, context, policy)
     ]  # fmt: skip
     return case
-
-
-def _run_engine(engine: Engine, main):
-    engine.start()
-    try:
-
-        async def wrapped():
-            while not engine.ready:
-                await asyncio.sleep(0)
-            return await main()
-
-        return asyncio.run(wrapped())
-    finally:
-        engine.close()
 
 
 def _pieces(audio: np.ndarray, seconds: float = 0.25) -> list[np.ndarray]:
@@ -64,7 +50,7 @@ def test_a_live_stream_gets_nemo_partials_before_the_end_and_nemo_final_tokens(e
         job.end()
         return early, [u async for u in updates]
 
-    early, rest = _run_engine(engine, main)
+    early, rest = run_engine(engine, main)
     steps = [s["tokens"] for s in case["steps"]]
     assert not early.final and early.text
     assert early.tokens == steps[1]  # NeMo's committed tokens after the second chunk
@@ -94,7 +80,7 @@ def test_live_streams_and_file_requests_share_the_engine(espeak_model):
     async def main():
         return await asyncio.gather(live(waitk), live(alignatt), engine.transcribe(short, "en", "en", True, None))
 
-    a, b, file = _run_engine(engine, main)
+    a, b, file = run_engine(engine, main)
     assert a.final and a.tokens == waitk["tokens"]
     assert b.final and b.tokens == alignatt["tokens"]
     assert file.tokens == espeak_model.generate(short).tokens
@@ -114,7 +100,7 @@ def test_a_live_stream_too_long_or_not_finite_is_refused_as_it_grows(espeak_mode
         job.close()
         return await engine.transcribe(load_audio(ESPEAK_CLIPS / "clip04.wav"), "en", "en", True, None)
 
-    assert _run_engine(engine, main).text  # the engine goes on serving
+    assert run_engine(engine, main).text  # the engine goes on serving
 
 
 def test_a_live_stream_without_a_language_is_detected_from_its_first_audio_then_decoded_in_it(espeak_multi_dir):
@@ -158,7 +144,7 @@ def test_a_live_stream_without_a_language_is_detected_from_its_first_audio_then_
         assert all(job is not held for job in [*live.detecting, *live.jobs])
         return detected, first_was_final, named
 
-    detected, first_was_final, named = _run_engine(pipeline.engine, main)
+    detected, first_was_final, named = run_engine(pipeline.engine, main)
     assert not first_was_final  # text came while audio was still arriving
     assert detected[-1].detected is not None and detected[-1].detected.language == "de"
     assert named[-1].detected is None
