@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from canary_server import model  # noqa: F401  (loads OpenBLAS before MLX)
+from canary_server import _blas  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from canary_server.model import backend, batch_decoder  # noqa: E402
 from canary_server.model.batch_decoder import BatchDecoder, Sequence  # noqa: E402
@@ -206,6 +207,28 @@ def limit_table(d: DecoderConfig, batches: list[int], t_enc: int, steps: int) ->
                       f"| {syncs:g} |")  # fmt: skip
 
 
+def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc: int, steps: int, pairs: int) -> None:
+    """sgemm only vs sgemv forwarding, interleaved in one process (a load change hits both sides alike)."""
+    if not _blas.set_gemv_forward(True):
+        print("\n(no sgemv forwarding in this install: canary_server/_gemv_forward.c was not built)")
+        return
+    print(f"\n| weights | batch | step, sgemm only (ms) | step, sgemv forwarding (ms) | speed-up (median of {pairs} "
+          "pairs) |\n|---|---|---|---|---|")  # fmt: skip
+    for cpu_layout in layouts:
+        m = build(cpu_layout, d)
+        for b in batches:
+            off, on = [], []
+            for _ in range(pairs):
+                for enabled, out in ((False, off), (True, on)):
+                    _blas.set_gemv_forward(enabled)
+                    out.append(time_steps(m, b, steps, pipelined=True, t_enc=t_enc))
+            _blas.set_gemv_forward(True)
+            name = "pre-transposed (CPU layout)" if cpu_layout else "nn.Linear"
+            ratio = statistics.median(a / b_ for a, b_ in zip(off, on, strict=True))
+            print(f"| {name} | {b} | {statistics.median(off) * 1e3:.1f} | {statistics.median(on) * 1e3:.1f} "
+                  f"| {ratio:.2f}x |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -214,12 +237,17 @@ def main() -> None:
     ap.add_argument("--enc-frames", type=int, default=375, help="cross-attention length (375: 30 s, 63: 5 s)")
     ap.add_argument("--limit-only", action="store_true", help="only the bandwidth / bytes / ops / syncs table")
     ap.add_argument("--bits", type=int, choices=(4, 8), help="also time the decoder quantized to BITS (group 64)")
+    ap.add_argument("--gemv-pairs", type=int, default=0,
+                    help="N interleaved pairs of pipelined steps with OpenBLAS sgemm only vs matrix-vector products "
+                         "sent to sgemv (canary_server/_gemv_forward.c), per layout and batch")  # fmt: skip
     args = ap.parse_args()
     layouts = [False, True] if mx.default_device() == mx.cpu else [False]
     d = DIMS[args.dims]
     print(f"device {mx.default_device()}, float32, decoder {d.num_layers}x{d.hidden_size}, vocab {d.vocab_size}, "
           f"cross-attention over {args.enc_frames} frames")  # fmt: skip
     limit_table(d, args.batches, args.enc_frames, args.steps)
+    if args.gemv_pairs:
+        gemv_table(d, layouts, args.batches, args.enc_frames, args.steps, args.gemv_pairs)
     if args.limit_only:
         return
     print("\n| weights | batch | step, plain (ms) | step, pipelined (ms) | tokens/s pipelined |")

@@ -1,13 +1,19 @@
-"""Load OpenBLAS before MLX on Linux.
+"""Load OpenBLAS before MLX on Linux, with matrix-vector products sent to sgemv.
 
 The `mlx[cpu]` wheel links a slow reference BLAS; a 1024x1024 fp32 matmul is ~20-40x slower than with
 OpenBLAS. Loading Debian's `libopenblas.so.0` with RTLD_GLOBAL before `import mlx` makes MLX's cblas
 calls resolve to it. Set CANARY_NO_OPENBLAS=1 to skip. No effect on macOS (MLX uses Accelerate/Metal).
+
+Before OpenBLAS, the small C library built from `_gemv_forward.c` at install (when a C compiler was there) is
+loaded the same way: its `cblas_sgemm` sends single-row and single-column products (the batch-1 decoder step) to
+OpenBLAS's sgemv, ~1.5x faster there, and everything else to OpenBLAS's sgemm. `CANARY_NO_GEMV_FORWARD=1` turns it
+off (bench/decoder_step.py compares both); without the built library MLX simply calls sgemm for everything.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 import warnings
@@ -18,6 +24,7 @@ _CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
 )
 _loaded: str | None = None
+_forward: ctypes.CDLL | None = None
 
 
 def preload_openblas() -> str | None:
@@ -29,12 +36,14 @@ def preload_openblas() -> str | None:
         warnings.warn("mlx was imported before model.blas: OpenBLAS preload skipped", RuntimeWarning, stacklevel=2)
         _loaded = ""
         return _loaded
+    forward = _load_forwarder()  # first: its cblas_sgemm must come before OpenBLAS's in the global scope
     for name in _CANDIDATES:
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            blas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
         _loaded = name
+        _init_forwarder(forward, blas)
         return _loaded
     _loaded = ""
     print(
@@ -42,3 +51,46 @@ def preload_openblas() -> str | None:
         file=sys.stderr,
     )
     return _loaded
+
+
+def _load_forwarder() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("canary_server._gemv_forward")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        return ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+
+
+def _init_forwarder(forward: ctypes.CDLL | None, blas: ctypes.CDLL) -> None:
+    global _forward
+    if forward is None:
+        return
+    try:
+        sgemm, sgemv = blas.cblas_sgemm, blas.cblas_sgemv
+    except AttributeError:
+        return
+    enabled = 0 if os.environ.get("CANARY_NO_GEMV_FORWARD") else 1
+    address = ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemv, ctypes.c_void_p)
+    if forward.canary_gemv_forward_init(*address, enabled):
+        _forward = forward
+
+
+def gemv_counts() -> tuple[int, int] | None:
+    """(matmuls sent to sgemv, matmuls sent to sgemm) so far, or None when the forwarder is not in use."""
+    if _forward is None:
+        return None
+    _forward.canary_gemv_forwarded.restype = ctypes.c_ulong
+    _forward.canary_gemv_passed.restype = ctypes.c_ulong
+    return int(_forward.canary_gemv_forwarded()), int(_forward.canary_gemv_passed())
+
+
+def set_gemv_forward(enabled: bool) -> bool:
+    """Turn the sgemv forwarding on or off at run time (benches compare both in one process). False when the
+    forwarder is not in use (then nothing changes)."""
+    if _forward is None:
+        return False
+    blas = ctypes.CDLL(_loaded)
+    address = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p), ctypes.cast(blas.cblas_sgemv, ctypes.c_void_p)
+    return bool(_forward.canary_gemv_forward_init(*address, 1 if enabled else 0))

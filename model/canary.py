@@ -121,8 +121,7 @@ class Canary(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Tied output projection: hidden (..., H) -> logits (..., V), float32."""
-        head_t = self.__dict__.get("_head_t")  # CPU layout: a contiguous transposed copy of the embedding
-        out = hidden @ head_t if head_t is not None else self.decoder.embedding.token_embedding.as_linear(hidden)
+        out = self.decoder.embedding.token_embedding.as_linear(hidden)
         return out.astype(mx.float32) + self.head.bias
 
     def language_log_probs(self, enc: mx.array, enc_lengths: mx.array) -> mx.array:
@@ -138,14 +137,14 @@ class Canary(nn.Module):
         return self.log_probs(hidden[:, -1])[:, lang_ids]  # (B, L)
 
     def use_cpu_layout(self) -> None:
-        """Transposed contiguous Linear weights (faster matmuls on MLX's CPU backend); see model/cpu_layout.py."""
+        """Transposed contiguous Linear weights in the encoder (faster matmuls on MLX's CPU backend); see
+        model/cpu_layout.py. The decoder keeps nn.Linear's layout: its batch-1 step is matrix-vector products,
+        which OpenBLAS's sgemv reads fastest row by row (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
         from .cpu_layout import pretranspose_linears
 
-        pretranspose_linears(self)
-        embedding = self.decoder.embedding.token_embedding
-        if type(embedding) is nn.Embedding:
-            self.__dict__["_head_t"] = mx.contiguous(embedding.weight.T)
-            mx.eval(self.__dict__["_head_t"])
+        for name, child in self.children().items():
+            if name != "decoder" and isinstance(child, nn.Module):
+                pretranspose_linears(child)
         mx.eval(self.parameters())
 
     def release_memory(self) -> None:

@@ -1,0 +1,22 @@
+"""Build the optional Linux C helper (canary_server/_gemv_forward.c); everything else is in pyproject.toml.
+
+`optional=True`: without a C compiler the install still succeeds and MLX uses OpenBLAS's sgemm for everything
+(slower batch-1 decoding on Linux CPUs, same results). Not built on macOS (MLX uses Accelerate and Metal there).
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if sys.platform.startswith("linux"):
+    ext_modules.append(
+        Extension(
+            "canary_server._gemv_forward",
+            sources=["canary_server/_gemv_forward.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    )
+
+setup(ext_modules=ext_modules)

@@ -1,0 +1,61 @@
+"""canary_server/_gemv_forward.c: MLX's single-row / single-column matmuls go to OpenBLAS's sgemv with the same
+results; everything else still goes to sgemm. Linux with the library built (scripts/setup.sh builds it)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from canary_server import _blas
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _blas.gemv_counts() is None,
+    reason="the sgemv forwarder is a Linux-only C library, built when a C compiler was there at install",
+)
+
+
+def test_matrix_vector_products_go_to_sgemv_with_the_same_results():
+    import mlx.core as mx
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 160)).astype(np.float32)  # (K, N)
+    bias = rng.standard_normal(160).astype(np.float32)
+    col = rng.standard_normal((96, 1)).astype(np.float32)
+    xm, wm, bm, colm = mx.array(x), mx.array(w), mx.array(bias), mx.array(col)
+    wt = mx.contiguous(wm.T)  # (N, K): nn.Linear's layout
+    cases = {
+        "x @ W": (lambda: xm @ wm, x @ w),
+        "x @ W.T (nn.Linear)": (lambda: xm @ wt.T, x @ w),
+        "addmm": (lambda: mx.addmm(bm, xm, wm), bias + x @ w),
+        "W.T @ col (one column)": (lambda: wt @ colm, w.T @ col),
+        "col.T @ W (a transposed row)": (lambda: colm.T @ wm, col.T @ w),
+    }
+    before = _blas.gemv_counts()
+    for name, (fn, want) in cases.items():
+        got = np.array(fn())
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-4), name
+    forwarded, passed = (a - b for a, b in zip(_blas.gemv_counts(), before, strict=True))
+    assert forwarded >= len(cases) and passed == 0
+    before = _blas.gemv_counts()
+    got = np.array(mx.array(np.repeat(x, 3, 0)) @ wm)  # three rows: sgemm
+    assert np.allclose(got, np.repeat(x @ w, 3, 0), rtol=1e-5, atol=1e-4)
+    assert _blas.gemv_counts()[1] == before[1] + 1
+
+
+def test_forwarding_can_be_turned_off_at_run_time():
+    import mlx.core as mx
+
+    x, w = mx.ones((1, 8)), mx.ones((8, 4))
+    try:
+        assert _blas.set_gemv_forward(False)
+        before = _blas.gemv_counts()
+        mx.eval(x @ w)
+        assert _blas.gemv_counts() == (before[0], before[1] + 1)
+    finally:
+        _blas.set_gemv_forward(True)
+    before = _blas.gemv_counts()
+    mx.eval(x @ w)
+    assert _blas.gemv_counts() == (before[0] + 1, before[1])
