@@ -1,9 +1,10 @@
 """CPU-backend tuning: Linear weights stored transposed and contiguous, and a larger MLX buffer cache.
 
-MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) was measured 1.5-2.5x slower than `x @ Wt` with a
-contiguous pre-transposed `Wt` for decoder-sized inputs (bench/decoder_step.py), so with the CPU paths
-(model/backend.py) the loader swaps every nn.Linear for `TransposedLinear` once. The math is the same; the GPU paths
-keep MLX's own layout.
+MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) is 4-7% slower than `x @ Wt` with a contiguous
+pre-transposed `Wt` for encoder-sized inputs (63+ rows), so with the CPU paths (model/backend.py) the loader swaps
+the encoder's nn.Linears for `TransposedLinear` once (`Canary.use_cpu_layout`). The decoder keeps nn.Linear: at
+batch 1 its matmuls are matrix-vector products, which OpenBLAS's sgemv (canary_server/_gemv_forward.c) reads
+fastest as nn.Linear's rows. The math is the same; the GPU paths keep MLX's own layout.
 
 MLX keeps at most 32 MB of freed buffers for reuse on its CPU backend; every larger temporary (the encoder's
 subsampling activations are ~100 MB for 30 s of audio) is then a fresh allocation whose pages fault in on first
