@@ -1,11 +1,13 @@
 # isort: skip_file
 """Where the encoder's time goes on the MLX backend in use, and what the CPU-only paths change (model/cpu_math.py,
-the shift-and-add subsampling conv, the buffer cache of model/cpu_layout.py). Random weights, float32.
+the shift-and-add depthwise convs, the buffer cache of model/cpu_layout.py), and what the cached position
+projections (ConformerEncoder.projected_positions, both paths) save. Random weights, float32.
 
     .venv/bin/python bench/encoder_ops.py [--model 180m-flash] [--repeats 7]
 
-Prints Markdown tables: single ops (MLX kernel vs the CPU path), and whole-encoder time for a 6 x 5 s batch and one
-30 s clip with the CPU paths on and off. The model directory is written by bench/random_model.py if missing.
+Prints Markdown tables: single ops (MLX kernel vs the CPU path), whole-encoder time for one 5 s clip, a 6 x 5 s
+batch and one 30 s clip with the CPU paths on and off, and one 5 s clip with the position projections computed
+every call vs cached (interleaved pairs). The model directory is written by bench/random_model.py if missing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from canary_server import model  # noqa: E402, F401  (first: preloads OpenBLAS b
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from canary_server.model import backend, cpu_math  # noqa: E402
-from canary_server.model.conformer import _depthwise_shift_add  # noqa: E402
+from canary_server.model import conformer  # noqa: E402
+from canary_server.model.conformer import _depthwise_shift_add, _depthwise_shift_add_1d  # noqa: E402
 from canary_server.model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
 
 DEFAULT_ROOT = Path.home() / ".cache" / "canary-bench"
@@ -54,13 +57,21 @@ def ops_table(repeats: int) -> list[str]:
     scores = mx.random.normal((1, 8, 375, 375))  # attention scores of one 30 s clip
     sub = mx.random.normal((6, 250, 64, 256))  # subsampling activations of a 6 x 5 s batch
     conv = nn.Conv2d(256, 256, 3, stride=2, padding=1, groups=256)
-    mx.eval(h, scores, sub, conv.parameters())
+    c5, c30 = mx.random.normal((1, 63, 1024)), mx.random.normal((1, 375, 1024))  # conv module input, 1b dims
+    conv1d = nn.Conv1d(1024, 1024, 9, padding=4, groups=1024)
+    mx.eval(h, scores, sub, conv.parameters(), c5, c30, conv1d.parameters())
+
+    def depthwise_1d(x):
+        return lambda: _depthwise_shift_add_1d(x, conv1d) if cpu_math.enabled() else conv1d(x)
+
     rows = [
         ("SiLU, 0.77 M values: MLX kernel -> cpu_math", lambda: cpu_math.silu(h)),
         ("sigmoid, 0.77 M values: MLX kernel -> cpu_math", lambda: cpu_math.sigmoid(h)),
         ("softmax, 1.1 M values: MLX kernel -> cpu_math", lambda: cpu_math.softmax(scores)),
         ("depthwise 3x3 s2 conv, 6 x 250 x 64 x 256: grouped conv -> shift-add", lambda: (
             _depthwise_shift_add(sub, conv) if cpu_math.enabled() else conv(sub))),
+        ("depthwise conv1d k=9, 1 x 63 x 1024 (5 s, 1b dims): grouped conv -> shift-add", depthwise_1d(c5)),
+        ("depthwise conv1d k=9, 1 x 375 x 1024 (30 s, 1b dims): grouped conv -> shift-add", depthwise_1d(c30)),
     ]  # fmt: skip
     out = ["| op | before (ms) | after (ms) |", "|---|---:|---:|"]
     use_cpu_buffer_cache()  # as model.load does on the CPU backend
@@ -99,6 +110,27 @@ def encoder_table(model_dir: Path, repeats: int) -> list[str]:
     return out
 
 
+def positions_table(model_dir: Path, repeats: int, pairs: int = 5) -> list[str]:
+    """One 5 s clip through the whole encoder, position projections every call vs cached, interleaved."""
+    m = model.load(model_dir)
+    feats, lens = mx.random.normal((1, 501, 128)), mx.array([500])
+    saved = conformer.POS_CACHE_MAX
+    runs: dict[int, list[float]] = {0: [], saved: []}
+    try:
+        for _ in range(pairs):
+            for limit in runs:
+                conformer.POS_CACHE_MAX = limit  # 0: every length is projected directly
+                runs[limit].append(timed(lambda: m.encoder(feats, lens)[0], repeats))
+    finally:
+        conformer.POS_CACHE_MAX = saved
+    every, cached = statistics.median(runs[0]), statistics.median(runs[saved])
+    return [
+        "| encoder, 1 x 5 s | position projections every call (ms) | cached (ms) | saved |",
+        "|---|---:|---:|---:|",
+        f"| medians of {pairs} interleaved pairs | {every:.1f} | {cached:.1f} | {every - cached:.1f} ms |",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="180m-flash", choices=["180m-flash", "1b-flash", "tiny"])
@@ -114,6 +146,8 @@ def main() -> None:
     print()
     print(f"canary-{args.model} dims, random weights:")
     print("\n".join(encoder_table(model_dir, args.repeats)))
+    print()
+    print("\n".join(positions_table(model_dir, args.repeats)))
 
 
 if __name__ == "__main__":

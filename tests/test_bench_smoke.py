@@ -49,7 +49,7 @@ SMOKE_ARGS = {
     ],  # fmt: skip
     "fairness.py": ["--model", "tiny", "--model-dir", "{tiny}", "--shares", "0.5", "--long-seconds", "12"],
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
-    "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2"],
+    "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2", "--gemv-pairs", "1"],
     "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
     "stages.py": ["--model", "tiny", "--model-dir", "{tiny}", "--seconds", "2", "--repeats", "1", "--no-nemo"],
     "nemo_stages.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--seconds", "2", "--repeats", "1"],
@@ -125,7 +125,8 @@ def test_fairness_measures_both_sides_of_the_share(tiny):
 
 def test_encoder_ops_times_the_ops_and_the_encoder(tiny):
     out = _bench("encoder_ops.py", tiny)
-    assert "| SiLU, 0.77 M values" in out and "| 1 x 30 s |" in out
+    assert "| SiLU, 0.77 M values" in out and "| 1 x 30 s |" in out and "| depthwise conv1d k=9" in out
+    assert "position projections every call" in out
 
 
 def test_streaming_step_times_chunk_steps(tiny):
@@ -140,6 +141,9 @@ def test_decoder_step_times_batched_steps():
     cpu_row = r"^\| cpu \| 1 \| [\d.]+ \(.*\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \| 2 \|$"
     assert re.search(cpu_row, out, flags=re.M), out
     assert re.search(r"^\| gpu \| 2 \| .* \| \d+ \| 2 \|$", out, flags=re.M), out
+    # sgemm only vs sgemv forwarding, interleaved (or a line saying the forwarder is not built)
+    gemv_row = r"^\| nn\.Linear \| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$"
+    assert re.search(gemv_row, out, flags=re.M) or "no sgemv forwarding" in out, out
 
 
 def test_stages_breaks_one_request_into_its_stages(tiny):
