@@ -28,10 +28,17 @@ def enabled() -> bool:
     return backend.cpu_paths()
 
 
-def exp(x: mx.array) -> mx.array:
-    """exp(x) in float32 from arithmetic only. Inputs below -87.3 give ~1e-38 instead of 0, above 87.3 ~8.5e37
-    instead of inf: both are what every use here (1 + exp(-x), softmax over max-shifted scores) cannot tell apart."""
-    y = mx.clip(x.astype(mx.float32) * _LOG2E, -126.0, 126.0)
+def _f32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)  # an astype is an op (a copy) even to its own dtype
+
+
+def _as(y: mx.array, dtype: mx.Dtype) -> mx.array:
+    return y if y.dtype == dtype else y.astype(dtype)
+
+
+def _exp2(y: mx.array) -> mx.array:
+    """2**y for float32 y (exp(x) is _exp2(x * log2(e)); callers fold a sign into that multiply)."""
+    y = mx.clip(y, -126.0, 126.0)
     r = y + _ROUND
     f = y - (r - _ROUND)  # fractional part in [-0.5, 0.5]
     p = _P[0] * f + _P[1]
@@ -41,22 +48,29 @@ def exp(x: mx.array) -> mx.array:
     return two_n * p
 
 
+def exp(x: mx.array) -> mx.array:
+    """exp(x) in float32 from arithmetic only. Inputs below -87.3 give ~1e-38 instead of 0, above 87.3 ~8.5e37
+    instead of inf: both are what every use here (1 + exp(-x), softmax over max-shifted scores) cannot tell apart."""
+    return _exp2(_f32(x) * _LOG2E)
+
+
 def sigmoid(x: mx.array) -> mx.array:
     if not enabled():
         return mx.sigmoid(x)
-    return (1.0 / (1.0 + exp(-x))).astype(x.dtype)
+    return _as(1.0 / (1.0 + _exp2(_f32(x) * -_LOG2E)), x.dtype)
 
 
 def silu(x: mx.array) -> mx.array:
     if not enabled():
         return nn.silu(x)
-    return (x / (1.0 + exp(-x))).astype(x.dtype)
+    x32 = _f32(x)
+    return _as(x32 / (1.0 + _exp2(x32 * -_LOG2E)), x.dtype)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax computed in float32 (MLX's precise=True)."""
     if not enabled():
         return mx.softmax(x, axis=axis, precise=True)
-    x32 = x.astype(mx.float32)
+    x32 = _f32(x)
     e = exp(x32 - mx.max(x32, axis=axis, keepdims=True))
-    return (e / mx.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+    return _as(e / mx.sum(e, axis=axis, keepdims=True), x.dtype)
