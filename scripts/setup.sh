@@ -148,6 +148,11 @@ fi
 # informational notice about that layout (a UserWarning), which is all that ignoring UserWarning here hides.
 PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install -q -e ".${extras}"
 
+# Linux: the optional C helper (canary_server/_gemv_forward.c) needs a C compiler at install; without one the install
+# still works, with slower batch-1 decoding on the CPU (README, "Linux note: OpenBLAS").
+if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('canary_server._gemv_forward') is None)"; then
+    echo "note: no C compiler found, so the matrix-vector helper was not built (install gcc and run this again for faster decoding on this CPU)"
+fi
 echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv (Python $(py_version .venv/bin/python)). Next:"
 if [ -n "$extras" ]; then
     echo "  .venv/bin/python -m pytest -n 2         # run the tests (two workers)"
