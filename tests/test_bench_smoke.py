@@ -205,7 +205,8 @@ def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
 def test_nemo_salm_runs_in_nemos_interpreter(tiny):
     _require_nemo("nemo_salm.py")
     assert "M parameters" in _bench("random_salm.py", tiny)  # {tiny}-salm: its dims, its tokenizer
-    res = json.loads(_bench("nemo_salm.py", tiny, python=str(NEMO_PYTHON)))
+    out = _bench("nemo_salm.py", tiny, python=str(NEMO_PYTHON))  # NeMo logs to stdout too: the JSON is last
+    res = json.loads(out[out.rindex('{\n  "torch"') :])
     assert [r["seconds"] for r in res["single"]] == [2.0] and res["single"][0]["tokens"] == 8  # forced: 4 / s
     assert [(r["concurrency"], r["requests"]) for r in res["concurrency"]] == [(2, 2)]
 
