@@ -11,7 +11,11 @@ whatever engine is on the branch: upload, decoding, long-audio chunking (pipelin
 * 5 s requests sent one after another while a 5-minute file is being transcribed: their p95 vs the idle p95;
 * peak memory: the server's peak RSS (getrusage) and MLX's `get_peak_memory()`, as the server reports them;
 * `--dtype float32,float16,...`: one server per compute dtype, a table each and one comparing them;
-* `--with-nemo`: bench/nemo_baseline.py (NeMo PyTorch, same dims, same forced length) in NeMo's venv, beside ours.
+* the server's VAD gate is off (`CANARY_VAD=false`) unless `--vad`: Silero hears no speech in some of these synthetic
+  clips (the 30 s one, seed 30, peaks at 0.35 < 0.5) and the server then returns empty text without decoding them,
+  which would time nothing; NeMo has no such gate, and without it long audio is cut as NeMo's side cuts it;
+* `--with-nemo`: bench/nemo_baseline.py (NeMo PyTorch, same dims, same forced length) in NeMo's venv, beside ours;
+  for canary-qwen (`qwen-2.5b`, `tiny-salm`) bench/nemo_salm.py (NeMo's SALM), single stream and concurrency both.
 
 Audio is synthetic and seeded (voiced harmonics with a syllable-rate envelope and pauses). Prints Markdown tables
 headed by the machine, MLX version, device and commit, ready to paste into an issue, and writes JSON. Runs the same
@@ -58,7 +62,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 class Server:
     """`bench/serve_capped.py` as a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, dtype: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: Path, dtype: str, extra_env: dict[str, str] | None = None, vad: bool = False) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -67,6 +71,7 @@ class Server:
         env = dict(os.environ, CANARY_DTYPE=dtype, CANARY_LOG_LEVEL="warning", CANARY_BENCH_STATS=str(self.stats_file))
         env["CANARY_BENCH_TOKENS_PER_SECOND"] = str(TOKENS_PER_SECOND)
         env["CANARY_WYOMING_PORT"] = "0"  # HTTP only: the default Wyoming port may be a running server's
+        env["CANARY_VAD"] = "true" if vad else "false"  # see the module docstring: a gate would skip some clips
         env.update(extra_env or {})
         cmd = [sys.executable, str(BENCH / "serve_capped.py"), "--model", str(model_dir), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)
@@ -125,7 +130,8 @@ def single_stream(url: str, seconds: float, repeats: int) -> dict:
     with client(url) as c:
         runs = [transcribe(c, data) for _ in range(repeats)]
     lat = statistics.median(r[0] for r in runs)
-    tokens = runs[0][1]
+    # random canary-qwen ids decode to no text, so no segments to count: the forced count (checked in-process)
+    tokens = runs[0][1] or expected_tokens(seconds)
     return {"seconds": seconds, "latency_s": lat, "rtfx": seconds / lat, "tokens": tokens, "tokens_per_s": tokens / lat,
             "latencies_s": [r[0] for r in runs], "expected_tokens": expected_tokens(seconds)}  # fmt: skip
 
@@ -186,7 +192,7 @@ def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
 
 
 def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes: argparse.Namespace) -> dict:
-    server = Server(model_dir, dtype)
+    server = Server(model_dir, dtype, vad=sizes.vad)
     out: dict = {}
     try:
         t0 = time.perf_counter()
@@ -207,12 +213,13 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes
                 runs = [concurrent(server.url, clips, c, per_client) for _ in range(repeats)]
                 out["concurrency"].append(median_run(runs, "throughput"))
                 log(f"c={c}: {out['concurrency'][-1]['throughput']:.1f} audio s/s")
-            long_clip = wav_bytes(speech_like(sizes.long_seconds, seed=300))
-            out["during_long"] = [
-                {**during_long(server.url, long_clip, clips), "long_seconds": sizes.long_seconds}
-                for _ in range(max(1, repeats - 1))
-            ]
-            log(f"during long: {out['during_long']}")
+            if sizes.long_seconds > 0:
+                long_clip = wav_bytes(speech_like(sizes.long_seconds, seed=300))
+                out["during_long"] = [
+                    {**during_long(server.url, long_clip, clips), "long_seconds": sizes.long_seconds}
+                    for _ in range(max(1, repeats - 1))
+                ]
+                log(f"during long: {out['during_long']}")
     finally:
         out.update(server.stop())
     return out
@@ -226,7 +233,7 @@ def median_run(runs: list[dict], key: str) -> dict:
     return med
 
 
-def run_nemo(name: str, model_dir: Path, repeats: int) -> dict | None:
+def run_nemo(name: str, model_dir: Path, repeats: int, sizes: argparse.Namespace, salm: bool) -> dict | None:
     python = os.environ.get("NEMO_PYTHON") or str(REPO.parent / "nemo-venv" / "bin" / "python")  # beside the checkout
     if not Path(python).exists():
         log(f"--with-nemo: {python} not found; skipping NeMo")
@@ -234,6 +241,12 @@ def run_nemo(name: str, model_dir: Path, repeats: int) -> dict | None:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [python, str(BENCH / "nemo_baseline.py"), "--model", name, "--tokenizers", str(model_dir),
                "--repeats", str(repeats), "--json", f.name]  # fmt: skip
+        if salm:  # NeMo's SALM at the dims of our converted dir, the same clips and (batched) concurrency
+            cmd = [python, str(BENCH / "nemo_salm.py"), "--model-dir", str(model_dir), "--repeats", str(repeats),
+                   "--json", f.name, "--seconds", *map(str, sizes.single_seconds),
+                   "--concurrency", *([] if sizes.single_only else map(str, sizes.concurrency))]  # fmt: skip
+            if sizes.clips_per_client:
+                cmd += ["--clips-per-client", str(sizes.clips_per_client)]
         subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stderr)  # NeMo logs to stdout
         return json.loads(Path(f.name).read_text())
 
@@ -267,18 +280,28 @@ def table(res: dict, dtype: str) -> str:
     if "concurrency" in ours:
         lines += ["", "| 5 s clips, HTTP | requests | throughput (audio s / s) | p50 latency | p95 latency |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
+        nemo_conc = {r["concurrency"]: r for r in (nemo or {}).get("concurrency", [])}
+        if nemo_conc:  # canary-qwen: NeMo's SALM, each round's requests batched in one generate() call
+            lines[-2] += " NeMo (batched generate()): throughput | NeMo p50 | NeMo p95 | ours / NeMo |"
+            lines[-1] += "---:|---:|---:|---:|"
         for r in ours["concurrency"]:
-            lines.append(f"| concurrency {r['concurrency']} | {r['requests']} | {r['throughput']:.1f} | "
-                         f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")  # fmt: skip
+            row = (f"| concurrency {r['concurrency']} | {r['requests']} | {r['throughput']:.1f} | "
+                   f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")  # fmt: skip
+            if nemo_conc:
+                n = nemo_conc.get(r["concurrency"])
+                row += (f" {n['throughput']:.2f} | {n['p50_s']:.2f} s | {n['p95_s']:.2f} s | "
+                        f"{r['throughput'] / n['throughput']:.2f}x |" if n else " - | - | - | - |")  # fmt: skip
+            lines.append(row)
         idle = ours["concurrency"][0]
-        for d in ours["during_long"]:
+        for d in ours.get("during_long", []):
             long = fmt_dur(d.get("long_seconds", 300))
             lines.append(f"| one at a time during a {long} file | {d['requests']} | - | {d['p50_s']:.2f} s | "
                          f"{d['p95_s']:.2f} s ({d['p95_s'] / idle['p95_s']:.1f}x idle) |")  # fmt: skip
         alone = next((r["latency_s"] for r in ours["single"] if r["seconds"] == 300), None)
-        took = ", ".join(f"{d['long_latency_s']:.1f} s" for d in ours["during_long"])
-        lines += ["", f"The long file itself took {took} with those requests running beside it"
-                      + (f" ({alone:.1f} s alone)." if alone else ".")]  # fmt: skip
+        took = ", ".join(f"{d['long_latency_s']:.1f} s" for d in ours.get("during_long", []))
+        if took:
+            lines += ["", f"The long file itself took {took} with those requests running beside it"
+                          + (f" ({alone:.1f} s alone)." if alone else ".")]  # fmt: skip
     mem = [f"server peak RSS {ours['peak_rss_bytes'] / mib:.0f} MiB"] if ours.get("peak_rss_bytes") else []
     if ours.get("mlx_peak_memory_bytes"):
         mem.append(f"MLX peak memory {ours['mlx_peak_memory_bytes'] / mib:.0f} MiB")
@@ -322,7 +345,7 @@ def git_commit() -> str:
 
 def targets(res: dict, dtype: str) -> list[str]:
     ours, nemo, out = res["ours"][dtype], res.get("nemo"), []
-    if "concurrency" in ours:
+    if ours.get("during_long"):
         c1, c16 = ours["concurrency"][0], ours["concurrency"][-1]
         ratio = c16["throughput"] / c1["throughput"]
         out.append(f"throughput c=16 / c=1 = {c16['throughput']:.1f} / {c1['throughput']:.1f} = {ratio:.2f}x "
@@ -358,10 +381,11 @@ def main() -> None:
     )
     ap.add_argument("--model-dir", type=Path, help="where the random model is written (default: ~/.cache/...)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--vad", action="store_true", help="keep the server's VAD gate on (off by default: see above)")
     ap.add_argument("--single-seconds", type=float, nargs="+", default=list(SINGLE_SECONDS), help="clip lengths")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="client counts")
     ap.add_argument("--clips-per-client", type=int, default=None, help="default: max(2, 16 // concurrency)")
-    ap.add_argument("--long-seconds", type=float, default=300.0, help="the long file of the 'during' run")
+    ap.add_argument("--long-seconds", type=float, default=300.0, help="the long file of the 'during' run (0: skip it)")
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes):
@@ -382,7 +406,7 @@ def main() -> None:
             args.json.write_text(json.dumps(res, indent=2))
     if args.with_nemo:
         try:
-            res["nemo"] = run_nemo(args.model, model_dir, args.repeats)
+            res["nemo"] = run_nemo(args.model, model_dir, args.repeats, args, builder is random_salm)
         except subprocess.CalledProcessError as exc:
             log(f"NeMo baseline failed ({exc}); reporting ours only")
     for dtype in dtypes:

@@ -57,6 +57,18 @@ SMOKE_ARGS = {
     "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
     "convert_memory.py": [str(ESPEAK_NEMO), "--out", "{tiny}-converted"],
     "nemo_baseline.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--repeats", "1", "--seconds", "2"],
+    "nemo_salm.py": [
+        "--model-dir",
+        "{tiny}-salm",
+        "--repeats",
+        "1",
+        "--seconds",
+        "2",
+        "--concurrency",
+        "2",
+        "--clips-per-client",
+        "1",
+    ],  # fmt: skip
     # writes a 6.4 GB canary-1b-v2-size .nemo with NeMo (run by hand, for the converter's peak memory): only its
     # arguments are checked here
     "make_big_v2_nemo.py": ["--help"],
@@ -75,7 +87,7 @@ SMOKE_ARGS = {
     "live_detect_latency.py": ["--runs", "1", "--clips", "de_00.wav"],
 }
 NOT_SCRIPTS = {"synth.py", "serve_capped.py", "machine_info.py", "wer.py", "serving.py"}
-NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py", "nemo_stages.py"}
+NEEDS_NEMO = {"nemo_baseline.py", "make_big_v2_nemo.py", "nemo_stages.py", "nemo_salm.py"}
 
 
 def _bench(script: str, tiny: Path | None = None, python: str = sys.executable) -> str:
@@ -192,6 +204,36 @@ def test_nemo_baseline_runs_in_nemos_interpreter(tiny):
     _require_nemo("nemo_baseline.py")
     out = _bench("nemo_baseline.py", tiny, python=str(NEMO_PYTHON))
     assert '"rtfx"' in out and '"seconds": 2.0' in out
+
+
+def test_nemo_salm_runs_in_nemos_interpreter(tiny):
+    _require_nemo("nemo_salm.py")
+    assert "M parameters" in _bench("random_salm.py", tiny)  # {tiny}-salm: its dims, its tokenizer
+    out = _bench("nemo_salm.py", tiny, python=str(NEMO_PYTHON))  # NeMo logs to stdout too: the JSON is last
+    res = json.loads(out[out.rindex('{\n  "torch"') :])
+    assert [r["seconds"] for r in res["single"]] == [2.0] and res["single"][0]["tokens"] == 8  # forced: 4 / s
+    assert [(r["concurrency"], r["requests"]) for r in res["concurrency"]] == [(2, 2)]
+
+
+def test_run_puts_nemos_batched_concurrency_beside_ours():
+    """The table bench/run.py prints for canary-qwen with NeMo's side (no NeMo needed: results made up)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run  # bench/run.py
+    finally:
+        sys.path.remove(str(BENCH))
+    single = {"seconds": 5.0, "latency_s": 2.0, "rtfx": 2.5, "tokens_per_s": 10.0}
+    conc = {"concurrency": 4, "requests": 4, "throughput": 4.0, "p50_s": 5.0, "p95_s": 5.0}
+    ours = {"single": [single], "concurrency": [conc], "peak_rss_bytes": 2**30}
+    nemo = {"single": [{**single, "latency_s": 4.0, "rtfx": 1.25}], "concurrency": [{**conc, "throughput": 2.0}],
+            "peak_rss_bytes": 2**31}  # fmt: skip
+    res = {"model": "canary-qwen-2.5b", "machine": "m", "commit": "c", "date": "d", "ours": {"float32": ours},
+           "nemo": nemo}  # fmt: skip
+    out = run.table(res, "float32")
+    assert "| 5 s | 2.00 s | 2.5x | 10 | 4.00 s | 1.2x | 10 | 2.00x |" in out
+    assert "| concurrency 4 | 4 | 4.0 | 5.00 s | 5.00 s | 2.00 | 5.00 s | 5.00 s | 2.00x |" in out
+    assert "NeMo process peak RSS 2048 MiB" in out and "during" not in out  # no long-file run: nothing about it
+    assert any("vs NeMo" in line for line in run.targets(res, "float32"))
 
 
 def test_the_big_v2_nemo_maker_starts_in_nemos_interpreter():
