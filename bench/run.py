@@ -240,7 +240,7 @@ def run_nemo(name: str, model_dir: Path, repeats: int, sizes: argparse.Namespace
         return None
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [python, str(BENCH / "nemo_baseline.py"), "--model", name, "--tokenizers", str(model_dir),
-               "--repeats", str(repeats), "--json", f.name]  # fmt: skip
+               "--repeats", str(repeats), "--json", f.name, "--seconds", *map(str, sizes.single_seconds)]  # fmt: skip
         if salm:  # NeMo's SALM at the dims of our converted dir, the same clips and (batched) concurrency
             cmd = [python, str(BENCH / "nemo_salm.py"), "--model-dir", str(model_dir), "--repeats", str(repeats),
                    "--json", f.name, "--seconds", *map(str, sizes.single_seconds),
