@@ -31,6 +31,8 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from serving import wait_healthy
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
 
@@ -51,16 +53,7 @@ class Server:
         # Not from this checkout's directory: `python -m` would import its canary_server, not the interpreter's.
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=model.parent)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, 300)
 
     def mib(self, field: str = "VmRSS") -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+
 from serving import wait_healthy
 
 BENCH = Path(__file__).resolve().parent

@@ -65,6 +65,7 @@ from hostile_files import (  # noqa: E402  (the limit tests' files)
     wav_claiming_rate,
     zero_bit_wav,
 )
+from serving import wait_healthy  # noqa: E402  (bench/, the script's own folder)
 
 SHARED = REPO.parent / "shared" / "models"
 SR = 16000
@@ -279,16 +280,7 @@ class Server:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
         self.rss_peak, self._sampling = 0, True
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{self.tail()}")
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, 300, lambda: f":\n{self.tail()}")
         threading.Thread(target=self._sample, daemon=True).start()
 
     def rss(self) -> int:

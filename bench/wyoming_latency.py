@@ -45,11 +45,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
-from serving import wait_healthy
 from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 
+from serving import wait_healthy
 from synth import SR, speech_like, wav_bytes
 
 BENCH = Path(__file__).resolve().parent
