@@ -13,10 +13,10 @@ off (bench/decoder_step.py compares both); without the built library MLX simply 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 _CANDIDATES = (
     "libopenblas.so.0",
@@ -36,31 +36,43 @@ def preload_openblas() -> str | None:
         warnings.warn("mlx was imported before model.blas: OpenBLAS preload skipped", RuntimeWarning, stacklevel=2)
         _loaded = ""
         return _loaded
-    forward = _load_forwarder()  # first: its cblas_sgemm must come before OpenBLAS's in the global scope
-    for name in _CANDIDATES:
-        try:
-            blas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        _loaded = name
-        _init_forwarder(forward, blas)
+    name = _find_openblas()
+    if name is None:
+        _loaded = ""
+        print(
+            "canary-server: libopenblas.so.0 not found; fp32 matmuls will be slow "
+            "(apt-get install libopenblas0-pthread)",
+            file=sys.stderr,
+        )
         return _loaded
-    _loaded = ""
-    print(
-        "canary-server: libopenblas.so.0 not found; fp32 matmuls will be slow (apt-get install libopenblas0-pthread)",
-        file=sys.stderr,
-    )
+    # The forwarder only once OpenBLAS is known to load (its sgemm calls OpenBLAS's), and before OpenBLAS joins the
+    # global scope: MLX's cblas_sgemm must resolve to the forwarder's.
+    forward = _load_forwarder()
+    blas = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    _loaded = name
+    _init_forwarder(forward, blas)
     return _loaded
 
 
+def _find_openblas() -> str | None:
+    """The first candidate that loads, loaded privately (RTLD_LOCAL: none of its symbols visible yet)."""
+    for name in _CANDIDATES:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
+        except OSError:
+            continue
+        return name
+    return None
+
+
 def _load_forwarder() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("canary_server._gemv_forward")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        return ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
-    except OSError:
-        return None
+    """The library built from _gemv_forward.c beside this file (editable or installed), loaded globally."""
+    for path in sorted(Path(__file__).resolve().parent.glob("_gemv_forward*.so")):
+        try:
+            return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+    return None
 
 
 def _init_forwarder(forward: ctypes.CDLL | None, blas: ctypes.CDLL) -> None:

@@ -58,9 +58,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       else /* a stored k x m */
         real_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
     }
-    forwarded++;
+    __atomic_fetch_add(&forwarded, 1, __ATOMIC_RELAXED); /* MLX may call from several stream threads */
     return;
   }
-  passed++;
+  __atomic_fetch_add(&passed, 1, __ATOMIC_RELAXED);
   real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

@@ -59,3 +59,25 @@ def test_forwarding_can_be_turned_off_at_run_time():
     before = _blas.gemv_counts()
     mx.eval(x @ w)
     assert _blas.gemv_counts() == (before[0] + 1, before[1])
+
+
+def test_without_openblas_the_forwarder_is_not_loaded_and_matmuls_still_work():
+    """The forwarder's sgemm calls OpenBLAS's: where no OpenBLAS loads, it must stay out of MLX's way."""
+    import subprocess
+    from pathlib import Path
+
+    blas_py = Path(_blas.__file__)
+    code = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("blas_alone", {str(blas_py)!r})
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+b._CANDIDATES = ("libno-such-openblas.so.0",)
+assert b.preload_openblas() == "" and b.gemv_counts() is None
+import mlx.core as mx
+print((mx.ones((1, 8)) @ mx.ones((8, 4))).tolist(), (mx.ones((3, 8)) @ mx.ones((8, 2))).tolist())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[[8.0, 8.0, 8.0, 8.0]] [[8.0, 8.0], [8.0, 8.0], [8.0, 8.0]]"
+    assert "libopenblas.so.0 not found" in out.stderr
