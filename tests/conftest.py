@@ -85,6 +85,27 @@ def silence_robust_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def streaming_models(tmp_path_factory: pytest.TempPathFactory):
+    """`get(name)`: the model of tests/streaming's golden cases (a fixture family in tests/fixtures/NAME or one of
+    the shared espeak models), converted once per session, float32; skips when its .nemo is not here."""
+    from functools import cache
+
+    from canary_server.convert import convert_nemo
+
+    root = tmp_path_factory.mktemp("streaming")
+    shared = {"espeak-tiny-en": ESPEAK_NEMO, "espeak-tiny-multi": ESPEAK_MULTI_NEMO}
+
+    @cache
+    def get(name: str):
+        nemo = shared.get(name, FIXTURES / name / "model.nemo")
+        if not Path(nemo).is_file():
+            pytest.skip(f"{nemo} is not here")
+        return model.load(convert_nemo(nemo, root / name), dtype="float32")
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def espeak_model(espeak_dir: Path):
     return model.load(espeak_dir, dtype="float32")
 

@@ -4,15 +4,11 @@ NeMo itself (tests/fixtures/make_streaming_fixtures.py -> tests/fixtures/streami
 from __future__ import annotations
 
 import json
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from canary_server import model
-from canary_server.convert import convert_nemo
 from canary_server.model.prompt import PromptSpec
 from canary_server.model.stream_buffer import StreamingConfig
 from canary_server.model.streaming import StreamingDecoder
@@ -20,28 +16,10 @@ from conftest import FIXTURES, SHARED
 
 GOLDEN = json.loads((FIXTURES / "streaming" / "golden.json").read_text())
 CASES = GOLDEN["cases"]
-NEMO = {
-    "espeak-tiny-en": SHARED / "models" / "espeak-tiny-en.nemo",
-    "espeak-tiny-multi": SHARED / "models" / "espeak-tiny-multi.nemo",
-}
 
 
 def _case_id(c: dict) -> str:
     return f"{c['model']}-{c['audio']}-{c['context']}-{c['policy']}"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("streaming")
-
-    @cache
-    def get(name: str):
-        nemo = NEMO.get(name, FIXTURES / name / "model.nemo")
-        if not Path(nemo).is_file():
-            pytest.skip(f"{nemo} is not here")
-        return model.load(convert_nemo(nemo, root / name), dtype="float32")
-
-    return get
 
 
 def _audio(case: dict) -> np.ndarray:
@@ -75,8 +53,8 @@ def _run(decoder: StreamingDecoder, streams: list) -> list[list[list[int]]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_streaming_commits_nemo_tokens_after_every_chunk(models, case):
-    m = models(case["model"])
+def test_streaming_commits_nemo_tokens_after_every_chunk(streaming_models, case):
+    m = streaming_models(case["model"])
     decoder = StreamingDecoder(m, _config(case))
     stream = decoder.open(case["prompt"])
     stream.append(_audio(case))
@@ -91,10 +69,10 @@ ONE_PER_AUDIO = [c for c in CASES if c["policy"] == "waitk" and c["context"] == 
 
 
 @pytest.mark.parametrize("case", ONE_PER_AUDIO, ids=_case_id)
-def test_our_prompt_is_nemos_streaming_prompt(models, case):
+def test_our_prompt_is_nemos_streaming_prompt(streaming_models, case):
     lang = "de" if case["audio"].startswith("de_") else "en"  # the generator's prompts: pnc yes, transcription
     spec = PromptSpec(lang, lang, pnc=True)
-    assert models(case["model"]).prompt_ids(spec) == case["prompt"]
+    assert streaming_models(case["model"]).prompt_ids(spec) == case["prompt"]
 
 
 def _groups() -> list[tuple[str, str, str]]:
@@ -102,9 +80,9 @@ def _groups() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("group", _groups(), ids="-".join)
-def test_streams_decoded_together_each_get_their_own_nemo_tokens(models, group):
+def test_streams_decoded_together_each_get_their_own_nemo_tokens(streaming_models, group):
     cases = [c for c in CASES if (c["model"], c["context"], c["policy"]) == group]
-    m = models(group[0])
+    m = streaming_models(group[0])
     decoder = StreamingDecoder(m, _config(cases[0]))
     streams = []
     for c in cases:
@@ -117,8 +95,8 @@ def test_streams_decoded_together_each_get_their_own_nemo_tokens(models, group):
         assert steps == [s["tokens"] for s in c["steps"]]
 
 
-def test_a_stream_waiting_for_audio_is_not_stepped(models):
-    m = models("v2_unified")
+def test_a_stream_waiting_for_audio_is_not_stepped(streaming_models):
+    m = streaming_models("v2_unified")
     decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "alignatt"))
     waiting, fed = decoder.open(_en(m)), decoder.open(_en(m))
     waiting.append(np.zeros(16000, np.float32))  # less than chunk + right context
@@ -128,8 +106,8 @@ def test_a_stream_waiting_for_audio_is_not_stepped(models):
     assert waiting.buffer.steps == 0 and fed.buffer.steps == 1
 
 
-def test_a_stream_ending_on_a_chunk_boundary_gets_a_last_step_without_audio(models):
-    m = models("v2_unified")
+def test_a_stream_ending_on_a_chunk_boundary_gets_a_last_step_without_audio(streaming_models):
+    m = streaming_models("v2_unified")
     decoder = StreamingDecoder(m, StreamingConfig(1.0, 10.0, 0.5, "waitk"))
     s = decoder.open(_en(m))
     s.append(np.load(FIXTURES / "v2_unified" / "golden.npz")["audio_2"][:40000])  # 1.5 s + one 1 s chunk

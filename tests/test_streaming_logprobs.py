@@ -7,39 +7,19 @@ decoded in one pass over the whole clip it must be, within the log-prob toleranc
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_streaming import CASES, NEMO, _audio, _case_id, _config, _run
+from test_streaming import CASES, _audio, _case_id, _config, _run
 
-from canary_server import model
-from canary_server.convert import convert_nemo
 from canary_server.model.decoder import causal_mask, cross_attention_mask
 from canary_server.model.streaming import StreamingDecoder
-from conftest import FIXTURES
 
 LOGPROB_TOL = 1e-3
 # Short clips on alignatt with 10 s of left context: nothing is committed before the last chunk, whose window is the
 # whole clip, and the prompt is fed again then (no step committed): one offline pass
 ONE_PASS = ["v1_agg-audio_2-c1_l10_r0.5-alignatt", "v2_unified-audio_2-c1_l10_r0.5-alignatt"]
 MANY_STEPS = [c for c in CASES if c["context"] == "c0.5_l1_r0.5"]  # the most chunks per clip, both policies
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streaming_logprobs")
-
-    @cache
-    def get(name: str):
-        nemo = NEMO.get(name, FIXTURES / name / "model.nemo")
-        if not Path(nemo).is_file():
-            pytest.skip(f"{nemo} is not here")
-        return model.load(convert_nemo(nemo, root / name), dtype="float32")
-
-    return get
 
 
 def _stream(m, case: dict):
@@ -61,8 +41,8 @@ def _teacher_forced(m, audio: np.ndarray, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if _case_id(c) in ONE_PASS], ids=_case_id)
-def test_one_pass_stream_log_probs_equal_offline_teacher_forced(models, case):
-    m = models(case["model"])
+def test_one_pass_stream_log_probs_equal_offline_teacher_forced(streaming_models, case):
+    m = streaming_models(case["model"])
     s, steps = _stream(m, case)
     assert s.tokens == case["tokens"] and len(s.tokens) > 3  # token parity unchanged by the log-probs
     assert all(not step for step in steps[:-1])  # the precondition: nothing committed before the last chunk
@@ -74,10 +54,10 @@ def test_one_pass_stream_log_probs_equal_offline_teacher_forced(models, case):
 
 
 @pytest.mark.parametrize("case", MANY_STEPS, ids=_case_id)
-def test_each_committed_log_prob_is_the_log_softmax_of_its_steps_logits(models, case, monkeypatch):
+def test_each_committed_log_prob_is_the_log_softmax_of_its_steps_logits(streaming_models, case, monkeypatch):
     """Every decoder step's logits are recorded; the committed (token, log-prob) pairs are, in order, among the
     steps' (argmax, log-softmax at the argmax), computed here independently in float64."""
-    m = models(case["model"])
+    m = streaming_models(case["model"])
     picked: list[tuple[int, float]] = []
     logits_fn = m.logits
 
