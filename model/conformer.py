@@ -245,10 +245,8 @@ class ConformerEncoder(nn.Module):
         call (~6% of the encoder's FLOPs at canary-1b-flash dims; NeMo computes it every call). A row of a
         matmul does not depend on the other rows, so the slice equals the direct projection. Kept outside the
         module's parameters (self.__dict__), recomputed when the weights or the dtype change."""
-        d = self.cfg.d_model
         if t > POS_CACHE_MAX:
-            table = rel_positional_encoding(t, d).astype(dtype)
-            return [layer.self_attn.project_positions(table) for layer in self.layers]
+            return self._project_positions(t, dtype)
         projections = [layer.self_attn.linear_pos for layer in self.layers]
         arrays = [a for p in projections for _, a in tree_flatten(p.parameters())]
         cached = self.__dict__.get("_pos_cache")
@@ -260,13 +258,16 @@ class ConformerEncoder(nn.Module):
             or any(a is not b for a, b in zip(cached[2], arrays, strict=True))
         ):
             t_max = min(POS_CACHE_MAX, -(-t // POS_CACHE_STEP) * POS_CACHE_STEP)
-            table = rel_positional_encoding(t_max, d).astype(dtype)
-            projected = [mx.contiguous(layer.self_attn.project_positions(table)) for layer in self.layers]
+            projected = [mx.contiguous(p) for p in self._project_positions(t_max, dtype)]
             mx.eval(projected)
             cached = (t_max, dtype, arrays, projected)
             self.__dict__["_pos_cache"] = cached
         t_max = cached[0]
         return [p[t_max - t : t_max + t - 1] for p in cached[3]]
+
+    def _project_positions(self, t: int, dtype: mx.Dtype) -> list[mx.array]:
+        table = rel_positional_encoding(t, self.cfg.d_model).astype(dtype)
+        return [layer.self_attn.project_positions(table) for layer in self.layers]
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features (B, T, F), valid frame counts (B,) -> encoded (B, T', D), encoded lengths (B,)."""
