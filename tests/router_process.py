@@ -10,10 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from server_process import ServerProcess, stop_server
 
 CONFIG = Path(__file__).resolve().parents[1] / "bench" / "router" / "haproxy.cfg"
 # Homebrew's prefixes on Apple silicon and Intel Macs; Debian's /usr/sbin may be off a user's PATH.
@@ -37,15 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Router:
-    proc: subprocess.Popen
-    url: str
-    lines: list[str] = field(default_factory=list)  # its log (one line per request, health changes)
-    reader: threading.Thread | None = None
-
-    def log(self) -> str:
-        return "".join(self.lines)
+Router = ServerProcess  # the same handle: process, URL, its log lines (one per request, health changes), reader
 
 
 def start_router(a: str, b: str, timeout: float = 30, wait_for_both: bool = True) -> Router:
@@ -79,12 +72,7 @@ def start_router(a: str, b: str, timeout: float = 30, wait_for_both: bool = True
 
 
 def stop_router(router: Router) -> None:
-    if router.proc.poll() is None:
-        router.proc.terminate()
-    router.proc.wait(30)
-    if router.reader is not None:
-        router.reader.join(10)  # EOF once the process is gone
-    router.proc.stdout.close()
+    stop_server(router, terminate=True)
 
 
 def _address(url: str) -> str:

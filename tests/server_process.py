@@ -104,9 +104,13 @@ def start_server(
     return server
 
 
-def stop_server(server: ServerProcess) -> None:
+def stop_server(server: ServerProcess, terminate: bool = False) -> None:
+    """Kill it (or SIGTERM it: `terminate`), wait, and collect its log reader."""
     if server.proc.poll() is None:
-        server.proc.kill()
+        if terminate:
+            server.proc.terminate()
+        else:
+            server.proc.kill()
     server.proc.wait(30)
     if server.reader is not None:
         server.reader.join(10)  # EOF once the process is gone
