@@ -182,6 +182,27 @@ def _fail(browser: Chromium, server) -> str:
     return f"console: {browser.console()}\nserver log: {server.log()[-3000:]}"
 
 
+def _start_and_wait_for_a_final_line(browser: Chromium, server) -> str:
+    """Click Start (the fake microphone plays its file) and wait for the first completed line, or an error; the
+    line's text. Fails with the page's and the server's state when neither comes or the page shows an error."""
+    browser.evaluate("document.getElementById('mic').click()", gesture=True)
+    try:
+        final = browser.wait_until(
+            "(document.querySelector('#live-text li.final') || {}).textContent || "
+            "document.getElementById('error').textContent",
+            WAIT,
+        )
+    except Exception as exc:
+        raise AssertionError(_fail(browser, server)) from exc
+    assert _text(browser, "#error") == "", _fail(browser, server)
+    return final
+
+
+def _assert_most_words_heard(final: str, expected: list[str]) -> None:
+    heard = final.split()
+    assert sum(word in heard for word in expected) >= 0.7 * len(expected), (final, expected)
+
+
 def _enter_key(browser: Chromium) -> None:
     browser.wait_until("!document.getElementById('key-form').hidden", WAIT)
     browser.evaluate(
@@ -223,19 +244,9 @@ def test_in_chromium_the_microphone_shows_the_live_transcript(page, espeak_nemo_
         ".forEach((li) => li.textContent && window.partials.push(li.textContent)))"
         ".observe(document.getElementById('live-text'), {subtree: true, childList: true, characterData: true})"
     )
-    browser.evaluate("document.getElementById('mic').click()", gesture=True)
-    try:
-        final = browser.wait_until(
-            "(document.querySelector('#live-text li.final') || {}).textContent || "
-            "document.getElementById('error').textContent",
-            WAIT,
-        )
-    except Exception as exc:
-        raise AssertionError(_fail(browser, server)) from exc
-    assert _text(browser, "#error") == "", _fail(browser, server)
+    final = _start_and_wait_for_a_final_line(browser, server)
     expected = espeak_nemo_transcripts[CLIP].split()
-    heard = final.split()
-    assert sum(word in heard for word in expected) >= 0.7 * len(expected), (final, expected)
+    _assert_most_words_heard(final, expected)
     partials = browser.evaluate("window.partials")
     flat = " ".join(final.split())
     assert partials and all(flat.startswith(" ".join(p.split())) for p in partials), (partials, final)  # the deltas
@@ -316,18 +327,8 @@ def test_in_chromium_a_pause_before_speaking_is_not_text_on_the_silence_robust_m
         with chromium(browser_binary, tmp_path / "profile", _microphone(wav)) as browser:
             browser.goto(server.url + "/")
             browser.wait_until("!document.getElementById('mic').disabled", WAIT)
-            browser.evaluate("document.getElementById('mic').click()", gesture=True)
-            try:
-                final = browser.wait_until(
-                    "(document.querySelector('#live-text li.final') || {}).textContent || "
-                    "document.getElementById('error').textContent",
-                    WAIT,
-                )
-            except Exception as exc:
-                raise AssertionError(_fail(browser, server)) from exc
-            assert _text(browser, "#error") == "", _fail(browser, server)
-            heard = final.split()
-            assert sum(word in heard for word in expected) >= 0.7 * len(expected), (final, expected)
+            final = _start_and_wait_for_a_final_line(browser, server)
+            _assert_most_words_heard(final, expected)
             assert browser.evaluate("document.querySelectorAll('#live-text li').length") == 1
     finally:
         stop_server(server)
