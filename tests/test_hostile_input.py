@@ -5,6 +5,7 @@ allow-list and /health's error text. (Real processes under signals and memory ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -159,18 +160,26 @@ def test_huge_or_non_finite_samples_are_refused_everywhere(espeak_model, scale):
     assert load_audio(float_wav(tone(1.0) * 32767)).shape == (SR,)
 
 
+@contextlib.asynccontextmanager
+async def _fake_pipeline(decode=None, **config):
+    """A started, ready pipeline on the fake engine (`decode`: its audio decoder, None: the real one), closed after."""
+    engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
+    p = Pipeline(engine=engine, config=PipelineConfig(**config), decode_audio=decode)
+    p.start()
+    try:
+        await p.wait_ready()
+        yield p
+    finally:
+        p.close()
+
+
 def test_the_pipeline_refuses_huge_array_samples_before_the_engine():
     async def main():
-        p = Pipeline(engine=Engine(lambda: FakeCanary(), batcher=fake_batcher))
-        p.start()
-        try:
-            await p.wait_ready()
+        async with _fake_pipeline() as p:
             options = p.options("en")
             with pytest.raises(AudioDecodeError):
                 await p.transcribe(np.full(SR, 1e30, np.float32), options)
             return (await p.transcribe(tone(1.0), options)).text
-        finally:
-            p.close()
 
     assert asyncio.run(main()) == "hello world 1.00"
 
@@ -187,15 +196,9 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once():
         return tone(1.0)
 
     async def main():
-        engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
-        p = Pipeline(engine=engine, decode_audio=decode, config=PipelineConfig(max_concurrent_decodes=2))
-        p.start()
-        try:
-            await p.wait_ready()
+        async with _fake_pipeline(decode, max_concurrent_decodes=2) as p:
             options = p.options("en")
             await asyncio.gather(*(p.prepare(b"x", options) for _ in range(8)))
-        finally:
-            p.close()
 
     asyncio.run(main())
     assert most == 2
@@ -210,12 +213,7 @@ def test_requests_waiting_for_a_decode_slot_count_in_max_queued_requests():
         return tone(1.0)
 
     async def main():
-        engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
-        config = PipelineConfig(max_concurrent_decodes=1, max_queued_requests=3)
-        p = Pipeline(engine=engine, decode_audio=decode, config=config)
-        p.start()
-        try:
-            await p.wait_ready()
+        async with _fake_pipeline(decode, max_concurrent_decodes=1, max_queued_requests=3) as p:
             options = p.options("en")
             waiting = [asyncio.ensure_future(p.prepare(b"x", options)) for _ in range(3)]
             await asyncio.sleep(0)  # they enter: one decodes, two wait for the slot
@@ -224,8 +222,6 @@ def test_requests_waiting_for_a_decode_slot_count_in_max_queued_requests():
             release.set()
             await asyncio.gather(*waiting)
             assert (await p.transcribe(b"x", options)).text  # room again once they are through
-        finally:
-            p.close()
 
     asyncio.run(main())
 
@@ -241,11 +237,7 @@ def test_a_cancelled_request_keeps_its_decode_slot_until_its_decode_ends():
         return tone(1.0)
 
     async def main():
-        engine = Engine(lambda: FakeCanary(), batcher=fake_batcher)
-        p = Pipeline(engine=engine, decode_audio=decode, config=PipelineConfig(max_concurrent_decodes=1))
-        p.start()
-        try:
-            await p.wait_ready()
+        async with _fake_pipeline(decode, max_concurrent_decodes=1) as p:
             options = p.options("en")
             first = asyncio.ensure_future(p.prepare(b"x", options))
             await asyncio.to_thread(started.wait, 10)
@@ -255,8 +247,6 @@ def test_a_cancelled_request_keeps_its_decode_slot_until_its_decode_ends():
             release.set()
             await p.prepare(b"x", options)
             assert not p._decode_gate().locked() and p._decoding == 0
-        finally:
-            p.close()
 
     asyncio.run(main())
 
