@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu_math
+from . import cpu_kernels, cpu_math
 from .config import EncoderConfig
 
 NEG_INF = -10000.0  # nemo/collections/asr/parts/submodules/multi_head_attention.py INF_VAL
@@ -125,9 +125,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         a longer table, sliced, is this one's (ConformerEncoder keeps it)."""
         return self.linear_pos(pos_emb)
 
-    def __call__(self, x: mx.array, pos_proj: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, pos_proj: mx.array, mask: mx.array, valid: mx.array | None = None) -> mx.array:
         """x (B, T, D), pos_proj (2T-1, D): `project_positions` of the T-1 .. -(T-1) table, mask (B, 1, T, T) True
-        where attention is NOT allowed."""
+        where attention is NOT allowed; valid (B, T): the frames the mask is made of (lets the CPU kernel run)."""
         b, t, _ = x.shape
         q = self.linear_q(x).reshape(b, t, self.h, self.d_k)  # (B, T, H, d_k)
         k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
@@ -136,10 +136,14 @@ class RelPositionMultiHeadAttention(nn.Module):
         q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
         ac = q_u @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-        bd = self._rel_shift(q_v @ p.transpose(0, 2, 1))[..., :t]  # (B, H, T, T): relative position i - j
-        scores = (ac + bd) / math.sqrt(self.d_k)
-        scores = mx.where(mask, NEG_INF, scores)
-        attn = mx.where(mask, 0.0, cpu_math.softmax(scores, axis=-1))
+        bd = q_v @ p.transpose(0, 2, 1)  # (B, H, T, 2T-1)
+        if valid is not None and cpu_kernels.usable(ac, bd):  # the lines below in one pass
+            attn = cpu_kernels.rel_softmax(ac, bd, valid, math.sqrt(self.d_k))
+        else:
+            bd = self._rel_shift(bd)[..., :t]  # (B, H, T, T): relative position i - j
+            scores = (ac + bd) / math.sqrt(self.d_k)
+            scores = mx.where(mask, NEG_INF, scores)
+            attn = mx.where(mask, 0.0, cpu_math.softmax(scores, axis=-1))
         out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)  # (B, T, D)
         return self.linear_out(out)
 
@@ -159,11 +163,14 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear2(cpu_math.silu(self.linear1(x)))
+        h = self.linear1(x)
+        return self.linear2(cpu_kernels.silu(h) if cpu_kernels.usable(h) else cpu_math.silu(h))
 
 
 class BatchNorm(nn.Module):
     """Inference-only BatchNorm1d over the channel (last) axis."""
+
+    STATS = ("weight", "bias", "running_mean", "running_var")
 
     def __init__(self, dims: int) -> None:
         super().__init__()
@@ -174,6 +181,11 @@ class BatchNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return (x - self.running_mean) * mx.rsqrt(self.running_var + BN_EPS) * self.weight + self.bias
+
+    def scale_shift(self) -> tuple[mx.array, mx.array]:
+        """The same map as x * scale + shift per channel (for the fused CPU kernel)."""
+        scale = mx.rsqrt(self.running_var + BN_EPS) * self.weight
+        return scale, self.bias - self.running_mean * scale
 
 
 class ConformerConvolution(nn.Module):
@@ -187,12 +199,32 @@ class ConformerConvolution(nn.Module):
 
     def __call__(self, x: mx.array, pad_mask: mx.array) -> mx.array:
         """x (B, T, D); pad_mask (B, T, 1) True on valid frames."""
-        a, gate = mx.split(self.pointwise_conv1(x), 2, axis=-1)
+        h = self.pointwise_conv1(x)
+        dw = self.depthwise_conv
+        if 2 * dw.padding == dw.weight.shape[1] - 1 and cpu_kernels.usable(h, dw.weight, self.batch_norm.weight):
+            taps, scale, shift = self._fused_constants()
+            g = cpu_kernels.glu_mask(h, pad_mask[..., 0])  # GLU, padded frames zeroed
+            bias = self.depthwise_conv.bias if "bias" in self.depthwise_conv else None
+            return self.pointwise_conv2(cpu_kernels.dwconv_affine_silu(g, taps, scale, shift, bias))
+        a, gate = mx.split(h, 2, axis=-1)
         x = a * cpu_math.sigmoid(gate)  # GLU over channels
         x = mx.where(pad_mask, x, 0.0)
         depthwise = _depthwise_shift_add_1d if cpu_math.enabled() else _grouped_conv
         x = cpu_math.silu(self.batch_norm(depthwise(x, self.depthwise_conv)))
         return self.pointwise_conv2(x)
+
+    def _fused_constants(self) -> tuple[mx.array, mx.array, mx.array]:
+        """The depthwise taps as (K, C) rows and the BatchNorm's scale and shift, computed once per weights (kept
+        outside the parameters, in self.__dict__, like ConformerEncoder's position projections)."""
+        sources = (self.depthwise_conv.weight, *(self.batch_norm[k] for k in BatchNorm.STATS))
+        cached = self.__dict__.get("_fused")
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
+            taps = mx.contiguous(self.depthwise_conv.weight[:, :, 0].T)
+            scale, shift = self.batch_norm.scale_shift()
+            mx.eval(taps, scale, shift)
+            cached = (sources, (taps, scale, shift))
+            self.__dict__["_fused"] = cached
+        return cached[1]
 
 
 class ConformerLayer(nn.Module):
@@ -210,11 +242,18 @@ class ConformerLayer(nn.Module):
         self.norm_out = nn.LayerNorm(d, eps=LN_EPS)
 
     def __call__(self, x: mx.array, pos_proj: mx.array, att_mask: mx.array, pad_mask: mx.array) -> mx.array:
-        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_proj, att_mask)
-        x = x + self.conv(self.norm_conv(x), pad_mask)
-        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
-        return self.norm_out(x)
+        valid = pad_mask[..., 0]
+        x = x + 0.5 * self.feed_forward1(_layer_norm(self.norm_feed_forward1, x))
+        x = x + self.self_attn(_layer_norm(self.norm_self_att, x), pos_proj, att_mask, valid)
+        x = x + self.conv(_layer_norm(self.norm_conv, x), pad_mask)
+        x = x + 0.5 * self.feed_forward2(_layer_norm(self.norm_feed_forward2, x))
+        return _layer_norm(self.norm_out, x)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: mx.array) -> mx.array:
+    if "bias" in norm and cpu_kernels.usable(x, norm.weight):
+        return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def drain(stages: Generator) -> Any:

@@ -153,6 +153,11 @@ PYTHONWARNINGS="ignore::UserWarning" .venv/bin/python -m pip install -q -e ".${e
 if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('canary_server._gemv_forward') is None)"; then
     echo "note: no C compiler found, so the matrix-vector helper was not built (install gcc and run this again for faster decoding on this CPU)"
 fi
+# Linux: the encoder's fused CPU kernels (model/_cpu_kernels.cpp, an MLX extension) need g++ (a few seconds);
+# without them the same encoder runs as plain MLX ops, slower on the CPU (README, "Linux note: OpenBLAS").
+if [ "$(uname -s)" = "Linux" ] && ! why=$(.venv/bin/python -m canary_server.model.cpu_kernels build 2>&1 >/dev/null); then
+    echo "note: ${why%%$'\n'*} (install g++ and run this again for a faster encoder on this CPU)"
+fi
 echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv (Python $(py_version .venv/bin/python)). Next:"
 if [ -n "$extras" ]; then
     echo "  .venv/bin/python -m pytest -n 2         # run the tests (two workers)"

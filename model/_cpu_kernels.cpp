@@ -1,0 +1,318 @@
+// Fused float32 kernels for the encoder on MLX's CPU backend, as MLX primitives (model/cpu_kernels.py builds,
+// loads and calls them; model/conformer.py uses them on the CPU paths).
+//
+// MLX's x86-64 CPU build evaluates exp (so sigmoid, SiLU, softmax) one element at a time and runs every other
+// elementwise op as its own pass over memory: a SiLU written as MLX arithmetic (model/cpu_math.py) is ~20 passes,
+// a LayerNorm ~10. Each kernel here is one vectorised loop (AVX2 + FMA where the CPU has them, chosen at run time
+// by target_clones) computing the same function: the exp polynomial is cpu_math's (Cephes, MLX's own CPU exp), the
+// sums are in the order the MLX composition makes them. CPU only: eval_gpu throws (the GPU paths never call these).
+//
+// Inputs must be row-contiguous float32 (the Python wrappers make them so); outputs are fresh row-contiguous arrays.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CANARY_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CANARY_CLONES
+#endif
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2**y for float32 y, clipped to [-126, 126]: model/cpu_math.py's _exp2, the same Cephes polynomial.
+inline float exp2_poly(float y) {
+  y = std::max(-126.0f, std::min(126.0f, y));
+  float r = y + 12582912.0f;  // 1.5 * 2**23: rounds y to an integer kept in the low mantissa bits
+  int32_t ri;
+  std::memcpy(&ri, &r, 4);
+  float f = y - (r - 12582912.0f);
+  float p = 1.535336188319500e-4f * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t e = (ri - (0x4B400000 - 127)) * (1 << 23);
+  float two_n;
+  std::memcpy(&two_n, &e, 4);
+  return two_n * p;
+}
+
+inline float silu1(float v) { return v / (1.0f + exp2_poly(v * -kLog2e)); }
+
+CANARY_CLONES void silu_kernel(const float* x, float* y, size_t n) {
+  for (size_t i = 0; i < n; i++) y[i] = silu1(x[i]);
+}
+
+// x (rows, 2C) -> y (rows, C): GLU over the last axis (first half times the sigmoid of the second), rows whose
+// valid flag is false set to zero (the conformer convolution's masked_fill before the depthwise conv).
+CANARY_CLONES void glu_mask_kernel(const float* x, const bool* valid, float* y, size_t rows, size_t c) {
+  for (size_t r = 0; r < rows; r++) {
+    float* out = y + r * c;
+    if (valid != nullptr && !valid[r]) {
+      std::fill(out, out + c, 0.0f);
+      continue;
+    }
+    const float* a = x + r * 2 * c;
+    const float* g = a + c;
+    for (size_t i = 0; i < c; i++) out[i] = a[i] * (1.0f / (1.0f + exp2_poly(g[i] * -kLog2e)));
+  }
+}
+
+// x (B, T, C) -> y (B, T, C): depthwise conv over time (kernel K, stride 1, zero 'same' padding), its bias, an
+// affine per channel (inference BatchNorm folded to scale and shift), then SiLU. taps (K, C), bias/scale/shift (C).
+CANARY_CLONES void dwconv_affine_silu_kernel(const float* x, const float* taps, const float* bias, const float* scale,
+                                             const float* shift, float* y, size_t b, size_t t, size_t c, size_t k) {
+  const long pad = static_cast<long>(k - 1) / 2;
+  std::vector<float> acc(c);
+  for (size_t bi = 0; bi < b; bi++) {
+    const float* xb = x + bi * t * c;
+    for (size_t ti = 0; ti < t; ti++) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (size_t ki = 0; ki < k; ki++) {  // taps in order; a zero-padding tap would add 0
+        long src = static_cast<long>(ti) + static_cast<long>(ki) - pad;
+        if (src < 0 || src >= static_cast<long>(t)) continue;
+        const float* xs = xb + static_cast<size_t>(src) * c;
+        const float* w = taps + ki * c;
+        for (size_t i = 0; i < c; i++) acc[i] += xs[i] * w[i];
+      }
+      float* out = y + (bi * t + ti) * c;
+      for (size_t i = 0; i < c; i++) {
+        float v = bias != nullptr ? acc[i] + bias[i] : acc[i];
+        out[i] = silu1(v * scale[i] + shift[i]);
+      }
+    }
+  }
+}
+
+// x (rows, D) -> y: LayerNorm over the last axis (biased variance, two passes), then weight and bias.
+CANARY_CLONES void layer_norm_kernel(const float* x, const float* w, const float* bias, float* y, size_t rows,
+                                     size_t d, float eps) {
+  for (size_t r = 0; r < rows; r++) {
+    const float* xr = x + r * d;
+    float* out = y + r * d;
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (int j = 0; j < 8; j++) s[j] += xr[i + j];
+    float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < d; i++) sum += xr[i];
+    const float mean = sum / static_cast<float>(d);
+    float q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (int j = 0; j < 8; j++) {
+        float dv = xr[i + j] - mean;
+        q[j] += dv * dv;
+      }
+    float sq = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+    for (; i < d; i++) {
+      float dv = xr[i] - mean;
+      sq += dv * dv;
+    }
+    const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+    for (i = 0; i < d; i++) out[i] = (xr[i] - mean) * rstd * w[i] + bias[i];
+  }
+}
+
+// Relative-position attention weights (NeMo's RelPositionMultiHeadAttention): ac (B, H, T, T) content scores,
+// bd (B, H, T, 2T-1) position scores before rel_shift, valid (B, T). Row i of head h:
+//   s[j] = (ac[i, j] + bd[i, T-1-i+j]) / sqrt_dk  for valid j, then softmax over the valid j, 0 elsewhere;
+// a padded query row is all zeros (NeMo: masked_fill(-10000), softmax, masked_fill(0)).
+CANARY_CLONES void rel_softmax_kernel(const float* ac, const float* bd, const bool* valid, float* y, size_t b,
+                                      size_t h, size_t t, float sqrt_dk) {
+  const size_t n = 2 * t - 1;
+  std::vector<float> e(t);
+  for (size_t bi = 0; bi < b; bi++) {
+    const bool* vb = valid + bi * t;
+    size_t t_valid = 0;  // the valid frames are a prefix (lengths), so the valid columns are [0, t_valid)
+    while (t_valid < t && vb[t_valid]) t_valid++;
+    for (size_t hi = 0; hi < h; hi++) {
+      for (size_t i = 0; i < t; i++) {
+        const size_t row = (bi * h + hi) * t + i;
+        float* out = y + row * t;
+        if (i >= t_valid) {
+          std::fill(out, out + t, 0.0f);
+          continue;
+        }
+        const float* a = ac + row * t;
+        const float* p = bd + row * n + (t - 1 - i);
+        float m = -INFINITY;
+        for (size_t j = 0; j < t_valid; j++) {
+          e[j] = (a[j] + p[j]) / sqrt_dk;
+          m = std::max(m, e[j]);
+        }
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        size_t j = 0;
+        for (; j < t_valid; j++) e[j] = exp2_poly((e[j] - m) * kLog2e);
+        for (j = 0; j + 8 <= t_valid; j += 8)
+          for (int l = 0; l < 8; l++) s[l] += e[j + l];
+        float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        for (; j < t_valid; j++) sum += e[j];
+        for (j = 0; j < t_valid; j++) out[j] = e[j] / sum;
+        std::fill(out + t_valid, out + t, 0.0f);
+      }
+    }
+  }
+}
+
+// ---- MLX primitives ------------------------------------------------------------------------------------------
+
+enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax };
+
+class CanaryCpuKernel : public mx::UnaryPrimitive {
+ public:
+  CanaryCpuKernel(mx::Stream s, Op op, float param = 0.0f) : mx::UnaryPrimitive(s), op_(op), param_(param) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    for (auto& a : inputs) {
+      if (!a.flags().row_contiguous) throw std::runtime_error("canary cpu kernel: input not row-contiguous");
+    }
+    if (op_ == Op::Silu && inputs[0].is_donatable() && inputs[0].itemsize() == out.itemsize()) {
+      out.copy_shared_buffer(inputs[0]);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const float param = param_;
+    float* y = out.data<float>();
+    switch (op_) {
+      case Op::Silu:
+        enc.dispatch([x = inputs[0].data<float>(), y, n = out.size()]() { silu_kernel(x, y, n); });
+        break;
+      case Op::GluMask: {
+        const bool* valid = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
+        size_t c = out.shape(-1);
+        enc.dispatch([x = inputs[0].data<float>(), valid, y, rows = out.size() / c, c]() {
+          glu_mask_kernel(x, valid, y, rows, c);
+        });
+        break;
+      }
+      case Op::DwConvAffineSilu: {
+        // inputs: x (B, T, C), taps (K, C), scale (C), shift (C)[, bias (C)]
+        const float* bias = inputs.size() > 4 ? inputs[4].data<float>() : nullptr;
+        enc.dispatch([x = inputs[0].data<float>(), taps = inputs[1].data<float>(), bias,
+                      scale = inputs[2].data<float>(), shift = inputs[3].data<float>(), y, b = size_t(out.shape(0)),
+                      t = size_t(out.shape(1)), c = size_t(out.shape(2)), k = size_t(inputs[1].shape(0))]() {
+          dwconv_affine_silu_kernel(x, taps, bias, scale, shift, y, b, t, c, k);
+        });
+        break;
+      }
+      case Op::LayerNorm: {
+        size_t d = out.shape(-1);
+        enc.dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), bias = inputs[2].data<float>(), y,
+                      rows = out.size() / d, d, param]() { layer_norm_kernel(x, w, bias, y, rows, d, param); });
+        break;
+      }
+      case Op::RelSoftmax: {
+        enc.dispatch([ac = inputs[0].data<float>(), bd = inputs[1].data<float>(), valid = inputs[2].data<bool>(),
+                      y, b = size_t(out.shape(0)), h = size_t(out.shape(1)), t = size_t(out.shape(2)), param]() {
+          rel_softmax_kernel(ac, bd, valid, y, b, h, t, param);
+        });
+        break;
+      }
+    }
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("canary cpu kernels run on the CPU only");
+  }
+
+  const char* name() const override { return "CanaryCpuKernel"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CanaryCpuKernel&>(other);
+    return op_ == o.op_ && param_ == o.param_;
+  }
+
+ private:
+  Op op_;
+  float param_;
+};
+
+mx::Stream cpu_stream() {
+  auto device = mx::default_device();
+  if (device != mx::Device::cpu) throw std::invalid_argument("canary cpu kernels need MLX's default device to be the CPU");
+  return mx::default_stream(device);
+}
+
+mx::array prep(const mx::array& a, mx::Stream s) {
+  if (a.dtype() != mx::float32 && a.dtype() != mx::bool_) throw std::invalid_argument("float32 inputs only");
+  return mx::contiguous(a, false, s);
+}
+
+mx::array make(const mx::Shape& shape, mx::Dtype dtype, Op op, std::vector<mx::array> inputs, float param = 0.0f) {
+  auto s = cpu_stream();
+  for (auto& a : inputs) a = prep(a, s);
+  return mx::array(shape, dtype, std::make_shared<CanaryCpuKernel>(s, op, param), std::move(inputs));
+}
+
+mx::array silu(const mx::array& x) { return make(x.shape(), mx::float32, Op::Silu, {x}); }
+
+mx::array glu_mask(const mx::array& x, const std::optional<mx::array>& valid) {
+  auto shape = x.shape();
+  if (shape.back() % 2 != 0) throw std::invalid_argument("glu_mask: odd last axis");
+  shape.back() /= 2;
+  if (!valid) return make(shape, mx::float32, Op::GluMask, {x});
+  if (valid->dtype() != mx::bool_ || valid->size() * 2 * shape.back() != x.size())
+    throw std::invalid_argument("glu_mask: valid must be bool, one flag per row");
+  return make(shape, mx::float32, Op::GluMask, {x, *valid});
+}
+
+mx::array dwconv_affine_silu(const mx::array& x, const mx::array& taps, const mx::array& scale,
+                             const mx::array& shift, const std::optional<mx::array>& bias) {
+  if (x.ndim() != 3 || taps.ndim() != 2 || taps.shape(1) != x.shape(2) || taps.shape(0) % 2 != 1 ||
+      scale.size() != size_t(x.shape(2)) || shift.size() != size_t(x.shape(2)) ||
+      (bias && bias->size() != size_t(x.shape(2))))
+    throw std::invalid_argument("dwconv_affine_silu: x (B, T, C), taps (K odd, C), scale/shift/bias (C)");
+  std::vector<mx::array> inputs = {x, taps, scale, shift};
+  if (bias) inputs.push_back(*bias);
+  return make(x.shape(), mx::float32, Op::DwConvAffineSilu, std::move(inputs));
+}
+
+mx::array layer_norm(const mx::array& x, const mx::array& w, const mx::array& b, float eps) {
+  auto d = size_t(x.shape(-1));
+  if (w.size() != d || b.size() != d) throw std::invalid_argument("layer_norm: weight and bias (D,)");
+  return make(x.shape(), mx::float32, Op::LayerNorm, {x, w, b}, eps);
+}
+
+mx::array rel_softmax(const mx::array& ac, const mx::array& bd, const mx::array& valid, float sqrt_dk) {
+  if (ac.ndim() != 4 || bd.ndim() != 4 || ac.shape(2) != ac.shape(3) || bd.shape(0) != ac.shape(0) ||
+      bd.shape(1) != ac.shape(1) || bd.shape(2) != ac.shape(2) || bd.shape(3) != 2 * ac.shape(3) - 1 ||
+      valid.dtype() != mx::bool_ || valid.ndim() != 2 || valid.shape(0) != ac.shape(0) ||
+      valid.shape(1) != ac.shape(2))
+    throw std::invalid_argument("rel_softmax: ac (B, H, T, T), bd (B, H, T, 2T-1), valid (B, T) bool");
+  return make(ac.shape(), mx::float32, Op::RelSoftmax, {ac, bd, valid}, sqrt_dk);
+}
+
+}  // namespace
+
+#include <nanobind/stl/optional.h>
+
+NB_MODULE(_cpu_kernels, m) {
+  m.doc() = "canary-server's fused float32 encoder kernels for MLX's CPU backend (model/cpu_kernels.py)";
+  m.def("silu", &silu, nb::arg("x"));
+  m.def("glu_mask", &glu_mask, nb::arg("x"), nb::arg("valid").none());
+  m.def("dwconv_affine_silu", &dwconv_affine_silu, nb::arg("x"), nb::arg("taps"), nb::arg("scale"),
+        nb::arg("shift"), nb::arg("bias").none());
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"));
+  m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));
+}

@@ -1,0 +1,234 @@
+"""Fused float32 encoder kernels for MLX's CPU backend: built at install where a C++ compiler is, optional.
+
+MLX's x86-64 CPU build runs every elementwise op as its own pass over memory and evaluates exp one element at a
+time, so the encoder's activations, LayerNorms and attention softmax (model/cpu_math.py's MLX arithmetic: ~20
+passes per SiLU) cost a quarter of a batched encode (bench/encoder_ops.py). `_cpu_kernels.cpp` computes each of
+them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy graph:
+
+* `silu(x)`; `glu_mask(x, valid)`: GLU over the last axis, padded rows zeroed;
+* `dwconv_affine_silu(x, taps, scale, shift, bias)`: the conformer's depthwise conv, its bias, the inference
+  BatchNorm folded to a scale and shift per channel, and SiLU, in one pass;
+* `layer_norm(x, weight, bias, eps)`;
+* `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
+  un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax).
+
+Same functions as the MLX compositions they replace (tests/test_cpu_kernels.py compares each, and the parity
+tests run the encoder against NeMo's goldens with them). Used by model/conformer.py on the CPU paths for float32
+models when the library is present, built for the MLX that is running, and passes a self-test at first use.
+
+Built by `python -m canary_server.model.cpu_kernels build` (scripts/setup.sh runs it on Linux): g++ compiles the
+source with MLX's headers from its wheel and nanobind's sources (its version must be the one MLX was built with:
+the types are shared), ~10 s, next to this file with a stamp of the MLX version and source hash. A different MLX
+later (or no compiler at install) just means the MLX compositions run: same results, slower; `status()` says why.
+`CANARY_NO_CPU_KERNELS=1` (or `set_enabled(False)`) turns them off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import backend
+
+log = logging.getLogger(__name__)
+
+ENV_OFF = "CANARY_NO_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
+MODULE = "_cpu_kernels"
+NANOBIND_DOMAIN = "mlx"  # MLX builds its bindings with NB_DOMAIN mlx: ours must share it to accept mx.array
+CXX_FLAGS = [
+    "-O3",
+    "-std=c++20",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-DNDEBUG",
+    f"-DNB_DOMAIN={NANOBIND_DOMAIN}",
+    "-fno-trapping-math",
+]  # fmt: skip  (no-trapping-math lets g++ vectorise the clamps)
+
+
+def library_path(directory: Path | None = None) -> Path:
+    return (directory or SOURCE.parent) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def stamp_path(directory: Path | None = None) -> Path:
+    return (directory or SOURCE.parent) / (MODULE + ".stamp.json")
+
+
+def expected_stamp() -> dict[str, str]:
+    """What a usable library was built for: this MLX, this source, this Python ABI."""
+    return {
+        "mlx": mx.__version__,
+        "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+    }
+
+
+def build(directory: Path | None = None, cxx: str | None = None, verbose: bool = False) -> Path:
+    """Compile the kernels for the running Python and MLX into `directory` (default: next to this file). Raises
+    RuntimeError with the reason when it cannot (no compiler, no nanobind, a compile error)."""
+    cxx = cxx or os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
+    try:
+        import nanobind
+    except ImportError as e:
+        raise RuntimeError("nanobind is not installed (pip install nanobind)") from e
+    mlx_dir = Path(mx.__file__).resolve().parent
+    nb_dir = Path(nanobind.source_dir()).parent
+    includes = [mlx_dir / "include", Path(nanobind.include_dir()), nb_dir / "ext" / "robin_map" / "include",
+                Path(sysconfig.get_paths()["include"])]  # fmt: skip
+    inc = [f"-I{p}" for p in includes]
+    directory = directory or SOURCE.parent
+    stamp = expected_stamp() | {"nanobind": nanobind.__version__, "cxx": cxx}
+    with tempfile.TemporaryDirectory(prefix="canary-kernels-") as tmp:
+        objects = []
+        for src, name in ((Path(nanobind.source_dir()) / "nb_combined.cpp", "nb.o"), (SOURCE, "kernels.o")):
+            obj = Path(tmp) / name
+            _run([cxx, *CXX_FLAGS, *inc, "-c", str(src), "-o", str(obj)], verbose)
+            objects.append(str(obj))
+        lib_dir = mlx_dir / "lib"
+        out = Path(tmp) / library_path(Path(tmp)).name
+        _run([cxx, "-shared", *objects, f"-L{lib_dir}", "-lmlx", f"-Wl,-rpath,{lib_dir}", "-o", str(out)], verbose)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = library_path(directory)
+        tmp_target = target.with_name(target.name + ".tmp")
+        shutil.copyfile(out, tmp_target)
+        os.replace(tmp_target, target)  # a process that loaded the old file keeps its mapping
+    stamp_path(directory).write_text(json.dumps(stamp, indent=2) + "\n")
+    return target
+
+
+def _run(cmd: list[str], verbose: bool) -> None:
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
+_module = None
+_status = "not loaded yet"
+_loaded = False
+_enabled = True
+
+
+def _load():
+    """The kernels module, or None (and `_status` says why)."""
+    global _module, _status, _loaded
+    if _loaded:
+        return _module
+    _loaded = True
+    if os.environ.get(ENV_OFF, "").strip() not in ("", "0"):
+        _status = f"off ({ENV_OFF} is set)"
+        return None
+    if not library_path().is_file():
+        _status = "not built (python -m canary_server.model.cpu_kernels build)"
+        return None
+    try:
+        stamp = json.loads(stamp_path().read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    want = expected_stamp()
+    stale = [k for k, v in want.items() if stamp.get(k) != v]
+    if stale:
+        _status = f"built for another {'/'.join(stale)} ({stamp.get('mlx', '?')}): rebuild to use them"
+        log.warning("CPU kernels not used: %s (python -m canary_server.model.cpu_kernels build)", _status)
+        return None
+    try:
+        module = importlib.import_module(f"{__package__}.{MODULE}")
+        with mx.stream(mx.cpu):
+            x = mx.array([-3.0, 0.0, 2.0])
+            got = module.silu(x)
+            ok = mx.allclose(got, x * mx.sigmoid(x), rtol=1e-5, atol=1e-6).item()
+    except Exception as e:  # noqa: BLE001  (an ABI mismatch shows up as any error here)
+        _status = f"failed to load: {type(e).__name__}: {e}"
+        log.warning("CPU kernels not used: %s", _status)
+        return None
+    if not ok:
+        _status = "failed the self-test"
+        log.warning("CPU kernels not used: %s", _status)
+        return None
+    _module, _status = module, "loaded"
+    return module
+
+
+def status() -> str:
+    """'loaded', or why the MLX compositions run instead."""
+    _load()
+    return _status if _enabled or _module is None else "off (set_enabled(False))"
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the kernels on or off for the whole process (tests and benches compare both); returns the previous."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+def usable(*arrays: mx.array) -> bool:
+    """Whether the kernels can compute on these arrays: on the CPU paths (model/backend.py) with MLX computing on
+    its CPU, loaded and not turned off, float32."""
+    if not _enabled or not backend.cpu_paths() or mx.default_device() != mx.cpu or _load() is None:
+        return False
+    return all(a.dtype == mx.float32 for a in arrays)
+
+
+def silu(x: mx.array) -> mx.array:
+    return _module.silu(x)
+
+
+def glu_mask(x: mx.array, valid: mx.array | None) -> mx.array:
+    """x (..., 2C) -> (..., C): x[..., :C] * sigmoid(x[..., C:]), zero where `valid` (x.shape[:-1], bool) is False."""
+    return _module.glu_mask(x, valid)
+
+
+def dwconv_affine_silu(
+    x: mx.array, taps: mx.array, scale: mx.array, shift: mx.array, bias: mx.array | None
+) -> mx.array:
+    """x (B, T, C): SiLU((depthwise conv over T with taps (K, C), zero 'same' padding, + bias) * scale + shift)."""
+    return _module.dwconv_affine_silu(x, taps, scale, shift, bias)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    return _module.layer_norm(x, weight, bias, eps)
+
+
+def rel_softmax(ac: mx.array, bd: mx.array, valid: mx.array, sqrt_dk: float) -> mx.array:
+    """Attention weights (B, H, T, T) from content scores ac (B, H, T, T), position scores before the relative
+    shift bd (B, H, T, 2T-1) and the valid frames (B, T)."""
+    return _module.rel_softmax(ac, bd, valid, sqrt_dk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m canary_server.model.cpu_kernels", description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["build", "status"])
+    ap.add_argument("--dir", type=Path, default=None, help="where to put the library (default: the package)")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.command == "status":
+        print(status())
+        return 0
+    try:
+        path = build(args.dir, verbose=args.verbose)
+    except RuntimeError as e:
+        print(f"CPU kernels not built: {e}", file=sys.stderr)
+        return 1
+    print(f"built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""model/cpu_kernels.py: the fused CPU kernels against the MLX compositions they replace, the encoder with and
+without them, and when they are (not) used: a stale build, the GPU paths, the off switch, no build at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from canary_server.model import backend, cpu_kernels
+from canary_server.model.config import EncoderConfig
+from canary_server.model.conformer import (
+    BatchNorm,
+    ConformerConvolution,
+    ConformerEncoder,
+    RelPositionMultiHeadAttention,
+    _depthwise_shift_add_1d,
+    rel_positional_encoding,
+)
+
+loaded = pytest.mark.skipif(cpu_kernels.status() != "loaded", reason=f"CPU kernels: {cpu_kernels.status()}")
+
+
+@pytest.fixture
+def kernels_off():
+    previous = cpu_kernels.set_enabled(False)
+    yield
+    cpu_kernels.set_enabled(previous)
+
+
+def _close(a: mx.array, b: mx.array, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=rtol, atol=atol)
+
+
+def test_the_kernels_are_built_where_a_compiler_and_nanobind_are():
+    """setup.sh builds them on Linux: with g++ and nanobind present, a missing or stale build is a failure here,
+    not a silent fall back to the slower compositions."""
+    if not sys.platform.startswith("linux") or shutil.which("g++") is None:
+        pytest.skip("no g++ here: the MLX compositions run")
+    pytest.importorskip("nanobind")
+    if os.environ.get(cpu_kernels.ENV_OFF):
+        pytest.skip(f"{cpu_kernels.ENV_OFF} is set")
+    assert cpu_kernels.status() == "loaded"
+
+
+@loaded
+def test_silu_equals_mlx_silu_on_any_layout():
+    rng = np.random.default_rng(0)
+    x = mx.array(np.concatenate([rng.normal(0, 4, 4099), [0.0, -0.0, 87.0, -87.0, 200.0, -200.0]]).astype(np.float32))
+    _close(cpu_kernels.silu(x), nn.silu(x))
+    m = mx.array(rng.normal(0, 3, (3, 37, 11)).astype(np.float32)).transpose(2, 0, 1)  # not row-contiguous
+    _close(cpu_kernels.silu(m), nn.silu(m))
+
+
+@loaded
+def test_glu_mask_equals_split_sigmoid_and_masking():
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.normal(0, 3, (2, 13, 2 * 37)).astype(np.float32))
+    valid = mx.arange(13)[None, :] < mx.array([13, 5])[:, None]
+    a, gate = mx.split(x, 2, axis=-1)
+    want = mx.where(valid[..., None], a * mx.sigmoid(gate), 0.0)
+    _close(cpu_kernels.glu_mask(x, valid), want)
+    _close(cpu_kernels.glu_mask(x, None), a * mx.sigmoid(gate))
+
+
+@loaded
+@pytest.mark.parametrize(("t", "k", "bias"), [(63, 9, True), (4, 9, True), (40, 31, False), (1, 3, True)])
+def test_dwconv_affine_silu_equals_the_conv_batchnorm_silu_composition(t, k, bias):
+    rng = np.random.default_rng(k + t)
+    c = 24
+    conv = nn.Conv1d(c, c, k, padding=(k - 1) // 2, groups=c, bias=bias)
+    bn = BatchNorm(c)
+    for name in BatchNorm.STATS:
+        bn[name] = mx.array(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    x = mx.array(rng.normal(0, 1, (2, t, c)).astype(np.float32))
+    want = nn.silu(bn(_depthwise_shift_add_1d(x, conv)))
+    taps = mx.contiguous(conv.weight[:, :, 0].T)
+    scale, shift = bn.scale_shift()
+    got = cpu_kernels.dwconv_affine_silu(x, taps, scale, shift, conv.bias if bias else None)
+    _close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@loaded
+def test_layer_norm_equals_mlx_layer_norm():
+    rng = np.random.default_rng(2)
+    norm = nn.LayerNorm(1027, eps=1e-5)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, 1027).astype(np.float32))
+    norm.bias = mx.array(rng.normal(0, 1, 1027).astype(np.float32))
+    x = mx.array((rng.normal(3, 2, (3, 7, 1027))).astype(np.float32))
+    _close(cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps), norm(x), rtol=1e-5, atol=1e-5)
+
+
+@loaded
+def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off):
+    """The kernel does NeMo's rel_shift, scaling, masking and softmax: the attention module's output with it equals
+    the composition's, padded batch rows (all zero weights) included."""
+    rng = np.random.default_rng(3)
+    att = RelPositionMultiHeadAttention(64, 4)
+    att.pos_bias_u = mx.array(rng.normal(0, 1, (4, 16)).astype(np.float32))
+    att.pos_bias_v = mx.array(rng.normal(0, 1, (4, 16)).astype(np.float32))
+    t = 29
+    x = mx.array(rng.normal(0, 1, (3, t, 64)).astype(np.float32))
+    valid = mx.arange(t)[None, :] < mx.array([29, 17, 1])[:, None]
+    mask = ~(valid[:, None, :, None] & valid[:, None, None, :])
+    pos = att.project_positions(rel_positional_encoding(t, 64))
+    with backend.forced(backend.CPU):
+        want = att(x, pos, mask, valid)  # kernels off: the composition
+        cpu_kernels.set_enabled(True)
+        got = att(x, pos, mask, valid)
+    _close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@loaded
+def test_conv_module_with_the_kernels_equals_the_composition(kernels_off):
+    rng = np.random.default_rng(4)
+    conv = ConformerConvolution(32, 9)
+    for name in BatchNorm.STATS:
+        conv.batch_norm[name] = mx.array(rng.uniform(0.5, 1.5, 32).astype(np.float32))
+    x = mx.array(rng.normal(0, 1, (2, 21, 32)).astype(np.float32))
+    pad_mask = (mx.arange(21)[None, :] < mx.array([21, 12])[:, None])[..., None]
+    with backend.forced(backend.CPU):
+        want = conv(x, pad_mask)
+        cpu_kernels.set_enabled(True)
+        got = conv(x, pad_mask)
+        # new weights are seen: the cached taps and BatchNorm constants follow them
+        conv.batch_norm.weight = conv.batch_norm.weight * 2
+        got2 = conv(x, pad_mask)
+        cpu_kernels.set_enabled(False)
+        want2 = conv(x, pad_mask)
+    _close(got, want, atol=2e-6)
+    _close(got2, want2, atol=2e-6)
+
+
+@loaded
+def test_the_encoder_with_the_kernels_equals_the_compositions(kernels_off):
+    cfg = EncoderConfig(feat_in=32, n_layers=2, d_model=64, n_heads=4, ff_expansion_factor=4, conv_kernel_size=9,
+                        subsampling_conv_channels=16, xscaling=False, use_bias=True)  # fmt: skip
+    mx.random.seed(5)
+    enc = ConformerEncoder(cfg)
+    feats = mx.random.normal((3, 161, 32))
+    lengths = mx.array([161, 90, 7])
+    with backend.forced(backend.CPU):
+        want, want_len = enc(feats, lengths)
+        cpu_kernels.set_enabled(True)
+        got, got_len = enc(feats, lengths)
+    assert np.array_equal(np.array(got_len), np.array(want_len))
+    _close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@loaded
+def test_the_gpu_paths_and_other_dtypes_do_not_use_the_kernels():
+    x = mx.zeros((2, 3))
+    assert cpu_kernels.usable(x)
+    assert not cpu_kernels.usable(x.astype(mx.bfloat16))
+    with backend.forced(backend.GPU):
+        assert not cpu_kernels.usable(x)
+
+
+def _fresh_status(tmp_path, env: dict[str, str], setup: str = "") -> str:
+    """cpu_kernels.status() in a new process (the module loads once per process)."""
+    code = textwrap.dedent(f"""
+        from canary_server.model import cpu_kernels
+        {setup}
+        print(cpu_kernels.status())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                          cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_off_switch_is_read_in_a_fresh_process(tmp_path):
+    assert _fresh_status(tmp_path, {cpu_kernels.ENV_OFF: "1"}) == f"off ({cpu_kernels.ENV_OFF} is set)"
+
+
+def test_a_library_built_for_another_mlx_is_not_loaded(tmp_path):
+    stamp = tmp_path / "stamp.json"
+    stamp.write_text(json.dumps(cpu_kernels.expected_stamp() | {"mlx": "0.0.1"}))
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"not a library")
+    setup = f"""
+        from pathlib import Path
+        cpu_kernels.stamp_path = lambda directory=None: Path({str(stamp)!r})
+        cpu_kernels.library_path = lambda directory=None: Path({str(lib)!r})
+    """
+    status = _fresh_status(tmp_path, {}, textwrap.dedent(setup).replace("\n", "\n        "))
+    assert status.startswith("built for another mlx (0.0.1)")
+
+
+def test_no_library_means_the_compositions_run(tmp_path):
+    setup = f"""
+        from pathlib import Path
+        cpu_kernels.library_path = lambda directory=None: Path({str(tmp_path / "absent.so")!r})
+    """
+    status = _fresh_status(tmp_path, {}, textwrap.dedent(setup).replace("\n", "\n        "))
+    assert status.startswith("not built")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+def test_build_makes_a_library_that_loads_and_computes(tmp_path):
+    pytest.importorskip("nanobind")
+    out = tmp_path / "kernels"
+    built = subprocess.run([sys.executable, "-m", "canary_server.model.cpu_kernels", "build", "--dir", str(out)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    stamp = json.loads(cpu_kernels.stamp_path(out).read_text())
+    assert stamp["mlx"] == mx.__version__ and stamp["source_sha256"] == cpu_kernels.expected_stamp()["source_sha256"]
+    code = textwrap.dedent(f"""
+        import importlib.util
+        import canary_server
+        import mlx.core as mx
+        spec = importlib.util.spec_from_file_location("_cpu_kernels", {str(cpu_kernels.library_path(out))!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        x = mx.array([-2.0, 0.0, 3.0])
+        print(mx.allclose(module.silu(x), x * mx.sigmoid(x)).item())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def test_batchnorm_scale_shift_is_the_same_map():
+    rng = np.random.default_rng(6)
+    bn = BatchNorm(8)
+    for name in BatchNorm.STATS:
+        bn[name] = mx.array(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    x = mx.array(rng.normal(0, 2, (5, 8)).astype(np.float32))
+    scale, shift = bn.scale_shift()
+    _close(x * scale + shift, bn(x), rtol=1e-6, atol=1e-6)
