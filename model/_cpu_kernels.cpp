@@ -172,9 +172,84 @@ CANARY_CLONES void rel_softmax_kernel(const float* ac, const float* bd, const bo
   }
 }
 
+// The dw_striding subsampling's first conv: features x (B, T, F) -> y (B, T1, F1, C), T1 = (T - 1) / 2 + 1 (F1
+// likewise): 3x3 stride-2 conv from one input channel with padding 1, + bias, then ReLU. Input frames at or past
+// len_in[b] read as zero (the masked features); output frames at or past len_out[b] are zero. w (3, 3, C).
+CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
+                                const int32_t* len_out, float* y, size_t b, size_t t, size_t f, size_t c,
+                                size_t t1, size_t f1) {
+  std::vector<float> acc(c);
+  for (size_t bi = 0; bi < b; bi++) {
+    const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
+    for (size_t ti = 0; ti < t1; ti++) {
+      float* row = y + (bi * t1 + ti) * f1 * c;
+      if (static_cast<long>(ti) >= len_out[bi]) {
+        std::fill(row, row + f1 * c, 0.0f);
+        continue;
+      }
+      for (size_t fi = 0; fi < f1; fi++) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (long i = 0; i < 3; i++) {
+          long ts = 2 * static_cast<long>(ti) - 1 + i;
+          if (ts < 0 || ts >= t_in) continue;
+          for (long j = 0; j < 3; j++) {
+            long fs = 2 * static_cast<long>(fi) - 1 + j;
+            if (fs < 0 || fs >= static_cast<long>(f)) continue;
+            const float v = x[(bi * t + ts) * f + fs];
+            const float* wt = w + (i * 3 + j) * c;
+            for (size_t k = 0; k < c; k++) acc[k] += v * wt[k];
+          }
+        }
+        float* out = row + fi * c;
+        for (size_t k = 0; k < c; k++) out[k] = std::max(acc[k] + bias[k], 0.0f);
+      }
+    }
+  }
+}
+
+// A depthwise 3x3 stride-2 conv with padding 1, + bias: x (B, T, F, C) -> y (B, T2, F2, C), taps (3, 3, C) summed
+// in row order (model/conformer.py's _depthwise_shift_add). Input frames at or past len_in[b] read as zero, and
+// with relu_in the input is read through a ReLU (the previous pointwise conv's mask and ReLU, fused here); output
+// frames at or past len_out[b] are zero.
+CANARY_CLONES void dw_s2_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
+                                const int32_t* len_out, bool relu_in, float* y, size_t b, size_t t, size_t f,
+                                size_t c, size_t t2, size_t f2) {
+  std::vector<float> acc(c);
+  for (size_t bi = 0; bi < b; bi++) {
+    const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
+    for (size_t ti = 0; ti < t2; ti++) {
+      float* row = y + (bi * t2 + ti) * f2 * c;
+      if (static_cast<long>(ti) >= len_out[bi]) {
+        std::fill(row, row + f2 * c, 0.0f);
+        continue;
+      }
+      for (size_t fi = 0; fi < f2; fi++) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (long i = 0; i < 3; i++) {
+          long ts = 2 * static_cast<long>(ti) - 1 + i;
+          if (ts < 0 || ts >= t_in) continue;
+          for (long j = 0; j < 3; j++) {
+            long fs = 2 * static_cast<long>(fi) - 1 + j;
+            if (fs < 0 || fs >= static_cast<long>(f)) continue;
+            const float* xs = x + ((bi * t + ts) * f + fs) * c;
+            const float* wt = w + (i * 3 + j) * c;
+            if (relu_in) {
+              for (size_t k = 0; k < c; k++) acc[k] += std::max(xs[k], 0.0f) * wt[k];
+            } else {
+              for (size_t k = 0; k < c; k++) acc[k] += xs[k] * wt[k];
+            }
+          }
+        }
+        float* out = row + fi * c;
+        for (size_t k = 0; k < c; k++) out[k] = acc[k] + bias[k];
+      }
+    }
+  }
+}
+
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
-enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax };
+enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2 };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
  public:
@@ -222,6 +297,27 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
                       rows = out.size() / d, d, param]() { layer_norm_kernel(x, w, bias, y, rows, d, param); });
         break;
       }
+      case Op::Conv0: {
+        // inputs: x (B, T, F), w (3, 3, C), bias (C), len_in (B), len_out (B)
+        enc.dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), bias = inputs[2].data<float>(),
+                      len_in = inputs[3].data<int32_t>(), len_out = inputs[4].data<int32_t>(), y,
+                      b = size_t(inputs[0].shape(0)), t = size_t(inputs[0].shape(1)), f = size_t(inputs[0].shape(2)),
+                      c = size_t(out.shape(3)), t1 = size_t(out.shape(1)), f1 = size_t(out.shape(2))]() {
+          conv0_kernel(x, w, bias, len_in, len_out, y, b, t, f, c, t1, f1);
+        });
+        break;
+      }
+      case Op::DwS2: {
+        // inputs: x (B, T, F, C), w (3, 3, C), bias (C), len_in (B), len_out (B); param: relu_in
+        enc.dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), bias = inputs[2].data<float>(),
+                      len_in = inputs[3].data<int32_t>(), len_out = inputs[4].data<int32_t>(), relu = param != 0.0f,
+                      y, b = size_t(inputs[0].shape(0)), t = size_t(inputs[0].shape(1)),
+                      f = size_t(inputs[0].shape(2)), c = size_t(out.shape(3)), t2 = size_t(out.shape(1)),
+                      f2 = size_t(out.shape(2))]() {
+          dw_s2_kernel(x, w, bias, len_in, len_out, relu, y, b, t, f, c, t2, f2);
+        });
+        break;
+      }
       case Op::RelSoftmax: {
         enc.dispatch([ac = inputs[0].data<float>(), bd = inputs[1].data<float>(), valid = inputs[2].data<bool>(),
                       y, b = size_t(out.shape(0)), h = size_t(out.shape(1)), t = size_t(out.shape(2)), param]() {
@@ -255,7 +351,8 @@ mx::Stream cpu_stream() {
 }
 
 mx::array prep(const mx::array& a, mx::Stream s) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::bool_) throw std::invalid_argument("float32 inputs only");
+  if (a.dtype() != mx::float32 && a.dtype() != mx::bool_ && a.dtype() != mx::int32)
+    throw std::invalid_argument("float32 inputs only");
   return mx::contiguous(a, false, s);
 }
 
@@ -303,6 +400,29 @@ mx::array rel_softmax(const mx::array& ac, const mx::array& bd, const mx::array&
   return make(ac.shape(), mx::float32, Op::RelSoftmax, {ac, bd, valid}, sqrt_dk);
 }
 
+void check_stride2(const mx::array& x, size_t ndim, const mx::array& w, const mx::array& bias,
+                   const mx::array& len_in, const mx::array& len_out, const char* name) {
+  const int c = w.ndim() == 3 ? w.shape(2) : -1;
+  if (x.ndim() != ndim || w.ndim() != 3 || w.shape(0) != 3 || w.shape(1) != 3 || bias.size() != size_t(c) ||
+      len_in.dtype() != mx::int32 || len_out.dtype() != mx::int32 || len_in.size() != size_t(x.shape(0)) ||
+      len_out.size() != size_t(x.shape(0)) || (ndim == 4 && x.shape(3) != c))
+    throw std::invalid_argument(std::string(name) + ": bad shapes or dtypes");
+}
+
+mx::array subsample_conv0(const mx::array& x, const mx::array& w, const mx::array& bias, const mx::array& len_in,
+                          const mx::array& len_out) {
+  check_stride2(x, 3, w, bias, len_in, len_out, "subsample_conv0");
+  mx::Shape shape = {x.shape(0), (x.shape(1) - 1) / 2 + 1, (x.shape(2) - 1) / 2 + 1, w.shape(2)};
+  return make(shape, mx::float32, Op::Conv0, {x, w, bias, len_in, len_out});
+}
+
+mx::array depthwise_s2(const mx::array& x, const mx::array& w, const mx::array& bias, const mx::array& len_in,
+                       const mx::array& len_out, bool relu_in) {
+  check_stride2(x, 4, w, bias, len_in, len_out, "depthwise_s2");
+  mx::Shape shape = {x.shape(0), (x.shape(1) - 1) / 2 + 1, (x.shape(2) - 1) / 2 + 1, x.shape(3)};
+  return make(shape, mx::float32, Op::DwS2, {x, w, bias, len_in, len_out}, relu_in ? 1.0f : 0.0f);
+}
+
 }  // namespace
 
 #include <nanobind/stl/optional.h>
@@ -314,5 +434,9 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("dwconv_affine_silu", &dwconv_affine_silu, nb::arg("x"), nb::arg("taps"), nb::arg("scale"),
         nb::arg("shift"), nb::arg("bias").none());
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"));
+  m.def("subsample_conv0", &subsample_conv0, nb::arg("x"), nb::arg("taps"), nb::arg("bias"), nb::arg("len_in"),
+        nb::arg("len_out"));
+  m.def("depthwise_s2", &depthwise_s2, nb::arg("x"), nb::arg("taps"), nb::arg("bias"), nb::arg("len_in"),
+        nb::arg("len_out"), nb::arg("relu_in"));
   m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));
 }

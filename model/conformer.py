@@ -6,7 +6,7 @@ Attribute names follow NeMo's state dict (reference §2, §4.1) so the converter
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import mlx.core as mx
@@ -46,6 +46,8 @@ class ConvSubsampling(nn.Module):
         self.out = nn.Linear(c * freq, cfg.d_model)
 
     def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        if self._fusable(x):
+            return self._fused(x, lengths)
         x = x[..., None]  # (B, T, F, 1): NHWC with H = time, W = mel
         x = x * _time_mask(lengths, x.shape[1])[:, :, None, None]
         for layer in self.conv:
@@ -60,6 +62,59 @@ class ConvSubsampling(nn.Module):
         b, t, f, c = x.shape
         x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)  # channel-major flatten, as NeMo's (B, C, T, F) view
         return self.out(x), lengths
+
+    def _fusable(self, x: mx.array) -> bool:
+        convs = [layer for layer in self.conv if isinstance(layer, nn.Conv2d)]
+        c = convs[0].weight.shape[0]
+
+        def fits(i: int, conv: nn.Conv2d) -> bool:  # conv0, then (depthwise stride 2, pointwise) pairs
+            if "bias" not in conv:
+                return False
+            if i > 0 and i % 2 == 0:
+                return conv.weight.shape == (c, 1, 1, c)
+            return conv.weight.shape == (c, 3, 3, 1) and conv.stride == (2, 2) and conv.padding == (1, 1)
+
+        shapes_ok = all(fits(i, conv) for i, conv in enumerate(convs))
+        return shapes_ok and cpu_kernels.usable(x, *(conv.weight for conv in convs))
+
+    def _fused(self, feats: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """The same subsampling with the CPU kernels: each stride-2 conv, its bias, time mask and ReLU (the depthwise
+        ones also the previous pointwise conv's mask and ReLU) in one pass; the pointwise convs are matmuls."""
+        convs = [layer for layer in self.conv if isinstance(layer, nn.Conv2d)]
+        sources = tuple(conv.weight for conv in convs)
+
+        def make() -> list[mx.array]:  # stride-2 convs: taps (3, 3, C); pointwise: (C_in, C_out)
+            return [mx.contiguous(conv.weight[:, :, :, 0].transpose(1, 2, 0)) if i == 0 or i % 2 == 1
+                    else mx.contiguous(conv.weight[:, 0, 0, :].T) for i, conv in enumerate(convs)]  # fmt: skip
+
+        weights = _derived(self, "_fused_weights", sources, make)
+        len_in = lengths.astype(mx.int32)
+        lens = _conv_out_len(len_in)
+        x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
+        for i in range(1, len(convs), 2):
+            dw, pw = convs[i], convs[i + 1]
+            nxt = _conv_out_len(lens)
+            x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, i > 1)
+            b, t, f, c = x.shape
+            x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
+            lens = nxt
+        b, t, f, c = x.shape
+        if len(convs) > 1:  # the last pointwise conv's mask and ReLU
+            x = mx.where(_time_mask(lens, t)[:, :, None, None], mx.maximum(x, 0.0), 0.0)
+        x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
+        return self.out(x), lens.astype(lengths.dtype)
+
+
+def _derived(owner: nn.Module, key: str, sources: tuple[mx.array, ...], make: Callable[[], Any]) -> Any:
+    """Arrays computed from `sources` (weights) by `make`, evaluated once and kept in owner.__dict__[key], outside
+    the module's parameters, until any source array is replaced (a weight reload)."""
+    cached = owner.__dict__.get(key)
+    if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+        values = make()
+        mx.eval(values)
+        cached = (sources, values)
+        owner.__dict__[key] = cached
+    return cached[1]
 
 
 def _depthwise_shift_add(x: mx.array, conv: nn.Conv2d) -> mx.array:
@@ -217,14 +272,10 @@ class ConformerConvolution(nn.Module):
         """The depthwise taps as (K, C) rows and the BatchNorm's scale and shift, computed once per weights (kept
         outside the parameters, in self.__dict__, like ConformerEncoder's position projections)."""
         sources = (self.depthwise_conv.weight, *(self.batch_norm[k] for k in BatchNorm.STATS))
-        cached = self.__dict__.get("_fused")
-        if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
-            taps = mx.contiguous(self.depthwise_conv.weight[:, :, 0].T)
-            scale, shift = self.batch_norm.scale_shift()
-            mx.eval(taps, scale, shift)
-            cached = (sources, (taps, scale, shift))
-            self.__dict__["_fused"] = cached
-        return cached[1]
+        return _derived(
+            self, "_fused", sources, lambda: (mx.contiguous(self.depthwise_conv.weight[:, :, 0].T),
+                                              *self.batch_norm.scale_shift())
+        )  # fmt: skip
 
 
 class ConformerLayer(nn.Module):

@@ -9,6 +9,8 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
 * `dwconv_affine_silu(x, taps, scale, shift, bias)`: the conformer's depthwise conv, its bias, the inference
   BatchNorm folded to a scale and shift per channel, and SiLU, in one pass;
 * `layer_norm(x, weight, bias, eps)`;
+* `subsample_conv0(...)`, `depthwise_s2(...)`: the dw_striding subsampling's stride-2 convs with their bias, time
+  masks and ReLUs (the 30 s subsampling activations are ~100 MB: one pass instead of ~20);
 * `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
   un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax).
 
@@ -183,7 +185,7 @@ def usable(*arrays: mx.array) -> bool:
     its CPU, loaded and not turned off, float32."""
     if not _enabled or not backend.cpu_paths() or mx.default_device() != mx.cpu or _load() is None:
         return False
-    return all(a.dtype == mx.float32 for a in arrays)
+    return all(a.dtype == mx.float32 for a in arrays)  # (masks and lengths are passed as bool / int32 arrays)
 
 
 def silu(x: mx.array) -> mx.array:
@@ -204,6 +206,22 @@ def dwconv_affine_silu(
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     return _module.layer_norm(x, weight, bias, eps)
+
+
+def subsample_conv0(
+    x: mx.array, taps: mx.array, bias: mx.array, len_in: mx.array, len_out: mx.array
+) -> mx.array:
+    """Features (B, T, F) -> (B, T1, F1, C): the subsampling's first 3x3 stride-2 conv (taps (3, 3, C), padding 1),
+    + bias, ReLU; features at or past len_in (B,) int32 read as zero, frames at or past len_out are zero."""
+    return _module.subsample_conv0(x, taps, bias, len_in, len_out)
+
+
+def depthwise_s2(
+    x: mx.array, taps: mx.array, bias: mx.array, len_in: mx.array, len_out: mx.array, relu_in: bool
+) -> mx.array:
+    """(B, T, F, C) -> (B, T2, F2, C): depthwise 3x3 stride-2 conv (taps (3, 3, C), padding 1) + bias, reading frames
+    at or past len_in as zero (and the input through a ReLU with relu_in); frames at or past len_out are zero."""
+    return _module.depthwise_s2(x, taps, bias, len_in, len_out, relu_in)
 
 
 def rel_softmax(ac: mx.array, bd: mx.array, valid: mx.array, sqrt_dk: float) -> mx.array:
