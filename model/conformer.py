@@ -109,7 +109,8 @@ def _derived(owner: nn.Module, key: str, sources: tuple[mx.array, ...], make: Ca
     """Arrays computed from `sources` (weights) by `make`, evaluated once and kept in owner.__dict__[key], outside
     the module's parameters, until any source array is replaced (a weight reload)."""
     cached = owner.__dict__.get(key)
-    if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+    stale = cached is None or len(cached[0]) != len(sources)
+    if stale or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
         values = make()
         mx.eval(values)
         cached = (sources, values)
