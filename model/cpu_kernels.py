@@ -208,9 +208,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     return _module.layer_norm(x, weight, bias, eps)
 
 
-def subsample_conv0(
-    x: mx.array, taps: mx.array, bias: mx.array, len_in: mx.array, len_out: mx.array
-) -> mx.array:
+def subsample_conv0(x: mx.array, taps: mx.array, bias: mx.array, len_in: mx.array, len_out: mx.array) -> mx.array:
     """Features (B, T, F) -> (B, T1, F1, C): the subsampling's first 3x3 stride-2 conv (taps (3, 3, C), padding 1),
     + bias, ReLU; features at or past len_in (B,) int32 read as zero, frames at or past len_out are zero."""
     return _module.subsample_conv0(x, taps, bias, len_in, len_out)

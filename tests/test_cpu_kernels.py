@@ -144,8 +144,8 @@ def test_conv_module_with_the_kernels_equals_the_composition(kernels_off):
 def test_the_encoder_with_the_kernels_equals_the_compositions(kernels_off, factor):
     """Subsampling (every stride-2 conv, its masks and ReLUs), LayerNorms, attention, conv module, FF: padded rows
     and a clip shorter than the conv kernels included."""
-    cfg = EncoderConfig(subsampling_factor=factor, feat_in=32, n_layers=2, d_model=64, n_heads=4, ff_expansion_factor=4, conv_kernel_size=9,
-                        subsampling_conv_channels=16, xscaling=False, use_bias=True)  # fmt: skip
+    cfg = EncoderConfig(feat_in=32, n_layers=2, d_model=64, n_heads=4, subsampling_factor=factor,
+                        subsampling_conv_channels=16)  # fmt: skip
     mx.random.seed(5)
     enc = ConformerEncoder(cfg)
     feats = mx.random.normal((3, 161, 32))
