@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import backend
+from . import backend, cpu_kernels
 from .decoder import NEG_INF, causal_mask
 from .errors import PromptTooLong
 
@@ -142,7 +142,13 @@ class BatchDecoder:
 
         for i, layer in enumerate(dec.layers):
             x = layer.with_cache(x, keep, mask, cross[i], cross_mask)
-        return self_k, self_v, cross, cross_mask, self.model.logits(dec.final_layer_norm(x[:, -1]))
+        return (
+            self_k,
+            self_v,
+            cross,
+            cross_mask,
+            self.model.logits(cpu_kernels.apply_layer_norm(dec.final_layer_norm, x[:, -1])),
+        )
 
     def _append_rows(self, self_k, self_v, cross, cross_mask, positions: int | list[int], last: mx.array) -> None:
         """Append rows with their state: self K/V (n, H, L', d_k), cross K/V, cross mask, next positions."""
@@ -255,7 +261,7 @@ class BatchDecoder:
 
         for i, layer in enumerate(dec.layers):
             x = layer.with_cache(x, write(i), self_mask, (cross_k[i], cross_v[i]), cross_mask)
-        return self.model.logits(dec.final_layer_norm(x[:, -1])), new_k, new_v
+        return self.model.logits(cpu_kernels.apply_layer_norm(dec.final_layer_norm, x[:, -1])), new_k, new_v
 
     def _collect(self, token: mx.array, token_lp: mx.array, seqs: list[Sequence]) -> list[Sequence]:
         """Host side: append one step's tokens (one sync), then drop the rows that are done."""

@@ -295,17 +295,11 @@ class ConformerLayer(nn.Module):
 
     def __call__(self, x: mx.array, pos_proj: mx.array, att_mask: mx.array, pad_mask: mx.array) -> mx.array:
         valid = pad_mask[..., 0]
-        x = x + 0.5 * self.feed_forward1(_layer_norm(self.norm_feed_forward1, x))
-        x = x + self.self_attn(_layer_norm(self.norm_self_att, x), pos_proj, att_mask, valid)
-        x = x + self.conv(_layer_norm(self.norm_conv, x), pad_mask)
-        x = x + 0.5 * self.feed_forward2(_layer_norm(self.norm_feed_forward2, x))
-        return _layer_norm(self.norm_out, x)
-
-
-def _layer_norm(norm: nn.LayerNorm, x: mx.array) -> mx.array:
-    if "bias" in norm and cpu_kernels.usable(x, norm.weight):
-        return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return norm(x)
+        x = x + 0.5 * self.feed_forward1(cpu_kernels.apply_layer_norm(self.norm_feed_forward1, x))
+        x = x + self.self_attn(cpu_kernels.apply_layer_norm(self.norm_self_att, x), pos_proj, att_mask, valid)
+        x = x + self.conv(cpu_kernels.apply_layer_norm(self.norm_conv, x), pad_mask)
+        x = x + 0.5 * self.feed_forward2(cpu_kernels.apply_layer_norm(self.norm_feed_forward2, x))
+        return cpu_kernels.apply_layer_norm(self.norm_out, x)
 
 
 def drain(stages: Generator) -> Any:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .cache import KVCache
 from .config import DecoderConfig
 
@@ -75,7 +76,7 @@ class DecoderBlock(nn.Module):
         cross_kv: tuple[mx.array, mx.array],
         cross_mask: mx.array,
     ) -> mx.array:
-        x = x + self.first_sub_layer.attend(self.layer_norm_1(x), *self_kv, self_mask)
+        x = x + self.first_sub_layer.attend(cpu_kernels.apply_layer_norm(self.layer_norm_1, x), *self_kv, self_mask)
         return self.cross_and_ff(x, cross_kv, cross_mask)
 
     def with_cache(
@@ -89,14 +90,14 @@ class DecoderBlock(nn.Module):
         """The block with a self-attention cache: `write_kv(k, v)` stores x's new K/V and returns what attention
         sees. Same math as `__call__`; layer_norm_1 is computed once for the queries and the new K/V."""
         att = self.first_sub_layer
-        h = self.layer_norm_1(x)
+        h = cpu_kernels.apply_layer_norm(self.layer_norm_1, x)
         k, v = write_kv(*att.kv(h))
         x = x + att.attend_heads(att.heads(att.query_net(h)), k, v, self_mask)
         return self.cross_and_ff(x, cross_kv, cross_mask)
 
     def cross_and_ff(self, x: mx.array, cross_kv: tuple[mx.array, mx.array], cross_mask: mx.array) -> mx.array:
-        x = x + self.second_sub_layer.attend(self.layer_norm_2(x), *cross_kv, cross_mask)
-        return x + self.third_sub_layer(self.layer_norm_3(x))
+        x = x + self.second_sub_layer.attend(cpu_kernels.apply_layer_norm(self.layer_norm_2, x), *cross_kv, cross_mask)
+        return x + self.third_sub_layer(cpu_kernels.apply_layer_norm(self.layer_norm_3, x))
 
 
 class FixedPositionalEncoding(nn.Module):
@@ -118,7 +119,7 @@ class TransformerEmbedding(nn.Module):
         # the speculative step a finished row is still part of from reading past it (MLX gathers are unchecked).
         positions = mx.minimum(positions, self.position_embedding.pos_enc.shape[0] - 1)
         pos = self.position_embedding.pos_enc[positions].astype(self.token_embedding.weight.dtype)
-        return self.layer_norm(self.token_embedding(ids) + pos)
+        return cpu_kernels.apply_layer_norm(self.layer_norm, self.token_embedding(ids) + pos)
 
 
 class TransformerDecoder(nn.Module):
@@ -152,7 +153,7 @@ class TransformerDecoder(nn.Module):
             x = layer.with_cache(x, write, self_mask, cross[i], cross_mask)
         if cache is not None:
             cache.advance(ids.shape[1])
-        return self.final_layer_norm(x)
+        return cpu_kernels.apply_layer_norm(self.final_layer_norm, x)
 
 
 def _no_cache(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
