@@ -353,6 +353,10 @@ mx::Stream cpu_stream() {
 mx::array prep(const mx::array& a, mx::Stream s) {
   if (a.dtype() != mx::float32 && a.dtype() != mx::bool_ && a.dtype() != mx::int32)
     throw std::invalid_argument("float32 inputs only");
+  // An evaluated row-contiguous array (a weight) is passed as it is: a Contiguous node would be one more op to
+  // dispatch per input per call. Anything else may turn out strided when it is computed: MLX makes it contiguous
+  // (a no-op when it already is).
+  if (a.status() != mx::array::Status::unscheduled && a.flags().row_contiguous) return a;
   return mx::contiguous(a, false, s);
 }
 

@@ -19,7 +19,7 @@ Same functions as the MLX compositions they replace (tests/test_cpu_kernels.py c
 tests run the encoder against NeMo's goldens with them). Used by model/conformer.py on the CPU paths for float32
 models when the library is present, built for the MLX that is running, and passes a self-test at first use.
 
-Built by `python -m canary_server.model.cpu_kernels build` (scripts/setup.sh runs it on Linux): g++ compiles the
+Built by `python -m canary_server.model.cpu_kernels_build` (scripts/setup.sh runs it on Linux): g++ compiles the
 source with MLX's headers from its wheel and nanobind's sources (its version must be the one MLX was built with:
 the types are shared), ~10 s, next to this file with a stamp of the MLX version and source hash. A different MLX
 later (or no compiler at install) just means the MLX compositions run: same results, slower; `status()` says why.
@@ -28,17 +28,12 @@ later (or no compiler at install) just means the MLX compositions run: same resu
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,16 +46,6 @@ log = logging.getLogger(__name__)
 ENV_OFF = "CANARY_NO_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
 MODULE = "_cpu_kernels"
-NANOBIND_DOMAIN = "mlx"  # MLX builds its bindings with NB_DOMAIN mlx: ours must share it to accept mx.array
-CXX_FLAGS = [
-    "-O3",
-    "-std=c++20",
-    "-fPIC",
-    "-fvisibility=hidden",
-    "-DNDEBUG",
-    f"-DNB_DOMAIN={NANOBIND_DOMAIN}",
-    "-fno-trapping-math",
-]  # fmt: skip  (no-trapping-math lets g++ vectorise the clamps)
 
 
 def library_path(directory: Path | None = None) -> Path:
@@ -80,49 +65,6 @@ def expected_stamp() -> dict[str, str]:
     }
 
 
-def build(directory: Path | None = None, cxx: str | None = None, verbose: bool = False) -> Path:
-    """Compile the kernels for the running Python and MLX into `directory` (default: next to this file). Raises
-    RuntimeError with the reason when it cannot (no compiler, no nanobind, a compile error)."""
-    cxx = cxx or os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
-    try:
-        import nanobind
-    except ImportError as e:
-        raise RuntimeError("nanobind is not installed (pip install nanobind)") from e
-    mlx_dir = Path(mx.__file__).resolve().parent
-    nb_dir = Path(nanobind.source_dir()).parent
-    includes = [mlx_dir / "include", Path(nanobind.include_dir()), nb_dir / "ext" / "robin_map" / "include",
-                Path(sysconfig.get_paths()["include"])]  # fmt: skip
-    inc = [f"-I{p}" for p in includes]
-    directory = directory or SOURCE.parent
-    stamp = expected_stamp() | {"nanobind": nanobind.__version__, "cxx": cxx}
-    with tempfile.TemporaryDirectory(prefix="canary-kernels-") as tmp:
-        objects = []
-        for src, name in ((Path(nanobind.source_dir()) / "nb_combined.cpp", "nb.o"), (SOURCE, "kernels.o")):
-            obj = Path(tmp) / name
-            _run([cxx, *CXX_FLAGS, *inc, "-c", str(src), "-o", str(obj)], verbose)
-            objects.append(str(obj))
-        lib_dir = mlx_dir / "lib"
-        out = Path(tmp) / library_path(Path(tmp)).name
-        _run([cxx, "-shared", *objects, f"-L{lib_dir}", "-lmlx", f"-Wl,-rpath,{lib_dir}", "-o", str(out)], verbose)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = library_path(directory)
-        tmp_target = target.with_name(target.name + ".tmp")
-        shutil.copyfile(out, tmp_target)
-        os.replace(tmp_target, target)  # a process that loaded the old file keeps its mapping
-    stamp_path(directory).write_text(json.dumps(stamp, indent=2) + "\n")
-    return target
-
-
-def _run(cmd: list[str], verbose: bool) -> None:
-    if verbose:
-        print(" ".join(cmd), file=sys.stderr)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-
-
 _module = None
 _status = "not loaded yet"
 _loaded = False
@@ -139,7 +81,7 @@ def _load():
         _status = f"off ({ENV_OFF} is set)"
         return None
     if not library_path().is_file():
-        _status = "not built (python -m canary_server.model.cpu_kernels build)"
+        _status = "not built (python -m canary_server.model.cpu_kernels_build)"
         return None
     try:
         stamp = json.loads(stamp_path().read_text())
@@ -149,7 +91,7 @@ def _load():
     stale = [k for k, v in want.items() if stamp.get(k) != v]
     if stale:
         _status = f"built for another {'/'.join(stale)} ({stamp.get('mlx', '?')}): rebuild to use them"
-        log.warning("CPU kernels not used: %s (python -m canary_server.model.cpu_kernels build)", _status)
+        log.warning("CPU kernels not used: %s (python -m canary_server.model.cpu_kernels_build)", _status)
         return None
     try:
         module = importlib.import_module(f"{__package__}.{MODULE}")
@@ -235,25 +177,3 @@ def rel_softmax(ac: mx.array, bd: mx.array, valid: mx.array, sqrt_dk: float) -> 
     """Attention weights (B, H, T, T) from content scores ac (B, H, T, T), position scores before the relative
     shift bd (B, H, T, 2T-1) and the valid frames (B, T)."""
     return _module.rel_softmax(ac, bd, valid, sqrt_dk)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m canary_server.model.cpu_kernels", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["build", "status"])
-    ap.add_argument("--dir", type=Path, default=None, help="where to put the library (default: the package)")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    if args.command == "status":
-        print(status())
-        return 0
-    try:
-        path = build(args.dir, verbose=args.verbose)
-    except RuntimeError as e:
-        print(f"CPU kernels not built: {e}", file=sys.stderr)
-        return 1
-    print(f"built {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -155,7 +155,7 @@ if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c "import importlib.util, 
 fi
 # Linux: the encoder's fused CPU kernels (model/_cpu_kernels.cpp, an MLX extension) need g++ (a few seconds);
 # without them the same encoder runs as plain MLX ops, slower on the CPU (README, "Linux note: OpenBLAS").
-if [ "$(uname -s)" = "Linux" ] && ! why=$(.venv/bin/python -m canary_server.model.cpu_kernels build 2>&1 >/dev/null); then
+if [ "$(uname -s)" = "Linux" ] && ! why=$(.venv/bin/python -m canary_server.model.cpu_kernels_build 2>&1 >/dev/null); then
     echo "note: ${why%%$'\n'*} (install g++ and run this again for a faster encoder on this CPU)"
 fi
 echo "canary-server $(.venv/bin/canary-server --version | cut -d' ' -f2) is installed in .venv (Python $(py_version .venv/bin/python)). Next:"

@@ -211,7 +211,7 @@ def test_no_library_means_the_compositions_run(tmp_path):
 def test_build_makes_a_library_that_loads_and_computes(tmp_path):
     pytest.importorskip("nanobind")
     out = tmp_path / "kernels"
-    built = subprocess.run([sys.executable, "-m", "canary_server.model.cpu_kernels", "build", "--dir", str(out)],
+    built = subprocess.run([sys.executable, "-m", "canary_server.model.cpu_kernels_build", "--dir", str(out)],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert built.returncode == 0, built.stderr
     stamp = json.loads(cpu_kernels.stamp_path(out).read_text())
