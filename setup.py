@@ -1,7 +1,7 @@
 """Build the optional Linux C helper (canary_server/_gemv_forward.c); everything else is in pyproject.toml.
 
 `optional=True`: without a C compiler the install still succeeds and MLX uses OpenBLAS's sgemm for everything
-(slower batch-1 decoding on Linux CPUs, same results). Not built on macOS (MLX uses Accelerate and Metal there).
+(slower decoding at batch 1-12 on Linux CPUs, same results). Not built on macOS (MLX uses Accelerate and Metal there).
 """
 
 import sys
@@ -14,7 +14,8 @@ if sys.platform.startswith("linux"):
         Extension(
             "canary_server._gemv_forward",
             sources=["canary_server/_gemv_forward.c"],
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     )

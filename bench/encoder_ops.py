@@ -1,12 +1,14 @@
 # isort: skip_file
 """Where the encoder's time goes on the MLX backend in use, and what the CPU-only paths change (model/cpu_math.py,
 the shift-and-add depthwise convs, the buffer cache of model/cpu_layout.py), and what the cached position
-projections (ConformerEncoder.projected_positions, both paths) save. Random weights, float32.
+projections (ConformerEncoder.projected_positions, both paths) save, and the fused CPU kernels on top of the CPU
+paths (model/cpu_kernels.py: activations, LayerNorms, attention softmax, subsampling convs). Random weights, float32.
 
     .venv/bin/python bench/encoder_ops.py [--model 180m-flash] [--repeats 7]
 
 Prints Markdown tables: single ops (MLX kernel vs the CPU path), whole-encoder time for one 5 s clip, a 6 x 5 s
-batch and one 30 s clip with the CPU paths on and off, and one 5 s clip with the position projections computed
+batch and one 30 s clip with the GPU paths' MLX kernels, the CPU paths as MLX ops, and the CPU paths with the CPU
+kernels, and one 5 s clip with the position projections computed
 every call vs cached (interleaved pairs). The model directory is written by bench/random_model.py if missing.
 """
 
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 from canary_server import model  # noqa: E402, F401  (first: preloads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from canary_server.model import backend, cpu_math  # noqa: E402
+from canary_server.model import backend, cpu_kernels, cpu_math  # noqa: E402
 from canary_server.model import conformer  # noqa: E402
 from canary_server.model.conformer import _depthwise_shift_add, _depthwise_shift_add_1d  # noqa: E402
 from canary_server.model.cpu_layout import CPU_CACHE_LIMIT, use_cpu_buffer_cache  # noqa: E402
@@ -91,11 +93,41 @@ def ops_table(repeats: int) -> list[str]:
     return out
 
 
+def kernel_ops_table(repeats: int) -> list[str]:
+    """The CPU paths' MLX compositions vs the fused CPU kernels, one op each (180m dims, a 6 x 5 s batch)."""
+    if cpu_kernels.status() != "loaded":
+        return [f"(CPU kernels: {cpu_kernels.status()})"]
+    h = mx.random.normal((6, 63, 2048)) * 3
+    x = mx.random.normal((6, 63, 512))
+    ln = nn.LayerNorm(512)
+    subsampling = conformer.ConvSubsampling(conformer.EncoderConfig(d_model=512))
+    feats, lens = mx.random.normal((6, 501, 128)), mx.array([500] * 6)
+    mx.eval(h, x, ln.parameters(), subsampling.parameters(), feats)
+    rows = [
+        ("SiLU, 0.77 M values", lambda: cpu_kernels.silu(h) if cpu_kernels.usable(h) else cpu_math.silu(h)),
+        ("LayerNorm, 6 x 63 x 512", lambda: cpu_kernels.apply_layer_norm(ln, x)),
+        ("dw_striding subsampling, 6 x 5 s", lambda: subsampling(feats, lens)[0]),
+    ]
+    out = ["| op (CPU paths) | MLX ops (ms) | CPU kernel (ms) |", "|---|---:|---:|"]
+    for name, fn in rows:
+        cells = []
+        for enabled in (False, True):
+            previous = cpu_kernels.set_enabled(enabled)
+            try:
+                cells.append(timed(with_math(True, fn), repeats))
+            finally:
+                cpu_kernels.set_enabled(previous)
+        out.append(f"| {name} | {cells[0]:.2f} | {cells[1]:.2f} |")
+    return out
+
+
 def encoder_table(model_dir: Path, repeats: int) -> list[str]:
     m = model.load(model_dir)  # sets the CPU buffer cache and weight layout
+    kernels = cpu_kernels.status() == "loaded"
     out = [
-        "| encoder input (512 MB cache) | MLX kernels (ms) | CPU paths (ms) | audio s / s with CPU paths |",
-        "|---|---:|---:|---:|",
+        "| encoder input (512 MB cache) | MLX kernels (ms) | CPU paths, MLX ops (ms) | CPU paths + CPU kernels (ms) "
+        "| audio s / s, CPU kernels |",
+        "|---|---:|---:|---:|---:|",
     ]
     for batch, seconds in ((1, 5), (6, 5), (1, 30)):
         frames = seconds * 100 + 1
@@ -105,8 +137,19 @@ def encoder_table(model_dir: Path, repeats: int) -> list[str]:
         def run(feats=feats, lens=lens):
             return m.encoder(feats, lens)[0]
 
-        off, on = timed(with_math(False, run), repeats), timed(with_math(True, run), repeats)
-        out.append(f"| {batch} x {seconds} s | {off:.0f} | {on:.0f} | {batch * seconds / on * 1e3:.1f} |")
+        off = timed(with_math(False, run), repeats)
+        previous = cpu_kernels.set_enabled(False)
+        try:
+            on = timed(with_math(True, run), repeats)
+        finally:
+            cpu_kernels.set_enabled(previous)
+        fused = timed(with_math(True, run), repeats) if kernels else float("nan")
+        best = fused if kernels else on
+        out.append(
+            f"| {batch} x {seconds} s | {off:.0f} | {on:.0f} | {fused:.0f} | {batch * seconds / best * 1e3:.1f} |"
+        )
+    if not kernels:
+        out.append(f"(CPU kernels: {cpu_kernels.status()})")
     return out
 
 
@@ -143,6 +186,8 @@ def main() -> None:
                        check=True)  # fmt: skip
     print(f"device {mx.default_device()}, float32, medians of {args.repeats}")
     print("\n".join(ops_table(args.repeats)))
+    print()
+    print("\n".join(kernel_ops_table(args.repeats)))
     print()
     print(f"canary-{args.model} dims, random weights:")
     print("\n".join(encoder_table(model_dir, args.repeats)))

@@ -7,7 +7,9 @@ calls resolve to it. Set CANARY_NO_OPENBLAS=1 to skip. No effect on macOS (MLX u
 Before OpenBLAS, the small C library built from `_gemv_forward.c` at install (when a C compiler was there) is
 loaded the same way: its `cblas_sgemm` sends single-row and single-column products (the batch-1 decoder step) to
 OpenBLAS's sgemv, ~1.5x faster there, and everything else to OpenBLAS's sgemm. `CANARY_NO_GEMV_FORWARD=1` turns it
-off (bench/decoder_step.py compares both); without the built library MLX simply calls sgemm for everything.
+off (bench/decoder_step.py compares both); without the built library MLX simply calls sgemm for everything. It
+also computes products of 2..12 rows with nn.Linear weights itself (decoder steps at batch 2..12, the prompt
+prefill, beam search) on two threads, reading each weight once instead of sgemm's pack-then-read.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ def gemv_counts() -> tuple[int, int] | None:
     _forward.canary_gemv_forwarded.restype = ctypes.c_ulong
     _forward.canary_gemv_passed.restype = ctypes.c_ulong
     return int(_forward.canary_gemv_forwarded()), int(_forward.canary_gemv_passed())
+
+
+def small_m_count() -> int | None:
+    """Matmuls of 2..12 rows computed by the library's own kernel so far, or None when it is not in use."""
+    if _forward is None:
+        return None
+    _forward.canary_small_m_count.restype = ctypes.c_ulong
+    return int(_forward.canary_small_m_count())
 
 
 def set_gemv_forward(enabled: bool) -> bool:

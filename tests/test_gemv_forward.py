@@ -1,5 +1,6 @@
-"""canary_server/_gemv_forward.c: MLX's single-row / single-column matmuls go to OpenBLAS's sgemv with the same
-results; everything else still goes to sgemm. Linux with the library built (scripts/setup.sh builds it)."""
+"""canary_server/_gemv_forward.c: MLX's single-row / single-column matmuls go to OpenBLAS's sgemv, products of 2..12
+rows with nn.Linear weights to the library's own two-thread kernel, with the same results; everything else still
+goes to sgemm. Linux with the library built (scripts/setup.sh builds it)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,65 @@ def test_matrix_vector_products_go_to_sgemv_with_the_same_results():
     got = np.array(mx.array(np.repeat(x, 3, 0)) @ wm)  # three rows: sgemm
     assert np.allclose(got, np.repeat(x @ w, 3, 0), rtol=1e-5, atol=1e-4)
     assert _blas.gemv_counts()[1] == before[1] + 1
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(2, 1024, 1024), (5, 100, 70), (9, 1024, 4096), (12, 33, 7)])
+def test_few_row_products_with_linear_weights_are_computed_here_with_the_same_results(m, k, n):
+    """x (M x K) @ W.T with W (N x K) as nn.Linear stores it, with and without a bias (addmm: beta 1), K and N not
+    multiples of the 8 x 4 blocks, N too small for the helper thread."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    xm, wm, bm = mx.array(x), mx.array(w), mx.array(bias)
+    mx.eval(xm, wm, bm)
+    before, counts = _blas.small_m_count(), _blas.gemv_counts()
+    for _ in range(3):  # the helper thread's later jobs as well as its first
+        got = np.array(xm @ wm.T)
+        with_bias = np.array(mx.addmm(bm, xm, wm.T))
+        tol = 1e-5 * np.sqrt(k) * np.abs(x).max() * np.abs(w).max()
+        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=tol)
+        np.testing.assert_allclose(with_bias, bias + x @ w.T, rtol=1e-5, atol=tol)
+    assert _blas.small_m_count() == before + 6
+    assert _blas.gemv_counts() == counts  # neither sgemv nor sgemm
+
+
+def test_more_rows_or_another_layout_still_go_to_sgemm():
+    import mlx.core as mx
+
+    w = mx.ones((64, 32))
+    for a, b in ((mx.ones((13, 32)), w.T), (mx.ones((4, 32)), mx.ones((32, 64)))):  # 13 rows; W not transposed
+        before, counts = _blas.small_m_count(), _blas.gemv_counts()
+        mx.eval(a @ b)
+        assert _blas.small_m_count() == before and _blas.gemv_counts()[1] == counts[1] + 1
+
+
+def test_the_few_row_kernel_works_in_a_forked_child():
+    """A child forked after the helper thread started has no such thread: the kernel must start one, not wait."""
+    import subprocess
+
+    code = """
+import ctypes, os, sys
+import numpy as np
+from canary_server import _blas
+f = _blas._forward
+def product():
+    x = np.ones((4, 256), np.float32); w = np.ones((512, 256), np.float32); c = np.zeros((4, 512), np.float32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    f.cblas_sgemm(101, 111, 112, 4, 512, 256, ctypes.c_float(1.0), p(x), 256, p(w), 256, ctypes.c_float(0.0), p(c),
+                  512)
+    return float(c.min()), float(c.max())
+assert product() == (256.0, 256.0)  # the helper thread is running now
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if product() == (256.0, 256.0) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_forwarding_can_be_turned_off_at_run_time():
