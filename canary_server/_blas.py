@@ -25,6 +25,7 @@ _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
 )
+OPENBLAS_THREAD_TIMEOUT = 20  # log2 of the cycles an idle OpenBLAS thread spins before it sleeps (its default: 28)
 _loaded: str | None = None
 _forward: ctypes.CDLL | None = None
 
@@ -38,7 +39,19 @@ def preload_openblas() -> str | None:
         warnings.warn("mlx was imported before model.blas: OpenBLAS preload skipped", RuntimeWarning, stacklevel=2)
         _loaded = ""
         return _loaded
-    name = _find_openblas()
+    # OpenBLAS's idle threads spin for 2**28 cycles (~0.1 s) after each call before they sleep; on 2 cores that
+    # spinning starves the few-row kernel's helper thread right after an encoder matmul (a 1b-dims prompt prefill:
+    # 28 -> 66 ms). 2**20 cycles (~0.3 ms) keeps them awake between back-to-back calls (same sgemm and sgemv
+    # times: bench/decoder_step.py, bench/encoder_ops.py). Read once, when OpenBLAS loads; a value set by the
+    # user wins; not left in the environment of child processes.
+    timeout_set = "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    if timeout_set:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(OPENBLAS_THREAD_TIMEOUT)
+    try:
+        name = _find_openblas()
+    finally:
+        if timeout_set:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
     if name is None:
         _loaded = ""
         print(

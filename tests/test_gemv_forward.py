@@ -141,3 +141,20 @@ print((mx.ones((1, 8)) @ mx.ones((8, 4))).tolist(), (mx.ones((3, 8)) @ mx.ones((
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[[8.0, 8.0, 8.0, 8.0]] [[8.0, 8.0], [8.0, 8.0], [8.0, 8.0]]"
     assert "libopenblas.so.0 not found" in out.stderr
+
+
+@pytest.mark.parametrize("user_value", [None, "24"])
+def test_the_openblas_thread_timeout_is_set_for_openblas_only_and_a_users_value_wins(user_value):
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it loads: _blas sets 20 for that moment (idle OpenBLAS threads
+    spinning for ~0.1 s starve the few-row kernel's helper thread) and takes it out again, so child processes (NeMo
+    in the benches) do not inherit it; a value the user set is left alone."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    code = "import os, canary_server; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(user_value)
