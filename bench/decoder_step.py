@@ -208,12 +208,13 @@ def limit_table(d: DecoderConfig, batches: list[int], t_enc: int, steps: int) ->
 
 
 def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc: int, steps: int, pairs: int) -> None:
-    """sgemm only vs sgemv forwarding, interleaved in one process (a load change hits both sides alike)."""
+    """sgemm only vs the forwarder (sgemv at batch 1, its few-row kernel at 2..12), interleaved in one process (a
+    load change hits both sides alike)."""
     if not _blas.set_gemv_forward(True):
         print("\n(no sgemv forwarding in this install: canary_server/_gemv_forward.c was not built)")
         return
-    print(f"\n| weights | batch | step, sgemm only (ms) | step, sgemv forwarding (ms) | speed-up (median of {pairs} "
-          "pairs) |\n|---|---|---|---|---|")  # fmt: skip
+    print(f"\n| weights | batch | step, sgemm only (ms) | step, forwarder: sgemv / few-row kernel (ms) "
+          f"| speed-up (median of {pairs} pairs) |\n|---|---|---|---|---|")  # fmt: skip
     for cpu_layout in layouts:
         m = build(cpu_layout, d)
         for b in batches:
@@ -238,8 +239,9 @@ def main() -> None:
     ap.add_argument("--limit-only", action="store_true", help="only the bandwidth / bytes / ops / syncs table")
     ap.add_argument("--bits", type=int, choices=(4, 8), help="also time the decoder quantized to BITS (group 64)")
     ap.add_argument("--gemv-pairs", type=int, default=0,
-                    help="N interleaved pairs of pipelined steps with OpenBLAS sgemm only vs matrix-vector products "
-                         "sent to sgemv (canary_server/_gemv_forward.c), per layout and batch")  # fmt: skip
+                    help="N interleaved pairs of pipelined steps with OpenBLAS sgemm only vs the forwarder "
+                         "(canary_server/_gemv_forward.c: sgemv at batch 1, its own kernel at 2..12), per layout and "
+                         "batch")  # fmt: skip
     args = ap.parse_args()
     layouts = [False, True] if mx.default_device() == mx.cpu else [False]
     d = DIMS[args.dims]

@@ -115,6 +115,16 @@ if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenbl
     fi
 fi
 
+# Linux: g++ builds the C helpers that make the CPU fast (canary_server/_gemv_forward.c at the pip install,
+# model/_cpu_kernels.cpp after it). Without it everything still works, slower; the notes at the end say so.
+if [ "$(uname -s)" = "Linux" ] && ! command -v g++ >/dev/null; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    if command -v apt-get >/dev/null; then
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq g++ >/dev/null \
+            || echo "warning: could not install g++: the CPU runs without the C helpers (slower)" >&2
+    fi
+fi
+
 if [ -n "$extras" ] && [ "$(uname -s)" = "Linux" ] && ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
     sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
     if command -v apt-get >/dev/null; then
