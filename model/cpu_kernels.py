@@ -33,7 +33,9 @@ import importlib
 import json
 import logging
 import os
+import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -69,19 +71,27 @@ _module = None
 _status = "not loaded yet"
 _loaded = False
 _enabled = True
+_load_lock = threading.Lock()
 
 
 def _load():
-    """The kernels module, or None (and `_status` says why)."""
-    global _module, _status, _loaded
+    """The kernels module, or None (and `_status` says why). Loaded once per process, on first use."""
     if _loaded:
         return _module
+    with _load_lock:
+        return _module if _loaded else _load_once()
+
+
+def _load_once():
+    global _module, _status, _loaded
     _loaded = True
     if os.environ.get(ENV_OFF, "").strip() not in ("", "0"):
         _status = f"off ({ENV_OFF} is set)"
         return None
     if not library_path().is_file():
         _status = "not built (python -m canary_server.model.cpu_kernels_build)"
+        if sys.platform.startswith("linux"):
+            log.info("CPU kernels %s: the encoder runs as plain MLX ops (same results, slower)", _status)
         return None
     try:
         stamp = json.loads(stamp_path().read_text())

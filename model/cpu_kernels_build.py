@@ -75,8 +75,15 @@ def _run(cmd: list[str], verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m canary_server.model.cpu_kernels", description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=None, help="where to put the library (default: the package)")
+    ap = argparse.ArgumentParser(
+        prog="python -m canary_server.model.cpu_kernels_build", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to put the library and its stamp (default: next to model/cpu_kernels.py, where it is loaded from)",
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     try:
