@@ -75,16 +75,22 @@ _load_lock = threading.Lock()
 
 
 def _load():
-    """The kernels module, or None (and `_status` says why). Loaded once per process, on first use."""
+    """The kernels module, or None (and `_status` says why). Loaded once per process, on first use; a thread that
+    asks meanwhile waits for that."""
+    global _loaded
     if _loaded:
         return _module
     with _load_lock:
-        return _module if _loaded else _load_once()
+        if not _loaded:
+            try:
+                _load_once()
+            finally:
+                _loaded = True
+    return _module
 
 
 def _load_once():
-    global _module, _status, _loaded
-    _loaded = True
+    global _module, _status
     if os.environ.get(ENV_OFF, "").strip() not in ("", "0"):
         _status = f"off ({ENV_OFF} is set)"
         return None
