@@ -23,6 +23,7 @@ import numpy as np
 from canary_server import model  # noqa: F401  (loads OpenBLAS before MLX)
 from canary_server import _blas  # noqa: E402
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 from canary_server.model import backend, batch_decoder  # noqa: E402
 from canary_server.model.batch_decoder import BatchDecoder, Sequence  # noqa: E402
 from canary_server.model.canary import Canary  # noqa: E402
@@ -230,6 +231,45 @@ def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc:
                   f"| {ratio:.2f}x |")  # fmt: skip
 
 
+def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> None:
+    """The step's Linear products alone (one per decoder Linear of the step, real shapes): float32 as the CPU paths
+    compute it (sgemv / the forwarder's few-row kernel / sgemm), MLX's quantized matmul, the 8-bit CPU kernel."""
+    from canary_server.model import cpu_kernels
+
+    if cpu_kernels.status() != "loaded":
+        print(f"\n(8-bit kernel not available: {cpu_kernels.status()})")
+        return
+    h, inner = d.hidden_size, d.inner_size
+    shapes = [(h, h)] * 6 + [(inner, h), (h, inner)]  # self q/k/v/out, cross q/out, FF in/out (out, in)
+    layers = []
+    for _ in range(d.num_layers):
+        for out_dim, in_dim in shapes:
+            lin = nn.Linear(in_dim, out_dim)
+            q = nn.QuantizedLinear.from_linear(lin, group_size=DEFAULT_GROUP_SIZE, bits=8)
+            mx.eval(lin.parameters(), q.parameters())
+            layers.append((lin, q))
+
+    def timed(fn) -> float:
+        mx.eval(fn())
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    print(f"\n| rows | {len(layers)} step products, float32 (ms) | MLX quantized matmul, 8-bit (ms) "
+          "| cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|")  # fmt: skip
+    for b in batches:
+        xs = {n: mx.random.normal((b, n)) for n in {h, inner}}
+        mx.eval(xs)
+        f32 = timed(lambda xs=xs: [lin(xs[lin.weight.shape[1]]) for lin, _ in layers])
+        mlx_q = timed(lambda xs=xs: [q(xs[lin.weight.shape[1]]) for lin, q in layers]) if b <= 9 else float("nan")
+        kern = timed(lambda xs=xs: [cpu_kernels.qmatmul8(xs[lin.weight.shape[1]], q.weight, q.scales, q.biases,
+                                                          DEFAULT_GROUP_SIZE) for lin, q in layers])  # fmt: skip
+        print(f"| {b} | {f32:.1f} | {mlx_q:.1f} | {kern:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -242,6 +282,8 @@ def main() -> None:
                     help="N interleaved pairs of pipelined steps with OpenBLAS sgemm only vs the forwarder "
                          "(canary_server/_gemv_forward.c: sgemv at batch 1, its own kernel at 2..12), per layout and "
                          "batch")  # fmt: skip
+    ap.add_argument("--matmuls", action="store_true",
+                    help="the step's Linear products alone: float32, MLX's 8-bit, the 8-bit CPU kernel")  # fmt: skip
     args = ap.parse_args()
     layouts = [False, True] if mx.default_device() == mx.cpu else [False]
     d = DIMS[args.dims]
@@ -250,6 +292,8 @@ def main() -> None:
     limit_table(d, args.batches, args.enc_frames, args.steps)
     if args.gemv_pairs:
         gemv_table(d, layouts, args.batches, args.enc_frames, args.steps, args.gemv_pairs)
+    if args.matmuls:
+        matmul_table(d, args.batches)
     if args.limit_only:
         return
     print("\n| weights | batch | step, plain (ms) | step, pipelined (ms) | tokens/s pipelined |")

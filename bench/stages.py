@@ -132,9 +132,11 @@ def main() -> None:
     ap.add_argument("--no-nemo", action="store_true")
     ap.add_argument("--nemo-threads", type=int, default=2, help="torch threads of NeMo's process")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--decoder-bits", type=int, choices=(0, 8), default=0,
+                    help="ours with the decoder quantized to 8 bits at load (model.load's decoder_bits)")  # fmt: skip
     args = ap.parse_args()
     directory = model_dir(args.model, args.model_dir)
-    model = load(directory)
+    model = load(directory, decoder_bits=args.decoder_bits)
     data = wav_bytes(speech_like(args.seconds, seed=int(args.seconds)))
     tokens = round(TOKENS_PER_SECOND * args.seconds)
     ours_once(model, data, tokens)  # warm-up
@@ -148,7 +150,8 @@ def main() -> None:
         nemo_side.close()
     o = medians(ours)
     n = medians(nemo) if nemo else None
-    print(f"{args.model} dims, {args.seconds:g} s clip, {tokens} tokens forced, float32, median of {args.repeats}, "
+    weights = "float32" + (f", ours with an {args.decoder_bits}-bit decoder" if args.decoder_bits else "")
+    print(f"{args.model} dims, {args.seconds:g} s clip, {tokens} tokens forced, {weights}, median of {args.repeats}, "
           f"NeMo with {args.nemo_threads} torch threads")  # fmt: skip
     print("| stage | ours (ms) | NeMo (ms) | NeMo / ours |\n|---|---:|---:|---:|")
     for s in (*STAGES, "total"):

@@ -171,7 +171,7 @@ static int job_gen, done_gen; /* futex words */
 static int worker_started;
 static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one two-thread call at a time */
-enum { SPIN = 20000 };
+enum { SPIN = 2000 };
 
 static void futex_wait(int *addr, int val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0); }
 static void futex_wake(int *addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0); }

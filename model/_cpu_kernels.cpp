@@ -9,8 +9,17 @@
 //
 // Inputs must be row-contiguous float32 (the Python wrappers make them so); outputs are fresh row-contiguous arrays.
 
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -247,9 +256,201 @@ CANARY_CLONES void dw_s2_kernel(const float* x, const float* w, const float* bia
   }
 }
 
+// y (M, N) = x (M, K) @ W^T for MLX's 8-bit affine quantization of W: q (N, K) bytes (MLX's uint32 words read as
+// bytes: value k is byte k), scales and biases (N, K / gs), W[n, k] = scales[n, g] * q[n, k] + biases[n, g] for
+// k in group g. Per group: scale * (x . q) + bias * sum(x), so the weights are read once, as bytes (a quarter of
+// float32's), and never dequantised into memory. Rows n0 <= n < n1 of W.
+// ---- two threads: the calling one (MLX's CPU stream) and one helper, for the kernels that read a lot of memory.
+// The helper spins briefly after a job (a decoder step's matmuls come back to back), then sleeps on a futex; a
+// forked child starts its own. One job at a time: a second caller meanwhile runs its work alone.
+namespace two_threads {
+
+std::mutex start_mu, call_mu;
+bool started = false;
+int job_gen = 0, done_gen = 0;  // futex words
+std::function<void()> job;
+constexpr int kSpin = 2000;
+
+inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+void futex_wait(int* addr, int val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, nullptr, nullptr, 0); }
+void futex_wake(int* addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0); }
+
+void worker(int seen) {
+  for (;;) {
+    int g;
+    for (int i = 0; (g = __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE)) == seen; i++) {
+      if (i < kSpin)
+        relax();
+      else
+        futex_wait(&job_gen, seen);
+    }
+    seen = g;
+    job();
+    __atomic_store_n(&done_gen, seen, __ATOMIC_RELEASE);
+    futex_wake(&done_gen);
+  }
+}
+
+void after_fork_in_child() {
+  new (&start_mu) std::mutex();
+  new (&call_mu) std::mutex();
+  started = false;
+  job_gen = done_gen = 0;
+}
+
+bool ensure_started() {
+  std::lock_guard<std::mutex> lock(start_mu);
+  if (!started) {
+    static bool atfork = pthread_atfork(nullptr, nullptr, after_fork_in_child) == 0;
+    if (!atfork) return false;
+    try {
+      std::thread(worker, __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE)).detach();
+      started = true;
+    } catch (const std::system_error&) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// fn(n0, n1) over [0, n): the helper takes the upper half when `worth` and it can run, else the caller does all.
+template <class F>
+void run(size_t n, bool worth, F fn) {
+  std::unique_lock<std::mutex> call(call_mu, std::try_to_lock);
+  if (!worth || n < 8 || !call.owns_lock() || !ensure_started()) {
+    fn(0, n);
+    return;
+  }
+  const size_t half = n / 2;
+  job = [&fn, half, n]() { fn(half, n); };
+  int g = __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
+  futex_wake(&job_gen);
+  fn(0, half);
+  int d;
+  for (int i = 0; (d = __atomic_load_n(&done_gen, __ATOMIC_ACQUIRE)) != g; i++) {
+    if (i < kSpin)
+      relax();
+    else
+      futex_wait(&done_gen, d);
+  }
+}
+
+}  // namespace two_threads
+
+void qmatmul8_generic(const float* x, const uint8_t* q, const float* scales, const float* biases, float* y,
+                      size_t ldy, size_t m, size_t n, size_t k, size_t gs, const float* xsum) {
+  const size_t groups = k / gs;
+  for (size_t ni = 0; ni < n; ni++) {
+    for (size_t mi = 0; mi < m; mi++) {
+      float total = 0.0f;
+      for (size_t g = 0; g < groups; g++) {
+        float dot = 0.0f;
+        for (size_t kk = 0; kk < gs; kk++) dot += static_cast<float>(q[ni * k + g * gs + kk]) * x[mi * k + g * gs + kk];
+        total += scales[ni * groups + g] * dot + biases[ni * groups + g] * xsum[mi * groups + g];
+      }
+      y[mi * ldy + ni] = total;
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+// AVX2 + FMA: 16 bytes -> 16 floats once, FMA'd into up to 4 rows of x; the group's scale is applied to each row's
+// vector sum (one horizontal sum per output, not per group).
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void qmatmul8_rows(const float* x, size_t ldx,
+                                                                             const uint8_t* qr, const float* sr,
+                                                                             const float* br, const float* xsum,
+                                                                             size_t groups, size_t k, size_t gs,
+                                                                             float* out, size_t ldo) {
+  __m256 total[R];
+  float bias_part[R];
+  for (int r = 0; r < R; r++) total[r] = _mm256_setzero_ps(), bias_part[r] = 0.0f;
+  for (size_t g = 0; g < groups; g++) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const uint8_t* qg = qr + g * gs;
+    for (size_t kk = 0; kk < gs; kk += 16) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + kk));
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+      for (int r = 0; r < R; r++) {
+        const float* xg = x + r * ldx + g * gs + kk;
+        acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), acc[r]);
+        acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), acc[r]);
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(sr[g]);
+    for (int r = 0; r < R; r++) {
+      total[r] = _mm256_fmadd_ps(scale, acc[r], total[r]);
+      bias_part[r] += br[g] * xsum[r * groups + g];
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    out[r * ldo] = _mm_cvtss_f32(lo) + bias_part[r];
+  }
+}
+
+__attribute__((target("avx2,fma"))) void qmatmul8_avx2(const float* x, const uint8_t* q, const float* scales,
+                                                       const float* biases, float* y, size_t ldy, size_t m, size_t n,
+                                                       size_t k, size_t gs, const float* xsum) {
+  const size_t groups = k / gs;
+  for (size_t ni = 0; ni < n; ni++) {
+    const uint8_t* qr = q + ni * k;
+    const float* sr = scales + ni * groups;
+    const float* br = biases + ni * groups;
+    size_t mi = 0;
+    for (; mi + 4 <= m; mi += 4)
+      qmatmul8_rows<4>(x + mi * k, k, qr, sr, br, xsum + mi * groups, groups, k, gs, y + mi * ldy + ni, ldy);
+    for (; mi < m; mi++)
+      qmatmul8_rows<1>(x + mi * k, k, qr, sr, br, xsum + mi * groups, groups, k, gs, y + mi * ldy + ni, ldy);
+  }
+}
+#endif
+
+// y (M, N) = x (M, K) @ W^T for MLX's 8-bit affine quantization of W: q (N, K) bytes (MLX's uint32 words read as
+// bytes: value k is byte k), scales and biases (N, K / gs), W[n, k] = scales[n, g] * q[n, k] + biases[n, g] for
+// k in group g. Per group: scale * (x . q) + bias * sum(x), so the weights are read once, as bytes (a quarter of
+// float32's), and never dequantised into memory.
+// Rows [n0, n1) of W.
+void qmatmul8_part(const float* x, const uint8_t* q, const float* scales, const float* biases, float* y, size_t m,
+                   size_t n, size_t k, size_t gs, const float* xsum, size_t n0, size_t n1) {
+  const size_t groups = k / gs;
+  const uint8_t* qp = q + n0 * k;
+  const float *sp = scales + n0 * groups, *bp = biases + n0 * groups;
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && gs % 16 == 0) return qmatmul8_avx2(x, qp, sp, bp, y + n0, n, m, n1 - n0, k, gs, xsum);
+#endif
+  qmatmul8_generic(x, qp, sp, bp, y + n0, n, m, n1 - n0, k, gs, xsum);
+}
+
+void qmatmul8_kernel(const float* x, const uint8_t* q, const float* scales, const float* biases, float* y, size_t m,
+                     size_t n, size_t k, size_t gs) {
+  const size_t groups = k / gs;
+  std::vector<float> xsum(m * groups);
+  for (size_t mi = 0; mi < m; mi++)
+    for (size_t g = 0; g < groups; g++) {
+      float s = 0.0f;
+      for (size_t kk = 0; kk < gs; kk++) s += x[mi * k + g * gs + kk];
+      xsum[mi * groups + g] = s;
+    }
+  const float* xs = xsum.data();
+  two_threads::run(n, m * n * k >= (1u << 16), [=](size_t n0, size_t n1) {
+    qmatmul8_part(x, q, scales, biases, y, m, n, k, gs, xs, n0, n1);
+  });
+}
+
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
-enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2 };
+enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8 };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
  public:
@@ -318,6 +519,15 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         });
         break;
       }
+      case Op::QMatmul8: {
+        // inputs: x (M, K), w (N, K / 4) uint32, scales (N, K / gs), biases (N, K / gs); param: gs
+        enc.dispatch([x = inputs[0].data<float>(), q = inputs[1].data<uint8_t>(), scales = inputs[2].data<float>(),
+                      biases = inputs[3].data<float>(), y, m = size_t(out.shape(0)), n = size_t(out.shape(1)),
+                      k = size_t(inputs[0].shape(1)), gs = size_t(param)]() {
+          qmatmul8_kernel(x, q, scales, biases, y, m, n, k, gs);
+        });
+        break;
+      }
       case Op::RelSoftmax: {
         enc.dispatch([ac = inputs[0].data<float>(), bd = inputs[1].data<float>(), valid = inputs[2].data<bool>(),
                       y, b = size_t(out.shape(0)), h = size_t(out.shape(1)), t = size_t(out.shape(2)), param]() {
@@ -351,7 +561,7 @@ mx::Stream cpu_stream() {
 }
 
 mx::array prep(const mx::array& a, mx::Stream s) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::bool_ && a.dtype() != mx::int32)
+  if (a.dtype() != mx::float32 && a.dtype() != mx::bool_ && a.dtype() != mx::int32 && a.dtype() != mx::uint32)
     throw std::invalid_argument("float32 inputs only");
   // An evaluated row-contiguous array (a weight) is passed as it is: a Contiguous node would be one more op to
   // dispatch per input per call. Anything else may turn out strided when it is computed: MLX makes it contiguous
@@ -427,6 +637,16 @@ mx::array depthwise_s2(const mx::array& x, const mx::array& w, const mx::array& 
   return make(shape, mx::float32, Op::DwS2, {x, w, bias, len_in, len_out}, relu_in ? 1.0f : 0.0f);
 }
 
+mx::array qmatmul8(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                   int group_size) {
+  if (x.ndim() != 2 || w.ndim() != 2 || w.dtype() != mx::uint32 || group_size % 8 != 0 ||
+      x.shape(1) != w.shape(1) * 4 || x.shape(1) % group_size != 0 || scales.ndim() != 2 ||
+      scales.shape(0) != w.shape(0) || scales.shape(1) != x.shape(1) / group_size || biases.shape() != scales.shape())
+    throw std::invalid_argument("qmatmul8: x (M, K), w (N, K/4) uint32, scales and biases (N, K/group_size)");
+  return make({x.shape(0), w.shape(0)}, mx::float32, Op::QMatmul8, {x, w, scales, biases},
+              static_cast<float>(group_size));
+}
+
 }  // namespace
 
 #include <nanobind/stl/optional.h>
@@ -442,5 +662,7 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("len_out"));
   m.def("depthwise_s2", &depthwise_s2, nb::arg("x"), nb::arg("taps"), nb::arg("bias"), nb::arg("len_in"),
         nb::arg("len_out"), nb::arg("relu_in"));
+  m.def("qmatmul8", &qmatmul8, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"));
   m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));
 }

@@ -140,11 +140,12 @@ class Canary(nn.Module):
         """Transposed contiguous Linear weights in the encoder (faster matmuls on MLX's CPU backend); see
         model/cpu_layout.py. The decoder keeps nn.Linear's layout: its batch-1 step is matrix-vector products,
         which OpenBLAS's sgemv reads fastest row by row (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
-        from .cpu_layout import pretranspose_linears
+        from .cpu_layout import pretranspose_linears, wrap_quantized
 
         for name, child in self.children().items():
             if name != "decoder" and isinstance(child, nn.Module):
                 pretranspose_linears(child)
+        wrap_quantized(self.decoder)  # 8-bit decoder weights: the step's matmuls read bytes (cpu_kernels.qmatmul8)
         mx.eval(self.parameters())
 
     def release_memory(self) -> None:

@@ -12,6 +12,9 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
   backend runs mx.fast.layer_norm as 18 ops, a third of a batch-1 step's ops);
 * `subsample_conv0(...)`, `depthwise_s2(...)`: the dw_striding subsampling's stride-2 convs with their bias, time
   masks and ReLUs (the 30 s subsampling activations are ~100 MB: one pass instead of ~20);
+* `qmatmul8(x, weight, scales, biases, group_size)`: a few rows times an 8-bit affine-quantized weight, reading the
+  bytes (a quarter of float32's) with the group's scale and bias applied to partial sums (MLX's CPU quantized
+  matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
 * `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
   un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax).
 
@@ -187,6 +190,12 @@ def depthwise_s2(
     """(B, T, F, C) -> (B, T2, F2, C): depthwise 3x3 stride-2 conv (taps (3, 3, C), padding 1) + bias, reading frames
     at or past len_in as zero (and the input through a ReLU with relu_in); frames at or past len_out are zero."""
     return _module.depthwise_s2(x, taps, bias, len_in, len_out, relu_in)
+
+
+def qmatmul8(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """x (M, K) @ W^T for MLX's 8-bit affine quantization of W (N, K): weight (N, K / 4) uint32, scales and biases
+    (N, K / group_size). Reads the weights as bytes, never dequantised into memory."""
+    return _module.qmatmul8(x, weight, scales, biases, group_size)
 
 
 def rel_softmax(ac: mx.array, bd: mx.array, valid: mx.array, sqrt_dk: float) -> mx.array:

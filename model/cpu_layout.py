@@ -18,7 +18,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
+from . import backend, cpu_kernels
+
+KERNEL_MAX_ROWS = 64  # QuantizedDecoderLinear: rows through the 8-bit kernel (more: mx.quantized_matmul)
 
 
 class TransposedLinear(nn.Module):
@@ -34,6 +36,66 @@ class TransposedLinear(nn.Module):
         if "bias" in self:
             return mx.addmm(self.bias, x, self.weight_t)
         return x @ self.weight_t
+
+
+class QuantizedDecoderLinear(nn.QuantizedLinear):
+    """An 8-bit nn.QuantizedLinear of the decoder whose few-row products (the decoder step at batch 1-4) go through
+    the CPU kernel `cpu_kernels.qmatmul8`: it reads the quantized bytes, a quarter of float32's weights, where
+    MLX's CPU quantized matmul runs a scalar loop. Same parameters (names and arrays) as the layer it wraps; more
+    rows, other bit widths or no kernel: mx.quantized_matmul as nn.QuantizedLinear computes it. A subclass, so code
+    that asks whether a layer is quantized still sees it as such."""
+
+    def __init__(self, layer: nn.QuantizedLinear) -> None:
+        nn.Module.__init__(self)  # not QuantizedLinear's: that would quantize fresh random weights
+        self.weight, self.scales = layer.weight, layer.scales
+        if "biases" in layer:
+            self.biases = layer.biases
+        if "bias" in layer:
+            self.bias = layer.bias
+        self.group_size, self.bits, self.mode = layer.group_size, layer.bits, layer.mode
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if (
+            self.bits == 8
+            and self.mode == "affine"
+            and "biases" in self
+            and rows <= KERNEL_MAX_ROWS
+            and cpu_kernels.usable(x, self.scales)
+        ):
+            y = cpu_kernels.qmatmul8(x.reshape(rows, -1), self.weight, self.scales, self.biases, self.group_size)
+            y = y.reshape(*x.shape[:-1], -1)
+        else:
+            y = mx.quantized_matmul(
+                x,
+                self.weight,
+                scales=self.scales,
+                biases=self.get("biases"),
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+        return y + self.bias if "bias" in self else y
+
+
+def wrap_quantized(module: nn.Module) -> int:
+    """Replace every 8-bit affine nn.QuantizedLinear below `module` by a QuantizedDecoderLinear; returns how many."""
+    count = 0
+    for key, child in list(module.items()):
+        if type(child) is nn.QuantizedLinear and child.bits == 8 and child.mode == "affine":
+            module[key] = QuantizedDecoderLinear(child)
+            count += 1
+        elif isinstance(child, nn.Module):
+            count += wrap_quantized(child)
+        elif isinstance(child, list):
+            for i, item in enumerate(child):
+                if type(item) is nn.QuantizedLinear and item.bits == 8 and item.mode == "affine":
+                    child[i] = QuantizedDecoderLinear(item)
+                    count += 1
+                elif isinstance(item, nn.Module):
+                    count += wrap_quantized(item)
+    return count
 
 
 def pretranspose_linears(module: nn.Module) -> int:

@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .cpu_layout import use_cpu_buffer_cache, use_cpu_layout
 from .ctc import CtcTimestampsModel
 from .errors import ModelLoadError
-from .quantize import quantize
+from .quantize import DEFAULT_GROUP_SIZE, quantize
 from .tokenizer import load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -28,8 +28,17 @@ def default_dtype() -> mx.Dtype:
     return mx.float32
 
 
-def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:  # or model.salm.SALM
-    """Load a directory written by `canary-server convert`. `dtype` overrides the stored weight dtype."""
+DECODER_BITS = (0, 8)
+
+
+def load(path: str | Path, dtype: mx.Dtype | str | None = None, decoder_bits: int = 0) -> Canary:  # or SALM
+    """Load a directory written by `canary-server convert`. `dtype` overrides the stored weight dtype.
+
+    `decoder_bits=8` quantizes the decoder's Linear layers to 8 bits (MLX affine, group 64) as it loads a model
+    stored unquantized: the decoder step then reads a quarter of the bytes (on MLX's CPU backend through
+    cpu_kernels.qmatmul8), the encoder keeps its weights. canary-qwen (SALM) models ignore it."""
+    if decoder_bits not in DECODER_BITS:
+        raise ValueError(f"decoder_bits must be one of {DECODER_BITS}, got {decoder_bits!r}")
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -50,6 +59,8 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:  # or
         except ValueError as exc:
             raise ModelLoadError(f"{config_path}: {exc}") from exc
     model.load_weights(_read_weights(directory / WEIGHTS_FILE, dtype), strict=True)
+    if decoder_bits and config.quantization is None:
+        quantize(model.decoder, decoder_bits, DEFAULT_GROUP_SIZE)
     mx.eval(model.parameters())
     model.eval()
     if use_cpu_layout():
@@ -58,7 +69,8 @@ def load(path: str | Path, dtype: mx.Dtype | str | None = None) -> Canary:  # or
     if config.timestamps_ctc is not None:
         # Kept out of the module tree (as NeMo does), so the main model's weights stay one strict set.
         object.__setattr__(model, "timestamps_model", _load_ctc(directory, config, model.tokenizer, dtype))
-    model.__dict__["_loader"] = functools.partial(load, directory)  # Canary.float32(): the overflow fallback
+    # Canary.float32(): the overflow fallback
+    model.__dict__["_loader"] = functools.partial(load, directory, decoder_bits=decoder_bits)
     return model
 
 

@@ -90,14 +90,17 @@ def _family(config: Any) -> str:
     return family(config) if isinstance(config, ModelConfig) else ""
 
 
-def load_model(spec: str, cache_dir: Any = None, dtype: str = "auto") -> ModelLike:
-    """Resolve a MODEL spec (converting a .nemo on first use) and load it. Runs on the engine thread."""
+def load_model(spec: str, cache_dir: Any = None, dtype: str = "auto", decoder_bits: int = 0) -> ModelLike:
+    """Resolve a MODEL spec (converting a .nemo on first use) and load it (`decoder_bits`: model.load's). Runs on
+    the engine thread."""
     from canary_server import model
     from canary_server.convert.cache import resolve_model
 
     path = resolve_model(spec, cache_dir=cache_dir)
-    log.info("loading model from %s", path)
-    return model.load(path, dtype=model.default_dtype() if dtype == "auto" else dtype)
+    log.info(
+        "loading model from %s%s", path, f" (decoder weights quantized to {decoder_bits} bits)" * bool(decoder_bits)
+    )
+    return model.load(path, dtype=model.default_dtype() if dtype == "auto" else dtype, decoder_bits=decoder_bits)
 
 
 def free_unreferenced_memory() -> None:

@@ -38,7 +38,9 @@ def build_pipeline(
     first, with progress); the engine thread then only loads it."""
 
     def loader():
-        return load_model(str(model_dir) if model_dir else settings.model, settings.cache_dir, settings.dtype)
+        return load_model(
+            str(model_dir) if model_dir else settings.model, settings.cache_dir, settings.dtype, settings.decoder_bits
+        )
 
     return Pipeline(loader, settings.pipeline_config(), engine=engine, decode_audio=decode_audio)
 

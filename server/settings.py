@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Compute dtype; auto: float32 everywhere (the one that matches NeMo on every fixture)."
     )
+    decoder_bits: Literal[0, 8] = Field(
+        0,
+        description="8: quantize the decoder's weights to 8 bits as the model loads (faster decoding on CPUs; "
+        "canary-qwen ignores it).",
+    )
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port.")
     api_key: str | None = Field(None, description="If set, requests need `Authorization: Bearer <api_key>`.")

@@ -49,7 +49,7 @@ SMOKE_ARGS = {
     ],  # fmt: skip
     "fairness.py": ["--model", "tiny", "--model-dir", "{tiny}", "--shares", "0.5", "--long-seconds", "12"],
     "encoder_ops.py": ["--model", "tiny", "--model-dir", "{tiny}", "--repeats", "1"],
-    "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2", "--gemv-pairs", "1"],
+    "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2", "--gemv-pairs", "1", "--matmuls"],
     "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
     "stages.py": ["--model", "tiny", "--model-dir", "{tiny}", "--seconds", "2", "--repeats", "1", "--no-nemo"],
     "nemo_stages.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--seconds", "2", "--repeats", "1"],
@@ -156,6 +156,8 @@ def test_decoder_step_times_batched_steps():
     # sgemm only vs sgemv forwarding, interleaved (or a line saying the forwarder is not built)
     gemv_row = r"^\| nn\.Linear \| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$"
     assert re.search(gemv_row, out, flags=re.M) or "no sgemv forwarding" in out, out
+    # the step's products: float32, MLX's 8-bit, the 8-bit CPU kernel (or why that is not there)
+    assert re.search(r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M) or "8-bit kernel not" in out, out
 
 
 def test_stages_breaks_one_request_into_its_stages(tiny):

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from canary_server.model import backend, cpu_kernels
 from canary_server.model.config import EncoderConfig
@@ -239,3 +240,52 @@ def test_batchnorm_scale_shift_is_the_same_map():
     x = mx.array(rng.normal(0, 2, (5, 8)).astype(np.float32))
     scale, shift = bn.scale_shift()
     _close(x * scale + shift, bn(x), rtol=1e-6, atol=1e-6)
+
+
+@loaded
+@pytest.mark.parametrize(("rows", "k", "n", "group_size"), [(1, 1024, 96, 64), (3, 256, 40, 32), (4, 512, 24, 128),
+                                                             (5, 128, 8, 64)])  # fmt: skip
+def test_qmatmul8_equals_the_dequantized_product(rows, k, n, group_size):
+    rng = np.random.default_rng(rows * k + n)
+    w = mx.array(rng.normal(0, 0.05, (n, k)).astype(np.float32))
+    x = mx.array(rng.normal(0, 1, (rows, k)).astype(np.float32))
+    q, scales, biases = mx.quantize(w, group_size=group_size, bits=8)
+    want = x @ mx.dequantize(q, scales, biases, group_size=group_size, bits=8).T
+    _close(cpu_kernels.qmatmul8(x, q, scales, biases, group_size), want, rtol=1e-5, atol=2e-5)
+
+
+@loaded
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_quantized_decoder_linear_equals_mlx_quantized_linear(rows, kernels_off):
+    """Up to KERNEL_MAX_ROWS rows through the kernel, more through mx.quantized_matmul: both as nn.QuantizedLinear."""
+    from canary_server.model.cpu_layout import QuantizedDecoderLinear
+
+    rng = np.random.default_rng(rows)
+    lin = nn.Linear(256, 48)
+    lin.weight = mx.array(rng.normal(0, 0.05, (48, 256)).astype(np.float32))
+    q = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=8)
+    wrapped = QuantizedDecoderLinear(q)
+    assert sorted(k for k, _ in tree_flatten(wrapped.parameters())) == sorted(
+        k for k, _ in tree_flatten(q.parameters())
+    )  # the same parameters: a strict weight load sees no difference
+    x = mx.array(rng.normal(0, 1, (1, rows, 256)).astype(np.float32))
+    with backend.forced(backend.CPU):
+        cpu_kernels.set_enabled(True)
+        _close(wrapped(x), q(x), rtol=1e-5, atol=2e-5)
+
+
+def test_decoder_bits_quantizes_the_decoder_only_and_is_checked(espeak_dir):
+    """model.load(decoder_bits=8) on a float32 model: every decoder Linear 8-bit (wrapped for the kernel on the CPU
+    paths), the encoder and the output head untouched; anything but 0 or 8 is refused."""
+    from canary_server import model
+    from canary_server.model.cpu_layout import QuantizedDecoderLinear
+
+    m = model.load(espeak_dir, decoder_bits=8)
+    quantized = [n for n, layer in m.named_modules() if isinstance(layer, nn.QuantizedLinear)]
+    assert quantized and all(name.startswith("decoder.") for name in quantized)
+    assert not [n for n, layer in m.decoder.named_modules() if isinstance(layer, nn.Linear)]
+    assert all(isinstance(layer, QuantizedDecoderLinear) for n, layer in m.named_modules() if n in quantized) == (
+        backend.cpu_paths()
+    )
+    with pytest.raises(ValueError, match="decoder_bits"):
+        model.load(espeak_dir, decoder_bits=4)

@@ -167,3 +167,16 @@ def test_loading_a_config_with_unsupported_quantization_bits_is_a_load_error(q8_
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="bits"):
         model.load(broken)
+
+
+def test_an_8_bit_decoder_at_load_transcribes_the_held_out_clips_exactly_as_nemo(espeak_dir, espeak_nemo_transcripts):
+    """`decoder_bits = 8` (model.load quantizes the decoder of the float32 directory; on the CPU paths its step runs
+    through cpu_kernels.qmatmul8 where that is built) keeps NeMo's 12 transcripts (bench/quantize_eval.py)."""
+    names = sorted(espeak_nemo_transcripts)
+    m = model.load(espeak_dir, decoder_bits=8)
+    results = m.generate([str(ESPEAK_CLIPS / n) for n in names], source_lang="en", batch_size=4)
+    assert {n: r.text for n, r in zip(names, results, strict=True)} == {
+        n: t.strip() for n, t in espeak_nemo_transcripts.items()
+    }
+    one = m.generate([str(ESPEAK_CLIPS / names[0])], source_lang="en", batch_size=1)[0]  # batch 1: the 1-row kernel
+    assert one.text == espeak_nemo_transcripts[names[0]].strip()
