@@ -38,11 +38,12 @@ class Transcriber:
         *,
         cache_dir: str | Path | None = None,
         dtype: str = "auto",
+        decoder_bits: int = 0,
         config: PipelineConfig | None = None,
     ) -> None:
         if isinstance(model, str | Path):
             spec = str(model)
-            loader = lambda: load_model(spec, cache_dir, dtype)  # noqa: E731
+            loader = lambda: load_model(spec, cache_dir, dtype, decoder_bits)  # noqa: E731
         else:
             loader = lambda: model  # noqa: E731
         self.pipeline = Pipeline(loader, config)
@@ -170,7 +171,15 @@ class Transcriber:
 
 
 def load(
-    model: str | Path | ModelLike, *, cache_dir: str | Path | None = None, dtype: str = "auto", **config: Any
+    model: str | Path | ModelLike,
+    *,
+    cache_dir: str | Path | None = None,
+    dtype: str = "auto",
+    decoder_bits: int = 0,
+    **config: Any,
 ) -> Transcriber:
-    """`Transcriber(model, ...)`; extra keyword arguments are `PipelineConfig` fields (chunk_seconds, ...)."""
-    return Transcriber(model, cache_dir=cache_dir, dtype=dtype, config=PipelineConfig(**config))
+    """`Transcriber(model, ...)`; `decoder_bits=8` quantizes the decoder as it loads (model.load); extra keyword
+    arguments are `PipelineConfig` fields (chunk_seconds, ...)."""
+    return Transcriber(
+        model, cache_dir=cache_dir, dtype=dtype, decoder_bits=decoder_bits, config=PipelineConfig(**config)
+    )
