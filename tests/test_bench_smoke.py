@@ -177,8 +177,9 @@ def test_quantize_eval_reports_the_quantized_share_of_the_cpu_layouts_linears():
     if not ESPEAK_NEMO.is_file():
         pytest.skip(f"the espeak-trained test model is not at {ESPEAK_NEMO}")
     out = _bench("quantize_eval.py")
-    rows = [line for line in out.splitlines() if line.startswith("| 8-bit") or line.startswith("| float32")]
-    assert "| 0% |" in rows[0] and "| 60% |" in rows[1], out  # the README's table: 60% of the espeak model's linears
+    rows = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith(("| 8-bit", "| float32"))}
+    assert "| 0% |" in rows["| float32"] and "| 60% |" in rows["| 8-bit affine, group 64"], out  # the README's table
+    assert "| 35% |" in rows["| float32, decoder quantized to 8 bits at load (decoder_bits = 8)"], out  # decoder only
 
 
 def test_dtype_eval_compares_dtypes_with_nemo_on_the_fixtures():
