@@ -15,6 +15,8 @@ for reuse instead of returning it between requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -79,42 +81,38 @@ class QuantizedDecoderLinear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
 
-def wrap_quantized(module: nn.Module) -> int:
-    """Replace every 8-bit affine nn.QuantizedLinear below `module` by a QuantizedDecoderLinear; returns how many."""
+def _replace_layers(module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace every layer below `module` (children and items of child lists, recursively) for which
+    `replacement(layer)` gives a module; returns how many were replaced."""
     count = 0
     for key, child in list(module.items()):
-        if type(child) is nn.QuantizedLinear and child.bits == 8 and child.mode == "affine":
-            module[key] = QuantizedDecoderLinear(child)
-            count += 1
-        elif isinstance(child, nn.Module):
-            count += wrap_quantized(child)
-        elif isinstance(child, list):
-            for i, item in enumerate(child):
-                if type(item) is nn.QuantizedLinear and item.bits == 8 and item.mode == "affine":
-                    child[i] = QuantizedDecoderLinear(item)
-                    count += 1
-                elif isinstance(item, nn.Module):
-                    count += wrap_quantized(item)
+        slots = list(enumerate(child)) if isinstance(child, list) else [(None, child)]
+        for i, item in slots:
+            if not isinstance(item, nn.Module):
+                continue
+            new = replacement(item)
+            if new is None:
+                count += _replace_layers(item, replacement)
+            elif i is None:
+                module[key], count = new, count + 1
+            else:
+                child[i], count = new, count + 1
     return count
+
+
+def wrap_quantized(module: nn.Module) -> int:
+    """Replace every 8-bit affine nn.QuantizedLinear below `module` by a QuantizedDecoderLinear; returns how many."""
+    return _replace_layers(
+        module,
+        lambda m: (
+            QuantizedDecoderLinear(m) if type(m) is nn.QuantizedLinear and m.bits == 8 and m.mode == "affine" else None
+        ),
+    )
 
 
 def pretranspose_linears(module: nn.Module) -> int:
     """Replace every plain nn.Linear below `module` (not quantized ones); returns how many were replaced."""
-    count = 0
-    for key, child in list(module.items()):
-        if type(child) is nn.Linear:
-            module[key] = TransposedLinear(child)
-            count += 1
-        elif isinstance(child, nn.Module):
-            count += pretranspose_linears(child)
-        elif isinstance(child, list):
-            for i, item in enumerate(child):
-                if type(item) is nn.Linear:
-                    child[i] = TransposedLinear(item)
-                    count += 1
-                elif isinstance(item, nn.Module):
-                    count += pretranspose_linears(item)
-    return count
+    return _replace_layers(module, lambda m: TransposedLinear(m) if type(m) is nn.Linear else None)
 
 
 def use_cpu_layout() -> bool:
