@@ -181,22 +181,24 @@ CANARY_CLONES void rel_softmax_kernel(const float* ac, const float* bd, const bo
   }
 }
 
-// The dw_striding subsampling's first conv: features x (B, T, F) -> y (B, T1, F1, C), T1 = (T - 1) / 2 + 1 (F1
-// likewise): 3x3 stride-2 conv from one input channel with padding 1, + bias, then ReLU. Input frames at or past
-// len_in[b] read as zero (the masked features); output frames at or past len_out[b] are zero. w (3, 3, C).
-CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
-                                const int32_t* len_out, float* y, size_t b, size_t t, size_t f, size_t c,
-                                size_t t1, size_t f1) {
+// The walk both subsampling convs share: a 3x3 stride-2 window with padding 1 over (T, F), per batch row b. Output
+// frames at or past len_out[b] are zero; for every other output position, acc (C) starts at zero and
+// tap(acc, ts, fs, w_tap) is called for each in-range tap in row order (input frames at or past len_in[b] count as
+// zero padding, so they are skipped), then finish(acc, out) writes the output position's C values.
+template <class Tap, class Finish>
+__attribute__((always_inline)) inline void stride2_3x3(const float* w, const int32_t* len_in, const int32_t* len_out,
+                                                       float* y, size_t b, size_t t, size_t f, size_t c,
+                                                       size_t t_out, size_t f_out, Tap tap, Finish finish) {
   std::vector<float> acc(c);
   for (size_t bi = 0; bi < b; bi++) {
     const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
-    for (size_t ti = 0; ti < t1; ti++) {
-      float* row = y + (bi * t1 + ti) * f1 * c;
+    for (size_t ti = 0; ti < t_out; ti++) {
+      float* row = y + (bi * t_out + ti) * f_out * c;
       if (static_cast<long>(ti) >= len_out[bi]) {
-        std::fill(row, row + f1 * c, 0.0f);
+        std::fill(row, row + f_out * c, 0.0f);
         continue;
       }
-      for (size_t fi = 0; fi < f1; fi++) {
+      for (size_t fi = 0; fi < f_out; fi++) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (long i = 0; i < 3; i++) {
           long ts = 2 * static_cast<long>(ti) - 1 + i;
@@ -204,16 +206,30 @@ CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bia
           for (long j = 0; j < 3; j++) {
             long fs = 2 * static_cast<long>(fi) - 1 + j;
             if (fs < 0 || fs >= static_cast<long>(f)) continue;
-            const float v = x[(bi * t + ts) * f + fs];
-            const float* wt = w + (i * 3 + j) * c;
-            for (size_t k = 0; k < c; k++) acc[k] += v * wt[k];
+            tap(acc.data(), bi * t + ts, static_cast<size_t>(fs), w + (i * 3 + j) * c);
           }
         }
-        float* out = row + fi * c;
-        for (size_t k = 0; k < c; k++) out[k] = std::max(acc[k] + bias[k], 0.0f);
+        finish(acc.data(), row + fi * c);
       }
     }
   }
+}
+
+// The dw_striding subsampling's first conv: features x (B, T, F) -> y (B, T1, F1, C), T1 = (T - 1) / 2 + 1 (F1
+// likewise): 3x3 stride-2 conv from one input channel with padding 1, + bias, then ReLU. Input frames at or past
+// len_in[b] read as zero (the masked features); output frames at or past len_out[b] are zero. w (3, 3, C).
+CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
+                                const int32_t* len_out, float* y, size_t b, size_t t, size_t f, size_t c,
+                                size_t t1, size_t f1) {
+  stride2_3x3(
+      w, len_in, len_out, y, b, t, f, c, t1, f1,
+      [=](float* acc, size_t frame, size_t fs, const float* wt) {
+        const float v = x[frame * f + fs];
+        for (size_t k = 0; k < c; k++) acc[k] += v * wt[k];
+      },
+      [=](const float* acc, float* out) {
+        for (size_t k = 0; k < c; k++) out[k] = std::max(acc[k] + bias[k], 0.0f);
+      });
 }
 
 // A depthwise 3x3 stride-2 conv with padding 1, + bias: x (B, T, F, C) -> y (B, T2, F2, C), taps (3, 3, C) summed
@@ -223,37 +239,19 @@ CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bia
 CANARY_CLONES void dw_s2_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
                                 const int32_t* len_out, bool relu_in, float* y, size_t b, size_t t, size_t f,
                                 size_t c, size_t t2, size_t f2) {
-  std::vector<float> acc(c);
-  for (size_t bi = 0; bi < b; bi++) {
-    const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
-    for (size_t ti = 0; ti < t2; ti++) {
-      float* row = y + (bi * t2 + ti) * f2 * c;
-      if (static_cast<long>(ti) >= len_out[bi]) {
-        std::fill(row, row + f2 * c, 0.0f);
-        continue;
-      }
-      for (size_t fi = 0; fi < f2; fi++) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (long i = 0; i < 3; i++) {
-          long ts = 2 * static_cast<long>(ti) - 1 + i;
-          if (ts < 0 || ts >= t_in) continue;
-          for (long j = 0; j < 3; j++) {
-            long fs = 2 * static_cast<long>(fi) - 1 + j;
-            if (fs < 0 || fs >= static_cast<long>(f)) continue;
-            const float* xs = x + ((bi * t + ts) * f + fs) * c;
-            const float* wt = w + (i * 3 + j) * c;
-            if (relu_in) {
-              for (size_t k = 0; k < c; k++) acc[k] += std::max(xs[k], 0.0f) * wt[k];
-            } else {
-              for (size_t k = 0; k < c; k++) acc[k] += xs[k] * wt[k];
-            }
-          }
+  stride2_3x3(
+      w, len_in, len_out, y, b, t, f, c, t2, f2,
+      [=](float* acc, size_t frame, size_t fs, const float* wt) {
+        const float* xs = x + (frame * f + fs) * c;
+        if (relu_in) {
+          for (size_t k = 0; k < c; k++) acc[k] += std::max(xs[k], 0.0f) * wt[k];
+        } else {
+          for (size_t k = 0; k < c; k++) acc[k] += xs[k] * wt[k];
         }
-        float* out = row + fi * c;
+      },
+      [=](const float* acc, float* out) {
         for (size_t k = 0; k < c; k++) out[k] = acc[k] + bias[k];
-      }
-    }
-  }
+      });
 }
 
 // y (M, N) = x (M, K) @ W^T for MLX's 8-bit affine quantization of W: q (N, K) bytes (MLX's uint32 words read as
