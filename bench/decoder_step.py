@@ -235,6 +235,7 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
     """The step's Linear products alone (one per decoder Linear of the step, real shapes): float32 as the CPU paths
     compute it (sgemv / the forwarder's few-row kernel / sgemm), MLX's quantized matmul, the 8-bit CPU kernel."""
     from canary_server.model import cpu_kernels
+    from encoder_ops import timed  # median ms of evaluated calls after a warm-up
 
     if cpu_kernels.status() != "loaded":
         print(f"\n(8-bit kernel not available: {cpu_kernels.status()})")
@@ -249,24 +250,21 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
             mx.eval(lin.parameters(), q.parameters())
             layers.append((lin, q))
 
-    def timed(fn) -> float:
-        mx.eval(fn())
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            mx.eval(fn())
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
-
     print(f"\n| rows | {len(layers)} step products, float32 (ms) | MLX quantized matmul, 8-bit (ms) "
           "| cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|")  # fmt: skip
     for b in batches:
         xs = {n: mx.random.normal((b, n)) for n in {h, inner}}
         mx.eval(xs)
-        f32 = timed(lambda xs=xs: [lin(xs[lin.weight.shape[1]]) for lin, _ in layers])
-        mlx_q = timed(lambda xs=xs: [q(xs[lin.weight.shape[1]]) for lin, q in layers]) if b <= 9 else float("nan")
-        kern = timed(lambda xs=xs: [cpu_kernels.qmatmul8(xs[lin.weight.shape[1]], q.weight, q.scales, q.biases,
-                                                          DEFAULT_GROUP_SIZE) for lin, q in layers])  # fmt: skip
+        f32 = timed(lambda xs=xs: [lin(xs[lin.weight.shape[1]]) for lin, _ in layers], repeats)
+        mlx_q = float("nan")
+        if b <= 9:  # MLX's CPU quantized matmul takes ~40 ms per row here
+            mlx_q = timed(lambda xs=xs: [q(xs[lin.weight.shape[1]]) for lin, q in layers], repeats)
+
+        def kernel(xs=xs):
+            return [cpu_kernels.qmatmul8(xs[lin.weight.shape[1]], q.weight, q.scales, q.biases, DEFAULT_GROUP_SIZE)
+                    for lin, q in layers]  # fmt: skip
+
+        kern = timed(kernel, repeats)
         print(f"| {b} | {f32:.1f} | {mlx_q:.1f} | {kern:.1f} |")
 
 
