@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Compute dtype; auto: float32 everywhere (the one that matches NeMo on every fixture)."
     )
-    decoder_bits: Literal[0, 8] = Field(
+    decoder_bits: int = Field(
         0,
         description="8: quantize the decoder's weights to 8 bits as the model loads (faster decoding on CPUs; "
         "canary-qwen ignores it).",
@@ -279,6 +279,13 @@ class Settings(BaseSettings):
         if self.wyoming_port and self.wyoming_port == self.port:
             raise ValueError(f"wyoming_port and port are both {self.port}: give Wyoming another port (or 0: off)")
         return self
+
+    @field_validator("decoder_bits")
+    @classmethod
+    def _decoder_bits(cls, v: int) -> int:
+        if v not in (0, 8):  # an int field: the environment's "8" parses (a Literal[0, 8] refused every string)
+            raise ValueError(f"decoder_bits is 0 (off) or 8, not {v}")
+        return v
 
     @field_validator("default_language")
     @classmethod

@@ -180,3 +180,18 @@ def test_an_8_bit_decoder_at_load_transcribes_the_held_out_clips_exactly_as_nemo
     }
     one = m.generate([str(ESPEAK_CLIPS / names[0])], source_lang="en", batch_size=1)[0]  # batch 1: the 1-row kernel
     assert one.text == espeak_nemo_transcripts[names[0]].strip()
+
+
+@pytest.mark.parametrize(("value", "ok"), [("8", True), ("0", True), ("4", False), ("16", False), ("eight", False)])
+def test_the_decoder_bits_setting_takes_0_or_8_and_refuses_anything_else(monkeypatch, value, ok):
+    from pydantic import ValidationError
+
+    from canary_server.server.settings import Settings
+
+    assert Settings().decoder_bits == 0
+    monkeypatch.setenv("CANARY_DECODER_BITS", value)
+    if ok:
+        assert Settings().decoder_bits == int(value)
+    else:
+        with pytest.raises(ValidationError, match="decoder_bits"):
+            Settings()
