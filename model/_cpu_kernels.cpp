@@ -1,5 +1,6 @@
-// Fused float32 kernels for the encoder on MLX's CPU backend, as MLX primitives (model/cpu_kernels.py builds,
-// loads and calls them; model/conformer.py uses them on the CPU paths).
+// Fused float32 kernels for the encoder and the decoder step on MLX's CPU backend, as MLX primitives
+// (model/cpu_kernels.py builds, loads and calls them; model/conformer.py and model/decoder.py use them on the CPU
+// paths).
 //
 // MLX's x86-64 CPU build evaluates exp (so sigmoid, SiLU, softmax) one element at a time and runs every other
 // elementwise op as its own pass over memory: a SiLU written as MLX arithmetic (model/cpu_math.py) is ~20 passes,
@@ -446,9 +447,69 @@ void qmatmul8_kernel(const float* x, const uint8_t* q, const float* scales, cons
   });
 }
 
+// Attention of one query per row (a decoder step): q (R = B * H, D), k and v (R, L, D), an additive mask (B or 1
+// rows, L) or none. Row r (batch b = r / h): s[j] = (q * scale) . k[j] + mask[j], softmax over j, out = sum_j p[j]
+// v[j] (MLX's scaled_dot_product_attention composition on the CPU: the same function). Positions masked with
+// NeMo's NEG_INF (mask <= -10000) are left out: their weight exp(-10000 - max) is 0 in float32 anyway (at most
+// 2**-126 through the clipped exp), and their K/V are never read, so a self-attention cache is read up to the
+// row's position, not to its capacity. A row with no unmasked position uses them all (the composition's result).
+constexpr float kMasked = -10000.0f;
+
+CANARY_CLONES void decode_attention_part(const float* q, const float* k, const float* v, const float* mask,
+                                         size_t mask_stride, float* y, size_t h, size_t l, size_t d, float scale,
+                                         size_t r0, size_t r1) {
+  std::vector<float> e(l), qs(d);
+  std::vector<uint32_t> idx(l);
+  for (size_t r = r0; r < r1; r++) {
+    const float* mr = mask != nullptr ? mask + (r / h) * mask_stride : nullptr;
+    const float* qr = q + r * d;
+    const float* kr = k + r * l * d;
+    const float* vr = v + r * l * d;
+    for (size_t i = 0; i < d; i++) qs[i] = qr[i] * scale;
+    size_t n = 0;
+    for (size_t j = 0; j < l; j++)
+      if (mr == nullptr || mr[j] > kMasked) idx[n++] = static_cast<uint32_t>(j);
+    if (n == 0)
+      for (size_t j = 0; j < l; j++) idx[n++] = static_cast<uint32_t>(j);
+    float m = -INFINITY;
+    for (size_t t = 0; t < n; t++) {
+      const float* kj = kr + size_t(idx[t]) * d;
+      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      size_t i = 0;
+      for (; i + 8 <= d; i += 8)
+        for (int u = 0; u < 8; u++) a[u] += qs[i + u] * kj[i + u];
+      float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      for (; i < d; i++) s += qs[i] * kj[i];
+      if (mr != nullptr) s += mr[idx[t]];
+      e[t] = s;
+      m = std::max(m, s);
+    }
+    float sum = 0.0f;
+    for (size_t t = 0; t < n; t++) {
+      e[t] = exp2_poly((e[t] - m) * kLog2e);
+      sum += e[t];
+    }
+    const float inv = 1.0f / sum;
+    float* out = y + r * d;
+    std::fill(out, out + d, 0.0f);
+    for (size_t t = 0; t < n; t++) {
+      const float p = e[t] * inv;
+      const float* vj = vr + size_t(idx[t]) * d;
+      for (size_t i = 0; i < d; i++) out[i] += p * vj[i];
+    }
+  }
+}
+
+void decode_attention_kernel(const float* q, const float* k, const float* v, const float* mask, size_t mask_stride,
+                             float* y, size_t rows, size_t h, size_t l, size_t d, float scale) {
+  two_threads::run(rows, rows * l * d >= (1u << 15), [=](size_t r0, size_t r1) {
+    decode_attention_part(q, k, v, mask, mask_stride, y, h, l, d, scale, r0, r1);
+  });
+}
+
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
-enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8 };
+enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
  public:
@@ -523,6 +584,18 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
                       biases = inputs[3].data<float>(), y, m = size_t(out.shape(0)), n = size_t(out.shape(1)),
                       k = size_t(inputs[0].shape(1)), gs = size_t(param)]() {
           qmatmul8_kernel(x, q, scales, biases, y, m, n, k, gs);
+        });
+        break;
+      }
+      case Op::DecodeAttention: {
+        // inputs: q (B, H, 1, D), k, v (B, H, L, D)[, mask (B or 1, 1, 1, L)]; param: scale
+        const float* mask = inputs.size() > 3 ? inputs[3].data<float>() : nullptr;
+        const size_t l = inputs[1].shape(2);
+        const size_t mask_stride = inputs.size() > 3 && inputs[3].shape(0) > 1 ? l : 0;
+        enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(), mask,
+                      mask_stride, y, rows = size_t(out.shape(0) * out.shape(1)), h = size_t(out.shape(1)), l,
+                      d = size_t(out.shape(3)), param]() {
+          decode_attention_kernel(q, k, v, mask, mask_stride, y, rows, h, l, d, param);
         });
         break;
       }
@@ -645,6 +718,19 @@ mx::array qmatmul8(const mx::array& x, const mx::array& w, const mx::array& scal
               static_cast<float>(group_size));
 }
 
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           const std::optional<mx::array>& mask, float scale) {
+  if (q.ndim() != 4 || q.shape(2) != 1 || k.ndim() != 4 || v.shape() != k.shape() || k.shape(0) != q.shape(0) ||
+      k.shape(1) != q.shape(1) || k.shape(3) != q.shape(3) || k.shape(2) < 1 ||
+      (mask && (mask->dtype() != mx::float32 || mask->ndim() != 4 || mask->shape(1) != 1 || mask->shape(2) != 1 ||
+                mask->shape(3) != k.shape(2) || (mask->shape(0) != 1 && mask->shape(0) != q.shape(0)))))
+    throw std::invalid_argument(
+        "decode_attention: q (B, H, 1, D), k and v (B, H, L, D), mask float32 (B or 1, 1, 1, L) or None");
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask) inputs.push_back(*mask);
+  return make(q.shape(), mx::float32, Op::DecodeAttention, std::move(inputs), scale);
+}
+
 }  // namespace
 
 #include <nanobind/stl/optional.h>
@@ -662,5 +748,7 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("len_out"), nb::arg("relu_in"));
   m.def("qmatmul8", &qmatmul8, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"));
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),
+        nb::arg("scale"));
   m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));
 }

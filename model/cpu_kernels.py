@@ -1,4 +1,4 @@
-"""Fused float32 encoder kernels for MLX's CPU backend: built at install where a C++ compiler is, optional.
+"""Fused float32 kernels for MLX's CPU backend (the encoder's, a decoder step's attention): built at install, optional.
 
 MLX's x86-64 CPU build runs every elementwise op as its own pass over memory and evaluates exp one element at a
 time, so the encoder's activations, LayerNorms and attention softmax (model/cpu_math.py's MLX arithmetic: ~20
@@ -16,7 +16,11 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
   bytes (a quarter of float32's) with the group's scale and bias applied to partial sums (MLX's CPU quantized
   matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
 * `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
-  un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax).
+  un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
+* `decode_attention(q, k, v, mask, scale)`: a decoder step's attention (one query per row) in one pass, reading
+  the K/V of unmasked positions only (MLX's CPU composition is two batched matmuls of one row, i.e. one BLAS call
+  per row and head, plus the softmax: 9 ms of a 30 ms step at batch 16; it reads a self-attention cache to its
+  capacity, this reads it to the row's position). `attention(...)` picks it or MLX's.
 
 Same functions as the MLX compositions they replace (tests/test_cpu_kernels.py compares each, and the parity
 tests run the encoder against NeMo's goldens with them). Used by model/conformer.py on the CPU paths for float32
@@ -202,3 +206,23 @@ def rel_softmax(ac: mx.array, bd: mx.array, valid: mx.array, sqrt_dk: float) -> 
     """Attention weights (B, H, T, T) from content scores ac (B, H, T, T), position scores before the relative
     shift bd (B, H, T, 2T-1) and the valid frames (B, T)."""
     return _module.rel_softmax(ac, bd, valid, sqrt_dk)
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
+    """softmax((q * scale) @ k^T + mask) @ v for q (B, H, 1, D), k and v (B, H, L, D), an additive float32 mask
+    (B or 1, 1, 1, L) or None. Positions masked with NeMo's NEG_INF (mask <= -10000) get weight 0 and are not read."""
+    return _module.decode_attention(q, k, v, mask, scale)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+    """mx.fast.scaled_dot_product_attention, through `decode_attention` for one query per row on the CPU paths."""
+    b, h, t, _ = q.shape
+    if (
+        t == 1
+        and k.ndim == 4
+        and k.shape[:2] == (b, h)
+        and (mask is None or (mask.ndim == 4 and mask.shape[1:3] == (1, 1) and mask.shape[0] in (1, b)))
+        and usable(q, k, v, *([] if mask is None else [mask]))
+    ):
+        return _module.decode_attention(q, k, v, mask, scale)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

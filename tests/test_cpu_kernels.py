@@ -26,6 +26,7 @@ from canary_server.model.conformer import (
     _depthwise_shift_add_1d,
     rel_positional_encoding,
 )
+from canary_server.model.prompt import PromptSpec
 
 loaded = pytest.mark.skipif(cpu_kernels.status() != "loaded", reason=f"CPU kernels: {cpu_kernels.status()}")
 
@@ -166,6 +167,62 @@ def test_the_gpu_paths_and_other_dtypes_do_not_use_the_kernels():
     assert not cpu_kernels.usable(x.astype(mx.bfloat16))
     with backend.forced(backend.GPU):
         assert not cpu_kernels.usable(x)
+
+
+@loaded
+@pytest.mark.parametrize(
+    ("b", "h", "length", "d", "mask"),
+    [(3, 8, 128, 128, "positions"), (1, 8, 63, 128, None), (5, 2, 7, 12, "one row"), (2, 4, 20, 16, "all masked")],
+)
+def test_decode_attention_equals_mlx_attention(b, h, length, d, mask):
+    """One query per row: MLX's scaled_dot_product_attention, with a self-attention mask by position (NeMo's
+    NEG_INF), none, one mask row for the batch, and rows with every position masked (the composition's result)."""
+    rng = np.random.default_rng(b * length)
+    q, k, v = (mx.array(rng.normal(0, s, shape).astype(np.float32))
+               for s, shape in ((3, (b, h, 1, d)), (1, (b, h, length, d)), (1, (b, h, length, d))))  # fmt: skip
+    if mask == "positions":
+        pos = mx.array(rng.integers(0, length, b))
+        m = mx.where(mx.arange(length)[None, :] <= pos[:, None], 0.0, -10000.0)[:, None, None, :]
+    elif mask == "one row":
+        m = mx.where(mx.arange(length) < 4, 0.0, -10000.0)[None, None, None, :]
+    elif mask == "all masked":
+        m = mx.full((b, 1, 1, length), -10000.0)
+    else:
+        m = None
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=m)
+    _close(cpu_kernels.decode_attention(q, k, v, m, d**-0.5), want, rtol=1e-5, atol=2e-6)
+    with backend.forced(backend.CPU):
+        _close(cpu_kernels.attention(q, k, v, d**-0.5, m), want, rtol=1e-5, atol=2e-6)
+
+
+@loaded
+def test_decoder_steps_with_the_attention_kernel_equal_the_composition(espeak_model, kernels_off):
+    """A batch of rows with different encoder lengths (padded cross-attention) and prompt positions decodes the same
+    tokens and log-probs with the kernel (self- and cross-attention of each step) as with MLX's attention."""
+    from canary_server.model.batch_decoder import BatchDecoder, Sequence
+
+    rng = np.random.default_rng(7)
+    hidden = espeak_model.config.decoder.hidden_size
+    encs = [mx.array(rng.normal(0, 1, (t, hidden)).astype(np.float32)) for t in (30, 11, 23)]
+    prompt = espeak_model.prompt_ids(PromptSpec("en", "en"))
+
+    def decode() -> list[tuple[list[int], list[float]]]:
+        bd = BatchDecoder(espeak_model, compile=False)
+        seqs = [Sequence(e, e.shape[0], prompt, 8 + 3 * i) for i, e in enumerate(encs)]
+        bd.add(seqs[:2])
+        bd.step()
+        bd.add(seqs[2:])  # joins at another position
+        while len(bd):
+            bd.step()
+        return [(s.tokens, s.logprobs) for s in seqs]
+
+    with backend.forced(backend.CPU):
+        want = decode()
+        cpu_kernels.set_enabled(True)
+        got = decode()
+    for (tw, lw), (tg, lg) in zip(want, got, strict=True):
+        assert tg == tw
+        np.testing.assert_allclose(lg, lw, atol=1e-5)
 
 
 def _fresh_status(tmp_path, env: dict[str, str], setup: str = "") -> str:
