@@ -114,11 +114,20 @@ def gemv_counts() -> tuple[int, int] | None:
 
 
 def small_m_count() -> int | None:
-    """Matmuls of 2..12 rows computed by the library's own kernel so far, or None when it is not in use."""
+    """Matmuls of 2..`small_m_max()` rows computed by the library's own kernel so far, or None when it is not in
+    use."""
     if _forward is None:
         return None
     _forward.canary_small_m_count.restype = ctypes.c_ulong
     return int(_forward.canary_small_m_count())
+
+
+def small_m_max() -> int | None:
+    """The most rows the library's own kernel computes on this CPU (12 with AVX2, 64 with AVX-512; more go to
+    sgemm), or None when it is not in use."""
+    if _forward is None:
+        return None
+    return int(_forward.canary_small_m_max())
 
 
 def set_gemv_forward(enabled: bool) -> bool:

@@ -7,11 +7,13 @@
    of 1024 x 4096 took 11.8 ms through sgemm and 6.4 ms through sgemv (bench/decoder_step.py measures the step).
    OpenBLAS >= 0.3.27 can do this forwarding itself (GEMM_GEMV_FORWARD) on some targets; Debian 12 has 0.3.21.
 
-   For 2..12 rows times an nn.Linear weight (x (M x K) @ W^T, W stored N x K: the decoder step at batch 2..12, the
+   For a few rows times an nn.Linear weight (x (M x K) @ W^T, W stored N x K: the decoder step at batch 2..16, the
    prompt prefill, beam search) sgemm packs the weights the same way; `small_m_gemm` below reads each weight row
-   once from memory for all M rows (4 x 4 register blocks, AVX2 + FMA chosen at run time) on two threads (this
-   one and one helper thread): 32 decoder-sized matrices at M = 4 took 20.4 ms through sgemm and 7.7 ms here, at
-   M = 9 24.4 -> 13.1 ms; from M = 16 OpenBLAS's sgemm is faster again.
+   once from memory for all M rows (4 x 4 register blocks; AVX-512 or AVX2 + FMA chosen at run time) on two
+   threads (this one and one helper thread): 32 decoder-sized matrices at M = 4 took 20.4 ms through sgemm and 7.7
+   ms here. Up to 12 rows with AVX2 (M = 9: 24.4 -> 13.1 ms; from 16 sgemm is faster: the block spills AVX2's 16
+   registers), up to 64 with AVX-512 (M = 9 / 16 / 45 / 54: 14.1 / 18.1 / 47.2 / 45.0 -> 10.9 / 14.8 / 29.2 / 36.8
+   ms on a Zen 4; even at 64 and 80).
 
    This library is loaded with RTLD_GLOBAL before OpenBLAS, so MLX's cblas_sgemm resolves here; the real sgemm and
    sgemv are handed over by canary_gemv_forward_init(). Every other case goes to the real sgemm unchanged. The sums
@@ -30,8 +32,20 @@
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* AVX-512 (its 32 registers) or AVX2 + FMA where the CPU has them */
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define HAVE_CLONES 1
+#else
+#define CLONES
+#endif
+
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { SMALL_M_MIN = 2, SMALL_M_MAX = 12 }; /* rows computed by small_m_gemm (1: sgemv; 16: sgemm is faster) */
+/* Rows computed by small_m_gemm (1 goes to sgemv). Its 4 x 4 block keeps 16 accumulators and 5 operands in vector
+   registers: AVX-512's 32 (used here for 8-float vectors) hold them and it beats sgemm up to ~64 rows (a prompt
+   prefill of 6 requests is 54); AVX2's 16 do not (it spills), and from 16 rows sgemm is faster there. */
+enum { SMALL_M_MIN = 2, SMALL_M_MAX_AVX2 = 12, SMALL_M_MAX_AVX512 = 64 };
+static int small_m_max = SMALL_M_MAX_AVX2;
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -41,7 +55,20 @@ static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 static int forwarding = 1;
 
+/* Whether the x86-64-v4 clone runs here (GCC's resolver picks it on these features). */
+static int have_avx512(void) {
+#if defined(HAVE_CLONES)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512cd");
+#else
+  return 0;
+#endif
+}
+
 int canary_gemv_forward_init(void *sgemm, void *sgemv, int enabled) {
+  small_m_max = have_avx512() ? SMALL_M_MAX_AVX512 : SMALL_M_MAX_AVX2;
   real_sgemm = (sgemm_fn)sgemm;
   real_sgemv = (sgemv_fn)sgemv;
   forwarding = enabled;
@@ -59,11 +86,6 @@ unsigned long canary_gemv_passed(void) { return passed; }
 /* ---- the few-row kernel ---- */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default"))) /* AVX2 + FMA where the CPU has them */
-#else
-#define CLONES
-#endif
 
 static inline float hsum(v8 v) {
   float s = 0; for (int i = 0; i < 8; i++) s += v[i]; return s;
@@ -160,26 +182,32 @@ CLONES static void kernel_rows(int M, int n0, int n1, int K, float alpha, const 
 
 
 /* ---- the few-row kernel's helper thread: it computes the upper half of the weight rows while the caller does the
-   lower half. It spins briefly after a job (the decoder step calls back to back), then sleeps on a futex. */
+   lower half. It spins briefly after a job (the decoder step calls back to back), then sleeps on a futex. Whoever
+   claims the upper half first computes it: a caller done with its half before the helper woke up (on 2 cores the
+   helper often waits for a core while Python builds the next step) takes the upper half itself instead of waiting
+   for the helper to be scheduled. */
 static struct {
   int m, n0, n1, k, lda, ldw, ldc;
   float alpha, beta;
   const float *a, *w;
   float *c;
 } job;
-static int job_gen, done_gen; /* futex words */
+static unsigned job_gen, done_gen; /* futex words (generations wrap around) */
+static unsigned claimed;           /* the last job whose upper half someone took */
 static int worker_started;
 static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one two-thread call at a time */
 enum { SPIN = 2000 };
 
-static void futex_wait(int *addr, int val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0); }
-static void futex_wake(int *addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0); }
+static void futex_wait(unsigned *addr, unsigned val) {
+  syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+static void futex_wake(unsigned *addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0); }
 
 static void *worker(void *arg) {
-  int seen = (int)(size_t)arg; /* job_gen when it was started: the first job may be posted before it runs */
+  unsigned seen = (unsigned)(size_t)arg; /* job_gen when it was started: the first job may be posted before it runs */
   for (;;) {
-    int g;
+    unsigned g;
     for (int i = 0; (g = __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE)) == seen; i++) {
       if (i < SPIN)
         CPU_RELAX();
@@ -187,6 +215,9 @@ static void *worker(void *arg) {
         futex_wait(&job_gen, seen);
     }
     seen = g;
+    unsigned expected = g - 1;
+    if (!__atomic_compare_exchange_n(&claimed, &expected, g, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      continue; /* the caller did this job's upper half */
     kernel_rows(job.m, job.n0, job.n1, job.k, job.alpha, job.a, job.lda, job.w, job.ldw, job.beta, job.c, job.ldc);
     __atomic_store_n(&done_gen, seen, __ATOMIC_RELEASE);
     futex_wake(&done_gen);
@@ -197,7 +228,7 @@ static void *worker(void *arg) {
 /* A forked child has no helper thread: start a new one there if it needs one. */
 static void after_fork_in_child(void) {
   worker_started = 0;
-  job_gen = done_gen = 0;
+  job_gen = done_gen = claimed = 0;
   pthread_mutex_init(&call_lock, NULL);
   pthread_mutex_init(&start_lock, NULL);
 }
@@ -231,10 +262,16 @@ static void small_m_gemm(int m, int n, int k, float alpha, const float *a, int l
   int half = (n / 2) & ~3;
   job.m = m, job.n0 = half, job.n1 = n, job.k = k, job.lda = lda, job.ldw = ldw, job.ldc = ldc;
   job.alpha = alpha, job.beta = beta, job.a = a, job.w = w, job.c = c;
-  int g = __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
+  unsigned g = __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
   futex_wake(&job_gen);
   kernel_rows(m, 0, half, k, alpha, a, lda, w, ldw, beta, c, ldc);
-  int d;
+  unsigned expected = g - 1;
+  if (__atomic_compare_exchange_n(&claimed, &expected, g, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    kernel_rows(m, half, n, k, alpha, a, lda, w, ldw, beta, c, ldc); /* the helper has not started: do it here */
+    pthread_mutex_unlock(&call_lock);
+    return;
+  }
+  unsigned d;
   for (int i = 0; (d = __atomic_load_n(&done_gen, __ATOMIC_ACQUIRE)) != g; i++) {
     if (i < SPIN)
       CPU_RELAX();
@@ -246,6 +283,7 @@ static void small_m_gemm(int m, int n, int k, float alpha, const float *a, int l
 
 static unsigned long small_m;
 unsigned long canary_small_m_count(void) { return small_m; }
+int canary_small_m_max(void) { return small_m_max; }
 
 static void zero(float *y, int n, int inc) {
   for (int i = 0; i < n; i++) y[(size_t)i * inc] = 0.0f;
@@ -276,7 +314,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     return;
   }
   if (forwarding && order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= SMALL_M_MIN &&
-      m <= SMALL_M_MAX && n >= 4 && k >= 8) {
+      m <= small_m_max && n >= 4 && k >= 8) {
     small_m_gemm(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     __atomic_fetch_add(&small_m, 1, __ATOMIC_RELAXED);
     return;
