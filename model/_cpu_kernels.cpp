@@ -261,12 +261,15 @@ CANARY_CLONES void dw_s2_kernel(const float* x, const float* w, const float* bia
 // float32's), and never dequantised into memory. Rows n0 <= n < n1 of W.
 // ---- two threads: the calling one (MLX's CPU stream) and one helper, for the kernels that read a lot of memory.
 // The helper spins briefly after a job (a decoder step's matmuls come back to back), then sleeps on a futex; a
-// forked child starts its own. One job at a time: a second caller meanwhile runs its work alone.
+// forked child starts its own. One job at a time: a second caller meanwhile runs its work alone. Whoever claims the
+// upper half first computes it: a caller done with its half before the helper woke up (on 2 cores the helper often
+// waits for a core while Python builds the next step) does the rest itself instead of waiting for it.
 namespace two_threads {
 
 std::mutex start_mu, call_mu;
 bool started = false;
-int job_gen = 0, done_gen = 0;  // futex words
+unsigned job_gen = 0, done_gen = 0;  // futex words (generations wrap around)
+unsigned claimed = 0;                // the last job whose upper half someone took
 std::function<void()> job;
 constexpr int kSpin = 2000;
 
@@ -275,12 +278,12 @@ inline void relax() {
   __builtin_ia32_pause();
 #endif
 }
-void futex_wait(int* addr, int val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, nullptr, nullptr, 0); }
-void futex_wake(int* addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0); }
+void futex_wait(unsigned* addr, unsigned val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, nullptr, nullptr, 0); }
+void futex_wake(unsigned* addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0); }
 
-void worker(int seen) {
+void worker(unsigned seen) {
   for (;;) {
-    int g;
+    unsigned g;
     for (int i = 0; (g = __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE)) == seen; i++) {
       if (i < kSpin)
         relax();
@@ -288,6 +291,9 @@ void worker(int seen) {
         futex_wait(&job_gen, seen);
     }
     seen = g;
+    unsigned expected = g - 1;
+    if (!__atomic_compare_exchange_n(&claimed, &expected, g, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      continue;  // the caller did this job's upper half
     job();
     __atomic_store_n(&done_gen, seen, __ATOMIC_RELEASE);
     futex_wake(&done_gen);
@@ -298,7 +304,7 @@ void after_fork_in_child() {
   new (&start_mu) std::mutex();
   new (&call_mu) std::mutex();
   started = false;
-  job_gen = done_gen = 0;
+  job_gen = done_gen = claimed = 0;
 }
 
 bool ensure_started() {
@@ -326,10 +332,15 @@ void run(size_t n, bool worth, F fn) {
   }
   const size_t half = n / 2;
   job = [&fn, half, n]() { fn(half, n); };
-  int g = __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
+  unsigned g = __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
   futex_wake(&job_gen);
   fn(0, half);
-  int d;
+  unsigned expected = g - 1;
+  if (__atomic_compare_exchange_n(&claimed, &expected, g, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    fn(half, n);  // the helper has not started: do it here
+    return;
+  }
+  unsigned d;
   for (int i = 0; (d = __atomic_load_n(&done_gen, __ATOMIC_ACQUIRE)) != g; i++) {
     if (i < kSpin)
       relax();
