@@ -52,6 +52,19 @@ SMOKE_ARGS = {
     "decoder_step.py": ["--dims", "tiny", "--steps", "2", "--batches", "1", "2", "--gemv-pairs", "1", "--matmuls"],
     "streaming_step.py": ["--model", "{tiny}", "--streams", "1", "2", "--steps", "1", "--left", "1"],
     "stages.py": ["--model", "tiny", "--model-dir", "{tiny}", "--seconds", "2", "--repeats", "1", "--no-nemo"],
+    "engine_split.py": [
+        "--model",
+        "tiny",
+        "--model-dir",
+        "{tiny}",
+        "--seconds",
+        "2",
+        "--concurrency",
+        "1",
+        "3",
+        "--clips-per-client",
+        "2",
+    ],  # fmt: skip
     "nemo_stages.py": ["--model", "tiny", "--tokenizers", "{tiny}", "--seconds", "2", "--repeats", "1"],
     "quantize_eval.py": ["--repeats", "1", "--clips", "2"],
     "dtype_eval.py": ["--variants", "float32,float16", "--only", "v2_ctc,espeak-en"],
@@ -164,6 +177,13 @@ def test_stages_breaks_one_request_into_its_stages(tiny):
     out = _bench("stages.py", tiny)
     for stage in ("upload decode", "features", "encoder", "prompt + prefill", "decoder steps", "total"):
         assert re.search(rf"^\| {re.escape(stage)} \| \d+ \|", out, flags=re.M), out
+
+
+def test_engine_split_splits_the_batchers_time_under_concurrency(tiny):
+    out = _bench("engine_split.py", tiny)
+    row = r"^\| 1 \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| -?[\d.]+ \| \d+ \| [\d.]+ \|$"
+    assert re.search(row, out, flags=re.M), out
+    assert re.search(r"^\| 3 \| 6 \|", out, flags=re.M) and "The encoder alone at concurrency 3" in out, out
 
 
 def test_nemo_stages_runs_in_nemos_interpreter(tiny):
