@@ -43,8 +43,8 @@ PARTS = ("encode", "prefill", "decoder steps")
 class TimedBatcher(ContinuousBatcher):
     """The batcher with its encode stages, prefills (`_join`) and decoder steps timed (seconds)."""
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
+    def __init__(self, model, encode_seconds: float) -> None:
+        super().__init__(model, encode_seconds=encode_seconds)
         self.spent: Counter[str] = Counter()
         self.steps = self.rows = 0
 
@@ -75,9 +75,9 @@ class TimedBatcher(ContinuousBatcher):
         return {p: out.get(p, 0.0) for p in PARTS}
 
 
-def run(model, clips: list, clients: int, per_client: int) -> dict:
+def run(model, clips: list, clients: int, per_client: int, encode_seconds: float = 30.0) -> dict:
     """Closed-loop clients until each has had `per_client` clips transcribed; the batcher's split and the wall."""
-    batcher = TimedBatcher(model)
+    batcher = TimedBatcher(model, encode_seconds)
     spec = PromptSpec("en", "en")
     left = dict.fromkeys(range(clients), per_client)
     sent = 0
@@ -111,16 +111,18 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--clips-per-client", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0, help="clip length")
+    ap.add_argument("--encode-seconds", type=float, default=30.0, help="the server's encode_batch_seconds")
     args = ap.parse_args()
 
     force_decode_length()
     model = load(model_dir(args.model, args.model_dir))
     clips = [speech_like(args.seconds, seed=i) for i in range(32)]
     run(model, clips, min(4, max(args.concurrency)), 1)  # warm-up: shapes, buffers, the helper threads
-    results = [run(model, clips, c, args.clips_per_client) for c in args.concurrency]
+    results = [run(model, clips, c, args.clips_per_client, args.encode_seconds) for c in args.concurrency]
 
     forced = round(4 * args.seconds)
-    print(f"{args.model} dims, {args.seconds:g} s clips, {forced} tokens forced, float32; {describe()}")
+    print(f"{args.model} dims, {args.seconds:g} s clips, {forced} tokens forced, float32, encode_batch_seconds "
+          f"{args.encode_seconds:g}; {describe()}")  # fmt: skip
     print("| clients | clips | wall (s) | audio s / s | encode (s) | prefill (s) | decoder steps (s) | rest (s) "
           "| steps | rows / step |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
