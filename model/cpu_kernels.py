@@ -221,8 +221,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         t == 1
         and k.ndim == 4
         and k.shape[:2] == (b, h)
-        and (mask is None or (mask.ndim == 4 and mask.shape[1:3] == (1, 1) and mask.shape[0] in (1, b)))
+        and v.shape == k.shape
+        and (mask is None or (mask.ndim == 4 and mask.shape[1:] == (1, 1, k.shape[2]) and mask.shape[0] in (1, b)))
         and usable(q, k, v, *([] if mask is None else [mask]))
     ):
-        return _module.decode_attention(q, k, v, mask, scale)
+        return decode_attention(q, k, v, mask, scale)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

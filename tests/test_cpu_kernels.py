@@ -196,6 +196,24 @@ def test_decode_attention_equals_mlx_attention(b, h, length, d, mask):
 
 
 @loaded
+def test_attention_leaves_other_shapes_to_mlx(monkeypatch):
+    """Several queries per row, a mask per head, or one that does not match the keys: MLX's attention, not the
+    kernel (which would refuse them)."""
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(a))
+    rng = np.random.default_rng(1)
+    q1, q3 = (mx.array(rng.normal(0, 1, (2, 4, t, 8)).astype(np.float32)) for t in (1, 3))
+    k = mx.array(rng.normal(0, 1, (2, 4, 5, 8)).astype(np.float32))
+    with backend.forced(backend.CPU):
+        for q, m in ((q3, None), (q1, mx.zeros((2, 4, 1, 5))), (q1, mx.zeros((2, 1, 1, 1)))):
+            want = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.3, mask=m)
+            _close(cpu_kernels.attention(q, k, k, 0.3, m), want)
+        assert not calls
+        cpu_kernels.attention(q1, k, k, 0.3, mx.zeros((2, 1, 1, 5)))  # one query per row, a mask per row: the kernel
+    assert len(calls) == 1
+
+
+@loaded
 def test_decoder_steps_with_the_attention_kernel_equal_the_composition(espeak_model, kernels_off):
     """A batch of rows with different encoder lengths (padded cross-attention) and prompt positions decodes the same
     tokens and log-probs with the kernel (self- and cross-attention of each step) as with MLX's attention."""
