@@ -123,11 +123,30 @@ def small_m_count() -> int | None:
 
 
 def small_m_max() -> int | None:
-    """The most rows the library's own kernel computes on this CPU (12 with AVX2, 64 with AVX-512; more go to
-    sgemm), or None when it is not in use."""
+    """The most rows the library's own kernel computes on this CPU (12 with AVX2 or none, 64 with AVX-512; more go
+    to sgemm), or None when it is not in use."""
     if _forward is None:
         return None
     return int(_forward.canary_small_m_max())
+
+
+SMALL_M_ISAS = ("generic", "avx2", "avx512")  # the few-row kernel's builds, by the library's numbering
+
+
+def small_m_isa() -> str | None:
+    """The instruction set the few-row kernel runs with ('avx512', 'avx2' or 'generic'), or None when not in use."""
+    if _forward is None:
+        return None
+    return SMALL_M_ISAS[_forward.canary_small_m_isa(-2)]
+
+
+def set_small_m_isa(name: str | None) -> str | None:
+    """Run the few-row kernel's `name` build (tests and benches compare them) if this CPU has it, else its best;
+    None: its best. Returns the previous one (None when the library is not in use)."""
+    previous = small_m_isa()
+    if previous is not None:
+        _forward.canary_small_m_isa(-1 if name is None else SMALL_M_ISAS.index(name))
+    return previous
 
 
 def set_gemv_forward(enabled: bool) -> bool:

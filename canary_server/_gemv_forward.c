@@ -9,11 +9,10 @@
 
    For a few rows times an nn.Linear weight (x (M x K) @ W^T, W stored N x K: the decoder step at batch 2..16, the
    prompt prefill, beam search) sgemm packs the weights the same way; `small_m_gemm` below reads each weight row
-   once from memory for all M rows (4 x 4 register blocks; AVX-512 or AVX2 + FMA chosen at run time) on two
-   threads (this one and one helper thread): 32 decoder-sized matrices at M = 4 took 20.4 ms through sgemm and 7.7
-   ms here. Up to 12 rows with AVX2 (M = 9: 24.4 -> 13.1 ms; from 16 sgemm is faster: the block spills AVX2's 16
-   registers), up to 64 with AVX-512 (M = 9 / 16 / 45 / 54: 14.1 / 18.1 / 47.2 / 45.0 -> 10.9 / 14.8 / 29.2 / 36.8
-   ms on a Zen 4; even at 64 and 80).
+   once from memory for all M rows (register blocks of 4 x 4 weight rows with AVX-512, 3 x 4 with AVX2 + FMA,
+   chosen at run time) on two threads (this one and one helper thread): 32 decoder-sized matrices at M = 4 took
+   20.4 ms through sgemm and 7.7 ms here. Up to 12 rows with AVX2 (at 16 it ties sgemm), up to 64 with AVX-512
+   (M = 9 / 16 / 45 / 54: 14.1 / 18.1 / 47.2 / 45.0 -> 10.9 / 14.8 / 29.2 / 36.8 ms on a Zen 4; even at 64 and 80).
 
    This library is loaded with RTLD_GLOBAL before OpenBLAS, so MLX's cblas_sgemm resolves here; the real sgemm and
    sgemv are handed over by canary_gemv_forward_init(). Every other case goes to the real sgemm unchanged. The sums
@@ -33,19 +32,17 @@
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* AVX-512 (its 32 registers) or AVX2 + FMA where the CPU has them */
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define HAVE_CLONES 1
-#else
-#define CLONES
+#define HAVE_ISAS 1 /* the kernel is also compiled for AVX2 + FMA and for AVX-512, chosen at run time */
 #endif
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-/* Rows computed by small_m_gemm (1 goes to sgemv). Its 4 x 4 block keeps 16 accumulators and 5 operands in vector
-   registers: AVX-512's 32 (used here for 8-float vectors) hold them and it beats sgemm up to ~64 rows (a prompt
-   prefill of 6 requests is 54); AVX2's 16 do not (it spills), and from 16 rows sgemm is faster there. */
+/* Rows computed by small_m_gemm (1 goes to sgemv), per instruction set. With AVX-512 a 4 x 4 block (16
+   accumulators and 5 operands: AVX-512's 32 vector registers, used for 8-float vectors, hold them) beats sgemm up to
+   ~64 rows (a prompt prefill of 6 requests is 54). AVX2's 16 registers do not hold it (it spills): there a 3 x 4
+   block (12 accumulators), up to 12 rows (at 16 it only ties sgemm). */
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { SMALL_M_MIN = 2, SMALL_M_MAX_AVX2 = 12, SMALL_M_MAX_AVX512 = 64 };
-static int small_m_max = SMALL_M_MAX_AVX2;
+static int isa = ISA_GENERIC, small_m_max = SMALL_M_MAX_AVX2;
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -55,20 +52,33 @@ static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 static int forwarding = 1;
 
-/* Whether the x86-64-v4 clone runs here (GCC's resolver picks it on these features). */
-static int have_avx512(void) {
-#if defined(HAVE_CLONES)
+/* The best kernel this CPU runs: the x86-64-v4 (AVX-512) or v3 (AVX2 + FMA) build of it, or the generic one. */
+static int detect_isa(void) {
+#if defined(HAVE_ISAS)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512cd");
-#else
-  return 0;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2"))
+    return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return ISA_AVX2;
 #endif
+  return ISA_GENERIC;
+}
+
+/* The kernel's instruction set: want -2 only asks; -1 sets the CPU's best; 0..2 a lower one if asked (tests run
+   every variant the CPU has). Returns the one in effect. */
+int canary_small_m_isa(int want) {
+  if (want == -2) return isa;
+  int best = detect_isa();
+  isa = want >= 0 && want < best ? want : best;
+  small_m_max = isa == ISA_AVX512 ? SMALL_M_MAX_AVX512 : SMALL_M_MAX_AVX2;
+  return isa;
 }
 
 int canary_gemv_forward_init(void *sgemm, void *sgemv, int enabled) {
-  small_m_max = have_avx512() ? SMALL_M_MAX_AVX512 : SMALL_M_MAX_AVX2;
+  canary_small_m_isa(-1);
   real_sgemm = (sgemm_fn)sgemm;
   real_sgemv = (sgemv_fn)sgemv;
   forwarding = enabled;
@@ -126,6 +136,33 @@ static inline __attribute__((always_inline)) void block4x4(int K, const float *a
     }
 }
 
+/* 3 rows of A against 4 rows of W: 12 accumulators (AVX2's 16 registers hold them and the operands). */
+static inline __attribute__((always_inline)) void block3x4(int K, const float *a0, int lda, const float *w0, int ldw,
+                                                           float out[4][4]) {
+  const float *a1 = a0 + lda, *a2 = a1 + lda;
+  const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+  v8 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+  v8 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    v8 x0 = LD(w0 + k), x1 = LD(w1 + k), x2 = LD(w2 + k), x3 = LD(w3 + k);
+    v8 y = LD(a0 + k);
+    c00 += y * x0; c01 += y * x1; c02 += y * x2; c03 += y * x3;
+    y = LD(a1 + k);
+    c10 += y * x0; c11 += y * x1; c12 += y * x2; c13 += y * x3;
+    y = LD(a2 + k);
+    c20 += y * x0; c21 += y * x1; c22 += y * x2; c23 += y * x3;
+  }
+  v8 acc[3][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}};
+  const float *a[3] = {a0, a1, a2}, *w[4] = {w0, w1, w2, w3};
+  for (int i = 0; i < 3; i++)
+    for (int j = 0; j < 4; j++) {
+      float s = hsum(acc[i][j]);
+      for (int kk = k; kk < K; kk++) s += a[i][kk] * w[j][kk];
+      out[i][j] = s;
+    }
+}
+
 /* 1 row of A against 4 rows of W (two K chunks in flight). */
 static inline __attribute__((always_inline)) void block1x4(int K, const float *a0, const float *w0, int ldw,
                                                            float out[4]) {
@@ -150,17 +187,22 @@ static inline __attribute__((always_inline)) void block1x4(int K, const float *a
   }
 }
 
-/* C[m][n] (ldc) = alpha * sum_k A[m][k] (lda) * W[n][k] (ldw) + beta * C[m][n], for rows n0 <= n < n1. */
-CLONES static void kernel_rows(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
-                               const float *W, int ldw, float beta, float *C, int ldc) {
+/* C[m][n] (ldc) = alpha * sum_k A[m][k] (lda) * W[n][k] (ldw) + beta * C[m][n], for rows n0 <= n < n1, in blocks
+   of `rb` (3 or 4: a constant where this is inlined) rows of A. */
+static inline __attribute__((always_inline)) void kernel_rows_rb(const int rb, int M, int n0, int n1, int K,
+                                                                 float alpha, const float *A, int lda, const float *W,
+                                                                 int ldw, float beta, float *C, int ldc) {
   int n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float *w0 = W + (size_t)n * ldw;
     int m = 0;
-    for (; m + 4 <= M; m += 4) {
+    for (; m + rb <= M; m += rb) {
       float out[4][4];
-      block4x4(K, A + (size_t)m * lda, lda, w0, ldw, out);
-      for (int i = 0; i < 4; i++) store4(C + (size_t)(m + i) * ldc + n, out[i], alpha, beta);
+      if (rb == 4)
+        block4x4(K, A + (size_t)m * lda, lda, w0, ldw, out);
+      else
+        block3x4(K, A + (size_t)m * lda, lda, w0, ldw, out);
+      for (int i = 0; i < rb; i++) store4(C + (size_t)(m + i) * ldc + n, out[i], alpha, beta);
     }
     for (; m < M; m++) {
       float out[4];
@@ -180,6 +222,35 @@ CLONES static void kernel_rows(int M, int n0, int n1, int K, float alpha, const 
   }
 }
 
+
+#if defined(HAVE_ISAS)
+__attribute__((target("arch=x86-64-v4"))) static void kernel_rows_avx512(int M, int n0, int n1, int K, float alpha,
+                                                                          const float *A, int lda, const float *W,
+                                                                          int ldw, float beta, float *C, int ldc) {
+  kernel_rows_rb(4, M, n0, n1, K, alpha, A, lda, W, ldw, beta, C, ldc);
+}
+
+__attribute__((target("arch=x86-64-v3"))) static void kernel_rows_avx2(int M, int n0, int n1, int K, float alpha,
+                                                                        const float *A, int lda, const float *W,
+                                                                        int ldw, float beta, float *C, int ldc) {
+  kernel_rows_rb(3, M, n0, n1, K, alpha, A, lda, W, ldw, beta, C, ldc);
+}
+#endif
+
+static void kernel_rows(int M, int n0, int n1, int K, float alpha, const float *A, int lda, const float *W, int ldw,
+                        float beta, float *C, int ldc) {
+#if defined(HAVE_ISAS)
+  if (isa == ISA_AVX512) {
+    kernel_rows_avx512(M, n0, n1, K, alpha, A, lda, W, ldw, beta, C, ldc);
+    return;
+  }
+  if (isa == ISA_AVX2) {
+    kernel_rows_avx2(M, n0, n1, K, alpha, A, lda, W, ldw, beta, C, ldc);
+    return;
+  }
+#endif
+  kernel_rows_rb(4, M, n0, n1, K, alpha, A, lda, W, ldw, beta, C, ldc);
+}
 
 /* ---- the few-row kernel's helper thread: it computes the upper half of the weight rows while the caller does the
    lower half. It spins briefly after a job (the decoder step calls back to back), then sleeps on a futex. Whoever

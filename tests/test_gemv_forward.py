@@ -1,6 +1,7 @@
-"""canary_server/_gemv_forward.c: MLX's single-row / single-column matmuls go to OpenBLAS's sgemv, products of 2..12
-rows with nn.Linear weights to the library's own two-thread kernel, with the same results; everything else still
-goes to sgemm. Linux with the library built (scripts/setup.sh builds it)."""
+"""canary_server/_gemv_forward.c: MLX's single-row / single-column matmuls go to OpenBLAS's sgemv, products of a few
+rows (2..12, or 2..64 with AVX-512) with nn.Linear weights to the library's own two-thread kernel (every build of it
+the CPU runs), with the same results; everything else still goes to sgemm. Linux with the library built
+(scripts/setup.sh builds it)."""
 
 from __future__ import annotations
 
@@ -46,16 +47,41 @@ def test_matrix_vector_products_go_to_sgemv_with_the_same_results():
     assert _blas.gemv_counts()[1] == before[1] + 1
 
 
+def _isas() -> list[str]:
+    """The few-row kernel's builds this CPU can run (its best and every lower one)."""
+    best = _blas.small_m_isa()
+    return list(_blas.SMALL_M_ISAS[: _blas.SMALL_M_ISAS.index(best) + 1]) if best else []
+
+
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def isa(request):
+    """Each build of the few-row kernel this CPU has (the others are skipped), the best one restored after."""
+    if request.param not in _isas():
+        pytest.skip(f"this CPU does not run the {request.param} build")
+    previous = _blas.set_small_m_isa(request.param)
+    assert _blas.small_m_isa() == request.param
+    yield request.param
+    _blas.set_small_m_isa(previous)
+
+
+def test_the_kernel_runs_the_best_build_the_cpu_has():
+    import subprocess
+
+    code = "import canary_server; from canary_server import _blas; print(_blas.small_m_isa(), _blas.small_m_max())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == _isas()[-1] and int(out[1]) == (64 if out[0] == "avx512" else 12)
+
+
 @pytest.mark.parametrize(
     ("m", "k", "n"), [(2, 1024, 1024), (5, 100, 70), (9, 1024, 4096), (12, 33, 7), (16, 1024, 4096), (54, 77, 130)]
 )
-def test_few_row_products_with_linear_weights_are_computed_here_with_the_same_results(m, k, n):
+def test_few_row_products_with_linear_weights_are_computed_here_with_the_same_results(m, k, n, isa):
     """x (M x K) @ W.T with W (N x K) as nn.Linear stores it, with and without a bias (addmm: beta 1), K and N not
-    multiples of the 8 x 4 blocks, N too small for the helper thread."""
+    multiples of the 8 x 4 blocks, N too small for the helper thread; every build of the kernel the CPU has."""
     import mlx.core as mx
 
     if m > _blas.small_m_max():
-        pytest.skip(f"{m} rows go to sgemm on this CPU (the kernel takes up to {_blas.small_m_max()})")
+        pytest.skip(f"{m} rows go to sgemm with the {isa} build (it takes up to {_blas.small_m_max()})")
     rng = np.random.default_rng(m * k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -73,11 +99,11 @@ def test_few_row_products_with_linear_weights_are_computed_here_with_the_same_re
     assert _blas.gemv_counts() == counts  # neither sgemv nor sgemm
 
 
-def test_more_rows_or_another_layout_still_go_to_sgemm():
+def test_more_rows_or_another_layout_still_go_to_sgemm(isa):
     import mlx.core as mx
 
     w = mx.ones((64, 32))
-    assert _blas.small_m_max() in (12, 64)  # AVX2 / AVX-512
+    assert _blas.small_m_max() == (64 if isa == "avx512" else 12)
     more = _blas.small_m_max() + 1
     for a, b in ((mx.ones((more, 32)), w.T), (mx.ones((4, 32)), mx.ones((32, 64)))):  # more rows; W not transposed
         before, counts = _blas.small_m_count(), _blas.gemv_counts()
