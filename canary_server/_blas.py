@@ -123,8 +123,8 @@ def small_m_count() -> int | None:
 
 
 def small_m_max() -> int | None:
-    """The most rows the library's own kernel computes on this CPU (12 with AVX2 or none, 64 with AVX-512; more go
-    to sgemm), or None when it is not in use."""
+    """The most rows the library's own kernel computes on this CPU (64 with AVX2 or AVX-512, 12 without; more go to
+    sgemm), or None when it is not in use."""
     if _forward is None:
         return None
     return int(_forward.canary_small_m_max())

@@ -10,9 +10,10 @@
    For a few rows times an nn.Linear weight (x (M x K) @ W^T, W stored N x K: the decoder step at batch 2..16, the
    prompt prefill, beam search) sgemm packs the weights the same way; `small_m_gemm` below reads each weight row
    once from memory for all M rows (register blocks of 4 x 4 weight rows with AVX-512, 3 x 4 with AVX2 + FMA,
-   chosen at run time) on two threads (this one and one helper thread): 32 decoder-sized matrices at M = 4 took
-   20.4 ms through sgemm and 7.7 ms here. Up to 12 rows with AVX2 (at 16 it ties sgemm), up to 64 with AVX-512
-   (M = 9 / 16 / 45 / 54: 14.1 / 18.1 / 47.2 / 45.0 -> 10.9 / 14.8 / 29.2 / 36.8 ms on a Zen 4; even at 64 and 80).
+   chosen at run time; the next weight rows prefetched meanwhile) on two threads (this one and one helper thread).
+   32 decoder-sized matrices on a Zen 4 (bench/decoder_step.py --matmuls), sgemm -> here: M = 4 19.9 -> 5.9 ms,
+   M = 9 22.8 -> 6.9, M = 16 17.2 -> 10.8, M = 54 41.3 -> 36.3 (AVX2 build: 5.7 / 6.5 / 11.5 / 37.0). Up to 64 rows
+   with AVX2 or AVX-512, up to 12 without.
 
    This library is loaded with RTLD_GLOBAL before OpenBLAS, so MLX's cblas_sgemm resolves here; the real sgemm and
    sgemv are handed over by canary_gemv_forward_init(). Every other case goes to the real sgemm unchanged. The sums
@@ -37,12 +38,12 @@
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 /* Rows computed by small_m_gemm (1 goes to sgemv), per instruction set. With AVX-512 a 4 x 4 block (16
-   accumulators and 5 operands: AVX-512's 32 vector registers, used for 8-float vectors, hold them) beats sgemm up to
-   ~64 rows (a prompt prefill of 6 requests is 54). AVX2's 16 registers do not hold it (it spills): there a 3 x 4
-   block (12 accumulators), up to 12 rows (at 16 it only ties sgemm). */
+   accumulators and 5 operands: AVX-512's 32 vector registers, used for 8-float vectors, hold them); AVX2's 16
+   registers do not hold it (it spilled), so there a 3 x 4 block (12 accumulators). Either beats sgemm up to ~64
+   rows (a prompt prefill of 6 requests is 54; at 64 they tie); the generic build (SSE2) up to 12. */
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { SMALL_M_MIN = 2, SMALL_M_MAX_AVX2 = 12, SMALL_M_MAX_AVX512 = 64 };
-static int isa = ISA_GENERIC, small_m_max = SMALL_M_MAX_AVX2;
+enum { SMALL_M_MIN = 2, SMALL_M_MAX_GENERIC = 12, SMALL_M_MAX_VECTOR = 64 };
+static int isa = ISA_GENERIC, small_m_max = SMALL_M_MAX_GENERIC;
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -73,7 +74,7 @@ int canary_small_m_isa(int want) {
   if (want == -2) return isa;
   int best = detect_isa();
   isa = want >= 0 && want < best ? want : best;
-  small_m_max = isa == ISA_AVX512 ? SMALL_M_MAX_AVX512 : SMALL_M_MAX_AVX2;
+  small_m_max = isa == ISA_GENERIC ? SMALL_M_MAX_GENERIC : SMALL_M_MAX_VECTOR;
   return isa;
 }
 
@@ -107,15 +108,46 @@ static inline void store4(float *c, const float s[4], float alpha, float beta) {
   for (int j = 0; j < 4; j++) c[j] = alpha * s[j] + (beta == 0.0f ? 0.0f : beta * c[j]);
 }
 
+/* Software prefetch of the next 4 weight rows while a block computes on the current ones: the hardware prefetchers
+   fall behind while the core is busy with FMAs (32 decoder products at 16 rows: 15.8 -> 10.5 ms, at 4 rows 8.7 ->
+   7.2 ms, two threads, AVX-512 build). The block calls on one group of 4 weight rows share the next group between
+   them: call j of `calls` prefetches its share of each row, one 64-byte line per row every `calls` times 16 floats
+   of its own loop. */
+typedef struct {
+  const float *p, *end;
+  int ldw, every, count;
+} prefetch_t;
+
+static inline prefetch_t prefetch_share(const float *next, int ldw, int K, int j, int calls) {
+  prefetch_t pf = {NULL, NULL, ldw, calls, 1};
+  if (next != NULL) {
+    pf.p = next + (((long)K * j / calls) & ~15L);
+    pf.end = j + 1 == calls ? next + K : next + (((long)K * (j + 1) / calls) & ~15L);
+  }
+  return pf;
+}
+
+static inline __attribute__((always_inline)) void prefetch_step(prefetch_t *pf) { /* every 16 floats of a loop */
+  if (pf->p == NULL || --pf->count > 0) return;
+  pf->count = pf->every;
+  if (pf->p >= pf->end) return;
+  __builtin_prefetch(pf->p);
+  __builtin_prefetch(pf->p + pf->ldw);
+  __builtin_prefetch(pf->p + 2 * pf->ldw);
+  __builtin_prefetch(pf->p + 3 * pf->ldw);
+  pf->p += 16;
+}
+
 /* 4 rows of A against 4 rows of W: 16 accumulators in registers. */
 static inline __attribute__((always_inline)) void block4x4(int K, const float *a0, int lda, const float *w0, int ldw,
-                                                           float out[4][4]) {
+                                                           float out[4][4], prefetch_t pf) {
   const float *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
   const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
   v8 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
   v8 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0}, c30 = {0}, c31 = {0}, c32 = {0}, c33 = {0};
   int k = 0;
   for (; k + 8 <= K; k += 8) {
+    if ((k & 15) == 0) prefetch_step(&pf);
     v8 x0 = LD(w0 + k), x1 = LD(w1 + k), x2 = LD(w2 + k), x3 = LD(w3 + k);
     v8 y = LD(a0 + k);
     c00 += y * x0; c01 += y * x1; c02 += y * x2; c03 += y * x3;
@@ -138,13 +170,14 @@ static inline __attribute__((always_inline)) void block4x4(int K, const float *a
 
 /* 3 rows of A against 4 rows of W: 12 accumulators (AVX2's 16 registers hold them and the operands). */
 static inline __attribute__((always_inline)) void block3x4(int K, const float *a0, int lda, const float *w0, int ldw,
-                                                           float out[4][4]) {
+                                                           float out[4][4], prefetch_t pf) {
   const float *a1 = a0 + lda, *a2 = a1 + lda;
   const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
   v8 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
   v8 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
   int k = 0;
   for (; k + 8 <= K; k += 8) {
+    if ((k & 15) == 0) prefetch_step(&pf);
     v8 x0 = LD(w0 + k), x1 = LD(w1 + k), x2 = LD(w2 + k), x3 = LD(w3 + k);
     v8 y = LD(a0 + k);
     c00 += y * x0; c01 += y * x1; c02 += y * x2; c03 += y * x3;
@@ -165,11 +198,12 @@ static inline __attribute__((always_inline)) void block3x4(int K, const float *a
 
 /* 1 row of A against 4 rows of W (two K chunks in flight). */
 static inline __attribute__((always_inline)) void block1x4(int K, const float *a0, const float *w0, int ldw,
-                                                           float out[4]) {
+                                                           float out[4], prefetch_t pf) {
   const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
   v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
   int k = 0;
   for (; k + 16 <= K; k += 16) {
+    prefetch_step(&pf);
     v8 y = LD(a0 + k), z = LD(a0 + k + 8);
     c0 += y * LD(w0 + k); c1 += y * LD(w1 + k); c2 += y * LD(w2 + k); c3 += y * LD(w3 + k);
     d0 += z * LD(w0 + k + 8); d1 += z * LD(w1 + k + 8); d2 += z * LD(w2 + k + 8); d3 += z * LD(w3 + k + 8);
@@ -192,21 +226,24 @@ static inline __attribute__((always_inline)) void block1x4(int K, const float *a
 static inline __attribute__((always_inline)) void kernel_rows_rb(const int rb, int M, int n0, int n1, int K,
                                                                  float alpha, const float *A, int lda, const float *W,
                                                                  int ldw, float beta, float *C, int ldc) {
+  const int calls = M / rb + M % rb; /* block calls per group of 4 weight rows */
   int n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float *w0 = W + (size_t)n * ldw;
-    int m = 0;
+    const float *next = n + 8 <= n1 ? w0 + 4 * (size_t)ldw : NULL;
+    int m = 0, j = 0;
     for (; m + rb <= M; m += rb) {
       float out[4][4];
+      prefetch_t pf = prefetch_share(next, ldw, K, j++, calls);
       if (rb == 4)
-        block4x4(K, A + (size_t)m * lda, lda, w0, ldw, out);
+        block4x4(K, A + (size_t)m * lda, lda, w0, ldw, out, pf);
       else
-        block3x4(K, A + (size_t)m * lda, lda, w0, ldw, out);
+        block3x4(K, A + (size_t)m * lda, lda, w0, ldw, out, pf);
       for (int i = 0; i < rb; i++) store4(C + (size_t)(m + i) * ldc + n, out[i], alpha, beta);
     }
     for (; m < M; m++) {
       float out[4];
-      block1x4(K, A + (size_t)m * lda, w0, ldw, out);
+      block1x4(K, A + (size_t)m * lda, w0, ldw, out, prefetch_share(next, ldw, K, j++, calls));
       store4(C + (size_t)m * ldc + n, out, alpha, beta);
     }
   }
