@@ -11,9 +11,9 @@
    prompt prefill, beam search) sgemm packs the weights the same way; `small_m_gemm` below reads each weight row
    once from memory for all M rows (register blocks of 4 x 4 weight rows with AVX-512, 3 x 4 with AVX2 + FMA,
    chosen at run time; the next weight rows prefetched meanwhile) on two threads (this one and one helper thread).
-   32 decoder-sized matrices on a Zen 4 (the step's products, in MLX), sgemm -> here: M = 4 20.2 -> 4.8 ms, M = 9
-   24.3 -> 6.2, M = 16 18.4 -> 9.0, M = 54 44.8 -> 29.0 (AVX2 build: 4.6 / 7.5 / 12.6 / 38.6). Up to 64 rows with
-   AVX2 or AVX-512, up to 12 without.
+   32 decoder-sized matrices on a Zen 4 (bench/decoder_step.py --matmuls), sgemm -> here: M = 4 19.9 -> 5.9 ms,
+   M = 9 22.8 -> 6.9, M = 16 17.2 -> 10.8, M = 54 41.3 -> 36.3 (AVX2 build: 5.7 / 6.5 / 11.5 / 37.0). Up to 64 rows
+   with AVX2 or AVX-512, up to 12 without.
 
    This library is loaded with RTLD_GLOBAL before OpenBLAS, so MLX's cblas_sgemm resolves here; the real sgemm and
    sgemv are handed over by canary_gemv_forward_init(). Every other case goes to the real sgemm unchanged. The sums
@@ -138,28 +138,36 @@ static inline __attribute__((always_inline)) void prefetch_step(prefetch_t *pf) 
   pf->p += 16;
 }
 
-/* `rb` (3 or 4: a constant where this is inlined, so the loops unroll and the accumulators live in registers) rows
-   of A against 4 rows of W: 4 x rb accumulators. With AVX-512's 32 registers rb = 4; AVX2's 16 hold rb = 3. */
+/* `rb` (3 or 4: a constant where this is inlined) rows of A against 4 rows of W: 4 x rb accumulators in registers.
+   With AVX-512's 32 registers rb = 4; AVX2's 16 hold rb = 3. (Named variables, not arrays: the generic build keeps
+   arrays of vectors in memory.) */
 static inline __attribute__((always_inline)) void block_rx4(const int rb, int K, const float *a0, int lda,
                                                             const float *w0, int ldw, float out[4][4],
                                                             prefetch_t pf) {
-  const float *a[4] = {a0, a0 + lda, a0 + 2 * (size_t)lda, a0 + 3 * (size_t)lda};
-  const float *w[4] = {w0, w0 + ldw, w0 + 2 * (size_t)ldw, w0 + 3 * (size_t)ldw};
-  v8 c[4][4] = {{{0}}};
+  const float *a1 = a0 + lda, *a2 = a1 + lda, *a3 = rb == 4 ? a2 + lda : a2;
+  const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+  v8 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+  v8 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0}, c30 = {0}, c31 = {0}, c32 = {0}, c33 = {0};
   int k = 0;
   for (; k + 8 <= K; k += 8) {
     if ((k & 15) == 0) prefetch_step(&pf);
-    const v8 x[4] = {LD(w[0] + k), LD(w[1] + k), LD(w[2] + k), LD(w[3] + k)};
-#pragma GCC unroll 4
-    for (int i = 0; i < rb; i++) {
-      const v8 y = LD(a[i] + k);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; j++) c[i][j] += y * x[j];
+    v8 x0 = LD(w0 + k), x1 = LD(w1 + k), x2 = LD(w2 + k), x3 = LD(w3 + k);
+    v8 y = LD(a0 + k);
+    c00 += y * x0; c01 += y * x1; c02 += y * x2; c03 += y * x3;
+    y = LD(a1 + k);
+    c10 += y * x0; c11 += y * x1; c12 += y * x2; c13 += y * x3;
+    y = LD(a2 + k);
+    c20 += y * x0; c21 += y * x1; c22 += y * x2; c23 += y * x3;
+    if (rb == 4) {
+      y = LD(a3 + k);
+      c30 += y * x0; c31 += y * x1; c32 += y * x2; c33 += y * x3;
     }
   }
+  v8 acc[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+  const float *a[4] = {a0, a1, a2, a3}, *w[4] = {w0, w1, w2, w3};
   for (int i = 0; i < rb; i++)
     for (int j = 0; j < 4; j++) {
-      float s = hsum(c[i][j]);
+      float s = hsum(acc[i][j]);
       for (int kk = k; kk < K; kk++) s += a[i][kk] * w[j][kk];
       out[i][j] = s;
     }
