@@ -237,9 +237,6 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
     from canary_server.model import cpu_kernels
     from encoder_ops import timed  # median ms of evaluated calls after a warm-up
 
-    if cpu_kernels.status() != "loaded":
-        print(f"\n(8-bit kernel not available: {cpu_kernels.status()})")
-        return
     h, inner = d.hidden_size, d.inner_size
     shapes = [(h, h)] * 6 + [(inner, h), (h, inner)]  # self q/k/v/out, cross q/out, FF in/out (out, in)
     layers = []
@@ -249,6 +246,10 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
             q = nn.QuantizedLinear.from_linear(lin, group_size=DEFAULT_GROUP_SIZE, bits=8)
             mx.eval(lin.parameters(), q.parameters())
             layers.append((lin, q))
+    if cpu_kernels.status() != "loaded":
+        print(f"\n(8-bit kernel not available: {cpu_kernels.status()})")
+        isa_table([lin for lin, _ in layers], batches, repeats)
+        return
 
     print(f"\n| rows | {len(layers)} step products, float32 (ms) | MLX quantized matmul, 8-bit (ms) "
           "| cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|")  # fmt: skip
@@ -266,6 +267,39 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
 
         kern = timed(kernel, repeats)
         print(f"| {b} | {f32:.1f} | {mlx_q:.1f} | {kern:.1f} |")
+    isa_table([lin for lin, _ in layers], batches, repeats)
+
+
+def isa_table(layers: list[nn.Linear], batches: list[int], repeats: int) -> None:
+    """The same float32 products through OpenBLAS's sgemm and through each build of the forwarder's few-row kernel
+    this CPU runs (canary_server/_gemv_forward.c: generic, AVX2, AVX-512), alternating in this process."""
+    from encoder_ops import timed
+
+    best = _blas.small_m_isa()
+    if best is None:
+        print("\n(no few-row kernel: the sgemv forwarder is not built)")
+        return
+    isas = _blas.SMALL_M_ISAS[: _blas.SMALL_M_ISAS.index(best) + 1]
+    print(f"\n| rows | {len(layers)} products: sgemm (ms) | " + " | ".join(f"few-row kernel, {i} (ms)" for i in isas)
+          + " |\n|---:|---:|" + "---:|" * len(isas))  # fmt: skip
+    try:
+        for b in (b for b in batches if b > 1):  # one row goes to sgemv whatever the build
+            xs = {n: mx.random.normal((b, n)) for n in {lin.weight.shape[1] for lin in layers}}
+            mx.eval(xs)
+
+            def products(xs=xs):
+                return [lin(xs[lin.weight.shape[1]]) for lin in layers]
+
+            _blas.set_gemv_forward(False)
+            cells = [f"{timed(products, repeats):.1f}"]
+            _blas.set_gemv_forward(True)
+            for isa in isas:
+                _blas.set_small_m_isa(isa)
+                cells.append(f"{timed(products, repeats):.1f}" if b <= _blas.small_m_max() else "(sgemm)")
+            print(f"| {b} | " + " | ".join(cells) + " |")
+    finally:
+        _blas.set_gemv_forward(True)
+        _blas.set_small_m_isa(None)
 
 
 def main() -> None:

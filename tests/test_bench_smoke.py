@@ -171,6 +171,10 @@ def test_decoder_step_times_batched_steps():
     assert re.search(gemv_row, out, flags=re.M) or "no sgemv forwarding" in out, out
     # the step's products: float32, MLX's 8-bit, the 8-bit CPU kernel (or why that is not there)
     assert re.search(r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M) or "8-bit kernel not" in out, out
+    # the same float32 products through sgemm and each few-row kernel build the CPU runs (or why there is none)
+    header = r"products: sgemm \(ms\) \| few-row kernel, generic \(ms\).*\n.*\n"
+    isa_table = re.search(header + r"\| 2 \| [\d.]+ \| [\d.]+", out)
+    assert isa_table or "no few-row kernel" in out, out
 
 
 def test_stages_breaks_one_request_into_its_stages(tiny):
