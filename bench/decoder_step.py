@@ -27,7 +27,7 @@ import mlx.nn as nn  # noqa: E402
 from canary_server.model import backend, batch_decoder  # noqa: E402
 from canary_server.model.batch_decoder import BatchDecoder, Sequence  # noqa: E402
 from canary_server.model.canary import Canary  # noqa: E402
-from canary_server.model.cpu_layout import use_cpu_buffer_cache  # noqa: E402
+from canary_server.model.cpu_layout import PackedLinear, use_cpu_buffer_cache  # noqa: E402
 from canary_server.model.quantize import DEFAULT_GROUP_SIZE, quantize  # noqa: E402
 from canary_server.model.config import (  # noqa: E402
     DecoderConfig,
@@ -225,7 +225,7 @@ def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc:
                     _blas.set_gemv_forward(enabled)
                     out.append(time_steps(m, b, steps, pipelined=True, t_enc=t_enc))
             _blas.set_gemv_forward(True)
-            name = "pre-transposed (CPU layout)" if cpu_layout else "nn.Linear"
+            name = "CPU layout (packed with AVX-512)" if cpu_layout else "nn.Linear"
             ratio = statistics.median(a / b_ for a, b_ in zip(off, on, strict=True))
             print(f"| {name} | {b} | {statistics.median(off) * 1e3:.1f} | {statistics.median(on) * 1e3:.1f} "
                   f"| {ratio:.2f}x |")  # fmt: skip
@@ -233,7 +233,8 @@ def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc:
 
 def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> None:
     """The step's Linear products alone (one per decoder Linear of the step, real shapes): float32 as the CPU paths
-    compute it (sgemv / the forwarder's few-row kernel / sgemm), MLX's quantized matmul, the 8-bit CPU kernel."""
+    compute them in nn.Linear's layout (sgemv / the forwarder's few-row kernel / sgemm) and packed (PackedLinear, where
+    the CPU has AVX-512: what the CPU layout uses), MLX's quantized matmul, the 8-bit CPU kernel."""
     from canary_server.model import cpu_kernels
     from encoder_ops import timed  # median ms of evaluated calls after a warm-up
 
@@ -251,12 +252,19 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
         isa_table([lin for lin, _ in layers], batches, repeats)
         return
 
-    print(f"\n| rows | {len(layers)} step products, float32 (ms) | MLX quantized matmul, 8-bit (ms) "
-          "| cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|")  # fmt: skip
+    packed = None
+    if cpu_kernels.packed_supported():
+        packed = [PackedLinear(lin) for lin, _ in layers]
+        mx.eval([p.parameters() for p in packed])
+    print(f"\n| rows | {len(layers)} step products, float32 nn.Linear (ms) | packed, AVX-512 (ms) "
+          "| MLX quantized matmul, 8-bit (ms) | cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|---:|")  # fmt: skip
     for b in batches:
         xs = {n: mx.random.normal((b, n)) for n in {h, inner}}
         mx.eval(xs)
         f32 = timed(lambda xs=xs: [lin(xs[lin.weight.shape[1]]) for lin, _ in layers], repeats)
+        pk = float("nan")
+        if packed is not None:
+            pk = timed(lambda xs=xs: [p(xs[p.weight_p.shape[1]]) for p in packed], repeats)
         mlx_q = float("nan")
         if b <= 9:  # MLX's CPU quantized matmul takes ~40 ms per row here
             mlx_q = timed(lambda xs=xs: [q(xs[lin.weight.shape[1]]) for lin, q in layers], repeats)
@@ -266,7 +274,7 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
                     for lin, q in layers]  # fmt: skip
 
         kern = timed(kernel, repeats)
-        print(f"| {b} | {f32:.1f} | {mlx_q:.1f} | {kern:.1f} |")
+        print(f"| {b} | {f32:.1f} | {pk:.1f} | {mlx_q:.1f} | {kern:.1f} |")
     isa_table([lin for lin, _ in layers], batches, repeats)
 
 
@@ -336,7 +344,7 @@ def main() -> None:
         for b in args.batches:
             plain = time_steps(m, b, args.steps, pipelined=False, t_enc=args.enc_frames)
             piped = time_steps(m, b, args.steps, pipelined=True, t_enc=args.enc_frames)
-            name = "pre-transposed (CPU layout)" if cpu_layout else "nn.Linear"
+            name = "CPU layout (packed with AVX-512)" if cpu_layout else "nn.Linear"
             name = f"{bits}-bit decoder" if bits else name
             print(f"| {name} | {b} | {plain * 1e3:.1f} | {piped * 1e3:.1f} | {b / piped:.0f} |")
 

@@ -6,7 +6,8 @@ paths (model/cpu_kernels.py: activations, LayerNorms, attention softmax, subsamp
 
     .venv/bin/python bench/encoder_ops.py [--model 180m-flash] [--repeats 7]
 
-Prints Markdown tables: single ops (MLX kernel vs the CPU path), whole-encoder time for one 5 s clip, a 6 x 5 s
+Prints Markdown tables: single ops (MLX kernel vs the CPU path), the encoder's Linear products through OpenBLAS's
+sgemm and through the packed AVX-512 kernel (`--linears`: only that one), whole-encoder time for one 5 s clip, a 6 x 5 s
 batch and one 30 s clip with the GPU paths' MLX kernels, the CPU paths as MLX ops, and the CPU paths with the CPU
 kernels, and one 5 s clip with the position projections computed
 every call vs cached (interleaved pairs). The model directory is written by bench/random_model.py if missing.
@@ -121,8 +122,53 @@ def kernel_ops_table(repeats: int) -> list[str]:
     return out
 
 
+def linears_table(model_dir: Path, repeats: int) -> list[str]:
+    """The encoder's Linear products at this model's dims, for one 5 s clip (63 rows) and a 6 x 5 s batch (378):
+    OpenBLAS's sgemm on the pre-transposed weight (TransposedLinear) against the packed AVX-512 kernel
+    (PackedLinear), alternating, with GFLOP/s."""
+    import json
+
+    from canary_server import _blas
+
+    enc = json.loads((model_dir / "config.json").read_text())["encoder"]
+    d, ff = enc["d_model"], enc["d_model"] * enc.get("ff_expansion_factor", 4)
+    shapes = [("q, k, v, out, pos", d, d), ("feed-forward in", d, ff), ("feed-forward out", ff, d),
+              ("conv pointwise 1", d, 2 * d)]  # fmt: skip
+    out = [f"OpenBLAS kernels: {_blas.openblas_core()}; packed kernel: "
+           + ("AVX-512" if cpu_kernels.packed_supported() else f"not available here ({cpu_kernels.status()})"),
+           "", "| product (K -> N) | rows | sgemm (ms) | GFLOP/s | packed (ms) | GFLOP/s | speed-up |",
+           "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, k, n in shapes:
+        w, b = mx.random.normal((n, k)) * k**-0.5, mx.zeros((n,))
+        w_t = mx.contiguous(w.T)
+        wp = cpu_kernels.pack_weight(w) if cpu_kernels.packed_supported() else None
+        mx.eval(w_t, b, *([wp] if wp is not None else []))
+        for rows in (63, 378):
+            x = mx.random.normal((rows, k))
+            mx.eval(x)
+            flop = 2 * rows * k * n
+            runs: dict[str, list[float]] = {"sgemm": [], "packed": []}
+            for _ in range(3):
+                runs["sgemm"].append(timed(lambda x=x, w_t=w_t, b=b: mx.addmm(b, x, w_t), repeats))
+                if wp is not None:
+                    runs["packed"].append(timed(lambda x=x, wp=wp, b=b: cpu_kernels.packed_linear(x, wp, b), repeats))
+            sg = min(runs["sgemm"])
+            if wp is None:
+                out.append(f"| {name} ({k} -> {n}) | {rows} | {sg:.3f} | {flop / sg / 1e6:.0f} | - | - | - |")
+                continue
+            pk = min(runs["packed"])
+            out.append(f"| {name} ({k} -> {n}) | {rows} | {sg:.3f} | {flop / sg / 1e6:.0f} | {pk:.3f} "
+                       f"| {flop / pk / 1e6:.0f} | {sg / pk:.2f}x |")  # fmt: skip
+    return out
+
+
 def encoder_table(model_dir: Path, repeats: int) -> list[str]:
-    m = model.load(model_dir)  # sets the CPU buffer cache and weight layout
+    m = model.load(model_dir)  # sets the CPU buffer cache and weight layout (packed Linears where AVX-512)
+    previous = cpu_kernels.set_enabled(False)
+    try:
+        m_plain = model.load(model_dir)  # kernels off at load: TransposedLinear (the MLX-ops and GPU-paths columns)
+    finally:
+        cpu_kernels.set_enabled(previous)
     kernels = cpu_kernels.status() == "loaded"
     out = [
         "| encoder input (512 MB cache) | MLX kernels (ms) | CPU paths, MLX ops (ms) | CPU paths + CPU kernels (ms) "
@@ -137,10 +183,13 @@ def encoder_table(model_dir: Path, repeats: int) -> list[str]:
         def run(feats=feats, lens=lens):
             return m.encoder(feats, lens)[0]
 
-        off = timed(with_math(False, run), repeats)
+        def run_plain(feats=feats, lens=lens):
+            return m_plain.encoder(feats, lens)[0]
+
+        off = timed(with_math(False, run_plain), repeats)
         previous = cpu_kernels.set_enabled(False)
         try:
-            on = timed(with_math(True, run), repeats)
+            on = timed(with_math(True, run_plain), repeats)
         finally:
             cpu_kernels.set_enabled(previous)
         fused = timed(with_math(True, run), repeats) if kernels else float("nan")
@@ -179,15 +228,24 @@ def main() -> None:
     ap.add_argument("--model", default="180m-flash", choices=["180m-flash", "1b-flash", "tiny"])
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--linears", action="store_true",
+                    help="only the encoder's Linear products: OpenBLAS's sgemm vs the packed kernel")  # fmt: skip
     args = ap.parse_args()
     model_dir = args.model_dir or DEFAULT_ROOT / args.model
     if not (model_dir / "config.json").is_file():
         subprocess.run([sys.executable, str(REPO / "bench" / "random_model.py"), args.model, "--out", str(model_dir)],
                        check=True)  # fmt: skip
     print(f"device {mx.default_device()}, float32, medians of {args.repeats}")
+    if args.linears:
+        print(f"canary-{args.model} dims, the encoder's Linear products (best of 3 medians, alternating):")
+        print("\n".join(linears_table(model_dir, args.repeats)))
+        return
     print("\n".join(ops_table(args.repeats)))
     print()
     print("\n".join(kernel_ops_table(args.repeats)))
+    print()
+    print(f"canary-{args.model} dims, the encoder's Linear products (best of 3 medians, alternating):")
+    print("\n".join(linears_table(model_dir, args.repeats)))
     print()
     print(f"canary-{args.model} dims, random weights:")
     print("\n".join(encoder_table(model_dir, args.repeats)))

@@ -25,7 +25,7 @@ from canary_server import model  # noqa: E402, I001  (first: preloads OpenBLAS b
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from canary_server.convert import convert_nemo  # noqa: E402
-from canary_server.model.cpu_layout import TransposedLinear  # noqa: E402
+from canary_server.model.cpu_layout import PackedLinear, TransposedLinear  # noqa: E402
 from wer import word_errors  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
@@ -35,7 +35,7 @@ CLIPS = SHARED / "espeak-tiny-en-clips"
 
 def quantized_share(m: nn.Module) -> float:
     """Fraction of all Linear weights (by element count) held in QuantizedLinear layers. On the CPU backend the
-    loader swaps every unquantized nn.Linear for a TransposedLinear (model/cpu_layout.py): those count too."""
+    loader swaps unquantized nn.Linears for TransposedLinear or PackedLinear (model/cpu_layout.py): those count too."""
     full = quant = 0
     for _, layer in m.named_modules():
         if isinstance(layer, nn.QuantizedLinear):
@@ -45,6 +45,8 @@ def quantized_share(m: nn.Module) -> float:
             full += layer.weight.size
         elif isinstance(layer, TransposedLinear):
             full += layer.weight_t.size
+        elif isinstance(layer, PackedLinear):
+            full += layer.weight_p.size
     if full == 0:
         raise RuntimeError("no linear layers found: has the model's layer layout changed?")
     return quant / full

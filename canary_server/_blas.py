@@ -69,6 +69,19 @@ def preload_openblas() -> str | None:
     return _loaded
 
 
+def openblas_core() -> str | None:
+    """The kernels the loaded OpenBLAS runs (its `openblas_get_corename()`: 'Haswell', 'SkylakeX', ...; chosen by
+    CPU model, or by OPENBLAS_CORETYPE), or None when OpenBLAS is not loaded. Benches print it."""
+    if not _loaded:
+        return None
+    try:
+        fn = ctypes.CDLL(_loaded).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode("ascii", "replace")
+
+
 def _find_openblas() -> str | None:
     """The first candidate that loads, loaded privately (RTLD_LOCAL: none of its symbols visible yet)."""
     for name in _CANDIDATES:

@@ -137,14 +137,16 @@ class Canary(nn.Module):
         return self.log_probs(hidden[:, -1])[:, lang_ids]  # (B, L)
 
     def use_cpu_layout(self) -> None:
-        """Transposed contiguous Linear weights in the encoder (faster matmuls on MLX's CPU backend); see
-        model/cpu_layout.py. The decoder keeps nn.Linear's layout: its batch-1 step is matrix-vector products,
-        which OpenBLAS's sgemv reads fastest row by row (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
-        from .cpu_layout import pretranspose_linears, wrap_quantized
+        """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's packed for the AVX-512
+        kernel where the CPU has it, else transposed; the decoder's packed too where the CPU has AVX-512 (as fast
+        as sgemv for a batch-1 step, faster from 2 rows), else left in nn.Linear's layout, which OpenBLAS's sgemv
+        reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
+        from .cpu_layout import pack_linears, pretranspose_linears, wrap_quantized
 
         for name, child in self.children().items():
             if name != "decoder" and isinstance(child, nn.Module):
                 pretranspose_linears(child)
+        pack_linears(self.decoder)
         wrap_quantized(self.decoder)  # 8-bit decoder weights: the step's matmuls read bytes (cpu_kernels.qmatmul8)
         mx.eval(self.parameters())
 

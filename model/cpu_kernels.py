@@ -17,6 +17,12 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
   matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
 * `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
   un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
+* `packed_linear(x, wp, bias)`: x @ W^T + bias with W stored once, at load, as panels of 32 output features
+  (`pack_weight`), by an AVX-512 kernel: it does not pack W again on every call as sgemm does, and it runs 512-bit
+  FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's does on AMD Zen 4 and 5 when told to, or when it does
+  not know the CPU): a 5 s clip's encoder Linears ~2x OpenBLAS's sgemm on this project's Zen 5 machine
+  (bench/encoder_ops.py --linears). model/cpu_layout.py's PackedLinear uses it for the encoder's float32 Linears
+  where the CPU has AVX-512 (`packed_supported()`);
 * `decode_attention(q, k, v, mask, scale)`: a decoder step's attention (one query per row) in one pass, reading
   the K/V of unmasked positions only (MLX's CPU composition is two batched matmuls of one row, i.e. one BLAS call
   per row and head, plus the softmax: 9 ms of a 30 ms step at batch 16; it reads a self-attention cache to its
@@ -212,6 +218,31 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | Non
     """softmax((q * scale) @ k^T + mask) @ v for q (B, H, 1, D), k and v (B, H, L, D), an additive float32 mask
     (B or 1, 1, 1, L) or None. Positions masked with NeMo's NEG_INF (mask <= -10000) get weight 0 and are not read."""
     return _module.decode_attention(q, k, v, mask, scale)
+
+
+PANEL = 32  # output features per panel of a packed weight
+
+
+def packed_supported() -> bool:
+    """Whether `packed_linear` can run here: the library loaded (not turned off) and the CPU has AVX-512."""
+    return _enabled and _load() is not None and bool(_module.packed_supported())
+
+
+def pack_weight(weight: mx.array) -> mx.array:
+    """nn.Linear's weight (N, K), N a multiple of 32 -> panels (N / 32, K, 32): wp[p, k, j] = weight[32 p + j, k]."""
+    n, k = weight.shape
+    return mx.contiguous(weight.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
+
+
+def unpack_weight(wp: mx.array) -> mx.array:
+    """`pack_weight`'s panels back to the transposed weight (K, N) (a strided view: copied when used)."""
+    p, k, _ = wp.shape
+    return wp.transpose(1, 0, 2).reshape(k, p * PANEL)
+
+
+def packed_linear(x: mx.array, wp: mx.array, bias: mx.array | None) -> mx.array:
+    """x (M, K) @ W^T + bias for W packed by `pack_weight` (wp (N / 32, K, 32)); bias (N,) or None."""
+    return _module.packed_linear(x, wp, bias)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:

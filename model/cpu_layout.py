@@ -1,10 +1,15 @@
-"""CPU-backend tuning: Linear weights stored transposed and contiguous, and a larger MLX buffer cache.
+"""CPU-backend tuning: the encoder's Linear weights stored for the CPU's matmul, and a larger MLX buffer cache.
 
-MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) is 4-7% slower than `x @ Wt` with a contiguous
-pre-transposed `Wt` for encoder-sized inputs (63+ rows), so with the CPU paths (model/backend.py) the loader swaps
-the encoder's nn.Linears for `TransposedLinear` once (`Canary.use_cpu_layout`). The decoder keeps nn.Linear: at
-batch 1 its matmuls are matrix-vector products, which OpenBLAS's sgemv (canary_server/_gemv_forward.c) reads
-fastest as nn.Linear's rows. The math is the same; the GPU paths keep MLX's own layout.
+With the CPU paths (model/backend.py) the loader swaps the encoder's nn.Linears once (`Canary.use_cpu_layout`):
+* for `PackedLinear` where the CPU has AVX-512 and the CPU kernels are there (model/cpu_kernels.py): the weight
+  stored as panels of 32 output features for `cpu_kernels.packed_linear`, ~2x OpenBLAS's sgemm on the encoder's
+  shapes on this project's Zen 5 machine (it packs nothing per call, and runs 512-bit FMAs);
+* else for `TransposedLinear`: MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) is 4-7% slower than
+  `x @ Wt` with a contiguous pre-transposed `Wt` for encoder-sized inputs (63+ rows).
+Either replaces the weight (no second copy). The decoder's Linears are packed too where the CPU has AVX-512
+(`pack_linears`: as fast as sgemv for one row, 1.3-2.5x the few-row products from 9 rows); elsewhere they keep
+nn.Linear's layout, whose rows OpenBLAS's sgemv (canary_server/_gemv_forward.c) reads fastest at batch 1. The
+math is the same; the GPU paths keep MLX's own layout.
 
 MLX keeps at most 32 MB of freed buffers for reuse on its CPU backend; every larger temporary (the encoder's
 subsampling activations are ~100 MB for 30 s of audio) is then a fresh allocation whose pages fault in on first
@@ -38,6 +43,37 @@ class TransposedLinear(nn.Module):
         if "bias" in self:
             return mx.addmm(self.bias, x, self.weight_t)
         return x @ self.weight_t
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + bias with W stored as `cpu_kernels.pack_weight`'s panels (`weight_p`, (N / 32, K, 32)),
+    computed by `cpu_kernels.packed_linear`. Where the kernels cannot run (turned off after loading, a GPU stream)
+    it computes the same product from an unpacked copy, made per call (slow, correct)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_p = cpu_kernels.pack_weight(linear.weight)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """A float32 nn.Linear whose output features come in whole panels, on a CPU the kernel runs on."""
+        return (
+            type(layer) is nn.Linear
+            and layer.weight.dtype == mx.float32
+            and layer.weight.shape[0] % cpu_kernels.PANEL == 0
+            and cpu_kernels.packed_supported()
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        bias = self.get("bias")
+        k = self.weight_p.shape[1]
+        if x.ndim >= 1 and x.shape[-1] == k and cpu_kernels.usable(x, self.weight_p):
+            y = cpu_kernels.packed_linear(x.reshape(-1, k), self.weight_p, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        w_t = cpu_kernels.unpack_weight(self.weight_p)
+        return x @ w_t if bias is None else mx.addmm(bias, x, w_t)
 
 
 class QuantizedDecoderLinear(nn.QuantizedLinear):
@@ -111,8 +147,18 @@ def wrap_quantized(module: nn.Module) -> int:
 
 
 def pretranspose_linears(module: nn.Module) -> int:
-    """Replace every plain nn.Linear below `module` (not quantized ones); returns how many were replaced."""
-    return _replace_layers(module, lambda m: TransposedLinear(m) if type(m) is nn.Linear else None)
+    """Replace every plain nn.Linear below `module` (not quantized ones) by a PackedLinear where it fits, else a
+    TransposedLinear; returns how many were replaced."""
+    return _replace_layers(
+        module,
+        lambda m: (PackedLinear(m) if PackedLinear.fits(m) else TransposedLinear(m)) if type(m) is nn.Linear else None,
+    )
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every nn.Linear below `module` that PackedLinear fits (none where the CPU has no AVX-512); returns how
+    many were replaced."""
+    return _replace_layers(module, lambda m: PackedLinear(m) if PackedLinear.fits(m) else None)
 
 
 def use_cpu_layout() -> bool:

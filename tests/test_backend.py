@@ -16,9 +16,9 @@ import pytest
 
 from canary_server import model
 from canary_server.convert import convert_nemo
-from canary_server.model import backend, cpu_math
+from canary_server.model import backend, cpu_kernels, cpu_math
 from canary_server.model.batch_decoder import BatchDecoder
-from canary_server.model.cpu_layout import TransposedLinear
+from canary_server.model.cpu_layout import PackedLinear, TransposedLinear
 from conftest import FIXTURES, REPO
 
 
@@ -56,8 +56,9 @@ def test_forcing_sets_the_paths_for_the_block_and_restores_them():
 
 
 def _linears(m: nn.Module) -> tuple[int, int]:
+    """(plain nn.Linears, Linears in a CPU layout: transposed or packed)."""
     modules = [mod for _, mod in m.named_modules()]
-    return sum(type(x) is nn.Linear for x in modules), sum(type(x) is TransposedLinear for x in modules)
+    return sum(type(x) is nn.Linear for x in modules), sum(type(x) in (TransposedLinear, PackedLinear) for x in modules)
 
 
 def test_the_paths_decide_the_layout_at_load_and_whether_the_decoder_step_is_compiled(tmp_path):
@@ -66,8 +67,14 @@ def test_the_paths_decide_the_layout_at_load_and_whether_the_decoder_step_is_com
         m = model.load(directory, dtype="float32")
         enc_plain, enc_transposed = _linears(m.encoder)
         assert enc_plain == 0 and enc_transposed > 0
-        dec_plain, dec_transposed = _linears(m.decoder)
-        assert dec_plain > 0 and dec_transposed == 0  # the decoder keeps nn.Linear (rows for sgemv, _blas.py)
+        packed = sum(type(x) is PackedLinear for _, x in m.encoder.named_modules())
+        assert (packed > 0) == cpu_kernels.packed_supported()  # AVX-512: the packed kernel's layout
+        dec_plain, dec_layout = _linears(m.decoder)
+        dec_packed = sum(type(x) is PackedLinear for _, x in m.decoder.named_modules())
+        # the decoder: packed where the CPU has AVX-512 (output features in whole panels of 32; this fixture's dims
+        # leave some out), else nn.Linear's rows for sgemv (_blas.py); never transposed
+        assert dec_layout == dec_packed and (dec_packed > 0) == cpu_kernels.packed_supported()
+        assert dec_plain > 0
         bd = BatchDecoder(m)
         assert bd._step_fn == bd._forward  # not compiled
     with backend.forced(backend.GPU):

@@ -364,3 +364,65 @@ def test_decoder_bits_quantizes_the_decoder_only_and_is_checked(espeak_dir):
     )
     with pytest.raises(ValueError, match="decoder_bits"):
         model.load(espeak_dir, decoder_bits=4)
+
+
+packed = pytest.mark.skipif(not cpu_kernels.packed_supported(), reason="the packed matmul needs AVX-512")
+
+
+@packed
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1, 64, 32), (5, 700, 96), (13, 1100, 64), (63, 512, 256), (130, 1030, 320), (250, 96, 512), (0, 64, 64)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_the_matmul(m, k, n, bias):
+    """Every row count of the 12-row blocks (tails of 1..11), several blocks of K (512) with a remainder, more rows
+    than one block of 120, a single panel (one thread), no rows at all."""
+    rng = np.random.default_rng(m * 7 + k)
+    x = mx.array(rng.normal(0, 1, (m, k)).astype(np.float32))
+    w = mx.array(rng.normal(0, k**-0.5, (n, k)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (n,)).astype(np.float32)) if bias else None
+    want = x @ w.T if b is None else mx.addmm(b, x, w.T)
+    got = cpu_kernels.packed_linear(x, cpu_kernels.pack_weight(w), b)
+    assert got.shape == (m, n)
+    _close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@packed
+def test_packed_linear_refuses_what_it_cannot_compute():
+    x, wp = mx.zeros((3, 64)), cpu_kernels.pack_weight(mx.zeros((64, 64)))
+    for args in ((x, wp[:, :32], None), (x, wp, mx.zeros((63,))), (x[None], wp, None), (x, mx.zeros((64, 64)), None)):
+        with pytest.raises(ValueError):
+            cpu_kernels.packed_linear(*args)
+
+
+def test_pack_weight_and_unpack_weight_are_inverse():
+    w = mx.arange(96 * 5, dtype=mx.float32).reshape(96, 5)
+    wp = cpu_kernels.pack_weight(w)
+    assert wp.shape == (3, 5, 32) and wp[1, 2, 3].item() == w[35, 2].item()
+    assert mx.array_equal(cpu_kernels.unpack_weight(wp), w.T)
+
+
+@packed
+def test_packed_linear_layers_equal_nn_linear_with_and_without_the_kernels(kernels_off):
+    """PackedLinear on (B, T, K) input as nn.Linear computes it, with the kernel and (turned off after loading) from
+    an unpacked copy; a layer whose output features are not whole panels, or not float32, is not packed."""
+    from canary_server.model.cpu_layout import PackedLinear
+
+    cpu_kernels.set_enabled(True)
+    mx.random.seed(3)
+    for bias in (True, False):
+        lin = nn.Linear(80, 64, bias=bias)
+        layer = PackedLinear(lin)
+        x = mx.random.normal((2, 7, 80))
+        with backend.forced(backend.CPU):
+            _close(layer(x), lin(x), atol=1e-5)
+            cpu_kernels.set_enabled(False)
+            _close(layer(x), lin(x), atol=1e-5)
+            cpu_kernels.set_enabled(True)
+    assert PackedLinear.fits(nn.Linear(8, 64)) and not PackedLinear.fits(nn.Linear(8, 48))
+    half = nn.Linear(8, 64)
+    half.set_dtype(mx.float16)
+    assert not PackedLinear.fits(half)
+    cpu_kernels.set_enabled(False)
+    assert not PackedLinear.fits(nn.Linear(8, 64))  # off at load: nothing is packed
