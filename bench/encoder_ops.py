@@ -109,6 +109,18 @@ def kernel_ops_table(repeats: int) -> list[str]:
         ("LayerNorm, 6 x 63 x 512", lambda: cpu_kernels.apply_layer_norm(ln, x)),
         ("dw_striding subsampling, 6 x 5 s", lambda: subsampling(feats, lens)[0]),
     ]
+    # the attention after its projections (linear_out left out): 180m dims (8 heads of 64) and 1b dims (8 of 128),
+    # the composition with rel_softmax vs rel_attention (AVX-512), whichever the CPU runs
+    for b, t, d in ((1, 63, 512), (6, 63, 512), (1, 375, 512), (1, 63, 1024), (6, 63, 1024), (1, 375, 1024)):
+        att = conformer.RelPositionMultiHeadAttention(d, 8)
+        att.linear_out = nn.Identity()
+        xa = mx.random.normal((b, t, d))
+        pos = att.project_positions(conformer.rel_positional_encoding(t, d))
+        valid = mx.ones((b, t), dtype=mx.bool_)
+        mask = ~(valid[:, None, :, None] & valid[:, None, None, :])
+        mx.eval(att.parameters(), xa, pos, mask)
+        rows.append((f"relative attention, {b} x {t} frames, 8 heads of {d // 8}",
+                     lambda att=att, xa=xa, pos=pos, mask=mask, valid=valid: att(xa, pos, mask, valid)))  # fmt: skip
     out = ["| op (CPU paths) | MLX ops (ms) | CPU kernel (ms) |", "|---|---:|---:|"]
     for name, fn in rows:
         cells = []

@@ -580,8 +580,8 @@ constexpr packed_block_fn kPackedBlocks[kTileRows + 1] = {
     packed_block_rows<5>,  packed_block_rows<6>,  packed_block_rows<7>, packed_block_rows<8>, packed_block_rows<9>,
     packed_block_rows<10>, packed_block_rows<11>, packed_block_rows<12>};
 
-// Panels [p0, p1) of y (m, n) from the packed x (tiles of 12 rows, K-major) and the packed weight.
-void packed_part(const float* ap, const float* wp, const float* bias, float* y, size_t m, size_t k, size_t n,
+// Panels [p0, p1) of y (m rows, row stride ldy) from the packed x (tiles of 12 rows, K-major) and the packed weight.
+void packed_part(const float* ap, const float* wp, const float* bias, float* y, size_t ldy, size_t m, size_t k,
                  size_t p0, size_t p1) {
   const size_t tiles = (m + kTileRows - 1) / kTileRows;
   for (size_t k0 = 0; k0 < k; k0 += kBlockK) {
@@ -602,7 +602,7 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
             pf = next + (t - t0) * kn * 64, pf_lines = 1;
           }
           const size_t rows = std::min(kTileRows, m - t * kTileRows);
-          kPackedBlocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * n + p * kPanel, n,
+          kPackedBlocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * ldy + p * kPanel, ldy,
                               bias ? bias + p * kPanel : nullptr, k0 == 0, pf, pf_lines);
         }
       }
@@ -636,12 +636,117 @@ void packed_linear_kernel(const float* x, const float* wp, const float* bias, fl
   const size_t tiles = (m + kTileRows - 1) / kTileRows;
   two_threads::run(tiles, m * k >= (1u << 16), [=](size_t t0, size_t t1) { pack_rows(x, ap, m, k, t0, t1); });
   two_threads::run(n / kPanel, m * n * k >= (1u << 18),
-                   [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, m, k, n, p0, p1); });
+                   [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, n, m, k, p0, p1); });
+}
+
+// ---- relative-position self-attention (AVX-512, through the packed matmul's blocks) -------------------------
+// The conformer's attention after its q, k, v projections (NeMo's RelPositionMultiHeadAttention): q, k, v (B, T,
+// D = H * dk) as the Linears give them, p (2T-1, D) the projected positions T-1 .. -(T-1), u and vb (H, dk) the
+// position biases, valid (B, T) (a prefix per row). Query row i of head h: s[j] = ((q_i + u) . k_j + (q_i + vb) .
+// p[T-1-i+j]) / sqrt(dk) over the valid j, softmax, out_i = sum_j a[j] v_j, written to y (B, T, D) at the head's
+// columns; a padded query row is zero (NeMo: its weights are masked to 0). The same function as the composition
+// (two score matmuls, rel_shift, masked softmax, the weighted sum), computed per batch row and head with the
+// packed matmul's 512-bit blocks: MLX's CPU backend makes one BLAS call per batch row and head for each of the
+// three products, which at a 5 s clip's 63 frames cost more than their arithmetic. Needs dk a multiple of 32.
+inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
+// rows [0, m) of x (row stride ldx), plus add (k) if given -> tiles of 12 rows, K-major (pack_rows's layout)
+void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k) {
+  for (size_t r = 0; r < m; r++) {
+    float* dst = ap + (r / kTileRows) * k * kTileRows + r % kTileRows;
+    const float* src = x + r * ldx;
+    if (add) {
+      for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk] + add[kk];
+    } else {
+      for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk];
+    }
+  }
+}
+
+// rows [0, m) of w (row stride ldw, k columns) as weight panels of 32 rows (pack_weight's layout), rows past m zero
+void pack_panels(const float* w, size_t ldw, float* wp, size_t m, size_t k) {
+  const size_t panels = round_up(m, kPanel) / kPanel;
+  for (size_t pi = 0; pi < panels; pi++) {
+    float* dst = wp + pi * k * kPanel;
+    for (size_t l = 0; l < kPanel; l++) {
+      const size_t r = pi * kPanel + l;
+      if (r < m) {
+        const float* src = w + r * ldw;
+        for (size_t kk = 0; kk < k; kk++) dst[kk * kPanel + l] = src[kk];
+      } else {
+        for (size_t kk = 0; kk < k; kk++) dst[kk * kPanel + l] = 0.0f;
+      }
+    }
+  }
+}
+
+CANARY_CLONES void rel_softmax_row(const float* ac, const float* bd, float* e, size_t n, float inv_sqrt_dk) {
+  float m = -INFINITY;
+  for (size_t j = 0; j < n; j++) {
+    e[j] = (ac[j] + bd[j]) * inv_sqrt_dk;
+    m = std::max(m, e[j]);
+  }
+  for (size_t j = 0; j < n; j++) e[j] = exp2_poly((e[j] - m) * kLog2e);
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; l++) s[l] += e[j + l];
+  float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < n; j++) sum += e[j];
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; j++) e[j] *= inv;
+}
+
+void rel_attention_part(const float* q, const float* k, const float* v, const float* p, const float* u,
+                        const float* vb, const bool* valid, float* y, size_t t, size_t h, size_t dk, size_t job0,
+                        size_t job1) {
+  const size_t d_model = h * dk, n = 2 * t - 1;
+  const size_t tiles = (t + kTileRows - 1) / kTileRows, tp = round_up(t, kPanel), np = round_up(n, kPanel);
+  std::vector<float> qu(tiles * kTileRows * dk), qv(qu.size()), kp(tp * dk), pp(np * dk), vp(dk * t),
+      ac(t * tp), bd(t * np), at(tiles * kTileRows * t), e(t);
+  const float inv_sqrt_dk = 1.0f / std::sqrt(static_cast<float>(dk));
+  for (size_t job = job0; job < job1; job++) {
+    const size_t bi = job / h, col = (job % h) * dk;
+    const bool* vrow = valid + bi * t;
+    size_t tv = 0;  // the valid frames are a prefix (lengths)
+    while (tv < t && vrow[tv]) tv++;
+    float* out = y + bi * t * d_model + col;
+    for (size_t i = tv; i < t; i++) std::fill(out + i * d_model, out + i * d_model + dk, 0.0f);
+    if (tv == 0) continue;
+    const float* qb = q + bi * t * d_model + col;
+    const float* kb = k + bi * t * d_model + col;
+    const float* vbase = v + bi * t * d_model + col;
+    pack_tiles(qb, d_model, u + col, qu.data(), tv, dk);
+    pack_tiles(qb, d_model, vb + col, qv.data(), tv, dk);
+    pack_panels(kb, d_model, kp.data(), tv, dk);
+    pack_panels(p + col, d_model, pp.data(), n, dk);
+    // ac (tv, keys), bd (tv, positions): only the positions some valid row reads, [t - tv, t - 1 + tv)
+    const size_t pos0 = (t - tv) / kPanel, pos1 = round_up(t - 1 + tv, kPanel) / kPanel;
+    packed_part(qu.data(), kp.data(), nullptr, ac.data(), tp, tv, dk, 0, round_up(tv, kPanel) / kPanel);
+    packed_part(qv.data(), pp.data(), nullptr, bd.data(), np, tv, dk, pos0, pos1);
+    // V^T as panels of 32 of its dk rows: vp[c][j][l] = v[j][32 c + l], j < tv
+    for (size_t c = 0; c < dk / kPanel; c++)
+      for (size_t j = 0; j < tv; j++)
+        std::memcpy(vp.data() + (c * tv + j) * kPanel, vbase + j * d_model + c * kPanel, kPanel * sizeof(float));
+    for (size_t i = 0; i < tv; i++) {
+      rel_softmax_row(ac.data() + i * tp, bd.data() + i * np + (t - 1 - i), e.data(), tv, inv_sqrt_dk);
+      float* dst = at.data() + (i / kTileRows) * tv * kTileRows + i % kTileRows;
+      for (size_t j = 0; j < tv; j++) dst[j * kTileRows] = e[j];
+    }
+    packed_part(at.data(), vp.data(), nullptr, out, d_model, tv, tv, 0, dk / kPanel);
+  }
+}
+
+void rel_attention_kernel(const float* q, const float* k, const float* v, const float* p, const float* u,
+                          const float* vb, const bool* valid, float* y, size_t b, size_t t, size_t h, size_t dk) {
+  two_threads::run(b * h, b * h * t * t * dk >= (1u << 16), [=](size_t j0, size_t j1) {
+    rel_attention_part(q, k, v, p, u, vb, valid, y, t, h, dk, j0, j1);
+  });
 }
 
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
-enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention, PackedLinear };
+enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention, PackedLinear, RelAttention };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
  public:
@@ -741,6 +846,16 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         enc.dispatch([x = inputs[0].data<float>(), wp = inputs[1].data<float>(), bias, y, scratch, m, k, n]() mutable {
           packed_linear_kernel(x, wp, bias, y, static_cast<float*>(scratch.raw_ptr()), m, k, n);
           mx::allocator::allocator().free(scratch);
+        });
+        break;
+      }
+      case Op::RelAttention: {
+        // inputs: q, k, v (B, T, D), p (2T-1, D), u, vb (H, dk), valid (B, T)
+        enc.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                      p = inputs[3].data<float>(), u = inputs[4].data<float>(), vb = inputs[5].data<float>(),
+                      valid = inputs[6].data<bool>(), y, b = size_t(out.shape(0)), t = size_t(out.shape(1)),
+                      h = size_t(inputs[4].shape(0)), dk = size_t(inputs[4].shape(1))]() {
+          rel_attention_kernel(q, k, v, p, u, vb, valid, y, b, t, h, dk);
         });
         break;
       }
@@ -876,6 +991,20 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
   return make(q.shape(), mx::float32, Op::DecodeAttention, std::move(inputs), scale);
 }
 
+mx::array rel_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& p,
+                        const mx::array& u, const mx::array& vb, const mx::array& valid) {
+  const bool ok = q.ndim() == 3 && k.shape() == q.shape() && v.shape() == q.shape() && u.ndim() == 2 &&
+                  vb.shape() == u.shape() && u.shape(0) * u.shape(1) == q.shape(2) && p.ndim() == 2 &&
+                  p.shape(0) == 2 * q.shape(1) - 1 && p.shape(1) == q.shape(2) && valid.dtype() == mx::bool_ &&
+                  valid.ndim() == 2 && valid.shape(0) == q.shape(0) && valid.shape(1) == q.shape(1) && q.shape(1) > 0;
+  if (!ok)
+    throw std::invalid_argument(
+        "rel_attention: q, k, v (B, T, D), p (2T-1, D), pos_bias_u and pos_bias_v (H, D / H), valid (B, T) bool");
+  if (!packed_supported() || u.shape(1) % int(kPanel) != 0)
+    throw std::invalid_argument("rel_attention: needs AVX-512 and a head size that is a multiple of 32");
+  return make(q.shape(), mx::float32, Op::RelAttention, {q, k, v, p, u, vb, valid});
+}
+
 mx::array packed_linear(const mx::array& x, const mx::array& wp, const std::optional<mx::array>& bias) {
   if (!packed_supported()) throw std::invalid_argument("packed_linear: this CPU has no AVX-512");
   if (x.ndim() != 2 || wp.ndim() != 3 || wp.shape(2) != int(kPanel) || wp.shape(1) != x.shape(1) ||
@@ -907,5 +1036,7 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("scale"));
   m.def("packed_linear", &packed_linear, nb::arg("x"), nb::arg("wp"), nb::arg("bias").none());
   m.def("packed_supported", &packed_supported);
+  m.def("rel_attention", &rel_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("p"), nb::arg("u"),
+        nb::arg("vb"), nb::arg("valid"));
   m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));
 }

@@ -83,11 +83,14 @@ class ConvSubsampling(nn.Module):
         convs = [layer for layer in self.conv if isinstance(layer, nn.Conv2d)]
         sources = tuple(conv.weight for conv in convs)
 
-        def make() -> list[mx.array]:  # stride-2 convs: taps (3, 3, C); pointwise: (C_in, C_out)
+        packed = cpu_kernels.packed_supported() and convs[0].weight.shape[0] % cpu_kernels.PANEL == 0
+
+        def make() -> list[mx.array]:  # stride-2 convs: taps (3, 3, C); pointwise: (C_in, C_out), or packed
             return [mx.contiguous(conv.weight[:, :, :, 0].transpose(1, 2, 0)) if i == 0 or i % 2 == 1
+                    else cpu_kernels.pack_weight(conv.weight[:, 0, 0, :]) if packed
                     else mx.contiguous(conv.weight[:, 0, 0, :].T) for i, conv in enumerate(convs)]  # fmt: skip
 
-        weights = _derived(self, "_fused_weights", sources, make)
+        weights = _derived(self, "_fused_weights_packed" if packed else "_fused_weights", sources, make)
         len_in = lengths.astype(mx.int32)
         lens = _conv_out_len(len_in)
         x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
@@ -96,7 +99,10 @@ class ConvSubsampling(nn.Module):
             nxt = _conv_out_len(lens)
             x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, i > 1)
             b, t, f, c = x.shape
-            x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
+            if packed:  # the packed AVX-512 matmul (model/cpu_layout.py's PackedLinear)
+                x = cpu_kernels.packed_linear(x.reshape(-1, c), weights[i + 1], pw.bias).reshape(b, t, f, c)
+            else:
+                x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
             lens = nxt
         b, t, f, c = x.shape
         if len(convs) > 1:  # the last pointwise conv's mask and ReLU
@@ -185,6 +191,10 @@ class RelPositionMultiHeadAttention(nn.Module):
         """x (B, T, D), pos_proj (2T-1, D): `project_positions` of the T-1 .. -(T-1) table, mask (B, 1, T, T) True
         where attention is NOT allowed; valid (B, T): the frames the mask is made of (lets the CPU kernel run)."""
         b, t, _ = x.shape
+        if valid is not None and cpu_kernels.rel_attention_usable(self.d_k, x, pos_proj, self.pos_bias_u):
+            q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)  # the lines below in one pass per head
+            out = cpu_kernels.rel_attention(q, k, v, pos_proj, self.pos_bias_u, self.pos_bias_v, valid)
+            return self.linear_out(out)
         q = self.linear_q(x).reshape(b, t, self.h, self.d_k)  # (B, T, H, d_k)
         k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         v = self.linear_v(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)

@@ -15,8 +15,11 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
 * `qmatmul8(x, weight, scales, biases, group_size)`: a few rows times an 8-bit affine-quantized weight, reading the
   bytes (a quarter of float32's) with the group's scale and bias applied to partial sums (MLX's CPU quantized
   matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
-* `rel_softmax(ac, bd, valid, sqrt_dk)`: relative-position attention weights from the content scores and the
-  un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
+* `rel_attention(q, k, v, pos, pos_bias_u, pos_bias_v, valid)`: the conformer's relative-position attention after
+  its projections, per batch row and head in one pass through the packed matmul's AVX-512 blocks (MLX's CPU
+  backend makes one BLAS call per batch row and head for each of its three products: 3-4x at a 5 s clip, 2.7-7.5x
+  at 30 s; bench/encoder_ops.py); without AVX-512, `rel_softmax(ac, bd, valid, sqrt_dk)`: the attention weights
+  from the content scores and the un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
 * `packed_linear(x, wp, bias)`: x @ W^T + bias with W stored once, at load, as panels of 32 output features
   (`pack_weight`), by an AVX-512 kernel: it does not pack W again on every call as sgemm does, and it runs 512-bit
   FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's does on AMD Zen 4 and 5 when told to, or when it does
@@ -243,6 +246,21 @@ def unpack_weight(wp: mx.array) -> mx.array:
 def packed_linear(x: mx.array, wp: mx.array, bias: mx.array | None) -> mx.array:
     """x (M, K) @ W^T + bias for W packed by `pack_weight` (wp (N / 32, K, 32)); bias (N,) or None."""
     return _module.packed_linear(x, wp, bias)
+
+
+def rel_attention_usable(d_k: int, *arrays: mx.array) -> bool:
+    """Whether `rel_attention` can compute a conformer attention of head size d_k on these arrays here."""
+    return d_k % PANEL == 0 and usable(*arrays) and bool(_module.packed_supported())
+
+
+def rel_attention(
+    q: mx.array, k: mx.array, v: mx.array, pos: mx.array, pos_bias_u: mx.array, pos_bias_v: mx.array, valid: mx.array
+) -> mx.array:
+    """The conformer's relative-position attention after its projections: q, k, v (B, T, D), pos (2T-1, D) the
+    projected positions T-1 .. -(T-1), the position biases (H, D / H), valid (B, T) bool -> (B, T, D), ready for
+    linear_out: NeMo's two score products, rel_shift, scaling, masked softmax and weighted sum of v, per batch row
+    and head in one pass (AVX-512; head size a multiple of 32). Padded query rows are zero."""
+    return _module.rel_attention(q, k, v, pos, pos_bias_u, pos_bias_v, valid)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:

@@ -101,23 +101,29 @@ def test_layer_norm_equals_mlx_layer_norm():
 
 
 @loaded
-def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off):
-    """The kernel does NeMo's rel_shift, scaling, masking and softmax: the attention module's output with it equals
-    the composition's, padded batch rows (all zero weights) included."""
+@pytest.mark.parametrize(
+    ("d_model", "heads", "t", "lengths"),
+    [(64, 4, 29, [29, 17, 1]), (128, 2, 29, [29, 17, 1]), (256, 4, 63, [63]), (128, 4, 130, [130, 97, 12, 40])],
+)
+def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off, d_model, heads, t, lengths):
+    """The kernels do NeMo's two score products, rel_shift, scaling, masking, softmax and weighted sum: the attention
+    module's output with them equals the composition's, padded batch rows (all zero weights) included. Head size 16:
+    `rel_softmax`; 32 and 64 (AVX-512): `rel_attention`, with several 12-row blocks and 32-key panels at 130 frames."""
     rng = np.random.default_rng(3)
-    att = RelPositionMultiHeadAttention(64, 4)
-    att.pos_bias_u = mx.array(rng.normal(0, 1, (4, 16)).astype(np.float32))
-    att.pos_bias_v = mx.array(rng.normal(0, 1, (4, 16)).astype(np.float32))
-    t = 29
-    x = mx.array(rng.normal(0, 1, (3, t, 64)).astype(np.float32))
-    valid = mx.arange(t)[None, :] < mx.array([29, 17, 1])[:, None]
+    d_k = d_model // heads
+    att = RelPositionMultiHeadAttention(d_model, heads)
+    att.pos_bias_u = mx.array(rng.normal(0, 1, (heads, d_k)).astype(np.float32))
+    att.pos_bias_v = mx.array(rng.normal(0, 1, (heads, d_k)).astype(np.float32))
+    x = mx.array(rng.normal(0, 1, (len(lengths), t, d_model)).astype(np.float32))
+    valid = mx.arange(t)[None, :] < mx.array(lengths)[:, None]
     mask = ~(valid[:, None, :, None] & valid[:, None, None, :])
-    pos = att.project_positions(rel_positional_encoding(t, 64))
+    pos = att.project_positions(rel_positional_encoding(t, d_model))
     with backend.forced(backend.CPU):
         want = att(x, pos, mask, valid)  # kernels off: the composition
         cpu_kernels.set_enabled(True)
+        assert cpu_kernels.rel_attention_usable(d_k, x) == (d_k % 32 == 0 and cpu_kernels.packed_supported())
         got = att(x, pos, mask, valid)
-    _close(got, want, rtol=1e-5, atol=1e-6)
+    _close(got, want, rtol=1e-5, atol=2e-6)
 
 
 @loaded
@@ -386,6 +392,16 @@ def test_packed_linear_equals_the_matmul(m, k, n, bias):
     got = cpu_kernels.packed_linear(x, cpu_kernels.pack_weight(w), b)
     assert got.shape == (m, n)
     _close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@packed
+def test_rel_attention_refuses_what_it_cannot_compute():
+    q, p, bias, valid = mx.zeros((2, 5, 64)), mx.zeros((9, 64)), mx.zeros((2, 32)), mx.ones((2, 5), dtype=mx.bool_)
+    bad = [(q, q, q, p[:8], bias, bias, valid), (q, q, q, p, mx.zeros((4, 16)), mx.zeros((4, 16)), valid),
+           (q, q, q[:1], p, bias, bias, valid), (q, q, q, p, bias, bias, valid[:, :4])]  # fmt: skip
+    for args in bad:
+        with pytest.raises(ValueError):
+            cpu_kernels.rel_attention(*args)
 
 
 @packed
