@@ -225,7 +225,7 @@ def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc:
                     _blas.set_gemv_forward(enabled)
                     out.append(time_steps(m, b, steps, pipelined=True, t_enc=t_enc))
             _blas.set_gemv_forward(True)
-            name = "CPU layout (packed with AVX-512)" if cpu_layout else "nn.Linear"
+            name = "CPU layout" if cpu_layout else "nn.Linear"
             ratio = statistics.median(a / b_ for a, b_ in zip(off, on, strict=True))
             print(f"| {name} | {b} | {statistics.median(off) * 1e3:.1f} | {statistics.median(on) * 1e3:.1f} "
                   f"| {ratio:.2f}x |")  # fmt: skip
@@ -233,8 +233,8 @@ def gemv_table(d: DecoderConfig, layouts: list[bool], batches: list[int], t_enc:
 
 def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> None:
     """The step's Linear products alone (one per decoder Linear of the step, real shapes): float32 as the CPU paths
-    compute them in nn.Linear's layout (sgemv / the forwarder's few-row kernel / sgemm) and packed (PackedLinear, where
-    the CPU has AVX-512: what the CPU layout uses), MLX's quantized matmul, the 8-bit CPU kernel."""
+    compute them in nn.Linear's layout (sgemv / the forwarder's few-row kernel / sgemm) and packed (PackedLinear: what
+    the CPU layout uses where the CPU has AVX-512), MLX's quantized matmul, the 8-bit CPU kernel."""
     from canary_server.model import cpu_kernels
     from encoder_ops import timed  # median ms of evaluated calls after a warm-up
 
@@ -256,7 +256,7 @@ def matmul_table(d: DecoderConfig, batches: list[int], repeats: int = 15) -> Non
     if cpu_kernels.packed_supported():
         packed = [PackedLinear(lin) for lin, _ in layers]
         mx.eval([p.parameters() for p in packed])
-    print(f"\n| rows | {len(layers)} step products, float32 nn.Linear (ms) | packed, AVX-512 (ms) "
+    print(f"\n| rows | {len(layers)} step products, float32 nn.Linear (ms) | packed, {cpu_kernels.packed_isa()} (ms) "
           "| MLX quantized matmul, 8-bit (ms) | cpu_kernels.qmatmul8 (ms) |\n|---:|---:|---:|---:|---:|")  # fmt: skip
     for b in batches:
         xs = {n: mx.random.normal((b, n)) for n in {h, inner}}
@@ -344,7 +344,7 @@ def main() -> None:
         for b in args.batches:
             plain = time_steps(m, b, args.steps, pipelined=False, t_enc=args.enc_frames)
             piped = time_steps(m, b, args.steps, pipelined=True, t_enc=args.enc_frames)
-            name = "CPU layout (packed with AVX-512)" if cpu_layout else "nn.Linear"
+            name = "CPU layout" if cpu_layout else "nn.Linear"
             name = f"{bits}-bit decoder" if bits else name
             print(f"| {name} | {b} | {plain * 1e3:.1f} | {piped * 1e3:.1f} | {b / piped:.0f} |")
 

@@ -2,15 +2,16 @@
 """Where the encoder's time goes on the MLX backend in use, and what the CPU-only paths change (model/cpu_math.py,
 the shift-and-add depthwise convs, the buffer cache of model/cpu_layout.py), and what the cached position
 projections (ConformerEncoder.projected_positions, both paths) save, and the fused CPU kernels on top of the CPU
-paths (model/cpu_kernels.py: activations, LayerNorms, attention softmax, subsampling convs). Random weights, float32.
+paths (model/cpu_kernels.py: activations, LayerNorms, attention, subsampling convs, the packed matmul). Random
+weights, float32.
 
     .venv/bin/python bench/encoder_ops.py [--model 180m-flash] [--repeats 7]
 
 Prints Markdown tables: single ops (MLX kernel vs the CPU path), the encoder's Linear products through OpenBLAS's
-sgemm and through the packed AVX-512 kernel (`--linears`: only that one), whole-encoder time for one 5 s clip, a 6 x 5 s
-batch and one 30 s clip with the GPU paths' MLX kernels, the CPU paths as MLX ops, and the CPU paths with the CPU
-kernels, and one 5 s clip with the position projections computed
-every call vs cached (interleaved pairs). The model directory is written by bench/random_model.py if missing.
+sgemm and through each build of the packed matmul (`--linears`: only that one), whole-encoder time for one 5 s
+clip, a 6 x 5 s batch and one 30 s clip with the GPU paths' MLX kernels, the CPU paths as MLX ops, and the CPU
+paths with the CPU kernels, and one 5 s clip with the position projections computed every call vs cached
+(interleaved pairs). The model directory is written by bench/random_model.py if missing.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def kernel_ops_table(repeats: int) -> list[str]:
         ("dw_striding subsampling, 6 x 5 s", lambda: subsampling(feats, lens)[0]),
     ]
     # the attention after its projections (linear_out left out): 180m dims (8 heads of 64) and 1b dims (8 of 128),
-    # the composition with rel_softmax vs rel_attention (AVX-512), whichever the CPU runs
+    # the composition with rel_softmax vs rel_attention (AVX-512 or AVX2), whichever the CPU runs
     for b, t, d in ((1, 63, 512), (6, 63, 512), (1, 375, 512), (1, 63, 1024), (6, 63, 1024), (1, 375, 1024)):
         att = conformer.RelPositionMultiHeadAttention(d, 8)
         att.linear_out = nn.Identity()
@@ -136,8 +137,8 @@ def kernel_ops_table(repeats: int) -> list[str]:
 
 def linears_table(model_dir: Path, repeats: int) -> list[str]:
     """The encoder's Linear products at this model's dims, for one 5 s clip (63 rows) and a 6 x 5 s batch (378):
-    OpenBLAS's sgemm on the pre-transposed weight (TransposedLinear) against the packed AVX-512 kernel
-    (PackedLinear), alternating, with GFLOP/s."""
+    OpenBLAS's sgemm on the pre-transposed weight (TransposedLinear) against each build of the packed matmul this CPU
+    runs (PackedLinear: AVX2, AVX-512), alternating, with GFLOP/s."""
     import json
 
     from canary_server import _blas
@@ -146,36 +147,43 @@ def linears_table(model_dir: Path, repeats: int) -> list[str]:
     d, ff = enc["d_model"], enc["d_model"] * enc.get("ff_expansion_factor", 4)
     shapes = [("q, k, v, out, pos", d, d), ("feed-forward in", d, ff), ("feed-forward out", ff, d),
               ("conv pointwise 1", d, 2 * d)]  # fmt: skip
-    out = [f"OpenBLAS kernels: {_blas.openblas_core()}; packed kernel: "
-           + ("AVX-512" if cpu_kernels.packed_supported() else f"not available here ({cpu_kernels.status()})"),
-           "", "| product (K -> N) | rows | sgemm (ms) | GFLOP/s | packed (ms) | GFLOP/s | speed-up |",
-           "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name, k, n in shapes:
-        w, b = mx.random.normal((n, k)) * k**-0.5, mx.zeros((n,))
-        w_t = mx.contiguous(w.T)
-        wp = cpu_kernels.pack_weight(w) if cpu_kernels.packed_supported() else None
-        mx.eval(w_t, b, *([wp] if wp is not None else []))
-        for rows in (63, 378):
-            x = mx.random.normal((rows, k))
-            mx.eval(x)
-            flop = 2 * rows * k * n
-            runs: dict[str, list[float]] = {"sgemm": [], "packed": []}
-            for _ in range(3):
-                runs["sgemm"].append(timed(lambda x=x, w_t=w_t, b=b: mx.addmm(b, x, w_t), repeats))
-                if wp is not None:
-                    runs["packed"].append(timed(lambda x=x, wp=wp, b=b: cpu_kernels.packed_linear(x, wp, b), repeats))
-            sg = min(runs["sgemm"])
-            if wp is None:
-                out.append(f"| {name} ({k} -> {n}) | {rows} | {sg:.3f} | {flop / sg / 1e6:.0f} | - | - | - |")
-                continue
-            pk = min(runs["packed"])
-            out.append(f"| {name} ({k} -> {n}) | {rows} | {sg:.3f} | {flop / sg / 1e6:.0f} | {pk:.3f} "
-                       f"| {flop / pk / 1e6:.0f} | {sg / pk:.2f}x |")  # fmt: skip
+    best = cpu_kernels.packed_isa()
+    isas = list(cpu_kernels.PACKED_ISAS[: cpu_kernels.PACKED_ISAS.index(best) + 1]) if best else []
+    head = f"OpenBLAS kernels: {_blas.openblas_core()}; packed matmul builds: " + (
+        ", ".join(isas) if isas else f"none here ({cpu_kernels.status()})"
+    )
+    cols = "".join(f" packed, {i} (ms) | GFLOP/s | speed-up |" for i in isas)
+    out = [head, "", f"| product (K -> N) | rows | sgemm (ms) | GFLOP/s |{cols}", "|---|---:|---:|---:|"
+           + "---:|---:|---:|" * len(isas)]  # fmt: skip
+    if isas:  # the first call starts the kernels' helper thread: not inside a timing
+        mx.eval(cpu_kernels.packed_linear(mx.ones((63, d)), cpu_kernels.pack_weight(mx.ones((d, d))), None))
+    try:
+        for name, k, n in shapes:
+            w, b = mx.random.normal((n, k)) * k**-0.5, mx.zeros((n,))
+            w_t = mx.contiguous(w.T)
+            wp = cpu_kernels.pack_weight(w)
+            mx.eval(w_t, b, wp)
+            for rows in (63, 378):
+                x = mx.random.normal((rows, k))
+                mx.eval(x)
+                flop = 2 * rows * k * n
+                runs: dict[str, list[float]] = {"sgemm": [], **{i: [] for i in isas}}
+                for _ in range(3):
+                    runs["sgemm"].append(timed(lambda x=x, w_t=w_t, b=b: mx.addmm(b, x, w_t), repeats))
+                    for isa in isas:
+                        cpu_kernels.set_packed_isa(isa)
+                        runs[isa].append(timed(lambda x=x, wp=wp, b=b: cpu_kernels.packed_linear(x, wp, b), repeats))
+                sg = min(runs["sgemm"])
+                cells = "".join(f" {min(runs[i]):.3f} | {flop / min(runs[i]) / 1e6:.0f} | {sg / min(runs[i]):.2f}x |"
+                                for i in isas)  # fmt: skip
+                out.append(f"| {name} ({k} -> {n}) | {rows} | {sg:.3f} | {flop / sg / 1e6:.0f} |{cells}")
+    finally:
+        cpu_kernels.set_packed_isa(None)
     return out
 
 
 def encoder_table(model_dir: Path, repeats: int) -> list[str]:
-    m = model.load(model_dir)  # sets the CPU buffer cache and weight layout (packed Linears where AVX-512)
+    m = model.load(model_dir)  # sets the CPU buffer cache and weight layout (packed Linears with AVX-512 / AVX2)
     previous = cpu_kernels.set_enabled(False)
     try:
         m_plain = model.load(model_dir)  # kernels off at load: TransposedLinear (the MLX-ops and GPU-paths columns)

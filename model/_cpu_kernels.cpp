@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <mutex>
@@ -580,10 +581,73 @@ constexpr packed_block_fn kPackedBlocks[kTileRows + 1] = {
     packed_block_rows<5>,  packed_block_rows<6>,  packed_block_rows<7>, packed_block_rows<8>, packed_block_rows<9>,
     packed_block_rows<10>, packed_block_rows<11>, packed_block_rows<12>};
 
+// AVX2 + FMA (16 vector registers): the same layouts, a 12-row tile as groups of 3 rows x 32 columns (12
+// accumulators, one panel vector and 3 broadcasts live); the panel's block is read once per group, from L2.
+#define CANARY_AVX2 __attribute__((target("avx2,fma")))
+
+template <int R>
+CANARY_AVX2 __attribute__((always_inline)) inline void packed_group_avx2(const float* a, const float* b, size_t kn,
+                                                                          float* y, size_t ldy, const float* bias,
+                                                                          bool first, const char* pf, int pf_lines) {
+  __m256 c[R][4];
+#pragma GCC unroll 3
+  for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++)
+      c[i][j] = !first ? _mm256_loadu_ps(y + i * ldy + 8 * j) : bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps();
+  for (size_t k = 0; k < kn; k++) {
+    if (pf_lines) {
+      _mm_prefetch(pf + k * 64 * pf_lines, _MM_HINT_T0);
+      if (pf_lines == 2) _mm_prefetch(pf + k * 128 + 64, _MM_HINT_T0);
+    }
+    __m256 av[R];
+#pragma GCC unroll 3
+    for (int i = 0; i < R; i++) av[i] = _mm256_broadcast_ss(a + k * kTileRows + i);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+      const __m256 bj = _mm256_loadu_ps(b + k * kPanel + 8 * j);
+#pragma GCC unroll 3
+      for (int i = 0; i < R; i++) c[i][j] = _mm256_fmadd_ps(av[i], bj, c[i][j]);
+    }
+  }
+#pragma GCC unroll 3
+  for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + i * ldy + 8 * j, c[i][j]);
+}
+
+template <int R>
+CANARY_AVX2 void packed_block_avx2(const float* a, const float* b, size_t kn, float* y, size_t ldy,
+                                   const float* bias, bool first, const char* pf, int pf_lines) {
+  int i = 0;
+  for (; i + 3 <= R; i += 3)  // only the first group prefetches
+    packed_group_avx2<3>(a + i, b, kn, y + i * ldy, ldy, bias, first, i == 0 ? pf : nullptr, i == 0 ? pf_lines : 0);
+  if constexpr (R % 3 != 0)
+    packed_group_avx2<R % 3>(a + i, b, kn, y + i * ldy, ldy, bias, first, i == 0 ? pf : nullptr,
+                             i == 0 ? pf_lines : 0);
+}
+constexpr packed_block_fn kPackedBlocksAvx2[kTileRows + 1] = {
+    nullptr,               packed_block_avx2<1>,  packed_block_avx2<2>, packed_block_avx2<3>, packed_block_avx2<4>,
+    packed_block_avx2<5>,  packed_block_avx2<6>,  packed_block_avx2<7>, packed_block_avx2<8>, packed_block_avx2<9>,
+    packed_block_avx2<10>, packed_block_avx2<11>, packed_block_avx2<12>};
+
+// The blocks this CPU runs: AVX-512's, else AVX2's, else none (the packed matmul is then not offered).
+int best_packed_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
+std::atomic<int> packed_isa_now{best_packed_isa()};
+const packed_block_fn* packed_blocks() {
+  const int isa = packed_isa_now.load(std::memory_order_relaxed);
+  return isa == 2 ? kPackedBlocks : isa == 1 ? kPackedBlocksAvx2 : nullptr;
+}
+
 // Panels [p0, p1) of y (m rows, row stride ldy) from the packed x (tiles of 12 rows, K-major) and the packed weight.
 void packed_part(const float* ap, const float* wp, const float* bias, float* y, size_t ldy, size_t m, size_t k,
                  size_t p0, size_t p1) {
   const size_t tiles = (m + kTileRows - 1) / kTileRows;
+  const packed_block_fn* blocks = packed_blocks();
   for (size_t k0 = 0; k0 < k; k0 += kBlockK) {
     const size_t kn = std::min(kBlockK, k - k0);
     for (size_t t0 = 0; t0 < tiles; t0 += kBlockTiles) {
@@ -602,7 +666,7 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
             pf = next + (t - t0) * kn * 64, pf_lines = 1;
           }
           const size_t rows = std::min(kTileRows, m - t * kTileRows);
-          kPackedBlocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * ldy + p * kPanel, ldy,
+          blocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * ldy + p * kPanel, ldy,
                               bias ? bias + p * kPanel : nullptr, k0 == 0, pf, pf_lines);
         }
       }
@@ -610,12 +674,22 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
   }
 }
 
-bool packed_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return ok;
+bool packed_supported() { return packed_blocks() != nullptr; }
+
+// 'avx512', 'avx2' or '' (none); set_packed_isa(name) runs a lower build than the best (tests and benches compare
+// them; '': the best) and returns the previous one. Layouts are the same for every build.
+const char* packed_isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : ""; }
+std::string packed_isa() { return packed_isa_name(packed_isa_now.load()); }
+std::string set_packed_isa(const std::string& name) {
+  const int best = best_packed_isa();
+  int want = name == "avx512" ? 2 : name == "avx2" ? 1 : name.empty() ? best : -1;
+  if (want < 0) throw std::invalid_argument("set_packed_isa: 'avx512', 'avx2' or ''");
+  return packed_isa_name(packed_isa_now.exchange(std::min(want, best)));
 }
 #else
 bool packed_supported() { return false; }
+std::string packed_isa() { return ""; }
+std::string set_packed_isa(const std::string&) { return ""; }
 void packed_part(const float*, const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t) {}
 #endif
 
@@ -1001,12 +1075,12 @@ mx::array rel_attention(const mx::array& q, const mx::array& k, const mx::array&
     throw std::invalid_argument(
         "rel_attention: q, k, v (B, T, D), p (2T-1, D), pos_bias_u and pos_bias_v (H, D / H), valid (B, T) bool");
   if (!packed_supported() || u.shape(1) % int(kPanel) != 0)
-    throw std::invalid_argument("rel_attention: needs AVX-512 and a head size that is a multiple of 32");
+    throw std::invalid_argument("rel_attention: needs AVX-512 or AVX2 and a head size that is a multiple of 32");
   return make(q.shape(), mx::float32, Op::RelAttention, {q, k, v, p, u, vb, valid});
 }
 
 mx::array packed_linear(const mx::array& x, const mx::array& wp, const std::optional<mx::array>& bias) {
-  if (!packed_supported()) throw std::invalid_argument("packed_linear: this CPU has no AVX-512");
+  if (!packed_supported()) throw std::invalid_argument("packed_linear: this CPU has neither AVX-512 nor AVX2");
   if (x.ndim() != 2 || wp.ndim() != 3 || wp.shape(2) != int(kPanel) || wp.shape(1) != x.shape(1) ||
       (bias && (bias->ndim() != 1 || bias->shape(0) != wp.shape(0) * int(kPanel))))
     throw std::invalid_argument("packed_linear: x (M, K), wp (N / 32, K, 32), bias (N) or None");
@@ -1018,6 +1092,7 @@ mx::array packed_linear(const mx::array& x, const mx::array& wp, const std::opti
 }  // namespace
 
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
 NB_MODULE(_cpu_kernels, m) {
   m.doc() = "canary-server's fused float32 encoder kernels for MLX's CPU backend (model/cpu_kernels.py)";
@@ -1036,6 +1111,8 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("scale"));
   m.def("packed_linear", &packed_linear, nb::arg("x"), nb::arg("wp"), nb::arg("bias").none());
   m.def("packed_supported", &packed_supported);
+  m.def("packed_isa", &packed_isa);
+  m.def("set_packed_isa", &set_packed_isa, nb::arg("name"));
   m.def("rel_attention", &rel_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("p"), nb::arg("u"),
         nb::arg("vb"), nb::arg("valid"));
   m.def("rel_softmax", &rel_softmax, nb::arg("ac"), nb::arg("bd"), nb::arg("valid"), nb::arg("sqrt_dk"));

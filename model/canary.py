@@ -137,16 +137,18 @@ class Canary(nn.Module):
         return self.log_probs(hidden[:, -1])[:, lang_ids]  # (B, L)
 
     def use_cpu_layout(self) -> None:
-        """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's packed for the AVX-512
-        kernel where the CPU has it, else transposed; the decoder's packed too where the CPU has AVX-512 (as fast
-        as sgemv for a batch-1 step, faster from 2 rows), else left in nn.Linear's layout, which OpenBLAS's sgemv
-        reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
+        """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's packed for the CPU
+        kernel's matmul (AVX-512 or AVX2), else transposed; the decoder's packed too where the CPU has AVX-512 (as
+        fast as sgemv for a batch-1 step, faster from 4 rows), else left in nn.Linear's layout, which OpenBLAS's
+        sgemv reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
+        from . import cpu_kernels
         from .cpu_layout import pack_linears, pretranspose_linears, wrap_quantized
 
         for name, child in self.children().items():
             if name != "decoder" and isinstance(child, nn.Module):
                 pretranspose_linears(child)
-        pack_linears(self.decoder)
+        if cpu_kernels.packed_isa() == "avx512":
+            pack_linears(self.decoder)
         wrap_quantized(self.decoder)  # 8-bit decoder weights: the step's matmuls read bytes (cpu_kernels.qmatmul8)
         mx.eval(self.parameters())
 

@@ -99,7 +99,7 @@ class ConvSubsampling(nn.Module):
             nxt = _conv_out_len(lens)
             x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, i > 1)
             b, t, f, c = x.shape
-            if packed:  # the packed AVX-512 matmul (model/cpu_layout.py's PackedLinear)
+            if packed:  # the packed matmul (model/cpu_layout.py's PackedLinear)
                 x = cpu_kernels.packed_linear(x.reshape(-1, c), weights[i + 1], pw.bias).reshape(b, t, f, c)
             else:
                 x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)

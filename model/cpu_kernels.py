@@ -16,16 +16,16 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
   bytes (a quarter of float32's) with the group's scale and bias applied to partial sums (MLX's CPU quantized
   matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
 * `rel_attention(q, k, v, pos, pos_bias_u, pos_bias_v, valid)`: the conformer's relative-position attention after
-  its projections, per batch row and head in one pass through the packed matmul's AVX-512 blocks (MLX's CPU
-  backend makes one BLAS call per batch row and head for each of its three products: 3-4x at a 5 s clip, 2.7-7.5x
-  at 30 s; bench/encoder_ops.py); without AVX-512, `rel_softmax(ac, bd, valid, sqrt_dk)`: the attention weights
-  from the content scores and the un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
+  its projections, per batch row and head in one pass through the packed matmul's blocks (MLX's CPU backend makes
+  one BLAS call per batch row and head for each of its three products: 3-4x at a 5 s clip, 2.6-7.5x at 30 s;
+  bench/encoder_ops.py); on CPUs without AVX2, `rel_softmax(ac, bd, valid, sqrt_dk)`: the attention weights from
+  the content scores and the un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
 * `packed_linear(x, wp, bias)`: x @ W^T + bias with W stored once, at load, as panels of 32 output features
-  (`pack_weight`), by an AVX-512 kernel: it does not pack W again on every call as sgemm does, and it runs 512-bit
-  FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's does on AMD Zen 4 and 5 when told to, or when it does
-  not know the CPU): a 5 s clip's encoder Linears ~2x OpenBLAS's sgemm on this project's Zen 5 machine
-  (bench/encoder_ops.py --linears). model/cpu_layout.py's PackedLinear uses it for the encoder's float32 Linears
-  where the CPU has AVX-512 (`packed_supported()`);
+  (`pack_weight`), by register-blocked AVX-512 or AVX2 kernels (`packed_isa()`): it does not pack W again on every
+  call as sgemm does, and with AVX-512 it runs 512-bit FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's
+  0.3.21 does on AMD Zen 4 and 5 when told to, or when it does not know the CPU). On this project's Zen 5 machine the
+  encoder's Linears run ~2x OpenBLAS's sgemm with AVX-512, 1.1-1.3x with AVX2 (bench/encoder_ops.py --linears).
+  model/cpu_layout.py's PackedLinear uses it for the encoder's float32 Linears, and the decoder's with AVX-512;
 * `decode_attention(q, k, v, mask, scale)`: a decoder step's attention (one query per row) in one pass, reading
   the K/V of unmasked positions only (MLX's CPU composition is two batched matmuls of one row, i.e. one BLAS call
   per row and head, plus the softmax: 9 ms of a 30 ms step at batch 16; it reads a self-attention cache to its
@@ -227,8 +227,24 @@ PANEL = 32  # output features per panel of a packed weight
 
 
 def packed_supported() -> bool:
-    """Whether `packed_linear` can run here: the library loaded (not turned off) and the CPU has AVX-512."""
+    """Whether `packed_linear` can run here: the library loaded (not turned off) and the CPU has AVX-512 or AVX2."""
     return _enabled and _load() is not None and bool(_module.packed_supported())
+
+
+PACKED_ISAS = ("avx2", "avx512")  # the packed matmul's builds, lowest first
+
+
+def packed_isa() -> str | None:
+    """The build the packed matmul runs ('avx512' or 'avx2'), or None when it cannot run here."""
+    return _module.packed_isa() if packed_supported() else None
+
+
+def set_packed_isa(name: str | None) -> str | None:
+    """Run the packed matmul's `name` build (tests and benches compare them) if this CPU has it, else its best;
+    None: its best. Returns the previous one (None when the library is not loaded)."""
+    if _load() is None:
+        return None
+    return _module.set_packed_isa(name or "") or None
 
 
 def pack_weight(weight: mx.array) -> mx.array:
@@ -259,7 +275,7 @@ def rel_attention(
     """The conformer's relative-position attention after its projections: q, k, v (B, T, D), pos (2T-1, D) the
     projected positions T-1 .. -(T-1), the position biases (H, D / H), valid (B, T) bool -> (B, T, D), ready for
     linear_out: NeMo's two score products, rel_shift, scaling, masked softmax and weighted sum of v, per batch row
-    and head in one pass (AVX-512; head size a multiple of 32). Padded query rows are zero."""
+    and head in one pass (AVX-512 or AVX2; head size a multiple of 32). Padded query rows are zero."""
     return _module.rel_attention(q, k, v, pos, pos_bias_u, pos_bias_v, valid)
 
 

@@ -1,15 +1,17 @@
 """CPU-backend tuning: the encoder's Linear weights stored for the CPU's matmul, and a larger MLX buffer cache.
 
 With the CPU paths (model/backend.py) the loader swaps the encoder's nn.Linears once (`Canary.use_cpu_layout`):
-* for `PackedLinear` where the CPU has AVX-512 and the CPU kernels are there (model/cpu_kernels.py): the weight
-  stored as panels of 32 output features for `cpu_kernels.packed_linear`, ~2x OpenBLAS's sgemm on the encoder's
-  shapes on this project's Zen 5 machine (it packs nothing per call, and runs 512-bit FMAs);
+* for `PackedLinear` where the CPU kernels are there with AVX-512 or AVX2 (model/cpu_kernels.py): the weight
+  stored as panels of 32 output features for `cpu_kernels.packed_linear`, which packs nothing per call (sgemm packs
+  the weight on every call) and runs 512-bit FMAs with AVX-512: on this project's Zen 5 machine ~2x OpenBLAS's
+  sgemm on the encoder's shapes with AVX-512, 1.1-1.3x with AVX2;
 * else for `TransposedLinear`: MLX's CPU matmul of `x @ W.T` (what nn.Linear computes) is 4-7% slower than
   `x @ Wt` with a contiguous pre-transposed `Wt` for encoder-sized inputs (63+ rows).
 Either replaces the weight (no second copy). The decoder's Linears are packed too where the CPU has AVX-512
 (`pack_linears`: as fast as sgemv for one row, 1.3-2.5x the few-row products from 9 rows); elsewhere they keep
-nn.Linear's layout, whose rows OpenBLAS's sgemv (canary_server/_gemv_forward.c) reads fastest at batch 1. The
-math is the same; the GPU paths keep MLX's own layout.
+nn.Linear's layout, whose rows OpenBLAS's sgemv (canary_server/_gemv_forward.c) reads fastest at batch 1 (the
+AVX2 build of the packed matmul only ties the few-row kernel up to 9 rows). The math is the same; the GPU paths
+keep MLX's own layout.
 
 MLX keeps at most 32 MB of freed buffers for reuse on its CPU backend; every larger temporary (the encoder's
 subsampling activations are ~100 MB for 30 s of audio) is then a fresh allocation whose pages fault in on first
@@ -156,8 +158,7 @@ def pretranspose_linears(module: nn.Module) -> int:
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every nn.Linear below `module` that PackedLinear fits (none where the CPU has no AVX-512); returns how
-    many were replaced."""
+    """Replace every nn.Linear below `module` that PackedLinear fits; returns how many were replaced."""
     return _replace_layers(module, lambda m: PackedLinear(m) if PackedLinear.fits(m) else None)
 
 

@@ -105,10 +105,15 @@ def test_layer_norm_equals_mlx_layer_norm():
     ("d_model", "heads", "t", "lengths"),
     [(64, 4, 29, [29, 17, 1]), (128, 2, 29, [29, 17, 1]), (256, 4, 63, [63]), (128, 4, 130, [130, 97, 12, 40])],
 )
-def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off, d_model, heads, t, lengths):
+@pytest.mark.parametrize("isa", cpu_kernels.PACKED_ISAS)
+def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off, d_model, heads, t, lengths, isa):
     """The kernels do NeMo's two score products, rel_shift, scaling, masking, softmax and weighted sum: the attention
     module's output with them equals the composition's, padded batch rows (all zero weights) included. Head size 16:
-    `rel_softmax`; 32 and 64 (AVX-512): `rel_attention`, with several 12-row blocks and 32-key panels at 130 frames."""
+    `rel_softmax`; 32 and 64: `rel_attention` (each build of the packed matmul the CPU runs), with several 12-row
+    blocks and 32-key panels at 130 frames."""
+    if cpu_kernels.packed_supported() and isa not in PACKED_ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    previous = cpu_kernels.set_packed_isa(isa)
     rng = np.random.default_rng(3)
     d_k = d_model // heads
     att = RelPositionMultiHeadAttention(d_model, heads)
@@ -123,6 +128,7 @@ def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off, 
         cpu_kernels.set_enabled(True)
         assert cpu_kernels.rel_attention_usable(d_k, x) == (d_k % 32 == 0 and cpu_kernels.packed_supported())
         got = att(x, pos, mask, valid)
+    cpu_kernels.set_packed_isa(previous)
     _close(got, want, rtol=1e-5, atol=2e-6)
 
 
@@ -372,16 +378,28 @@ def test_decoder_bits_quantizes_the_decoder_only_and_is_checked(espeak_dir):
         model.load(espeak_dir, decoder_bits=4)
 
 
-packed = pytest.mark.skipif(not cpu_kernels.packed_supported(), reason="the packed matmul needs AVX-512")
+packed = pytest.mark.skipif(not cpu_kernels.packed_supported(), reason="the packed matmul needs AVX-512 or AVX2")
+# every build of the packed matmul this CPU runs (the tests of both on an AVX-512 machine)
+_BEST = cpu_kernels.packed_isa()
+PACKED_ISAS = list(cpu_kernels.PACKED_ISAS[: cpu_kernels.PACKED_ISAS.index(_BEST) + 1]) if _BEST else []
 
 
-@packed
+@pytest.fixture(params=PACKED_ISAS or ["none"])
+def packed_isa(request):
+    if request.param == "none":
+        pytest.skip("the packed matmul needs AVX-512 or AVX2")
+    previous = cpu_kernels.set_packed_isa(request.param)
+    assert cpu_kernels.packed_isa() == request.param
+    yield request.param
+    cpu_kernels.set_packed_isa(previous)
+
+
 @pytest.mark.parametrize(
     ("m", "k", "n"),
     [(1, 64, 32), (5, 700, 96), (13, 1100, 64), (63, 512, 256), (130, 1030, 320), (250, 96, 512), (0, 64, 64)],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_equals_the_matmul(m, k, n, bias):
+def test_packed_linear_equals_the_matmul(packed_isa, m, k, n, bias):
     """Every row count of the 12-row blocks (tails of 1..11), several blocks of K (512) with a remainder, more rows
     than one block of 120, a single panel (one thread), no rows at all."""
     rng = np.random.default_rng(m * 7 + k)
@@ -419,8 +437,7 @@ def test_pack_weight_and_unpack_weight_are_inverse():
     assert mx.array_equal(cpu_kernels.unpack_weight(wp), w.T)
 
 
-@packed
-def test_packed_linear_layers_equal_nn_linear_with_and_without_the_kernels(kernels_off):
+def test_packed_linear_layers_equal_nn_linear_with_and_without_the_kernels(packed_isa, kernels_off):
     """PackedLinear on (B, T, K) input as nn.Linear computes it, with the kernel and (turned off after loading) from
     an unpacked copy; a layer whose output features are not whole panels, or not float32, is not packed."""
     from canary_server.model.cpu_layout import PackedLinear
