@@ -321,10 +321,8 @@ def check_prompt_length(prompt_len: int, max_sequence_length: int) -> None:
 
 
 def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Greedy token on the device and its log-probability."""
-    token = mx.argmax(logits, axis=-1)
-    lse = mx.logsumexp(logits, axis=-1)
-    return token, mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
+    """Greedy token on the device and its log-probability (argmax and logsumexp; one fused pass on the CPU paths)."""
+    return cpu_kernels.pick(logits)
 
 
 def round_up(n: int, step: int) -> int:

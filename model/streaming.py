@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_kernels
 from .batch_decoder import check_prompt_length
 from .cache import KVCache
 from .decoder import NEG_INF, causal_mask, cross_attention_mask
@@ -216,8 +217,7 @@ class StreamingDecoder:
 
 def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
     """Greedy token per row and its log-softmax value, from the same (float32) logits, as batch_decoder's."""
-    token = mx.argmax(logits, axis=-1)
-    return token, mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    return cpu_kernels.pick(logits)
 
 
 def _last_token(s: Stream) -> int:

@@ -459,3 +459,36 @@ def test_packed_linear_layers_equal_nn_linear_with_and_without_the_kernels(packe
     assert not PackedLinear.fits(half)
     cpu_kernels.set_enabled(False)
     assert not PackedLinear.fits(nn.Linear(8, 64))  # off at load: nothing is packed
+
+
+@loaded
+@pytest.mark.parametrize(("b", "v"), [(1, 5248), (16, 5248), (3, 1), (5, 77)])
+def test_greedy_pick_equals_argmax_and_logsumexp(b, v):
+    """The first maximum (ties included) and its log-softmax value, as the batch decoder's MLX composition gives
+    them; a row with +inf or NaN gets a NaN log-prob as there (what the overflow guard looks for), -inf is a token
+    never picked."""
+    rng = np.random.default_rng(b * v)
+    x = rng.normal(0, 4, (b, v)).astype(np.float32)
+    if v > 2:
+        x[0, 1] = x[0, v - 1] = x[0].max() + 1.0  # a tie: the first one wins
+    logits = mx.array(x)
+    with backend.forced(backend.CPU):
+        token, lp = cpu_kernels.pick(logits)
+    want_token = mx.argmax(logits, axis=-1)
+    want_lp = mx.take_along_axis(logits, want_token[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    assert token.dtype == want_token.dtype and mx.array_equal(token, want_token)
+    _close(lp, want_lp, rtol=1e-6, atol=2e-5)
+    if b > 1:
+        for bad in (np.inf, -np.inf, np.nan):
+            y = x.copy()
+            y[1, v // 2] = bad
+            with backend.forced(backend.CPU):
+                _, lp = cpu_kernels.pick(mx.array(y))
+            got = np.array(lp)
+            assert np.isfinite(np.delete(got, 1)).all()
+            if bad == -np.inf:
+                ym = mx.array(y)
+                top = mx.take_along_axis(ym, mx.argmax(ym, axis=-1)[:, None], axis=-1)[:, 0]
+                _close(lp, top - mx.logsumexp(ym, axis=-1), rtol=1e-6, atol=2e-5)
+            else:
+                assert np.isnan(got[1])
