@@ -103,8 +103,9 @@ def test_layer_norm_equals_mlx_layer_norm():
 @loaded
 @pytest.mark.parametrize(
     ("d_model", "heads", "t", "lengths"),
-    [(64, 4, 29, [29, 17, 1]), (128, 2, 29, [29, 17, 1]), (256, 4, 63, [63]), (128, 4, 130, [130, 97, 12, 40])],
-)
+    [(64, 4, 29, [29, 17, 1]), (128, 2, 29, [29, 17, 1]), (256, 4, 63, [63]), (128, 4, 130, [130, 97, 12, 40]),
+     (64, 2, 1, [1]), (64, 2, 2, [2, 1])],
+)  # fmt: skip
 @pytest.mark.parametrize("isa", cpu_kernels.PACKED_ISAS)
 def test_relative_attention_with_the_kernel_equals_the_composition(kernels_off, d_model, heads, t, lengths, isa):
     """The kernels do NeMo's two score products, rel_shift, scaling, masking, softmax and weighted sum: the attention
