@@ -46,12 +46,20 @@ def _write_stats(path: str) -> None:
     """Every half second (the server may be stopped by a signal, so no atexit hook)."""
     import mlx.core as mx  # after canary_server: its import preloads OpenBLAS
 
-    from canary_server.model import backend
+    from canary_server import _blas
+    from canary_server.model import backend, cpu_kernels
     from machine_info import peak_rss_bytes
 
     while True:
         stats = {"mlx_peak_memory_bytes": mx.get_peak_memory(), "peak_rss_bytes": peak_rss_bytes()}
-        stats.update(mlx=f"MLX {mx.__version__}", device=str(mx.default_device()), paths=f"{backend.paths()} paths")
+        paths = f"{backend.paths()} paths"
+        if backend.cpu_paths() and sys.platform.startswith("linux"):  # what computes the matmuls (README, Linux note)
+            core = _blas.openblas_core()
+            paths += f", OpenBLAS {core} kernels" if core else ", no OpenBLAS"
+            paths += f", CPU kernels {cpu_kernels.status()}"
+            if cpu_kernels.packed_isa():
+                paths += f" (packed matmul: {cpu_kernels.packed_isa()})"
+        stats.update(mlx=f"MLX {mx.__version__}", device=str(mx.default_device()), paths=paths)
         Path(path).write_text(json.dumps(stats))
         time.sleep(0.5)
 

@@ -6,7 +6,9 @@
 // elementwise op as its own pass over memory: a SiLU written as MLX arithmetic (model/cpu_math.py) is ~20 passes,
 // a LayerNorm ~10. Each kernel here is one vectorised loop (AVX2 + FMA where the CPU has them, chosen at run time
 // by target_clones) computing the same function: the exp polynomial is cpu_math's (Cephes, MLX's own CPU exp), the
-// sums are in the order the MLX composition makes them. CPU only: eval_gpu throws (the GPU paths never call these).
+// sums are in the order the MLX composition makes them. The packed matmul and the conformer attention built on it
+// are register-blocked AVX-512 or AVX2 code chosen at load (their sums are in another order than BLAS's: equal up
+// to float32 rounding). CPU only: eval_gpu throws (the GPU paths never call these).
 //
 // Inputs must be row-contiguous float32 (the Python wrappers make them so); outputs are fresh row-contiguous arrays.
 
@@ -551,7 +553,7 @@ void decode_attention_kernel(const float* q, const float* k, const float* v, con
   });
 }
 
-// ---- packed matmul (AVX-512): y = x @ W^T + bias for the encoder's Linear layers ------------------------------
+// ---- packed matmul (AVX-512 or AVX2): y = x @ W^T + bias for the encoder's and decoder's Linear layers --------
 // W (N, K) is stored once, at load, as panels of 32 output features, K-major: wp[p][k][j] = W[32 p + j][k]
 // (model/cpu_layout.py's PackedLinear). Each 12 x 32 block of y is 24 AVX-512 accumulators fed by one panel row
 // (two vectors) and 12 broadcasts of x per k. Against OpenBLAS's sgemm it saves packing W on every call (~20% at
@@ -745,7 +747,7 @@ void packed_linear_kernel(const float* x, const float* wp, const float* bias, fl
                    [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, n, m, k, p0, p1); });
 }
 
-// ---- relative-position self-attention (AVX-512, through the packed matmul's blocks) -------------------------
+// ---- relative-position self-attention (through the packed matmul's blocks) -----------------------------------
 // The conformer's attention after its q, k, v projections (NeMo's RelPositionMultiHeadAttention): q, k, v (B, T,
 // D = H * dk) as the Linears give them, p (2T-1, D) the projected positions T-1 .. -(T-1), u and vb (H, dk) the
 // position biases, valid (B, T) (a prefix per row). Query row i of head h: s[j] = ((q_i + u) . k_j + (q_i + vb) .
