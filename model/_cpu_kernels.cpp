@@ -945,9 +945,9 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         break;
       }
       case Op::PackedLinear: {
-        // inputs: x (M, K), wp (N / 32, K, 32)[, bias (N)]; a scratch buffer for x in tiles, from MLX's allocator
+        // inputs: x (..., K), wp (N / 32, K, 32)[, bias (N)]; a scratch buffer for x in tiles, from MLX's allocator
         const float* bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr;
-        const size_t m = out.shape(0), k = inputs[0].shape(1), n = out.shape(1);
+        const size_t k = inputs[0].shape(-1), n = out.shape(-1), m = out.size() / n;
         if (m == 0) break;
         const size_t tiles = (m + kTileRows - 1) / kTileRows;
         auto scratch = mx::allocator::allocator().malloc(tiles * kTileRows * k * sizeof(float));
@@ -1009,9 +1009,10 @@ mx::array prep(const mx::array& a, mx::Stream s) {
   if (a.dtype() != mx::float32 && a.dtype() != mx::bool_ && a.dtype() != mx::int32 && a.dtype() != mx::uint32)
     throw std::invalid_argument("float32 inputs only");
   // An evaluated row-contiguous array (a weight) is passed as it is: a Contiguous node would be one more op to
-  // dispatch per input per call. Anything else may turn out strided when it is computed: MLX makes it contiguous
-  // (a no-op when it already is).
+  // dispatch per input per call; so is another kernel's output (always a fresh row-contiguous array). Anything else
+  // may turn out strided when it is computed: MLX makes it contiguous (a no-op when it already is).
   if (a.status() != mx::array::Status::unscheduled && a.flags().row_contiguous) return a;
+  if (a.has_primitive() && dynamic_cast<const CanaryCpuKernel*>(&a.primitive()) != nullptr) return a;
   return mx::contiguous(a, false, s);
 }
 
@@ -1126,12 +1127,14 @@ mx::array rel_attention(const mx::array& q, const mx::array& k, const mx::array&
 
 mx::array packed_linear(const mx::array& x, const mx::array& wp, const std::optional<mx::array>& bias) {
   if (!packed_supported()) throw std::invalid_argument("packed_linear: this CPU has neither AVX-512 nor AVX2");
-  if (x.ndim() != 2 || wp.ndim() != 3 || wp.shape(2) != int(kPanel) || wp.shape(1) != x.shape(1) ||
+  if (x.ndim() < 1 || wp.ndim() != 3 || wp.shape(0) < 1 || wp.shape(2) != int(kPanel) || wp.shape(1) != x.shape(-1) ||
       (bias && (bias->ndim() != 1 || bias->shape(0) != wp.shape(0) * int(kPanel))))
-    throw std::invalid_argument("packed_linear: x (M, K), wp (N / 32, K, 32), bias (N) or None");
+    throw std::invalid_argument("packed_linear: x (..., K), wp (N / 32, K, 32), bias (N) or None");
   std::vector<mx::array> inputs = {x, wp};
   if (bias) inputs.push_back(*bias);
-  return make({x.shape(0), wp.shape(0) * int(kPanel)}, mx::float32, Op::PackedLinear, std::move(inputs));
+  auto shape = x.shape();
+  shape.back() = wp.shape(0) * int(kPanel);
+  return make(shape, mx::float32, Op::PackedLinear, std::move(inputs));
 }
 
 }  // namespace

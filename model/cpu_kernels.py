@@ -262,7 +262,7 @@ def unpack_weight(wp: mx.array) -> mx.array:
 
 
 def packed_linear(x: mx.array, wp: mx.array, bias: mx.array | None) -> mx.array:
-    """x (M, K) @ W^T + bias for W packed by `pack_weight` (wp (N / 32, K, 32)); bias (N,) or None."""
+    """x (..., K) @ W^T + bias -> (..., N) for W packed by `pack_weight` (wp (N / 32, K, 32)); bias (N,) or None."""
     return _module.packed_linear(x, wp, bias)
 
 

@@ -70,10 +70,8 @@ class PackedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
-        k = self.weight_p.shape[1]
-        if x.ndim >= 1 and x.shape[-1] == k and cpu_kernels.usable(x, self.weight_p):
-            y = cpu_kernels.packed_linear(x.reshape(-1, k), self.weight_p, bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if x.ndim >= 1 and x.shape[-1] == self.weight_p.shape[1] and cpu_kernels.usable(x, self.weight_p):
+            return cpu_kernels.packed_linear(x, self.weight_p, bias)  # leading dims kept: no reshape ops per call
         w_t = cpu_kernels.unpack_weight(self.weight_p)
         return x @ w_t if bias is None else mx.addmm(bias, x, w_t)
 

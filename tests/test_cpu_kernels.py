@@ -426,7 +426,8 @@ def test_rel_attention_refuses_what_it_cannot_compute():
 @packed
 def test_packed_linear_refuses_what_it_cannot_compute():
     x, wp = mx.zeros((3, 64)), cpu_kernels.pack_weight(mx.zeros((64, 64)))
-    for args in ((x, wp[:, :32], None), (x, wp, mx.zeros((63,))), (x[None], wp, None), (x, mx.zeros((64, 64)), None)):
+    for args in ((x, wp[:, :32], None), (x, wp, mx.zeros((63,))), (x[:, :32], wp, None), (x, mx.zeros((64, 64)), None),
+                 (x, wp[:0], None)):  # fmt: skip
         with pytest.raises(ValueError):
             cpu_kernels.packed_linear(*args)
 
