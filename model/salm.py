@@ -18,6 +18,7 @@ from .audio import SAMPLE_RATE, AudioSource, load_audio, pad_batch
 from .canary import Transcription
 from .config import EncoderConfig, PreprocessorConfig, QuantizationConfig
 from .conformer import ConformerEncoder, drain
+from .cpu_layout import pretranspose_linears, use_cpu_layout
 from .features import Preprocessor
 from .salm_decoder import SalmBatchDecoder
 from .salm_prompt import SalmTokenizer
@@ -186,4 +187,7 @@ def load_salm(directory: Path, config: dict[str, Any], dtype: mx.Dtype | str | N
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    if use_cpu_layout():  # the encoder's Linears laid out for the CPU's matmul, as Canary's (model/cpu_layout.py)
+        pretranspose_linears(model.encoder)
+        mx.eval(model.encoder.parameters())
     return model

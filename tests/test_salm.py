@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -57,6 +58,16 @@ def salm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def salm(salm_dir: Path):
     return model.load(salm_dir)
+
+
+def test_the_encoder_is_laid_out_for_the_cpu_matmul_on_the_cpu_paths_only(salm_dir: Path):
+    """As Canary's (model/cpu_layout.py): packed or transposed Linears with the CPU paths, MLX's layout with the GPU
+    paths; the LLM keeps its own. The NeMo comparisons above run this model on both paths."""
+    for kind, plain_left in ((backend.CPU, False), (backend.GPU, True)):
+        with backend.forced(kind):
+            m = model.load(salm_dir)
+        assert any(type(x) is nn.Linear for _, x in m.encoder.named_modules()) == plain_left
+        assert any(type(x) is nn.Linear for _, x in m.llm.named_modules())
 
 
 def test_converted_config_names_the_llm_and_the_merged_lora(salm_dir: Path):
