@@ -187,7 +187,8 @@ def load_salm(directory: Path, config: dict[str, Any], dtype: mx.Dtype | str | N
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    if use_cpu_layout():  # the encoder's Linears laid out for the CPU's matmul, as Canary's (model/cpu_layout.py)
-        pretranspose_linears(model.encoder)
+    del weights  # (else every weight the layout replaces would stay alive until this returns)
+    if use_cpu_layout():  # the encoder's Linears laid out for the CPU's matmul, as Canary's (model/cpu_layout.py); the
+        pretranspose_linears(model.encoder)  # LLM keeps nn.Linear's rows (packing it: BENCHMARKS, issue 23 round 5)
         mx.eval(model.encoder.parameters())
     return model

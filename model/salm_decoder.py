@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from . import cpu_kernels
+
 
 class SalmBatchDecoder:
     def __init__(self, llm, eos_id: int) -> None:
@@ -64,9 +66,11 @@ class SalmBatchDecoder:
 def _greedy(logits: mx.array) -> tuple[mx.array, mx.array]:
     """logits (B, V) -> argmax ids (B,) and their log-probabilities (B,), in float32 (NaN where a row's logits are
     not all finite)."""
-    finite = mx.all(mx.isfinite(logits), axis=-1) if logits.dtype != mx.float32 else None
+    if logits.dtype == mx.float32:
+        return cpu_kernels.pick(logits)  # argmax and logsumexp, one fused pass on the CPU paths (vocab 151 936)
+    finite = mx.all(mx.isfinite(logits), axis=-1)
     logits = logits.astype(mx.float32)
     ids = mx.argmax(logits, axis=-1)
     chosen = mx.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
     lps = chosen - mx.logsumexp(logits, axis=-1)
-    return ids, lps if finite is None else mx.where(finite, lps, mx.nan)
+    return ids, mx.where(finite, lps, mx.nan)

@@ -22,6 +22,7 @@ from canary_server.convert.errors import ConversionError
 from canary_server.convert.salm import convert_salm
 from canary_server.model import backend
 from canary_server.model.audio import load_audio
+from canary_server.model.cpu_layout import PackedLinear
 from conftest import ESPEAK_CLIPS, FIXTURES
 
 SALM = FIXTURES / "salm"
@@ -62,12 +63,12 @@ def salm(salm_dir: Path):
 
 def test_the_encoder_is_laid_out_for_the_cpu_matmul_on_the_cpu_paths_only(salm_dir: Path):
     """As Canary's (model/cpu_layout.py): packed or transposed Linears with the CPU paths, MLX's layout with the GPU
-    paths; the LLM keeps its own. The NeMo comparisons above run this model on both paths."""
-    for kind, plain_left in ((backend.CPU, False), (backend.GPU, True)):
+    paths; the LLM keeps nn.Linear's. The NeMo comparisons above run this model on both paths."""
+    for kind in (backend.CPU, backend.GPU):
         with backend.forced(kind):
             m = model.load(salm_dir)
-        assert any(type(x) is nn.Linear for _, x in m.encoder.named_modules()) == plain_left
-        assert any(type(x) is nn.Linear for _, x in m.llm.named_modules())
+        assert any(type(x) is nn.Linear for _, x in m.encoder.named_modules()) != (kind == backend.CPU)
+        assert all(type(x) is not PackedLinear for _, x in m.llm.named_modules())
 
 
 def test_converted_config_names_the_llm_and_the_merged_lora(salm_dir: Path):
