@@ -50,15 +50,15 @@ def _write_stats(path: str) -> None:
     from canary_server.model import backend, cpu_kernels
     from machine_info import peak_rss_bytes
 
+    paths = f"{backend.paths()} paths"
+    if backend.cpu_paths() and sys.platform.startswith("linux"):  # what computes the matmuls (README, Linux note)
+        core = _blas.openblas_core()
+        paths += f", OpenBLAS {core} kernels" if core else ", no OpenBLAS"
+        paths += f", CPU kernels {cpu_kernels.status()}"
+        if cpu_kernels.packed_isa():
+            paths += f" (packed matmul: {cpu_kernels.packed_isa()})"
     while True:
         stats = {"mlx_peak_memory_bytes": mx.get_peak_memory(), "peak_rss_bytes": peak_rss_bytes()}
-        paths = f"{backend.paths()} paths"
-        if backend.cpu_paths() and sys.platform.startswith("linux"):  # what computes the matmuls (README, Linux note)
-            core = _blas.openblas_core()
-            paths += f", OpenBLAS {core} kernels" if core else ", no OpenBLAS"
-            paths += f", CPU kernels {cpu_kernels.status()}"
-            if cpu_kernels.packed_isa():
-                paths += f" (packed matmul: {cpu_kernels.packed_isa()})"
         stats.update(mlx=f"MLX {mx.__version__}", device=str(mx.default_device()), paths=paths)
         Path(path).write_text(json.dumps(stats))
         time.sleep(0.5)

@@ -145,6 +145,24 @@ CANARY_CLONES void layer_norm_kernel(const float* x, const float* w, const float
   }
 }
 
+// One row of relative-position attention weights: out[j] = softmax_j((ac[j] + bd[j]) / sqrt_dk) over n valid
+// columns (bd already shifted to the row's position T-1-i); out must not alias ac or bd.
+CANARY_CLONES void rel_softmax_row(const float* ac, const float* bd, float* out, size_t n, float sqrt_dk) {
+  float m = -INFINITY;
+  for (size_t j = 0; j < n; j++) {
+    out[j] = (ac[j] + bd[j]) / sqrt_dk;
+    m = std::max(m, out[j]);
+  }
+  for (size_t j = 0; j < n; j++) out[j] = exp2_poly((out[j] - m) * kLog2e);
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; l++) s[l] += out[j + l];
+  float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < n; j++) sum += out[j];
+  for (j = 0; j < n; j++) out[j] /= sum;
+}
+
 // Relative-position attention weights (NeMo's RelPositionMultiHeadAttention): ac (B, H, T, T) content scores,
 // bd (B, H, T, 2T-1) position scores before rel_shift, valid (B, T). Row i of head h:
 //   s[j] = (ac[i, j] + bd[i, T-1-i+j]) / sqrt_dk  for valid j, then softmax over the valid j, 0 elsewhere;
@@ -152,7 +170,6 @@ CANARY_CLONES void layer_norm_kernel(const float* x, const float* w, const float
 CANARY_CLONES void rel_softmax_kernel(const float* ac, const float* bd, const bool* valid, float* y, size_t b,
                                       size_t h, size_t t, float sqrt_dk) {
   const size_t n = 2 * t - 1;
-  std::vector<float> e(t);
   for (size_t bi = 0; bi < b; bi++) {
     const bool* vb = valid + bi * t;
     size_t t_valid = 0;  // the valid frames are a prefix (lengths), so the valid columns are [0, t_valid)
@@ -161,26 +178,8 @@ CANARY_CLONES void rel_softmax_kernel(const float* ac, const float* bd, const bo
       for (size_t i = 0; i < t; i++) {
         const size_t row = (bi * h + hi) * t + i;
         float* out = y + row * t;
-        if (i >= t_valid) {
-          std::fill(out, out + t, 0.0f);
-          continue;
-        }
-        const float* a = ac + row * t;
-        const float* p = bd + row * n + (t - 1 - i);
-        float m = -INFINITY;
-        for (size_t j = 0; j < t_valid; j++) {
-          e[j] = (a[j] + p[j]) / sqrt_dk;
-          m = std::max(m, e[j]);
-        }
-        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        size_t j = 0;
-        for (; j < t_valid; j++) e[j] = exp2_poly((e[j] - m) * kLog2e);
-        for (j = 0; j + 8 <= t_valid; j += 8)
-          for (int l = 0; l < 8; l++) s[l] += e[j + l];
-        float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-        for (; j < t_valid; j++) sum += e[j];
-        for (j = 0; j < t_valid; j++) out[j] = e[j] / sum;
-        std::fill(out + t_valid, out + t, 0.0f);
+        if (i < t_valid) rel_softmax_row(ac + row * t, bd + row * n + (t - 1 - i), out, t_valid, sqrt_dk);
+        std::fill(out + (i < t_valid ? t_valid : 0), out + t, 0.0f);
       }
     }
   }
@@ -701,7 +700,7 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
           }
           const size_t rows = std::min(kTileRows, m - t * kTileRows);
           blocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * ldy + p * kPanel, ldy,
-                              bias ? bias + p * kPanel : nullptr, k0 == 0, pf, pf_lines);
+                       bias ? bias + p * kPanel : nullptr, k0 == 0, pf, pf_lines);
         }
       }
     }
@@ -727,38 +726,10 @@ std::string set_packed_isa(const std::string&) { return ""; }
 void packed_part(const float*, const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t) {}
 #endif
 
-// x (m, k) -> tiles of 12 rows, K-major: ap[t][k][i] = x[12 t + i][k] (the last tile's missing rows unused).
-void pack_rows(const float* x, float* ap, size_t m, size_t k, size_t t0, size_t t1) {
-  for (size_t t = t0; t < t1; t++) {
-    const size_t rows = std::min(kTileRows, m - t * kTileRows);
-    float* dst = ap + t * k * kTileRows;
-    for (size_t i = 0; i < rows; i++) {
-      const float* src = x + (t * kTileRows + i) * k;
-      for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows + i] = src[kk];
-    }
-  }
-}
-
-void packed_linear_kernel(const float* x, const float* wp, const float* bias, float* y, float* ap, size_t m,
-                          size_t k, size_t n) {
-  const size_t tiles = (m + kTileRows - 1) / kTileRows;
-  two_threads::run(tiles, m * k >= (1u << 16), [=](size_t t0, size_t t1) { pack_rows(x, ap, m, k, t0, t1); });
-  two_threads::run(n / kPanel, m * n * k >= (1u << 18),
-                   [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, n, m, k, p0, p1); });
-}
-
-// ---- relative-position self-attention (through the packed matmul's blocks) -----------------------------------
-// The conformer's attention after its q, k, v projections (NeMo's RelPositionMultiHeadAttention): q, k, v (B, T,
-// D = H * dk) as the Linears give them, p (2T-1, D) the projected positions T-1 .. -(T-1), u and vb (H, dk) the
-// position biases, valid (B, T) (a prefix per row). Query row i of head h: s[j] = ((q_i + u) . k_j + (q_i + vb) .
-// p[T-1-i+j]) / sqrt(dk) over the valid j, softmax, out_i = sum_j a[j] v_j, written to y (B, T, D) at the head's
-// columns; a padded query row is zero (NeMo: its weights are masked to 0). The same function as the composition
-// (two score matmuls, rel_shift, masked softmax, the weighted sum), computed per batch row and head with the
-// packed matmul's 512-bit blocks: MLX's CPU backend makes one BLAS call per batch row and head for each of the
-// three products, which at a 5 s clip's 63 frames cost more than their arithmetic. Needs dk a multiple of 32.
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
-// rows [0, m) of x (row stride ldx), plus add (k) if given -> tiles of 12 rows, K-major (pack_rows's layout)
+// rows [0, m) of x (row stride ldx), plus add (k) if given -> tiles of 12 rows, K-major: ap[t][k][i] =
+// x[12 t + i][k] (+ add[k]); the last tile's missing rows are left unset (the blocks read only the rows they have)
 void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k) {
   for (size_t r = 0; r < m; r++) {
     float* dst = ap + (r / kTileRows) * k * kTileRows + r % kTileRows;
@@ -788,23 +759,26 @@ void pack_panels(const float* w, size_t ldw, float* wp, size_t m, size_t k) {
   }
 }
 
-CANARY_CLONES void rel_softmax_row(const float* ac, const float* bd, float* e, size_t n, float inv_sqrt_dk) {
-  float m = -INFINITY;
-  for (size_t j = 0; j < n; j++) {
-    e[j] = (ac[j] + bd[j]) * inv_sqrt_dk;
-    m = std::max(m, e[j]);
-  }
-  for (size_t j = 0; j < n; j++) e[j] = exp2_poly((e[j] - m) * kLog2e);
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  size_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; l++) s[l] += e[j + l];
-  float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; j < n; j++) sum += e[j];
-  const float inv = 1.0f / sum;
-  for (j = 0; j < n; j++) e[j] *= inv;
+void packed_linear_kernel(const float* x, const float* wp, const float* bias, float* y, float* ap, size_t m,
+                          size_t k, size_t n) {
+  const size_t tiles = (m + kTileRows - 1) / kTileRows;
+  two_threads::run(tiles, m * k >= (1u << 16), [=](size_t t0, size_t t1) {
+    const size_t r0 = t0 * kTileRows, r1 = std::min(m, t1 * kTileRows);
+    pack_tiles(x + r0 * k, k, nullptr, ap + r0 * k, r1 - r0, k);
+  });
+  two_threads::run(n / kPanel, m * n * k >= (1u << 18),
+                   [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, n, m, k, p0, p1); });
 }
 
+// ---- relative-position self-attention (through the packed matmul's blocks) -----------------------------------
+// The conformer's attention after its q, k, v projections (NeMo's RelPositionMultiHeadAttention): q, k, v (B, T,
+// D = H * dk) as the Linears give them, p (2T-1, D) the projected positions T-1 .. -(T-1), u and vb (H, dk) the
+// position biases, valid (B, T) (a prefix per row). Query row i of head h: s[j] = ((q_i + u) . k_j + (q_i + vb) .
+// p[T-1-i+j]) / sqrt(dk) over the valid j, softmax, out_i = sum_j a[j] v_j, written to y (B, T, D) at the head's
+// columns; a padded query row is zero (NeMo: its weights are masked to 0). The same function as the composition
+// (two score matmuls, rel_shift, masked softmax, the weighted sum), computed per batch row and head with the
+// packed matmul's blocks (AVX-512 or AVX2): MLX's CPU backend makes one BLAS call per batch row and head for each of the
+// three products, which at a 5 s clip's 63 frames cost more than their arithmetic. Needs dk a multiple of 32.
 void rel_attention_part(const float* q, const float* k, const float* v, const float* p, const float* u,
                         const float* vb, const bool* valid, float* y, size_t t, size_t h, size_t dk, size_t job0,
                         size_t job1) {
@@ -812,7 +786,7 @@ void rel_attention_part(const float* q, const float* k, const float* v, const fl
   const size_t tiles = (t + kTileRows - 1) / kTileRows, tp = round_up(t, kPanel), np = round_up(n, kPanel);
   std::vector<float> qu(tiles * kTileRows * dk), qv(qu.size()), kp(tp * dk), pp(np * dk), vp(dk * t),
       ac(t * tp), bd(t * np), at(tiles * kTileRows * t), e(t);
-  const float inv_sqrt_dk = 1.0f / std::sqrt(static_cast<float>(dk));
+  const float sqrt_dk = std::sqrt(static_cast<float>(dk));
   for (size_t job = job0; job < job1; job++) {
     const size_t bi = job / h, col = (job % h) * dk;
     const bool* vrow = valid + bi * t;
@@ -837,7 +811,7 @@ void rel_attention_part(const float* q, const float* k, const float* v, const fl
       for (size_t j = 0; j < tv; j++)
         std::memcpy(vp.data() + (c * tv + j) * kPanel, vbase + j * d_model + c * kPanel, kPanel * sizeof(float));
     for (size_t i = 0; i < tv; i++) {
-      rel_softmax_row(ac.data() + i * tp, bd.data() + i * np + (t - 1 - i), e.data(), tv, inv_sqrt_dk);
+      rel_softmax_row(ac.data() + i * tp, bd.data() + i * np + (t - 1 - i), e.data(), tv, sqrt_dk);
       float* dst = at.data() + (i / kTileRows) * tv * kTileRows + i % kTileRows;
       for (size_t j = 0; j < tv; j++) dst[j * kTileRows] = e[j];
     }
@@ -854,7 +828,10 @@ void rel_attention_kernel(const float* q, const float* k, const float* v, const 
 
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
-enum class Op { Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention, PackedLinear, RelAttention, GreedyPick };
+enum class Op {
+  Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention, PackedLinear,
+  RelAttention, GreedyPick
+};
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
  public:
