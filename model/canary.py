@@ -142,11 +142,11 @@ class Canary(nn.Module):
         fast as sgemv for a batch-1 step, faster from 4 rows), else left in nn.Linear's layout, which OpenBLAS's
         sgemv reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
         from . import cpu_kernels
-        from .cpu_layout import pack_linears, pretranspose_linears, wrap_quantized
+        from .cpu_layout import lay_out_linears, pack_linears, wrap_quantized
 
         for name, child in self.children().items():
             if name != "decoder" and isinstance(child, nn.Module):
-                pretranspose_linears(child)
+                lay_out_linears(child)
         if cpu_kernels.packed_isa() == "avx512":
             pack_linears(self.decoder)
         wrap_quantized(self.decoder)  # 8-bit decoder weights: the step's matmuls read bytes (cpu_kernels.qmatmul8)

@@ -98,10 +98,10 @@ class ConvSubsampling(nn.Module):
             dw, pw = convs[i], convs[i + 1]
             nxt = _conv_out_len(lens)
             x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, i > 1)
-            b, t, f, c = x.shape
-            if packed:  # the packed matmul (model/cpu_layout.py's PackedLinear)
-                x = cpu_kernels.packed_linear(x.reshape(-1, c), weights[i + 1], pw.bias).reshape(b, t, f, c)
+            if packed:  # the packed matmul (model/cpu_layout.py's PackedLinear), over (B, T, F) rows as they are
+                x = cpu_kernels.packed_linear(x, weights[i + 1], pw.bias)
             else:
+                b, t, f, c = x.shape
                 x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
             lens = nxt
         b, t, f, c = x.shape

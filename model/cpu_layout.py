@@ -146,7 +146,7 @@ def wrap_quantized(module: nn.Module) -> int:
     )
 
 
-def pretranspose_linears(module: nn.Module) -> int:
+def lay_out_linears(module: nn.Module) -> int:
     """Replace every plain nn.Linear below `module` (not quantized ones) by a PackedLinear where it fits, else a
     TransposedLinear; returns how many were replaced."""
     return _replace_layers(

@@ -18,7 +18,7 @@ from .audio import SAMPLE_RATE, AudioSource, load_audio, pad_batch
 from .canary import Transcription
 from .config import EncoderConfig, PreprocessorConfig, QuantizationConfig
 from .conformer import ConformerEncoder, drain
-from .cpu_layout import pretranspose_linears, use_cpu_layout
+from .cpu_layout import lay_out_linears, use_cpu_layout
 from .features import Preprocessor
 from .salm_decoder import SalmBatchDecoder
 from .salm_prompt import SalmTokenizer
@@ -189,6 +189,6 @@ def load_salm(directory: Path, config: dict[str, Any], dtype: mx.Dtype | str | N
     model.eval()
     del weights  # (else every weight the layout replaces would stay alive until this returns)
     if use_cpu_layout():  # the encoder's Linears laid out for the CPU's matmul, as Canary's (model/cpu_layout.py); the
-        pretranspose_linears(model.encoder)  # LLM keeps nn.Linear's rows (packing it: BENCHMARKS, issue 23 round 5)
+        lay_out_linears(model.encoder)  # LLM keeps nn.Linear's rows (packing it: BENCHMARKS, issue 23 round 5)
         mx.eval(model.encoder.parameters())
     return model
