@@ -91,26 +91,27 @@ CANARY_CLONES void glu_mask_kernel(const float* x, const bool* valid, float* y, 
 
 // x (B, T, C) -> y (B, T, C): depthwise conv over time (kernel K, stride 1, zero 'same' padding), its bias, an
 // affine per channel (inference BatchNorm folded to scale and shift), then SiLU. taps (K, C), bias/scale/shift (C).
+// Output rows [r0, r1) of the B * T.
 CANARY_CLONES void dwconv_affine_silu_kernel(const float* x, const float* taps, const float* bias, const float* scale,
-                                             const float* shift, float* y, size_t b, size_t t, size_t c, size_t k) {
+                                             const float* shift, float* y, size_t t, size_t c, size_t k, size_t r0,
+                                             size_t r1) {
   const long pad = static_cast<long>(k - 1) / 2;
   std::vector<float> acc(c);
-  for (size_t bi = 0; bi < b; bi++) {
+  for (size_t r = r0; r < r1; r++) {
+    const size_t bi = r / t, ti = r % t;
     const float* xb = x + bi * t * c;
-    for (size_t ti = 0; ti < t; ti++) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (size_t ki = 0; ki < k; ki++) {  // taps in order; a zero-padding tap would add 0
-        long src = static_cast<long>(ti) + static_cast<long>(ki) - pad;
-        if (src < 0 || src >= static_cast<long>(t)) continue;
-        const float* xs = xb + static_cast<size_t>(src) * c;
-        const float* w = taps + ki * c;
-        for (size_t i = 0; i < c; i++) acc[i] += xs[i] * w[i];
-      }
-      float* out = y + (bi * t + ti) * c;
-      for (size_t i = 0; i < c; i++) {
-        float v = bias != nullptr ? acc[i] + bias[i] : acc[i];
-        out[i] = silu1(v * scale[i] + shift[i]);
-      }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (size_t ki = 0; ki < k; ki++) {  // taps in order; a zero-padding tap would add 0
+      long src = static_cast<long>(ti) + static_cast<long>(ki) - pad;
+      if (src < 0 || src >= static_cast<long>(t)) continue;
+      const float* xs = xb + static_cast<size_t>(src) * c;
+      const float* w = taps + ki * c;
+      for (size_t i = 0; i < c; i++) acc[i] += xs[i] * w[i];
+    }
+    float* out = y + (bi * t + ti) * c;
+    for (size_t i = 0; i < c; i++) {
+      float v = bias != nullptr ? acc[i] + bias[i] : acc[i];
+      out[i] = silu1(v * scale[i] + shift[i]);
     }
   }
 }
@@ -216,77 +217,119 @@ CANARY_CLONES void greedy_pick_kernel(const float* x, float* y, size_t b, size_t
   }
 }
 
-// The walk both subsampling convs share: a 3x3 stride-2 window with padding 1 over (T, F), per batch row b. Output
-// frames at or past len_out[b] are zero; for every other output position, acc (C) starts at zero and
-// tap(acc, ts, fs, w_tap) is called for each in-range tap in row order (input frames at or past len_in[b] count as
-// zero padding, so they are skipped), then finish(acc, out) writes the output position's C values.
+// The walk the subsampling convs share: a 3x3 stride-2 window with padding 1 over (T, F), output row (bi, ti) of
+// F_out positions written to `row`. A frame at or past len_out[bi] is zero; for every other output position, acc (C)
+// starts at zero and tap(acc, bi, ts, fs, w_tap) is called for each in-range tap in row order (input frames at or
+// past len_in[bi] count as zero padding, so they are skipped), then finish(acc, out) writes its C values.
 template <class Tap, class Finish>
-__attribute__((always_inline)) inline void stride2_3x3(const float* w, const int32_t* len_in, const int32_t* len_out,
-                                                       float* y, size_t b, size_t t, size_t f, size_t c,
-                                                       size_t t_out, size_t f_out, Tap tap, Finish finish) {
-  std::vector<float> acc(c);
-  for (size_t bi = 0; bi < b; bi++) {
-    const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
-    for (size_t ti = 0; ti < t_out; ti++) {
-      float* row = y + (bi * t_out + ti) * f_out * c;
-      if (static_cast<long>(ti) >= len_out[bi]) {
-        std::fill(row, row + f_out * c, 0.0f);
-        continue;
-      }
-      for (size_t fi = 0; fi < f_out; fi++) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (long i = 0; i < 3; i++) {
-          long ts = 2 * static_cast<long>(ti) - 1 + i;
-          if (ts < 0 || ts >= t_in) continue;
-          for (long j = 0; j < 3; j++) {
-            long fs = 2 * static_cast<long>(fi) - 1 + j;
-            if (fs < 0 || fs >= static_cast<long>(f)) continue;
-            tap(acc.data(), bi * t + ts, static_cast<size_t>(fs), w + (i * 3 + j) * c);
-          }
-        }
-        finish(acc.data(), row + fi * c);
+__attribute__((always_inline)) inline void stride2_3x3_row(const float* w, const int32_t* len_in,
+                                                           const int32_t* len_out, float* row, float* acc, size_t t,
+                                                           size_t f, size_t c, size_t f_out, size_t bi, size_t ti,
+                                                           Tap tap, Finish finish) {
+  if (static_cast<long>(ti) >= len_out[bi]) {
+    std::fill(row, row + f_out * c, 0.0f);
+    return;
+  }
+  const long t_in = std::min<long>(static_cast<long>(t), len_in[bi]);
+  for (size_t fi = 0; fi < f_out; fi++) {
+    std::fill(acc, acc + c, 0.0f);
+    for (long i = 0; i < 3; i++) {
+      long ts = 2 * static_cast<long>(ti) - 1 + i;
+      if (ts < 0 || ts >= t_in) continue;
+      for (long j = 0; j < 3; j++) {
+        long fs = 2 * static_cast<long>(fi) - 1 + j;
+        if (fs < 0 || fs >= static_cast<long>(f)) continue;
+        tap(acc, bi, static_cast<size_t>(ts), static_cast<size_t>(fs), w + (i * 3 + j) * c);
       }
     }
+    finish(acc, row + fi * c);
+  }
+}
+
+// The first conv's tap and finish (3x3 stride-2 from one input channel x (B, T, F), + bias, ReLU), and the depthwise
+// conv's (x (B, T, F, C), read through a ReLU with relu_in; + bias).
+inline auto conv0_tap(const float* x, size_t t, size_t f, size_t c) {
+  return [=](float* acc, size_t bi, size_t ts, size_t fs, const float* wt) {
+    const float v = x[(bi * t + ts) * f + fs];
+    for (size_t k = 0; k < c; k++) acc[k] += v * wt[k];
+  };
+}
+inline auto conv0_finish(const float* bias, size_t c) {
+  return [=](const float* acc, float* out) {
+    for (size_t k = 0; k < c; k++) out[k] = std::max(acc[k] + bias[k], 0.0f);
+  };
+}
+inline auto dw_finish(const float* bias, size_t c) {
+  return [=](const float* acc, float* out) {
+    for (size_t k = 0; k < c; k++) out[k] = acc[k] + bias[k];
+  };
+}
+__attribute__((always_inline)) inline void dw_tap_row(float* acc, const float* xs, const float* wt, size_t c,
+                                                      bool relu_in) {
+  if (relu_in) {
+    for (size_t k = 0; k < c; k++) acc[k] += std::max(xs[k], 0.0f) * wt[k];
+  } else {
+    for (size_t k = 0; k < c; k++) acc[k] += xs[k] * wt[k];
   }
 }
 
 // The dw_striding subsampling's first conv: features x (B, T, F) -> y (B, T1, F1, C), T1 = (T - 1) / 2 + 1 (F1
 // likewise): 3x3 stride-2 conv from one input channel with padding 1, + bias, then ReLU. Input frames at or past
-// len_in[b] read as zero (the masked features); output frames at or past len_out[b] are zero. w (3, 3, C).
+// len_in[b] read as zero (the masked features); output frames at or past len_out[b] are zero. w (3, 3, C). Output
+// rows [r0, r1) of the B * T1.
 CANARY_CLONES void conv0_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
-                                const int32_t* len_out, float* y, size_t b, size_t t, size_t f, size_t c,
-                                size_t t1, size_t f1) {
-  stride2_3x3(
-      w, len_in, len_out, y, b, t, f, c, t1, f1,
-      [=](float* acc, size_t frame, size_t fs, const float* wt) {
-        const float v = x[frame * f + fs];
-        for (size_t k = 0; k < c; k++) acc[k] += v * wt[k];
-      },
-      [=](const float* acc, float* out) {
-        for (size_t k = 0; k < c; k++) out[k] = std::max(acc[k] + bias[k], 0.0f);
-      });
+                                const int32_t* len_out, float* y, size_t t, size_t f, size_t c, size_t t1, size_t f1,
+                                size_t r0, size_t r1) {
+  std::vector<float> acc(c);
+  for (size_t r = r0; r < r1; r++)
+    stride2_3x3_row(w, len_in, len_out, y + r * f1 * c, acc.data(), t, f, c, f1, r / t1, r % t1,
+                    conv0_tap(x, t, f, c), conv0_finish(bias, c));
 }
 
 // A depthwise 3x3 stride-2 conv with padding 1, + bias: x (B, T, F, C) -> y (B, T2, F2, C), taps (3, 3, C) summed
 // in row order (model/conformer.py's _depthwise_shift_add). Input frames at or past len_in[b] read as zero, and
 // with relu_in the input is read through a ReLU (the previous pointwise conv's mask and ReLU, fused here); output
-// frames at or past len_out[b] are zero.
+// frames at or past len_out[b] are zero. Output rows [r0, r1) of the B * T2.
 CANARY_CLONES void dw_s2_kernel(const float* x, const float* w, const float* bias, const int32_t* len_in,
-                                const int32_t* len_out, bool relu_in, float* y, size_t b, size_t t, size_t f,
-                                size_t c, size_t t2, size_t f2) {
-  stride2_3x3(
-      w, len_in, len_out, y, b, t, f, c, t2, f2,
-      [=](float* acc, size_t frame, size_t fs, const float* wt) {
-        const float* xs = x + (frame * f + fs) * c;
-        if (relu_in) {
-          for (size_t k = 0; k < c; k++) acc[k] += std::max(xs[k], 0.0f) * wt[k];
-        } else {
-          for (size_t k = 0; k < c; k++) acc[k] += xs[k] * wt[k];
-        }
-      },
-      [=](const float* acc, float* out) {
-        for (size_t k = 0; k < c; k++) out[k] = acc[k] + bias[k];
-      });
+                                const int32_t* len_out, bool relu_in, float* y, size_t t, size_t f, size_t c,
+                                size_t t2, size_t f2, size_t r0, size_t r1) {
+  std::vector<float> acc(c);
+  auto tap = [=](float* acc, size_t bi, size_t ts, size_t fs, const float* wt) {
+    dw_tap_row(acc, x + ((bi * t + ts) * f + fs) * c, wt, c, relu_in);
+  };
+  for (size_t r = r0; r < r1; r++)
+    stride2_3x3_row(w, len_in, len_out, y + r * f2 * c, acc.data(), t, f, c, f2, r / t2, r % t2, tap,
+                    dw_finish(bias, c));
+}
+
+// conv0_kernel then dw_s2_kernel (relu_in false) without the first conv's output in memory (at 30 s ~100 MB, written
+// and read back): each thread computes the first conv's frames a depthwise row needs (three, the last one kept for
+// the next row) into a ring of three frames and runs the depthwise taps over them. Same sums, so the same values.
+// x (B, T, F) -> y (B, T2, F2, C); len0 (B) the features' lengths, len1 the first conv's, len2 the output's. Output
+// rows [r0, r1) of the B * T2.
+CANARY_CLONES void conv0_dw_s2_kernel(const float* x, const float* w0, const float* b0, const float* w1,
+                                      const float* b1, const int32_t* len0, const int32_t* len1,
+                                      const int32_t* len2, float* y, size_t t, size_t f, size_t c, size_t t1,
+                                      size_t f1, size_t t2, size_t f2, size_t r0, size_t r1) {
+  std::vector<float> acc(c), ring(3 * f1 * c);
+  long tag[3] = {-1, -1, -1};  // bi * t1 + frame held by each slot
+  auto frame = [&](size_t bi, size_t ts) -> const float* {
+    const long want = static_cast<long>(bi * t1 + ts);
+    float* slot = ring.data() + (ts % 3) * f1 * c;
+    if (tag[ts % 3] != want) {
+      stride2_3x3_row(w0, len0, len1, slot, acc.data(), t, f, c, f1, bi, ts, conv0_tap(x, t, f, c),
+                      conv0_finish(b0, c));
+      tag[ts % 3] = want;
+    }
+    return slot;
+  };
+  std::vector<float> acc2(c);
+  auto tap = [&](float* a, size_t bi, size_t ts, size_t fs, const float* wt) {
+    dw_tap_row(a, frame(bi, ts) + fs * c, wt, c, false);
+  };
+  for (size_t r = r0; r < r1; r++)
+    stride2_3x3_row(w1, len1, len2, y + r * f2 * c, acc2.data(), t1, f1, c, f2, r / t2, r % t2, tap,
+                    dw_finish(b1, c));
 }
 
 // y (M, N) = x (M, K) @ W^T for MLX's 8-bit affine quantization of W: q (N, K) bytes (MLX's uint32 words read as
@@ -676,10 +719,17 @@ const packed_block_fn* packed_blocks() {
   return isa == 2 ? kPackedBlocks : isa == 1 ? kPackedBlocksAvx2 : nullptr;
 }
 
-// Panels [p0, p1) of y (m rows, row stride ldy) from the packed x (tiles of 12 rows, K-major) and the packed weight.
+// x's m rows in tiles of at most 12: as few tiles as that takes, their rows shared out evenly (16 rows: 8 + 8, not
+// 12 + 4: a block of few rows is bound by the FMA latency, not its arithmetic, and a fast block's prefetches of the
+// next panel come too close together). Tile t holds rows [tile_row(t), tile_row(t + 1)).
+inline size_t tile_count(size_t m) { return (m + kTileRows - 1) / kTileRows; }
+inline size_t tile_row(size_t t, size_t m) { return t * m / tile_count(m); }
+
+// Panels [p0, p1) of y (m rows, row stride ldy) from the packed x (pack_tiles: tiles of up to 12 rows, K-major) and
+// the packed weight.
 void packed_part(const float* ap, const float* wp, const float* bias, float* y, size_t ldy, size_t m, size_t k,
                  size_t p0, size_t p1) {
-  const size_t tiles = (m + kTileRows - 1) / kTileRows;
+  const size_t tiles = tile_count(m);
   const packed_block_fn* blocks = packed_blocks();
   for (size_t k0 = 0; k0 < k; k0 += kBlockK) {
     const size_t kn = std::min(kBlockK, k - k0);
@@ -698,8 +748,8 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
           } else if (next && t - t0 < 2) {
             pf = next + (t - t0) * kn * 64, pf_lines = 1;
           }
-          const size_t rows = std::min(kTileRows, m - t * kTileRows);
-          blocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + t * kTileRows * ldy + p * kPanel, ldy,
+          const size_t row0 = tile_row(t, m), rows = tile_row(t + 1, m) - row0;
+          blocks[rows](ap + (t * k + k0) * kTileRows, b, kn, y + row0 * ldy + p * kPanel, ldy,
                        bias ? bias + p * kPanel : nullptr, k0 == 0, pf, pf_lines);
         }
       }
@@ -728,16 +778,20 @@ void packed_part(const float*, const float*, const float*, float*, size_t, size_
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
-// rows [0, m) of x (row stride ldx), plus add (k) if given -> tiles of 12 rows, K-major: ap[t][k][i] =
-// x[12 t + i][k] (+ add[k]); the last tile's missing rows are left unset (the blocks read only the rows they have)
-void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k) {
-  for (size_t r = 0; r < m; r++) {
-    float* dst = ap + (r / kTileRows) * k * kTileRows + r % kTileRows;
-    const float* src = x + r * ldx;
-    if (add) {
-      for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk] + add[kk];
-    } else {
-      for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk];
+// tiles [t0, t1) of x's m rows (row stride ldx; tile_row's tiles), plus add (k) if given -> K-major tiles of 12
+// rows: ap[t][k][i] = x[tile_row(t) + i][k] (+ add[k]); a tile's missing rows are left unset (the blocks read only
+// the rows they have)
+void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k, size_t t0, size_t t1) {
+  for (size_t t = t0; t < t1; t++) {
+    const size_t row0 = tile_row(t, m), rows = tile_row(t + 1, m) - row0;
+    for (size_t i = 0; i < rows; i++) {
+      float* dst = ap + t * k * kTileRows + i;
+      const float* src = x + (row0 + i) * ldx;
+      if (add) {
+        for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk] + add[kk];
+      } else {
+        for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk];
+      }
     }
   }
 }
@@ -761,11 +815,8 @@ void pack_panels(const float* w, size_t ldw, float* wp, size_t m, size_t k) {
 
 void packed_linear_kernel(const float* x, const float* wp, const float* bias, float* y, float* ap, size_t m,
                           size_t k, size_t n) {
-  const size_t tiles = (m + kTileRows - 1) / kTileRows;
-  two_threads::run(tiles, m * k >= (1u << 16), [=](size_t t0, size_t t1) {
-    const size_t r0 = t0 * kTileRows, r1 = std::min(m, t1 * kTileRows);
-    pack_tiles(x + r0 * k, k, nullptr, ap + r0 * k, r1 - r0, k);
-  });
+  two_threads::run(tile_count(m), m * k >= (1u << 16),
+                   [=](size_t t0, size_t t1) { pack_tiles(x, k, nullptr, ap, m, k, t0, t1); });
   two_threads::run(n / kPanel, m * n * k >= (1u << 18),
                    [=](size_t p0, size_t p1) { packed_part(ap, wp, bias, y, n, m, k, p0, p1); });
 }
@@ -783,7 +834,7 @@ void rel_attention_part(const float* q, const float* k, const float* v, const fl
                         const float* vb, const bool* valid, float* y, size_t t, size_t h, size_t dk, size_t job0,
                         size_t job1) {
   const size_t d_model = h * dk, n = 2 * t - 1;
-  const size_t tiles = (t + kTileRows - 1) / kTileRows, tp = round_up(t, kPanel), np = round_up(n, kPanel);
+  const size_t tiles = tile_count(t), tp = round_up(t, kPanel), np = round_up(n, kPanel);
   std::vector<float> qu(tiles * kTileRows * dk), qv(qu.size()), kp(tp * dk), pp(np * dk), vp(dk * t),
       ac(t * tp), bd(t * np), at(tiles * kTileRows * t), e(t);
   const float sqrt_dk = std::sqrt(static_cast<float>(dk));
@@ -798,8 +849,8 @@ void rel_attention_part(const float* q, const float* k, const float* v, const fl
     const float* qb = q + bi * t * d_model + col;
     const float* kb = k + bi * t * d_model + col;
     const float* vbase = v + bi * t * d_model + col;
-    pack_tiles(qb, d_model, u + col, qu.data(), tv, dk);
-    pack_tiles(qb, d_model, vb + col, qv.data(), tv, dk);
+    pack_tiles(qb, d_model, u + col, qu.data(), tv, dk, 0, tile_count(tv));
+    pack_tiles(qb, d_model, vb + col, qv.data(), tv, dk, 0, tile_count(tv));
     pack_panels(kb, d_model, kp.data(), tv, dk);
     pack_panels(p + col, d_model, pp.data(), n, dk);
     // ac (tv, keys), bd (tv, positions): only the positions some valid row reads, [t - tv, t - 1 + tv)
@@ -810,10 +861,12 @@ void rel_attention_part(const float* q, const float* k, const float* v, const fl
     for (size_t c = 0; c < dk / kPanel; c++)
       for (size_t j = 0; j < tv; j++)
         std::memcpy(vp.data() + (c * tv + j) * kPanel, vbase + j * d_model + c * kPanel, kPanel * sizeof(float));
-    for (size_t i = 0; i < tv; i++) {
-      rel_softmax_row(ac.data() + i * tp, bd.data() + i * np + (t - 1 - i), e.data(), tv, sqrt_dk);
-      float* dst = at.data() + (i / kTileRows) * tv * kTileRows + i % kTileRows;
-      for (size_t j = 0; j < tv; j++) dst[j * kTileRows] = e[j];
+    for (size_t ti = 0; ti < tile_count(tv); ti++) {  // the weights in pack_tiles' layout
+      for (size_t i = tile_row(ti, tv); i < tile_row(ti + 1, tv); i++) {
+        rel_softmax_row(ac.data() + i * tp, bd.data() + i * np + (t - 1 - i), e.data(), tv, sqrt_dk);
+        float* dst = at.data() + ti * tv * kTileRows + (i - tile_row(ti, tv));
+        for (size_t j = 0; j < tv; j++) dst[j * kTileRows] = e[j];
+      }
     }
     packed_part(at.data(), vp.data(), nullptr, out, d_model, tv, tv, 0, dk / kPanel);
   }
@@ -826,11 +879,15 @@ void rel_attention_kernel(const float* q, const float* k, const float* v, const 
   });
 }
 
+// The elementwise kernels above split their rows (silu: blocks of kSplitBlock values) between the two threads from
+// kSplitMin output values (~10 us of work): each row is computed as one thread alone would, so the results are too.
+constexpr size_t kSplitMin = 1u << 15, kSplitBlock = 4096;
+
 // ---- MLX primitives ------------------------------------------------------------------------------------------
 
 enum class Op {
-  Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, QMatmul8, DecodeAttention, PackedLinear,
-  RelAttention, GreedyPick
+  Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, Conv0DwS2, QMatmul8, DecodeAttention,
+  PackedLinear, RelAttention, GreedyPick
 };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
@@ -853,13 +910,20 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
     float* y = out.data<float>();
     switch (op_) {
       case Op::Silu:
-        enc.dispatch([x = inputs[0].data<float>(), y, n = out.size()]() { silu_kernel(x, y, n); });
+        enc.dispatch([x = inputs[0].data<float>(), y, n = out.size()]() {
+          const size_t blocks = (n + kSplitBlock - 1) / kSplitBlock;
+          two_threads::run(blocks, n >= kSplitMin, [=](size_t b0, size_t b1) {
+            silu_kernel(x + b0 * kSplitBlock, y + b0 * kSplitBlock, std::min(n, b1 * kSplitBlock) - b0 * kSplitBlock);
+          });
+        });
         break;
       case Op::GluMask: {
         const bool* valid = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
         size_t c = out.shape(-1);
         enc.dispatch([x = inputs[0].data<float>(), valid, y, rows = out.size() / c, c]() {
-          glu_mask_kernel(x, valid, y, rows, c);
+          two_threads::run(rows, rows * c >= kSplitMin, [=](size_t r0, size_t r1) {
+            glu_mask_kernel(x + r0 * 2 * c, valid ? valid + r0 : nullptr, y + r0 * c, r1 - r0, c);
+          });
         });
         break;
       }
@@ -869,14 +933,20 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         enc.dispatch([x = inputs[0].data<float>(), taps = inputs[1].data<float>(), bias,
                       scale = inputs[2].data<float>(), shift = inputs[3].data<float>(), y, b = size_t(out.shape(0)),
                       t = size_t(out.shape(1)), c = size_t(out.shape(2)), k = size_t(inputs[1].shape(0))]() {
-          dwconv_affine_silu_kernel(x, taps, bias, scale, shift, y, b, t, c, k);
+          two_threads::run(b * t, b * t * c * k >= kSplitMin, [=](size_t r0, size_t r1) {
+            dwconv_affine_silu_kernel(x, taps, bias, scale, shift, y, t, c, k, r0, r1);
+          });
         });
         break;
       }
       case Op::LayerNorm: {
         size_t d = out.shape(-1);
         enc.dispatch([x = inputs[0].data<float>(), w = inputs[1].data<float>(), bias = inputs[2].data<float>(), y,
-                      rows = out.size() / d, d, param]() { layer_norm_kernel(x, w, bias, y, rows, d, param); });
+                      rows = out.size() / d, d, param]() {
+          two_threads::run(rows, rows * d >= kSplitMin, [=](size_t r0, size_t r1) {
+            layer_norm_kernel(x + r0 * d, w, bias, y + r0 * d, r1 - r0, d, param);
+          });
+        });
         break;
       }
       case Op::Conv0: {
@@ -885,7 +955,9 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
                       len_in = inputs[3].data<int32_t>(), len_out = inputs[4].data<int32_t>(), y,
                       b = size_t(inputs[0].shape(0)), t = size_t(inputs[0].shape(1)), f = size_t(inputs[0].shape(2)),
                       c = size_t(out.shape(3)), t1 = size_t(out.shape(1)), f1 = size_t(out.shape(2))]() {
-          conv0_kernel(x, w, bias, len_in, len_out, y, b, t, f, c, t1, f1);
+          two_threads::run(b * t1, b * t1 * f1 * c >= kSplitMin, [=](size_t r0, size_t r1) {
+            conv0_kernel(x, w, bias, len_in, len_out, y, t, f, c, t1, f1, r0, r1);
+          });
         });
         break;
       }
@@ -896,7 +968,23 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
                       y, b = size_t(inputs[0].shape(0)), t = size_t(inputs[0].shape(1)),
                       f = size_t(inputs[0].shape(2)), c = size_t(out.shape(3)), t2 = size_t(out.shape(1)),
                       f2 = size_t(out.shape(2))]() {
-          dw_s2_kernel(x, w, bias, len_in, len_out, relu, y, b, t, f, c, t2, f2);
+          two_threads::run(b * t2, b * t2 * f2 * c >= kSplitMin, [=](size_t r0, size_t r1) {
+            dw_s2_kernel(x, w, bias, len_in, len_out, relu, y, t, f, c, t2, f2, r0, r1);
+          });
+        });
+        break;
+      }
+      case Op::Conv0DwS2: {
+        // inputs: x (B, T, F), w0 (3, 3, C), b0 (C), w1 (3, 3, C), b1 (C), len0, len1, len2 (B)
+        const size_t t = inputs[0].shape(1), f = inputs[0].shape(2);
+        enc.dispatch([x = inputs[0].data<float>(), w0 = inputs[1].data<float>(), b0 = inputs[2].data<float>(),
+                      w1 = inputs[3].data<float>(), b1 = inputs[4].data<float>(), len0 = inputs[5].data<int32_t>(),
+                      len1 = inputs[6].data<int32_t>(), len2 = inputs[7].data<int32_t>(), y,
+                      b = size_t(out.shape(0)), t, f, c = size_t(out.shape(3)), t1 = (t - 1) / 2 + 1,
+                      f1 = (f - 1) / 2 + 1, t2 = size_t(out.shape(1)), f2 = size_t(out.shape(2))]() {
+          two_threads::run(b * t2, b * t2 * f2 * c >= kSplitMin, [=](size_t r0, size_t r1) {
+            conv0_dw_s2_kernel(x, w0, b0, w1, b1, len0, len1, len2, y, t, f, c, t1, f1, t2, f2, r0, r1);
+          });
         });
         break;
       }
@@ -926,7 +1014,7 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         const float* bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr;
         const size_t k = inputs[0].shape(-1), n = out.shape(-1), m = out.size() / n;
         if (m == 0) break;
-        const size_t tiles = (m + kTileRows - 1) / kTileRows;
+        const size_t tiles = tile_count(m);
         auto scratch = mx::allocator::allocator().malloc(tiles * kTileRows * k * sizeof(float));
         enc.dispatch([x = inputs[0].data<float>(), wp = inputs[1].data<float>(), bias, y, scratch, m, k, n]() mutable {
           packed_linear_kernel(x, wp, bias, y, static_cast<float*>(scratch.raw_ptr()), m, k, n);
@@ -1060,6 +1148,18 @@ mx::array depthwise_s2(const mx::array& x, const mx::array& w, const mx::array& 
   return make(shape, mx::float32, Op::DwS2, {x, w, bias, len_in, len_out}, relu_in ? 1.0f : 0.0f);
 }
 
+mx::array subsample_conv0_dw(const mx::array& x, const mx::array& w0, const mx::array& b0, const mx::array& w1,
+                             const mx::array& b1, const mx::array& len0, const mx::array& len1,
+                             const mx::array& len2) {
+  check_stride2(x, 3, w0, b0, len0, len1, "subsample_conv0_dw");
+  if (w1.shape() != w0.shape() || b1.shape() != b0.shape() || len2.dtype() != mx::int32 ||
+      len2.size() != size_t(x.shape(0)))
+    throw std::invalid_argument("subsample_conv0_dw: bad shapes or dtypes");
+  const int t1 = (x.shape(1) - 1) / 2 + 1, f1 = (x.shape(2) - 1) / 2 + 1;
+  mx::Shape shape = {x.shape(0), (t1 - 1) / 2 + 1, (f1 - 1) / 2 + 1, w0.shape(2)};
+  return make(shape, mx::float32, Op::Conv0DwS2, {x, w0, b0, w1, b1, len0, len1, len2});
+}
+
 mx::array qmatmul8(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
                    int group_size) {
   if (x.ndim() != 2 || w.ndim() != 2 || w.dtype() != mx::uint32 || group_size % 8 != 0 ||
@@ -1130,6 +1230,8 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("len_out"));
   m.def("depthwise_s2", &depthwise_s2, nb::arg("x"), nb::arg("taps"), nb::arg("bias"), nb::arg("len_in"),
         nb::arg("len_out"), nb::arg("relu_in"));
+  m.def("subsample_conv0_dw", &subsample_conv0_dw, nb::arg("x"), nb::arg("taps0"), nb::arg("bias0"),
+        nb::arg("taps1"), nb::arg("bias1"), nb::arg("len_in"), nb::arg("len_mid"), nb::arg("len_out"));
   m.def("qmatmul8", &qmatmul8, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"));
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),

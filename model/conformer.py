@@ -93,17 +93,23 @@ class ConvSubsampling(nn.Module):
         weights = _derived(self, "_fused_weights_packed" if packed else "_fused_weights", sources, make)
         len_in = lengths.astype(mx.int32)
         lens = _conv_out_len(len_in)
-        x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
         for i in range(1, len(convs), 2):
             dw, pw = convs[i], convs[i + 1]
             nxt = _conv_out_len(lens)
-            x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, i > 1)
+            if i == 1:  # the first conv and the first depthwise conv in one pass (its output never in memory)
+                x = cpu_kernels.subsample_conv0_dw(
+                    feats, weights[0], convs[0].bias, weights[1], dw.bias, len_in, lens, nxt
+                )
+            else:
+                x = cpu_kernels.depthwise_s2(x, weights[i], dw.bias, lens, nxt, True)
             if packed:  # the packed matmul (model/cpu_layout.py's PackedLinear), over (B, T, F) rows as they are
                 x = cpu_kernels.packed_linear(x, weights[i + 1], pw.bias)
             else:
                 b, t, f, c = x.shape
                 x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
             lens = nxt
+        if len(convs) == 1:
+            x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
         b, t, f, c = x.shape
         if len(convs) > 1:  # the last pointwise conv's mask and ReLU
             x = mx.where(_time_mask(lens, t)[:, :, None, None], mx.maximum(x, 0.0), 0.0)

@@ -183,6 +183,46 @@ def test_the_gpu_paths_and_other_dtypes_do_not_use_the_kernels():
 
 
 @loaded
+def test_the_kernels_split_between_two_threads_give_the_values_of_one():
+    """Inputs large enough for the two threads (from 32768 output values) give, row by row, exactly what the same
+    kernel gives for that row alone (one thread), and what the composition gives: the split changes nothing."""
+    rng = np.random.default_rng(11)
+    x = mx.array(rng.normal(0, 3, (96, 1027)).astype(np.float32))
+    w, b = (mx.array(rng.normal(1, 0.2, 1027).astype(np.float32)) for _ in range(2))
+    ln = cpu_kernels.layer_norm(x, w, b, 1e-5)
+    g = cpu_kernels.glu_mask(x[:, :1026], mx.arange(96) < 70)
+    s = cpu_kernels.silu(x)
+    taps, scale, shift, bias = (mx.array(rng.normal(0, 1, shape).astype(np.float32)) for shape in
+                                ((9, 1027), (1027,), (1027,), (1027,)))  # fmt: skip
+    dw = cpu_kernels.dwconv_affine_silu(x.reshape(3, 32, 1027), taps, scale, shift, bias)
+    for r in (0, 47, 48, 95):
+        assert mx.array_equal(ln[r], cpu_kernels.layer_norm(x[r : r + 1], w, b, 1e-5)[0])
+        assert mx.array_equal(g[r], cpu_kernels.glu_mask(x[r : r + 1, :1026], mx.array([r < 70]))[0])
+        assert mx.array_equal(s[r], cpu_kernels.silu(x[r]))
+    assert mx.array_equal(dw[2], cpu_kernels.dwconv_affine_silu(x.reshape(3, 32, 1027)[2:], taps, scale, shift, bias)[0])
+    _close(ln, (x - x.mean(-1, keepdims=True)) * mx.rsqrt(x.var(-1, keepdims=True) + 1e-5) * w + b, rtol=1e-5, atol=1e-4)
+    _close(s, nn.silu(x))
+
+
+@loaded
+@pytest.mark.parametrize(("t", "f", "c"), [(501, 128, 64), (37, 80, 16), (1, 9, 8), (3000, 128, 32)])
+def test_the_first_two_subsampling_convs_in_one_pass_equal_the_two_kernels(t, f, c):
+    """subsample_conv0_dw (the first conv's frames never in memory) gives exactly subsample_conv0 then depthwise_s2:
+    full, shorter and one-frame rows, tiny and 30 s inputs (split between the threads)."""
+    rng = np.random.default_rng(t + c)
+    x = mx.array(rng.normal(0, 1, (3, t, f)).astype(np.float32))
+    w0, w1 = (mx.array(rng.normal(0, 1, (3, 3, c)).astype(np.float32)) for _ in range(2))
+    b0, b1 = (mx.array(rng.normal(0, 1, (c,)).astype(np.float32)) for _ in range(2))
+    len0 = mx.array([t, max(1, t // 3), 1], dtype=mx.int32)
+    len1 = (len0 - 1) // 2 + 1
+    len2 = (len1 - 1) // 2 + 1
+    want = cpu_kernels.depthwise_s2(cpu_kernels.subsample_conv0(x, w0, b0, len0, len1), w1, b1, len1, len2, False)
+    got = cpu_kernels.subsample_conv0_dw(x, w0, b0, w1, b1, len0, len1, len2)
+    assert got.shape == want.shape
+    assert mx.array_equal(got, want)
+
+
+@loaded
 @pytest.mark.parametrize(
     ("b", "h", "length", "d", "mask"),
     [(3, 8, 128, 128, "positions"), (1, 8, 63, 128, None), (5, 2, 7, 12, "one row"), (2, 4, 20, 16, "all masked")],
@@ -397,12 +437,13 @@ def packed_isa(request):
 
 @pytest.mark.parametrize(
     ("m", "k", "n"),
-    [(1, 64, 32), (5, 700, 96), (13, 1100, 64), (63, 512, 256), (130, 1030, 320), (250, 96, 512), (0, 64, 64)],
+    [*((m, 40, 64) for m in range(1, 25)), (5, 700, 96), (13, 1100, 64), (63, 512, 256), (130, 1030, 320),
+     (250, 96, 512), (0, 64, 64)],  # fmt: skip
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_equals_the_matmul(packed_isa, m, k, n, bias):
-    """Every row count of the 12-row blocks (tails of 1..11), several blocks of K (512) with a remainder, more rows
-    than one block of 120, a single panel (one thread), no rows at all."""
+    """Every block size (1..12 rows: one tile up to 12 rows, two of 7..12 up to 24), several blocks of K (512) with a
+    remainder, more rows than one block of 10 tiles, a single panel (one thread), no rows at all."""
     rng = np.random.default_rng(m * 7 + k)
     x = mx.array(rng.normal(0, 1, (m, k)).astype(np.float32))
     w = mx.array(rng.normal(0, k**-0.5, (n, k)).astype(np.float32))
