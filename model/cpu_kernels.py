@@ -207,10 +207,8 @@ def depthwise_s2(
     return _module.depthwise_s2(x, taps, bias, len_in, len_out, relu_in)
 
 
-def subsample_conv0_dw(
-    x: mx.array, taps0: mx.array, bias0: mx.array, taps1: mx.array, bias1: mx.array, len_in: mx.array,
-    len_mid: mx.array, len_out: mx.array,
-) -> mx.array:
+def subsample_conv0_dw(x: mx.array, taps0: mx.array, bias0: mx.array, taps1: mx.array, bias1: mx.array,
+                       len_in: mx.array, len_mid: mx.array, len_out: mx.array) -> mx.array:  # fmt: skip
     """`subsample_conv0` then `depthwise_s2` (relu_in False) in one pass, without the first conv's output in memory:
     features (B, T, F) -> (B, T2, F2, C); len_mid (B,) the first conv's lengths. The same values."""
     return _module.subsample_conv0_dw(x, taps0, bias0, taps1, bias1, len_in, len_mid, len_out)
