@@ -39,8 +39,12 @@ def log_mel(
     left = (cfg.n_fft - cfg.win_length) // 2  # torch.stft centres the shorter window inside n_fft
     win = mx.pad(window.astype(mx.float32), [(left, cfg.n_fft - cfg.win_length - left)])
     spec = mx.fft.rfft(frames * win, n=cfg.n_fft, axis=-1)  # (B, T, n_fft/2+1) complex64
-    magnitude = mx.sqrt(mx.real(spec) ** 2 + mx.imag(spec) ** 2)
-    power = magnitude**cfg.mag_power if cfg.mag_power != 1.0 else magnitude
+    re, im = mx.real(spec), mx.imag(spec)
+    magnitude = mx.sqrt(re * re + im * im)  # x * x, as torch computes x ** 2 (MLX's ** is a pow per element)
+    if cfg.mag_power == 2.0:
+        power = magnitude * magnitude
+    else:
+        power = magnitude**cfg.mag_power if cfg.mag_power != 1.0 else magnitude
     mel = power @ fb.astype(mx.float32).T  # (B, T, F)
     feats = mx.log(mel + cfg.log_zero_guard_value)
 
@@ -58,7 +62,8 @@ def _normalize_per_feature(x: mx.array, valid: mx.array) -> mx.array:
     mask = (mx.arange(x.shape[1])[None, :] < valid[:, None])[..., None]  # (B, T, 1)
     n = valid.astype(mx.float32)[:, None, None]
     mean = mx.where(mask, x, 0.0).sum(axis=1, keepdims=True) / n
-    var = mx.where(mask, (x - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / (n - 1.0)
+    dev = x - mean
+    var = mx.where(mask, dev * dev, 0.0).sum(axis=1, keepdims=True) / (n - 1.0)
     std = mx.where(n > 1.0, mx.sqrt(var), 0.0)  # NeMo: NaN (one frame) -> 0
     return (x - mean) / (std + NORM_EPS)
 
