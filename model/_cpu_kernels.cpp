@@ -731,10 +731,10 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
                  size_t p0, size_t p1) {
   const size_t tiles = tile_count(m);
   const packed_block_fn* blocks = packed_blocks();
-  for (size_t k0 = 0; k0 < k; k0 += kBlockK) {
-    const size_t kn = std::min(kBlockK, k - k0);
-    for (size_t t0 = 0; t0 < tiles; t0 += kBlockTiles) {
-      const size_t t1 = std::min(tiles, t0 + kBlockTiles);
+  for (size_t t0 = 0; t0 < tiles; t0 += kBlockTiles) {  // a group of tiles: its x and its y stay in L2
+    const size_t t1 = std::min(tiles, t0 + kBlockTiles);
+    for (size_t k0 = 0; k0 < k; k0 += kBlockK) {
+      const size_t kn = std::min(kBlockK, k - k0);
       for (size_t p = p0; p < p1; p++) {
         const float* b = wp + (p * k + k0) * kPanel;
         const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(wp + ((p + 1) * k + k0) * kPanel) : nullptr;
@@ -784,13 +784,16 @@ inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k, size_t t0, size_t t1) {
   for (size_t t = t0; t < t1; t++) {
     const size_t row0 = tile_row(t, m), rows = tile_row(t + 1, m) - row0;
-    for (size_t i = 0; i < rows; i++) {
-      float* dst = ap + t * k * kTileRows + i;
-      const float* src = x + (row0 + i) * ldx;
-      if (add) {
-        for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk] + add[kk];
-      } else {
-        for (size_t kk = 0; kk < k; kk++) dst[kk * kTileRows] = src[kk];
+    float* tile = ap + t * k * kTileRows;
+    for (size_t k0 = 0; k0 < k; k0 += 16) {  // 16 columns at a time: the tile's part written stays in L1
+      const size_t k1 = std::min(k, k0 + 16);
+      for (size_t i = 0; i < rows; i++) {
+        const float* src = x + (row0 + i) * ldx;
+        if (add) {
+          for (size_t kk = k0; kk < k1; kk++) tile[kk * kTileRows + i] = src[kk] + add[kk];
+        } else {
+          for (size_t kk = k0; kk < k1; kk++) tile[kk * kTileRows + i] = src[kk];
+        }
       }
     }
   }
