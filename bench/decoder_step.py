@@ -133,7 +133,7 @@ def bytes_per_step(m: Canary, batch: int, t_enc: int, cap: int) -> dict[str, int
             weights += arr.nbytes
     weights += sum(a.nbytes for _, a in _flat(dec.final_layer_norm.parameters()))
     weights += sum(a.nbytes for _, a in _flat(dec.embedding.layer_norm.parameters()))
-    head = dec.embedding.token_embedding.weight.nbytes + m.head.bias.nbytes
+    head = sum(a.nbytes for _, a in _flat(dec.embedding.token_embedding.parameters())) + m.head.bias.nbytes
     h, n_layers = m.config.decoder.hidden_size, m.config.decoder.num_layers
     return {"weights": weights, "head": head, "self K/V": batch * 2 * n_layers * cap * h * item,
             "cross K/V": batch * 2 * n_layers * t_enc * h * item}  # fmt: skip

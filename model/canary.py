@@ -76,7 +76,8 @@ class Canary(nn.Module):
     # ---- network pieces -------------------------------------------------------------------------------
     @property
     def dtype(self) -> mx.Dtype:
-        return self.decoder.embedding.token_embedding.weight.dtype
+        emb = self.decoder.embedding.token_embedding  # nn.Embedding, or PackedEmbedding in the CPU layout
+        return (emb.weight_p if "weight_p" in emb else emb.weight).dtype
 
     @property
     def guards_overflow(self) -> bool:

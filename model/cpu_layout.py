@@ -76,6 +76,35 @@ class PackedLinear(nn.Module):
         return x @ w_t if bias is None else mx.addmm(bias, x, w_t)
 
 
+class PackedEmbedding(nn.Module):
+    """The decoder's token embedding, whose table is also its tied output projection (`as_linear`, the logits),
+    stored as `cpu_kernels.pack_weight`'s panels (`weight_p`, (V / 32, H, 32)) for the packed matmul: at batch 16 the
+    logits take 0.41 ms against 1.06 through OpenBLAS's sgemm (which packs the 21.5 MB table on every call), the same
+    at batch 1. A lookup reads its row across the panel (stride 32 floats): a step looks up one token per row. No
+    second copy of the table."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight_p = cpu_kernels.pack_weight(embedding.weight)
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        return (
+            type(layer) is nn.Embedding
+            and layer.weight.dtype == mx.float32
+            and layer.weight.shape[0] % cpu_kernels.PANEL == 0
+            and cpu_kernels.packed_supported()
+        )
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight_p[ids // cpu_kernels.PANEL, :, ids % cpu_kernels.PANEL]  # (*ids.shape, H)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.ndim >= 1 and x.shape[-1] == self.weight_p.shape[1] and cpu_kernels.usable(x, self.weight_p):
+            return cpu_kernels.packed_linear(x, self.weight_p, None)
+        return x @ cpu_kernels.unpack_weight(self.weight_p)
+
+
 class QuantizedDecoderLinear(nn.QuantizedLinear):
     """An 8-bit nn.QuantizedLinear of the decoder whose few-row products (the decoder step at batch 1-4) go through
     the CPU kernel `cpu_kernels.qmatmul8`: it reads the quantized bytes, a quarter of float32's weights, where
@@ -156,8 +185,12 @@ def lay_out_linears(module: nn.Module) -> int:
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every nn.Linear below `module` that PackedLinear fits; returns how many were replaced."""
-    return _replace_layers(module, lambda m: PackedLinear(m) if PackedLinear.fits(m) else None)
+    """Replace every nn.Linear below `module` that PackedLinear fits, and every nn.Embedding PackedEmbedding fits (the
+    decoder's, whose table is the tied output projection); returns how many were replaced."""
+    return _replace_layers(
+        module,
+        lambda m: PackedLinear(m) if PackedLinear.fits(m) else PackedEmbedding(m) if PackedEmbedding.fits(m) else None,
+    )
 
 
 def use_cpu_layout() -> bool:

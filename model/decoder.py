@@ -118,8 +118,9 @@ class TransformerEmbedding(nn.Module):
         # Decoding never uses a position past the table (prompts are checked, lengths capped); the clamp keeps
         # the speculative step a finished row is still part of from reading past it (MLX gathers are unchecked).
         positions = mx.minimum(positions, self.position_embedding.pos_enc.shape[0] - 1)
-        pos = self.position_embedding.pos_enc[positions].astype(self.token_embedding.weight.dtype)
-        return cpu_kernels.apply_layer_norm(self.layer_norm, self.token_embedding(ids) + pos)
+        tokens = self.token_embedding(ids)
+        pos = self.position_embedding.pos_enc[positions].astype(tokens.dtype)
+        return cpu_kernels.apply_layer_norm(self.layer_norm, tokens + pos)
 
 
 class TransformerDecoder(nn.Module):

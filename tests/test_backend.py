@@ -12,13 +12,14 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from canary_server import model
 from canary_server.convert import convert_nemo
 from canary_server.model import backend, cpu_kernels, cpu_math
 from canary_server.model.batch_decoder import BatchDecoder
-from canary_server.model.cpu_layout import PackedLinear, TransposedLinear
+from canary_server.model.cpu_layout import PackedEmbedding, PackedLinear, TransposedLinear
 from conftest import FIXTURES, REPO
 
 
@@ -75,6 +76,9 @@ def test_the_paths_decide_the_layout_at_load_and_whether_the_decoder_step_is_com
         # leave some out), else nn.Linear's rows for sgemv (_blas.py); never transposed
         assert dec_layout == dec_packed and (dec_packed > 0) == (cpu_kernels.packed_isa() == "avx512")
         assert dec_plain > 0
+        emb = m.decoder.embedding.token_embedding  # the table is the tied head: packed with the decoder
+        emb_rows = m.config.decoder.vocab_size  # (in whole panels of 32: not this fixture's 1520)
+        assert isinstance(emb, PackedEmbedding) == (cpu_kernels.packed_isa() == "avx512" and emb_rows % 32 == 0)
         bd = BatchDecoder(m)
         assert bd._step_fn == bd._forward  # not compiled
     with backend.forced(backend.GPU):
@@ -90,3 +94,19 @@ def test_the_env_var_forces_the_gpu_paths_in_a_fresh_process():
     env = dict(os.environ, CANARY_BACKEND="gpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["gpu", "False"]
+
+
+def test_the_packed_embedding_looks_up_and_projects_as_its_table(tmp_path):
+    """PackedEmbedding (the decoder's tied table as panels): lookups give the table's rows exactly, as_linear the
+    product with the table (the logits), for one row, a few and a batch."""
+    if not cpu_kernels.packed_supported():
+        pytest.skip("the packed matmul needs AVX-512 or AVX2")
+    rng = np.random.default_rng(3)
+    table = nn.Embedding(96, 40)
+    table.weight = mx.array(rng.normal(0, 1, (96, 40)).astype(np.float32))
+    packed = PackedEmbedding(table)
+    ids = mx.array([[0, 31, 32, 95], [64, 5, 5, 63]])
+    assert mx.array_equal(packed(ids), table(ids))
+    for rows in (1, 5, 16):
+        x = mx.array(rng.normal(0, 1, (rows, 40)).astype(np.float32))
+        np.testing.assert_allclose(np.array(packed.as_linear(x)), np.array(table.as_linear(x)), rtol=1e-5, atol=1e-5)
