@@ -890,7 +890,7 @@ constexpr size_t kSplitMin = 1u << 15, kSplitBlock = 4096;
 
 enum class Op {
   Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, Conv0DwS2, QMatmul8, DecodeAttention,
-  PackedLinear, RelAttention, GreedyPick
+  PackedLinear, RelAttention, GreedyPick, PackedRows
 };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
@@ -1022,6 +1022,20 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
         enc.dispatch([x = inputs[0].data<float>(), wp = inputs[1].data<float>(), bias, y, scratch, m, k, n]() mutable {
           packed_linear_kernel(x, wp, bias, y, static_cast<float*>(scratch.raw_ptr()), m, k, n);
           mx::allocator::allocator().free(scratch);
+        });
+        break;
+      }
+      case Op::PackedRows: {
+        // inputs: wp (P, H, 32), ids (...) int32 or uint32: row id of the packed table (clamped to the table)
+        const bool is_signed = inputs[1].dtype() == mx::int32;
+        enc.dispatch([wp = inputs[0].data<float>(), ids = inputs[1].data<uint32_t>(), is_signed, y,
+                      n = inputs[1].size(), h = size_t(inputs[0].shape(1)), rows = size_t(inputs[0].shape(0)) * kPanel]() {
+          for (size_t i = 0; i < n; i++) {
+            const int64_t raw = is_signed ? int64_t(int32_t(ids[i])) : int64_t(ids[i]);
+            const size_t id = size_t(std::clamp<int64_t>(raw, 0, int64_t(rows) - 1));
+            const float* src = wp + (id / kPanel) * h * kPanel + id % kPanel;
+            for (size_t j = 0; j < h; j++) y[i * h + j] = src[j * kPanel];
+          }
         });
         break;
       }
@@ -1191,6 +1205,15 @@ mx::array greedy_pick(const mx::array& logits) {
   return make({logits.shape(0), 2}, mx::float32, Op::GreedyPick, {logits});
 }
 
+mx::array packed_rows(const mx::array& wp, const mx::array& ids) {
+  if (wp.ndim() != 3 || wp.shape(2) != int(kPanel) || wp.dtype() != mx::float32 ||
+      (ids.dtype() != mx::int32 && ids.dtype() != mx::uint32))
+    throw std::invalid_argument("packed_rows: wp (P, H, 32) float32, ids int32 or uint32");
+  auto shape = ids.shape();
+  shape.push_back(wp.shape(1));
+  return make(shape, mx::float32, Op::PackedRows, {wp, ids});
+}
+
 mx::array rel_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& p,
                         const mx::array& u, const mx::array& vb, const mx::array& valid) {
   const bool ok = q.ndim() == 3 && k.shape() == q.shape() && v.shape() == q.shape() && u.ndim() == 2 &&
@@ -1241,6 +1264,7 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("scale"));
   m.def("packed_linear", &packed_linear, nb::arg("x"), nb::arg("wp"), nb::arg("bias").none());
   m.def("greedy_pick", &greedy_pick, nb::arg("logits"));
+  m.def("packed_rows", &packed_rows, nb::arg("wp"), nb::arg("ids"));
   m.def("packed_supported", &packed_supported);
   m.def("packed_isa", &packed_isa);
   m.def("set_packed_isa", &set_packed_isa, nb::arg("name"));

@@ -273,6 +273,12 @@ def packed_linear(x: mx.array, wp: mx.array, bias: mx.array | None) -> mx.array:
     return _module.packed_linear(x, wp, bias)
 
 
+def packed_rows(wp: mx.array, ids: mx.array) -> mx.array:
+    """Rows `ids` (int32 or uint32, any shape; clamped to the table) of the table W (V, H) that `pack_weight` packed
+    into wp (V / 32, H, 32): (*ids.shape, H), one op (the same values as W[ids])."""
+    return _module.packed_rows(wp, ids)
+
+
 def rel_attention_usable(d_k: int, *arrays: mx.array) -> bool:
     """Whether `rel_attention` can compute a conformer attention of head size d_k on these arrays here."""
     return d_k % PANEL == 0 and usable(*arrays) and bool(_module.packed_supported())

@@ -97,6 +97,8 @@ class PackedEmbedding(nn.Module):
         )
 
     def __call__(self, ids: mx.array) -> mx.array:
+        if ids.dtype in (mx.int32, mx.uint32) and cpu_kernels.usable(self.weight_p):
+            return cpu_kernels.packed_rows(self.weight_p, ids)  # one op
         return self.weight_p[ids // cpu_kernels.PANEL, :, ids % cpu_kernels.PANEL]  # (*ids.shape, H)
 
     def as_linear(self, x: mx.array) -> mx.array:

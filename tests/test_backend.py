@@ -106,7 +106,13 @@ def test_the_packed_embedding_looks_up_and_projects_as_its_table(tmp_path):
     table.weight = mx.array(rng.normal(0, 1, (96, 40)).astype(np.float32))
     packed = PackedEmbedding(table)
     ids = mx.array([[0, 31, 32, 95], [64, 5, 5, 63]])
-    assert mx.array_equal(packed(ids), table(ids))
+    for dtype in (mx.int32, mx.uint32):  # prompts, and the tokens a step picked
+        assert mx.array_equal(packed(ids.astype(dtype)), table(ids))
+    previous = cpu_kernels.set_enabled(False)  # the indexing the kernel replaces
+    try:
+        assert mx.array_equal(packed(ids), table(ids))
+    finally:
+        cpu_kernels.set_enabled(previous)
     for rows in (1, 5, 16):
         x = mx.array(rng.normal(0, 1, (rows, 40)).astype(np.float32))
         np.testing.assert_allclose(np.array(packed.as_linear(x)), np.array(table.as_linear(x)), rtol=1e-5, atol=1e-5)
