@@ -3,7 +3,9 @@
 MLX's x86-64 CPU build runs every elementwise op as its own pass over memory and evaluates exp one element at a
 time, so the encoder's activations, LayerNorms and attention softmax (model/cpu_math.py's MLX arithmetic: ~20
 passes per SiLU) cost a quarter of a batched encode (bench/encoder_ops.py). `_cpu_kernels.cpp` computes each of
-them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy graph:
+them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy graph; from 32 768 output values
+the elementwise ones split their rows between the calling thread and the library's helper thread (MLX runs a
+stream's ops on one thread: the other core would idle):
 
 * `silu(x)`; `glu_mask(x, valid)`: GLU over the last axis, padded rows zeroed;
 * `dwconv_affine_silu(x, taps, scale, shift, bias)`: the conformer's depthwise conv, its bias, the inference
@@ -11,7 +13,8 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
 * `layer_norm(x, weight, bias, eps)` (and `apply_layer_norm(norm, x)`, also used by the decoder's step: MLX's CPU
   backend runs mx.fast.layer_norm as 18 ops, a third of a batch-1 step's ops);
 * `subsample_conv0(...)`, `depthwise_s2(...)`: the dw_striding subsampling's stride-2 convs with their bias, time
-  masks and ReLUs (the 30 s subsampling activations are ~100 MB: one pass instead of ~20);
+  masks and ReLUs (the 30 s subsampling activations are ~100 MB: one pass instead of ~20), and
+  `subsample_conv0_dw(...)`: the first two in one pass, the first conv's output never in memory;
 * `qmatmul8(x, weight, scales, biases, group_size)`: a few rows times an 8-bit affine-quantized weight, reading the
   bytes (a quarter of float32's) with the group's scale and bias applied to partial sums (MLX's CPU quantized
   matmul is a scalar loop: ~6x slower than float32 here); model/cpu_layout.py's QuantizedDecoderLinear uses it;
@@ -25,7 +28,8 @@ them as one vectorised loop inside an MLX primitive, so they stay in MLX's lazy 
   call as sgemm does, and with AVX-512 it runs 512-bit FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's
   0.3.21 does on AMD Zen 4 and 5 when told to, or when it does not know the CPU). On this project's Zen 5 machine the
   encoder's Linears run ~2x OpenBLAS's sgemm with AVX-512, 1.1-1.3x with AVX2 (bench/encoder_ops.py --linears).
-  model/cpu_layout.py's PackedLinear uses it for the encoder's float32 Linears, and the decoder's with AVX-512;
+  model/cpu_layout.py's PackedLinear uses it for the encoder's float32 Linears, and the decoder's with AVX-512,
+  whose PackedEmbedding (the tied token table, packed) looks its rows up with `packed_rows(wp, ids)`;
 * `greedy_pick(logits)`: a greedy decoder step's token per row and its log-softmax value (argmax and logsumexp in
   two vectorised passes; MLX's CPU exp is a scalar loop: ~0.9 ms of a batch-16 step at vocab 5248);
 * `decode_attention(q, k, v, mask, scale)`: a decoder step's attention (one query per row) in one pass, reading
