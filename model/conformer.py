@@ -79,7 +79,8 @@ class ConvSubsampling(nn.Module):
 
     def _fused(self, feats: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """The same subsampling with the CPU kernels: each stride-2 conv, its bias, time mask and ReLU (the depthwise
-        ones also the previous pointwise conv's mask and ReLU) in one pass; the pointwise convs are matmuls."""
+        ones also the previous pointwise conv's mask and ReLU) in one pass, the first two convs in the same pass;
+        the pointwise convs are matmuls."""
         convs = [layer for layer in self.conv if isinstance(layer, nn.Conv2d)]
         sources = tuple(conv.weight for conv in convs)
 
@@ -93,6 +94,8 @@ class ConvSubsampling(nn.Module):
         weights = _derived(self, "_fused_weights_packed" if packed else "_fused_weights", sources, make)
         len_in = lengths.astype(mx.int32)
         lens = _conv_out_len(len_in)
+        if len(convs) == 1:
+            x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
         for i in range(1, len(convs), 2):
             dw, pw = convs[i], convs[i + 1]
             nxt = _conv_out_len(lens)
@@ -108,8 +111,6 @@ class ConvSubsampling(nn.Module):
                 b, t, f, c = x.shape
                 x = mx.addmm(pw.bias, x.reshape(-1, c), weights[i + 1]).reshape(b, t, f, c)
             lens = nxt
-        if len(convs) == 1:
-            x = cpu_kernels.subsample_conv0(feats, weights[0], convs[0].bias, len_in, lens)
         b, t, f, c = x.shape
         if len(convs) > 1:  # the last pointwise conv's mask and ReLU
             x = mx.where(_time_mask(lens, t)[:, :, None, None], mx.maximum(x, 0.0), 0.0)
