@@ -208,10 +208,23 @@ def test_the_kernels_split_between_two_threads_give_the_values_of_one():
 
 
 @loaded
-@pytest.mark.parametrize(("t", "f", "c"), [(501, 128, 64), (37, 80, 16), (1, 9, 8), (3000, 128, 32)])
-def test_the_first_two_subsampling_convs_in_one_pass_equal_the_two_kernels(t, f, c):
+@pytest.mark.parametrize(
+    ("t", "f", "c"), [(501, 128, 256), (37, 80, 64), (1, 9, 64), (37, 80, 16), (1, 9, 8), (3000, 128, 32)]
+)
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+def test_the_first_two_subsampling_convs_in_one_pass_equal_the_two_kernels(t, f, c, isa):
     """subsample_conv0_dw (the first conv's frames never in memory) gives exactly subsample_conv0 then depthwise_s2:
-    full, shorter and one-frame rows, tiny and 30 s inputs (split between the threads)."""
+    full, shorter and one-frame rows, tiny and 30 s inputs (split between the threads), with its AVX-512 loops
+    (channels in multiples of 64, where the CPU has it) and its C++ ones (other channel counts, or turned off with
+    the packed matmul's AVX-512 build)."""
+    previous = cpu_kernels.set_packed_isa(None if isa == "best" else isa)
+    try:
+        _first_two_convs_equal_the_two_kernels(t, f, c)
+    finally:
+        cpu_kernels.set_packed_isa(previous)
+
+
+def _first_two_convs_equal_the_two_kernels(t: int, f: int, c: int) -> None:
     rng = np.random.default_rng(t + c)
     x = mx.array(rng.normal(0, 1, (3, t, f)).astype(np.float32))
     w0, w1 = (mx.array(rng.normal(0, 1, (3, 3, c)).astype(np.float32)) for _ in range(2))
