@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .batch_decoder import CACHE_STEP, BatchDecoder, Sequence, pad_axis, round_up
+from .batch_decoder import BatchDecoder, Sequence, pad_axis, round_up
 from .decoder import NEG_INF
 from .fusion import RowBoosts
 
@@ -86,7 +86,7 @@ class BeamBatchDecoder(BatchDecoder):
             return []
         need = max(self.positions) + 1
         if need > self.self_k[0].shape[2]:
-            cap = round_up(need, CACHE_STEP)
+            cap = round_up(need, self.cache_step)
             self.self_k = [pad_axis(a, 2, cap) for a in self.self_k]
             self.self_v = [pad_axis(a, 2, cap) for a in self.self_v]
         k, r = self.k, len(self.rows)
