@@ -278,6 +278,14 @@ async def _next(ws) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
 
 
+async def _next_of(ws, kind: str) -> dict:
+    """The next event of type `kind`, past any other (the partial transcripts a held turn may send meanwhile); an
+    error event is returned at once, so a refusal fails the caller's assertion instead of timing out."""
+    while (event := await _next(ws))["type"] not in (kind, "error"):
+        pass
+    return event
+
+
 def test_only_transcription_intent_is_served(server):
     async def main():
         url = _ws_url(server).replace("intent=transcription", "intent=conversation")
@@ -403,13 +411,17 @@ def test_turn_audio_held_by_all_sessions_is_capped(server):
                 await ws.send(update)
                 await _next(ws)
             await a.send(seven_seconds)
+            # a's audio is held before b's arrives: one connection's events are handled in order, two connections'
+            # are not (under load b's append could come first, be held, and a's be refused instead)
+            await a.send(update)
+            await _next_of(a, "session.updated")
             await b.send(seven_seconds)  # 14 s held together: past 0.75 MiB
             refused = await _next(b)
             await a.send(json.dumps({"type": "input_audio_buffer.clear"}))
-            cleared = await _next(a)
+            cleared = await _next_of(a, "input_audio_buffer.cleared")  # (after any partial transcript of a's audio)
             await b.send(seven_seconds)  # room again
             await b.send(json.dumps({"type": "input_audio_buffer.clear"}))
-            return refused, cleared, await _next(b)
+            return refused, cleared, await _next_of(b, "input_audio_buffer.cleared")
         finally:
             await asyncio.gather(a.close(), b.close())
 
