@@ -116,33 +116,32 @@ CANARY_CLONES void dwconv_affine_silu_kernel(const float* x, const float* taps, 
   }
 }
 
+// The sum of value(0) .. value(n - 1): eight running partial sums over the first multiple of 8 values, added
+// pairwise, then the rest one by one (LayerNorm's two sums and the row softmax's: the order they were written in).
+template <class F>
+__attribute__((always_inline)) inline float sum8(size_t n, F value) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) s[j] += value(i + j);
+  float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; i++) sum += value(i);
+  return sum;
+}
+
 // x (rows, D) -> y: LayerNorm over the last axis (biased variance, two passes), then weight and bias.
 CANARY_CLONES void layer_norm_kernel(const float* x, const float* w, const float* bias, float* y, size_t rows,
                                      size_t d, float eps) {
   for (size_t r = 0; r < rows; r++) {
     const float* xr = x + r * d;
     float* out = y + r * d;
-    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 8 <= d; i += 8)
-      for (int j = 0; j < 8; j++) s[j] += xr[i + j];
-    float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    for (; i < d; i++) sum += xr[i];
-    const float mean = sum / static_cast<float>(d);
-    float q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    i = 0;
-    for (; i + 8 <= d; i += 8)
-      for (int j = 0; j < 8; j++) {
-        float dv = xr[i + j] - mean;
-        q[j] += dv * dv;
-      }
-    float sq = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
-    for (; i < d; i++) {
-      float dv = xr[i] - mean;
-      sq += dv * dv;
-    }
+    const float mean = sum8(d, [=](size_t i) { return xr[i]; }) / static_cast<float>(d);
+    const float sq = sum8(d, [=](size_t i) {
+      const float dv = xr[i] - mean;
+      return dv * dv;
+    });
     const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
-    for (i = 0; i < d; i++) out[i] = (xr[i] - mean) * rstd * w[i] + bias[i];
+    for (size_t i = 0; i < d; i++) out[i] = (xr[i] - mean) * rstd * w[i] + bias[i];
   }
 }
 
@@ -155,13 +154,8 @@ CANARY_CLONES void rel_softmax_row(const float* ac, const float* bd, float* out,
     m = std::max(m, out[j]);
   }
   for (size_t j = 0; j < n; j++) out[j] = exp2_poly((out[j] - m) * kLog2e);
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  size_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; l++) s[l] += out[j + l];
-  float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; j < n; j++) sum += out[j];
-  for (j = 0; j < n; j++) out[j] /= sum;
+  const float sum = sum8(n, [=](size_t j) { return out[j]; });
+  for (size_t j = 0; j < n; j++) out[j] /= sum;
 }
 
 // Relative-position attention weights (NeMo's RelPositionMultiHeadAttention): ac (B, H, T, T) content scores,
