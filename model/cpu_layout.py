@@ -61,19 +61,23 @@ class PackedLinear(nn.Module):
     @staticmethod
     def fits(layer: nn.Module) -> bool:
         """A float32 nn.Linear whose output features come in whole panels, on a CPU the kernel runs on."""
-        return (
-            type(layer) is nn.Linear
-            and layer.weight.dtype == mx.float32
-            and layer.weight.shape[0] % cpu_kernels.PANEL == 0
-            and cpu_kernels.packed_supported()
-        )
+        return type(layer) is nn.Linear and _packable(layer.weight)
 
     def __call__(self, x: mx.array) -> mx.array:
-        bias = self.get("bias")
-        if x.ndim >= 1 and x.shape[-1] == self.weight_p.shape[1] and cpu_kernels.usable(x, self.weight_p):
-            return cpu_kernels.packed_linear(x, self.weight_p, bias)  # leading dims kept: no reshape ops per call
-        w_t = cpu_kernels.unpack_weight(self.weight_p)
-        return x @ w_t if bias is None else mx.addmm(bias, x, w_t)
+        return _packed_product(x, self.weight_p, self.get("bias"))
+
+
+def _packable(weight: mx.array) -> bool:
+    """A float32 weight (N, K) whose N rows come in whole panels, on a CPU the packed matmul runs on."""
+    return weight.dtype == mx.float32 and weight.shape[0] % cpu_kernels.PANEL == 0 and cpu_kernels.packed_supported()
+
+
+def _packed_product(x: mx.array, wp: mx.array, bias: mx.array | None) -> mx.array:
+    """x @ W.T (+ bias) for W packed as `wp`: the packed matmul where it runs, else from an unpacked copy."""
+    if x.ndim >= 1 and x.shape[-1] == wp.shape[1] and cpu_kernels.usable(x, wp):
+        return cpu_kernels.packed_linear(x, wp, bias)  # leading dims kept: no reshape ops per call
+    w_t = cpu_kernels.unpack_weight(wp)
+    return x @ w_t if bias is None else mx.addmm(bias, x, w_t)
 
 
 class PackedEmbedding(nn.Module):
@@ -89,12 +93,7 @@ class PackedEmbedding(nn.Module):
 
     @staticmethod
     def fits(layer: nn.Module) -> bool:
-        return (
-            type(layer) is nn.Embedding
-            and layer.weight.dtype == mx.float32
-            and layer.weight.shape[0] % cpu_kernels.PANEL == 0
-            and cpu_kernels.packed_supported()
-        )
+        return type(layer) is nn.Embedding and _packable(layer.weight)
 
     def __call__(self, ids: mx.array) -> mx.array:
         if ids.dtype in (mx.int32, mx.uint32) and cpu_kernels.usable(self.weight_p):
@@ -102,9 +101,7 @@ class PackedEmbedding(nn.Module):
         return self.weight_p[ids // cpu_kernels.PANEL, :, ids % cpu_kernels.PANEL]  # (*ids.shape, H)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if x.ndim >= 1 and x.shape[-1] == self.weight_p.shape[1] and cpu_kernels.usable(x, self.weight_p):
-            return cpu_kernels.packed_linear(x, self.weight_p, None)
-        return x @ cpu_kernels.unpack_weight(self.weight_p)
+        return _packed_product(x, self.weight_p, None)
 
 
 class QuantizedDecoderLinear(nn.QuantizedLinear):

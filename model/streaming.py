@@ -148,7 +148,7 @@ class StreamingDecoder:
             pos = mx.array([len(r.stream.prompt) + len(r.stream.tokens) - 1 for r in rows])
             hidden, probs = _forward(dec, tokens, pos, keys, values, cross, cross_mask, self.xatt_layer)
             logits = self.model.logits(hidden)
-            next_tok, token_lp = _pick(logits)
+            next_tok, token_lp = cpu_kernels.pick(logits)  # greedy token per row and its log-softmax value
             finite = mx.all(mx.isfinite(logits)) if self.model.guards_overflow else mx.array(True)
             mx.eval(next_tok, token_lp, probs, finite)  # the log-probs ride the step's one sync
             if not finite.item():  # float16/bfloat16 only; no float32 fallback for live streams yet
@@ -213,11 +213,6 @@ class StreamingDecoder:
         s.logprobs.append(logprob)
         s.started = True
         r.committed += 1
-
-
-def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Greedy token per row and its log-softmax value, from the same (float32) logits, as batch_decoder's."""
-    return cpu_kernels.pick(logits)
 
 
 def _last_token(s: Stream) -> int:
