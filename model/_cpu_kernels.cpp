@@ -732,6 +732,60 @@ CANARY_AVX512 void conv0_dw_s2_avx512(const float* x, const float* w0, const flo
   }
 }
 
+// x's rows as one K-major tile (pack_tiles' layout) with AVX-512: 16 columns of up to 12 rows at a time, loaded as
+// rows (missing rows zero), transposed in registers (16 x 16: 32-bit and 64-bit interleaves, then two rounds of
+// 128-bit lane shuffles) and stored as 16 runs of 12; plus add (k) if given, the same single addition per value.
+CANARY_AVX512 void pack_tile_avx512(const float* x, size_t ldx, const float* add, float* tile, size_t rows,
+                                    size_t k) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (size_t k0 = 0; k0 < k; k0 += 16) {
+    const size_t cols = std::min<size_t>(16, k - k0);
+    const __mmask16 cm = static_cast<__mmask16>(cols == 16 ? 0xFFFFu : (1u << cols) - 1);
+    const __m512 av = add ? _mm512_maskz_loadu_ps(cm, add + k0) : zero;
+    __m512 r[16], t[16];
+#pragma GCC unroll 16
+    for (size_t i = 0; i < 16; i++) {
+      if (i < rows) {
+        const __m512 v = _mm512_maskz_loadu_ps(cm, x + i * ldx + k0);
+        r[i] = add ? _mm512_add_ps(v, av) : v;
+      } else {
+        r[i] = zero;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {  // per 128-bit lane L: (a[4L], b[4L], a[4L+1], b[4L+1]) and (a[4L+2], ...)
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {  // r[4i + j], lane L: rows 4i .. 4i+3 of column 4L + j
+      const __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+      const __m512d b0 = _mm512_castps_pd(t[4 * i + 2]), b1 = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {  // lanes 0, 2 (0x88) or 1, 3 (0xdd) of two groups of rows
+      t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+      t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+      t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+      t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {  // r[c]: column c, rows 0 .. 15
+      r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+      r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+      r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+      r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+    }
+#pragma GCC unroll 16
+    for (size_t j = 0; j < 16; j++)
+      if (j < cols) _mm512_mask_storeu_ps(tile + (k0 + j) * kTileRows, 0x0FFF, r[j]);
+  }
+}
+
 // AVX2 + FMA (16 vector registers): the same layouts, a 12-row tile as groups of 3 rows x 32 columns (12
 // accumulators, one panel vector and 3 broadcasts live); the panel's block is read once per group, from L2.
 #define CANARY_AVX2 __attribute__((target("avx2,fma")))
@@ -833,9 +887,9 @@ void packed_part(const float* ap, const float* wp, const float* bias, float* y, 
 }
 
 bool packed_supported() { return packed_blocks() != nullptr; }
-// The subsampling's vectorised first two convs run where the packed matmul's AVX-512 build does (set_packed_isa
-// turns both off for tests).
-bool conv0_dw_vectorised() { return packed_isa_now.load(std::memory_order_relaxed) == 2; }
+// The hand-vectorised AVX-512 loops (the subsampling's first two convs, packing x into tiles) run where the packed
+// matmul's AVX-512 build does (set_packed_isa turns them off with it for tests: the same values either way).
+bool avx512_loops() { return packed_isa_now.load(std::memory_order_relaxed) == 2; }
 
 // 'avx512', 'avx2' or '' (none); set_packed_isa(name) runs a lower build than the best (tests and benches compare
 // them; '': the best) and returns the previous one. Layouts are the same for every build.
@@ -849,7 +903,8 @@ std::string set_packed_isa(const std::string& name) {
 }
 #else
 bool packed_supported() { return false; }
-bool conv0_dw_vectorised() { return false; }
+bool avx512_loops() { return false; }
+void pack_tile_avx512(const float*, size_t, const float*, float*, size_t, size_t) {}
 std::string packed_isa() { return ""; }
 std::string set_packed_isa(const std::string&) { return ""; }
 void packed_part(const float*, const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t) {}
@@ -861,12 +916,18 @@ void conv0_dw_s2_avx512(const float*, const float*, const float*, const float*, 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
 // tiles [t0, t1) of x's m rows (row stride ldx; tile_row's tiles), plus add (k) if given -> K-major tiles of 12
-// rows: ap[t][k][i] = x[tile_row(t) + i][k] (+ add[k]); a tile's missing rows are left unset (the blocks read only
-// the rows they have)
+// rows: ap[t][k][i] = x[tile_row(t) + i][k] (+ add[k]); a tile's missing rows are left unset or zero (the blocks
+// read only the rows they have). With AVX-512 a tile is transposed in registers (pack_tile_avx512: scalar, the
+// packing took ~5% of a batch's encoder and twice that at one clip)
 void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k, size_t t0, size_t t1) {
+  const bool vec = avx512_loops();
   for (size_t t = t0; t < t1; t++) {
     const size_t row0 = tile_row(t, m), rows = tile_row(t + 1, m) - row0;
     float* tile = ap + t * k * kTileRows;
+    if (vec) {
+      pack_tile_avx512(x + row0 * ldx, ldx, add, tile, rows, k);
+      continue;
+    }
     for (size_t k0 = 0; k0 < k; k0 += 16) {  // 16 columns at a time: the tile's part written stays in L1
       const size_t k1 = std::min(k, k0 + 16);
       for (size_t i = 0; i < rows; i++) {
@@ -1067,7 +1128,7 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
                       len1 = inputs[6].data<int32_t>(), len2 = inputs[7].data<int32_t>(), y,
                       b = size_t(out.shape(0)), t, f, c = size_t(out.shape(3)), t1 = (t - 1) / 2 + 1,
                       f1 = (f - 1) / 2 + 1, t2 = size_t(out.shape(1)), f2 = size_t(out.shape(2))]() {
-          const bool vec = c % 64 == 0 && conv0_dw_vectorised();
+          const bool vec = c % 64 == 0 && avx512_loops();
           two_threads::run(b * t2, b * t2 * f2 * c >= kSplitMin, [=](size_t r0, size_t r1) {
             if (vec)
               conv0_dw_s2_avx512(x, w0, b0, w1, b1, len0, len1, len2, y, t, f, c, t1, f1, t2, f2, r0, r1);

@@ -477,6 +477,34 @@ def test_packed_linear_equals_the_matmul(packed_isa, m, k, n, bias):
     _close(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.skipif(len(PACKED_ISAS) < 2, reason="needs a CPU with AVX-512 (both builds)")
+def test_both_builds_give_the_same_bits():
+    """The AVX-512 build (blocks of 512-bit FMAs, x packed into tiles by transposes in registers, 16 columns at a
+    time with masked tails) and the AVX2 build (256-bit FMAs, scalar packing) multiply and add in the same order:
+    equal to the bit, for every tile height, K with and without a 16-column tail, one tile and many. Relative
+    attention packs q + pos_bias through the same path (with its add)."""
+    rng = np.random.default_rng(11)
+    shapes = [(m, k) for m in (*range(1, 26), 63, 130) for k in (1, 5, 16, 17, 40, 700)]
+    xs = [mx.array(rng.normal(0, 1, s).astype(np.float32)) for s in shapes]
+    ws = [cpu_kernels.pack_weight(mx.array(rng.normal(0, 1, (64, s[1])).astype(np.float32))) for s in shapes]
+    b = mx.array(rng.normal(0, 1, (64,)).astype(np.float32))
+    q, k, v = (mx.array(rng.normal(0, 1, (2, 75, 128)).astype(np.float32)) for _ in range(3))
+    p = mx.array(rng.normal(0, 1, (149, 128)).astype(np.float32))
+    u, vb = (mx.array(rng.normal(0, 1, (2, 64)).astype(np.float32)) for _ in range(2))
+    valid = mx.arange(75)[None, :] < mx.array([75, 40])[:, None]
+    out = {}
+    for isa in ("avx512", "avx2"):
+        previous = cpu_kernels.set_packed_isa(isa)
+        try:
+            out[isa] = [cpu_kernels.packed_linear(x, w, b) for x, w in zip(xs, ws, strict=True)]
+            out[isa].append(cpu_kernels.rel_attention(q, k, v, p, u, vb, valid))
+            mx.eval(out[isa])
+        finally:
+            cpu_kernels.set_packed_isa(previous)
+    for a, c in zip(out["avx512"], out["avx2"], strict=True):
+        assert mx.array_equal(a, c)
+
+
 @packed
 def test_rel_attention_refuses_what_it_cannot_compute():
     q, p, bias, valid = mx.zeros((2, 5, 64)), mx.zeros((9, 64)), mx.zeros((2, 32)), mx.ones((2, 5), dtype=mx.bool_)
