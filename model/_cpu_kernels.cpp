@@ -780,9 +780,16 @@ CANARY_AVX512 void pack_tile_avx512(const float* x, size_t ldx, const float* add
       r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
       r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
     }
+    // whole 16-lane stores (lanes 12..15 are zero rows, overwritten by the next column's store), but a masked
+    // one for the tile's last column (past it is the next tile, maybe being packed by the other thread)
 #pragma GCC unroll 16
-    for (size_t j = 0; j < 16; j++)
-      if (j < cols) _mm512_mask_storeu_ps(tile + (k0 + j) * kTileRows, 0x0FFF, r[j]);
+    for (size_t j = 0; j < 16; j++) {
+      if (j >= cols) break;
+      if (k0 + j + 1 < k)
+        _mm512_storeu_ps(tile + (k0 + j) * kTileRows, r[j]);
+      else
+        _mm512_mask_storeu_ps(tile + (k0 + j) * kTileRows, 0x0FFF, r[j]);
+    }
   }
 }
 

@@ -24,7 +24,8 @@ stream's ops on one thread: the other core would idle):
   bench/encoder_ops.py); on CPUs without AVX2, `rel_softmax(ac, bd, valid, sqrt_dk)`: the attention weights from
   the content scores and the un-shifted position scores (NeMo's rel_shift, scaling, masking and softmax);
 * `packed_linear(x, wp, bias)`: x @ W^T + bias with W stored once, at load, as panels of 32 output features
-  (`pack_weight`), by register-blocked AVX-512 or AVX2 kernels (`packed_isa()`): it does not pack W again on every
+  (`pack_weight`), by register-blocked AVX-512 or AVX2 kernels (`packed_isa()`; both give the same bits, x packed
+  into 12-row tiles by in-register transposes with AVX-512): it does not pack W again on every
   call as sgemm does, and with AVX-512 it runs 512-bit FMAs where OpenBLAS may run its AVX2 kernels (Debian 12's
   0.3.21 does on AMD Zen 4 and 5 when told to, or when it does not know the CPU). On this project's Zen 5 machine the
   encoder's Linears run ~2x OpenBLAS's sgemm with AVX-512, 1.1-1.3x with AVX2 (bench/encoder_ops.py --linears).
