@@ -138,15 +138,20 @@ class Canary(nn.Module):
         return self.log_probs(hidden[:, -1])[:, lang_ids]  # (B, L)
 
     def use_cpu_layout(self) -> None:
-        """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's packed for the CPU
-        kernel's matmul (AVX-512 or AVX2), else transposed; the decoder's packed too where the CPU has AVX-512 (as
+        """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's and the
+        encoder-decoder projection's packed for the CPU kernel's matmul (AVX-512 or AVX2), else transposed; the
+        decoder's packed too where the CPU has AVX-512 (as
         fast as sgemv for a batch-1 step, faster from 4 rows), else left in nn.Linear's layout, which OpenBLAS's
         sgemv reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
         from . import cpu_kernels
-        from .cpu_layout import lay_out_linears, pack_linears, wrap_quantized
+        from .cpu_layout import laid_out, lay_out_linears, pack_linears, wrap_quantized
 
         for name, child in self.children().items():
-            if name != "decoder" and isinstance(child, nn.Module):
+            if name == "decoder" or not isinstance(child, nn.Module):
+                continue
+            if type(child) is nn.Linear:  # the model's own: the encoder-decoder projection
+                setattr(self, name, laid_out(child))
+            else:
                 lay_out_linears(child)
         if cpu_kernels.packed_isa() == "avx512":
             pack_linears(self.decoder)

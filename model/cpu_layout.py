@@ -1,6 +1,7 @@
 """CPU-backend tuning: the encoder's Linear weights stored for the CPU's matmul, and a larger MLX buffer cache.
 
-With the CPU paths (model/backend.py) the loader swaps the encoder's nn.Linears once (`Canary.use_cpu_layout`):
+With the CPU paths (model/backend.py) the loader swaps the encoder's nn.Linears and the encoder-decoder projection once
+(`Canary.use_cpu_layout`):
 * for `PackedLinear` where the CPU kernels are there with AVX-512 or AVX2 (model/cpu_kernels.py): the weight
   stored as panels of 32 output features for `cpu_kernels.packed_linear`, which packs nothing per call (sgemm packs
   the weight on every call) and runs 512-bit FMAs with AVX-512: on this project's Zen 5 machine ~2x OpenBLAS's
@@ -174,13 +175,15 @@ def wrap_quantized(module: nn.Module) -> int:
     )
 
 
+def laid_out(layer: nn.Linear) -> nn.Module:
+    """One plain nn.Linear in the CPU layout: a PackedLinear where it fits, else a TransposedLinear."""
+    return PackedLinear(layer) if PackedLinear.fits(layer) else TransposedLinear(layer)
+
+
 def lay_out_linears(module: nn.Module) -> int:
-    """Replace every plain nn.Linear below `module` (not quantized ones) by a PackedLinear where it fits, else a
-    TransposedLinear; returns how many were replaced."""
-    return _replace_layers(
-        module,
-        lambda m: (PackedLinear(m) if PackedLinear.fits(m) else TransposedLinear(m)) if type(m) is nn.Linear else None,
-    )
+    """Replace every plain nn.Linear below `module` (not quantized ones) by `laid_out`'s layer; returns how many
+    were replaced."""
+    return _replace_layers(module, lambda m: laid_out(m) if type(m) is nn.Linear else None)
 
 
 def pack_linears(module: nn.Module) -> int:

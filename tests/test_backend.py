@@ -68,6 +68,8 @@ def test_the_paths_decide_the_layout_at_load_and_whether_the_decoder_step_is_com
         m = model.load(directory, dtype="float32")
         enc_plain, enc_transposed = _linears(m.encoder)
         assert enc_plain == 0 and enc_transposed > 0
+        # the model's own Linear (the encoder-decoder projection) too: it was left in nn.Linear (OpenBLAS's sgemm)
+        assert m.config.enc_dec_proj and type(m.encoder_decoder_proj) in (TransposedLinear, PackedLinear)
         packed = sum(type(x) is PackedLinear for _, x in m.encoder.named_modules())
         assert (packed > 0) == cpu_kernels.packed_supported()  # AVX-512 or AVX2: the packed matmul's layout
         dec_plain, dec_layout = _linears(m.decoder)
