@@ -1040,7 +1040,7 @@ constexpr size_t kSplitMin = 1u << 15, kSplitBlock = 4096;
 
 enum class Op {
   Silu, GluMask, DwConvAffineSilu, LayerNorm, RelSoftmax, Conv0, DwS2, Conv0DwS2, QMatmul8, DecodeAttention,
-  PackedLinear, RelAttention, GreedyPick, PackedRows
+  PackedLinear, RelAttention, GreedyPick, PackedRows, KvWrite
 };
 
 class CanaryCpuKernel : public mx::UnaryPrimitive {
@@ -1051,7 +1051,10 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
     for (auto& a : inputs) {
       if (!a.flags().row_contiguous) throw std::runtime_error("canary cpu kernel: input not row-contiguous");
     }
-    if (op_ == Op::Silu && inputs[0].is_donatable() && inputs[0].itemsize() == out.itemsize()) {
+    // SiLU writes over its input, and KvWrite into its cache, when nothing else holds it (else KvWrite copies it)
+    const bool donated = (op_ == Op::Silu || op_ == Op::KvWrite) && inputs[0].is_donatable() &&
+                         inputs[0].itemsize() == out.itemsize();
+    if (donated) {
       out.copy_shared_buffer(inputs[0]);
     } else {
       out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -1189,6 +1192,20 @@ class CanaryCpuKernel : public mx::UnaryPrimitive {
             const size_t id = size_t(std::clamp<int64_t>(raw, 0, int64_t(rows) - 1));
             const float* src = wp + (id / kPanel) * h * kPanel + id % kPanel;
             for (size_t j = 0; j < h; j++) y[i * h + j] = src[j * kPanel];
+          }
+        });
+        break;
+      }
+      case Op::KvWrite: {
+        // inputs: cache (B, H, L, D), offsets (B) int32, new (B, H, 1, D): out = cache with new at each row's offset
+        enc.dispatch([c = inputs[0].data<float>(), off = inputs[1].data<int32_t>(), x = inputs[2].data<float>(), y,
+                      donated, n = size_t(out.size()), b = size_t(out.shape(0)), h = size_t(out.shape(1)),
+                      l = size_t(out.shape(2)), d = size_t(out.shape(3))]() {
+          if (!donated) std::memcpy(y, c, n * sizeof(float));
+          for (size_t bi = 0; bi < b; bi++) {
+            if (off[bi] < 0 || size_t(off[bi]) >= l) continue;  // never past the buffer (the caller grows it first)
+            for (size_t hi = 0; hi < h; hi++)
+              std::memcpy(y + ((bi * h + hi) * l + size_t(off[bi])) * d, x + (bi * h + hi) * d, d * sizeof(float));
           }
         });
         break;
@@ -1354,6 +1371,14 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
   return make(q.shape(), mx::float32, Op::DecodeAttention, std::move(inputs), scale);
 }
 
+mx::array kv_write(const mx::array& cache, const mx::array& offsets, const mx::array& x) {
+  if (cache.ndim() != 4 || cache.dtype() != mx::float32 || offsets.dtype() != mx::int32 || offsets.ndim() != 1 ||
+      offsets.shape(0) != cache.shape(0) || x.ndim() != 4 || x.shape(0) != cache.shape(0) ||
+      x.shape(1) != cache.shape(1) || x.shape(2) != 1 || x.shape(3) != cache.shape(3) || x.dtype() != mx::float32)
+    throw std::invalid_argument("kv_write: cache (B, H, L, D) float32, offsets (B) int32, x (B, H, 1, D) float32");
+  return make(cache.shape(), mx::float32, Op::KvWrite, {cache, offsets, x});
+}
+
 mx::array greedy_pick(const mx::array& logits) {
   if (logits.ndim() != 2 || logits.shape(1) < 1) throw std::invalid_argument("greedy_pick: logits (B, V), V >= 1");
   return make({logits.shape(0), 2}, mx::float32, Op::GreedyPick, {logits});
@@ -1418,6 +1443,7 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("scale"));
   m.def("packed_linear", &packed_linear, nb::arg("x"), nb::arg("wp"), nb::arg("bias").none());
   m.def("greedy_pick", &greedy_pick, nb::arg("logits"));
+  m.def("kv_write", &kv_write, nb::arg("cache"), nb::arg("offsets"), nb::arg("x"));
   m.def("packed_rows", &packed_rows, nb::arg("wp"), nb::arg("ids"));
   m.def("packed_supported", &packed_supported);
   m.def("packed_isa", &packed_isa);

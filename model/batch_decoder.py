@@ -254,13 +254,23 @@ class BatchDecoder:
         x = dec.embedding(last[:, None], positions)
         self_mask = mx.where(mx.arange(cap)[None, :] <= positions, 0.0, NEG_INF).astype(x.dtype)
         self_mask = self_mask[:, None, None, :]  # (B, 1, 1, L): each row sees its own past only
-        write_idx = mx.broadcast_to(offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
+        if cpu_kernels.usable(self_k[0]):  # rows copied into the buffers, in place (MLX's scatter is a scalar loop)
+
+            def put(cache: mx.array, new: mx.array) -> mx.array:
+                return cpu_kernels.kv_write(cache, offsets, new)
+
+        else:
+            write_idx = mx.broadcast_to(offsets[:, None, None, None], (b, self.heads, 1, self.d_k))
+
+            def put(cache: mx.array, new: mx.array) -> mx.array:
+                return mx.put_along_axis(cache, write_idx, new, axis=2)
+
         new_k, new_v = [], []
 
         def write(i: int):
             def at_offsets(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:  # k, v (B, H, 1, d_k)
-                new_k.append(mx.put_along_axis(self_k[i], write_idx, k, axis=2))
-                new_v.append(mx.put_along_axis(self_v[i], write_idx, v, axis=2))
+                new_k.append(put(self_k[i], k))
+                new_v.append(put(self_v[i], v))
                 return new_k[i], new_v[i]
 
             return at_offsets

@@ -505,6 +505,33 @@ def test_both_builds_give_the_same_bits():
         assert mx.array_equal(a, c)
 
 
+@loaded
+def test_kv_write_puts_rows_at_each_offset_in_place_only_when_nothing_else_holds_the_cache():
+    """kv_write equals put_along_axis (the rows are copied: exactly); a cache still referenced elsewhere is left as it
+    was (written into a copy), one held by the step alone is written in place; an offset past the buffer writes
+    nothing."""
+    rng = np.random.default_rng(5)
+    b, h, length, d = 3, 2, 7, 16
+    base = rng.normal(0, 1, (b, h, length, d)).astype(np.float32)
+    x = mx.array(rng.normal(0, 1, (b, h, 1, d)).astype(np.float32))
+    offsets = mx.array([0, 6, 3], dtype=mx.int32)
+    cache = mx.array(base)
+    idx = mx.broadcast_to(offsets[:, None, None, None], (b, h, 1, d))
+    want = mx.put_along_axis(cache, idx, x, axis=2)
+    got = cpu_kernels.kv_write(cache, offsets, x)
+    assert mx.array_equal(got, want)
+    assert np.array_equal(np.array(cache), base)  # `cache` is held here: untouched
+    held_alone = mx.array(base) + 0.0  # computed, then only the write holds it
+    got = cpu_kernels.kv_write(held_alone, offsets, x)
+    del held_alone
+    assert mx.array_equal(got, want)
+    past = cpu_kernels.kv_write(mx.array(base), mx.array([0, 7, 3], dtype=mx.int32), x)
+    assert np.array_equal(np.array(past)[1], base[1]) and mx.array_equal(past[0], want[0])
+    for bad in ((mx.array(base), offsets.astype(mx.float32), x), (mx.array(base), offsets, x[:, :1])):
+        with pytest.raises(ValueError):
+            cpu_kernels.kv_write(*bad)
+
+
 @packed
 def test_rel_attention_refuses_what_it_cannot_compute():
     q, p, bias, valid = mx.zeros((2, 5, 64)), mx.zeros((9, 64)), mx.zeros((2, 32)), mx.ones((2, 5), dtype=mx.bool_)
