@@ -924,8 +924,8 @@ inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
 // tiles [t0, t1) of x's m rows (row stride ldx; tile_row's tiles), plus add (k) if given -> K-major tiles of 12
 // rows: ap[t][k][i] = x[tile_row(t) + i][k] (+ add[k]); a tile's missing rows are left unset or zero (the blocks
-// read only the rows they have). With AVX-512 a tile is transposed in registers (pack_tile_avx512: scalar, the
-// packing took ~5% of a batch's encoder and twice that at one clip)
+// read only the rows they have). With AVX-512 a tile is transposed in registers (pack_tile_avx512; as scalar copies
+// the packing took ~5% of a batch's encoder, ~10% of one clip's)
 void pack_tiles(const float* x, size_t ldx, const float* add, float* ap, size_t m, size_t k, size_t t0, size_t t1) {
   const bool vec = avx512_loops();
   for (size_t t = t0; t < t1; t++) {

@@ -140,9 +140,9 @@ class Canary(nn.Module):
     def use_cpu_layout(self) -> None:
         """Linear weights laid out for MLX's CPU backend (model/cpu_layout.py): the encoder's and the
         encoder-decoder projection's packed for the CPU kernel's matmul (AVX-512 or AVX2), else transposed; the
-        decoder's packed too where the CPU has AVX-512 (as
-        fast as sgemv for a batch-1 step, faster from 4 rows), else left in nn.Linear's layout, which OpenBLAS's
-        sgemv reads fastest (canary_server/_gemv_forward.c; bench/decoder_step.py)."""
+        decoder's packed too where the CPU has AVX-512 (as fast as sgemv for a batch-1 step, faster from 4 rows),
+        else left in nn.Linear's layout, which OpenBLAS's sgemv reads fastest (canary_server/_gemv_forward.c;
+        bench/decoder_step.py)."""
         from . import cpu_kernels
         from .cpu_layout import laid_out, lay_out_linears, pack_linears, wrap_quantized
 
