@@ -62,12 +62,14 @@ def salm(salm_dir: Path):
 
 
 def test_the_encoder_is_laid_out_for_the_cpu_matmul_on_the_cpu_paths_only(salm_dir: Path):
-    """As Canary's (model/cpu_layout.py): packed or transposed Linears with the CPU paths, MLX's layout with the GPU
-    paths; the LLM keeps nn.Linear's. The NeMo comparisons above run this model on both paths."""
+    """As Canary's (model/cpu_layout.py): packed or transposed Linears (the encoder's and the projection into the
+    LLM) with the CPU paths, MLX's layout with the GPU paths; the LLM keeps nn.Linear's. The NeMo comparisons above
+    run this model on both paths."""
     for kind in (backend.CPU, backend.GPU):
         with backend.forced(kind):
             m = model.load(salm_dir)
         assert any(type(x) is nn.Linear for _, x in m.encoder.named_modules()) != (kind == backend.CPU)
+        assert (type(m.proj) is nn.Linear) != (kind == backend.CPU)  # the projection into the LLM: as the encoder's
         assert all(type(x) is not PackedLinear for _, x in m.llm.named_modules())
 
 
@@ -164,7 +166,7 @@ def test_quantized_conversion_loads_and_transcribes(tmp_path: Path):
     assert cfg["quantization"] == {"bits": 8, "group_size": 32}
     m = model.load(out)
     assert type(m.llm.model.layers[0].mlp.gate_proj).__name__ == "QuantizedLinear"
-    assert type(m.proj).__name__ == "Linear"  # only the LLM's Linears
+    assert not isinstance(m.proj, nn.QuantizedLinear)  # only the LLM's Linears
     res = m.generate(str(ESPEAK_CLIPS / "clip03.wav"), max_new_tokens=8)
     assert len(res.tokens) > 0
 

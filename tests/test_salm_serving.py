@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+from mlx.utils import tree_map
 
 import canary_server
 from canary_server.convert.salm import convert_salm
@@ -273,7 +274,7 @@ def test_a_float16_overflow_fails_its_request_instead_of_emitting_garbage(salm_d
     from canary_server.pipeline.salm_batcher import SalmBatcher
 
     m = canary_server.model.load(salm_dir, dtype="float16")
-    m.proj.weight = m.proj.weight * 1e6  # past float16's 65504: inf audio embeddings
+    m.proj.update(tree_map(lambda p: p * 1e6, m.proj.parameters()))  # past float16's 65504: inf audio embeddings
     batcher = SalmBatcher(m)
     item = WorkItem(load_audio(str(ESPEAK_CLIPS / "clip03.wav")), PromptSpec("en", "en"))
     batcher.submit([item])
