@@ -734,7 +734,7 @@ CANARY_AVX512 void conv0_dw_s2_avx512(const float* x, const float* w0, const flo
 
 // x's rows as one K-major tile (pack_tiles' layout) with AVX-512: 16 columns of up to 12 rows at a time, loaded as
 // rows (missing rows zero), transposed in registers (16 x 16: 32-bit and 64-bit interleaves, then two rounds of
-// 128-bit lane shuffles) and stored as 16 runs of 12; plus add (k) if given, the same single addition per value.
+// 128-bit lane shuffles) and stored column by column; plus add (k) if given, the same single addition per value.
 CANARY_AVX512 void pack_tile_avx512(const float* x, size_t ldx, const float* add, float* tile, size_t rows,
                                     size_t k) {
   const __m512 zero = _mm512_setzero_ps();

@@ -144,15 +144,9 @@ class Canary(nn.Module):
         else left in nn.Linear's layout, which OpenBLAS's sgemv reads fastest (canary_server/_gemv_forward.c;
         bench/decoder_step.py)."""
         from . import cpu_kernels
-        from .cpu_layout import laid_out, lay_out_linears, pack_linears, wrap_quantized
+        from .cpu_layout import lay_out_linears, pack_linears, wrap_quantized
 
-        for name, child in self.children().items():
-            if name == "decoder" or not isinstance(child, nn.Module):
-                continue
-            if type(child) is nn.Linear:  # the model's own: the encoder-decoder projection
-                setattr(self, name, laid_out(child))
-            else:
-                lay_out_linears(child)
+        lay_out_linears(self, skip=("decoder",))  # the encoder's, and the model's own encoder-decoder projection
         if cpu_kernels.packed_isa() == "avx512":
             pack_linears(self.decoder)
         wrap_quantized(self.decoder)  # 8-bit decoder weights: the step's matmuls read bytes (cpu_kernels.qmatmul8)

@@ -146,11 +146,16 @@ class QuantizedDecoderLinear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
 
-def _replace_layers(module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Replace every layer below `module` (children and items of child lists, recursively) for which
-    `replacement(layer)` gives a module; returns how many were replaced."""
+def _replace_layers(
+    module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None], skip: tuple[str, ...] = ()
+) -> int:
+    """Replace every layer below `module` (children and items of child lists, recursively; not the children named
+    in `skip`, nor anything under them) for which `replacement(layer)` gives a module; returns how many were
+    replaced."""
     count = 0
     for key, child in list(module.items()):
+        if key in skip:
+            continue
         slots = list(enumerate(child)) if isinstance(child, list) else [(None, child)]
         for i, item in slots:
             if not isinstance(item, nn.Module):
@@ -175,15 +180,14 @@ def wrap_quantized(module: nn.Module) -> int:
     )
 
 
-def laid_out(layer: nn.Linear) -> nn.Module:
-    """One plain nn.Linear in the CPU layout: a PackedLinear where it fits, else a TransposedLinear."""
-    return PackedLinear(layer) if PackedLinear.fits(layer) else TransposedLinear(layer)
-
-
-def lay_out_linears(module: nn.Module) -> int:
-    """Replace every plain nn.Linear below `module` (not quantized ones) by `laid_out`'s layer; returns how many
-    were replaced."""
-    return _replace_layers(module, lambda m: laid_out(m) if type(m) is nn.Linear else None)
+def lay_out_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Replace every plain nn.Linear below `module` (not quantized ones; none under its children named in `skip`)
+    by a PackedLinear where it fits, else a TransposedLinear; returns how many were replaced."""
+    return _replace_layers(
+        module,
+        lambda m: (PackedLinear(m) if PackedLinear.fits(m) else TransposedLinear(m)) if type(m) is nn.Linear else None,
+        skip,
+    )
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -18,7 +18,7 @@ from .audio import SAMPLE_RATE, AudioSource, load_audio, pad_batch
 from .canary import Transcription
 from .config import EncoderConfig, PreprocessorConfig, QuantizationConfig
 from .conformer import ConformerEncoder, drain
-from .cpu_layout import laid_out, lay_out_linears, use_cpu_layout
+from .cpu_layout import lay_out_linears, use_cpu_layout
 from .features import Preprocessor
 from .salm_decoder import SalmBatchDecoder
 from .salm_prompt import SalmTokenizer
@@ -188,9 +188,9 @@ def load_salm(directory: Path, config: dict[str, Any], dtype: mx.Dtype | str | N
     mx.eval(model.parameters())
     model.eval()
     del weights  # (else every weight the layout replaces would stay alive until this returns)
-    if use_cpu_layout():  # the encoder's Linears and the projection into the LLM laid out for the CPU's matmul, as
-        lay_out_linears(model.encoder)  # Canary's (model/cpu_layout.py); the LLM keeps nn.Linear's rows (packing it:
-        if type(model.proj) is nn.Linear:  # BENCHMARKS, issue 23 round 5)
-            model.proj = laid_out(model.proj)
+    if use_cpu_layout():
+        # the encoder's Linears and the projection into the LLM laid out for the CPU's matmul, as Canary's
+        # (model/cpu_layout.py); the LLM keeps nn.Linear's rows (packing it: BENCHMARKS, issue 23 round 5)
+        lay_out_linears(model, skip=("llm",))
         mx.eval(model.encoder.parameters(), model.proj.parameters())
     return model
