@@ -508,8 +508,8 @@ def test_both_builds_give_the_same_bits():
 @loaded
 def test_kv_write_puts_rows_at_each_offset_in_place_only_when_nothing_else_holds_the_cache():
     """kv_write equals put_along_axis (the rows are copied: exactly); a cache still referenced elsewhere is left as it
-    was (written into a copy), one held by the step alone is written in place; an offset past the buffer writes
-    nothing."""
+    was (written into a copy); one only the write holds gives the same (there MLX may let it write in place, which
+    this cannot observe); an offset past the buffer writes nothing."""
     rng = np.random.default_rng(5)
     b, h, length, d = 3, 2, 7, 16
     base = rng.normal(0, 1, (b, h, length, d)).astype(np.float32)
