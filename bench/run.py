@@ -6,7 +6,8 @@ forced to round(4 * seconds) tokens, because random weights never stop by themse
 whatever engine is on the branch: upload, decoding, long-audio chunking (pipeline/chunking.py), batching.
 
 * single stream: RTFx (audio seconds / wall seconds) and generated tokens/s for 5 s, 30 s and 5 min clips;
-* concurrency 1, 4, 16 (5 s clips, each client sends its next request when its last one returns): throughput in
+* concurrency 1, 4, 16 (5 s clips, each client sends its next request when its last one returns; each repetition
+  runs them back to back, and the last / first one's throughput ratio is given per repetition): throughput in
   audio seconds per wall second, p50 / p95 latency;
 * 5 s requests sent one after another while a 5-minute file is being transcribed: their p95 vs the idle p95;
 * peak memory: the server's peak RSS (getrusage) and MLX's `get_peak_memory()`, as the server reports them;
@@ -240,12 +241,17 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes
             out["single"].append(single_stream(server.url, s, repeats if s < 300 else max(1, repeats - 1)))
             log(f"single {s:g}s: {out['single'][-1]['rtfx']:.1f}x")
         if not single_only:
-            out["concurrency"] = []
-            for c in sizes.concurrency:
-                per_client = sizes.clips_per_client or max(2, 16 // c)
-                runs = [concurrent(server.url, clips, c, per_client) for _ in range(repeats)]
-                out["concurrency"].append(median_run(runs, "throughput"))
-                log(f"c={c}: {out['concurrency'][-1]['throughput']:.1f} audio s/s")
+            # Repetition by repetition, every concurrency back to back: the VM's speed drifts by up to 20% within
+            # minutes, and a ratio of runs minutes apart would carry that drift.
+            runs: dict[int, list[dict]] = {c: [] for c in sizes.concurrency}
+            for _ in range(repeats):
+                for c in sizes.concurrency:
+                    runs[c].append(concurrent(server.url, clips, c, sizes.clips_per_client or max(2, 16 // c)))
+                    log(f"c={c}: {runs[c][-1]['throughput']:.1f} audio s/s")
+            out["concurrency"] = [median_run(runs[c], "throughput") for c in sizes.concurrency]
+            if len(runs) > 1:
+                pairs = zip(runs[sizes.concurrency[0]], runs[sizes.concurrency[-1]], strict=True)
+                out["concurrency_ratios"] = [b["throughput"] / a["throughput"] for a, b in pairs]
             if sizes.long_seconds > 0:
                 long_clip = wav_bytes(speech_like(sizes.long_seconds, seed=300))
                 out["during_long"] = [
@@ -335,6 +341,12 @@ def table(res: dict, dtype: str) -> str:
         if took:
             lines += ["", f"The long file itself took {took} with those requests running beside it"
                           + (f" ({alone:.1f} s alone)." if alone else ".")]  # fmt: skip
+        ratios = ours.get("concurrency_ratios")
+        if ratios:
+            lo, hi = ours["concurrency"][0]["concurrency"], ours["concurrency"][-1]["concurrency"]
+            each = ", ".join(f"{r:.2f}" for r in ratios)
+            lines += ["", f"Throughput at concurrency {hi} / concurrency {lo}: {statistics.median(ratios):.2f}x "
+                          f"(median; each repetition's runs back to back: {each})."]  # fmt: skip
         cpu = [r["client_cpu_ms"] for r in ours["concurrency"] if "client_cpu_ms" in r]
         if cpu:
             lines += ["", f"The bench's clients ran on the server's machine: {min(cpu):.1f}-{max(cpu):.1f} ms of CPU "

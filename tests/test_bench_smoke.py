@@ -130,6 +130,8 @@ def test_run_measures_the_server_end_to_end(tiny):
     out = _bench("run.py", tiny)
     assert "| 2 s |" in out and "| 5 s |" in out and "| concurrency 2 | 4 |" in out
     assert "one at a time during a 12 s file" in out and "Peak memory: server peak RSS" in out
+    assert re.search(r"^Throughput at concurrency 2 / concurrency 1: [\d.]+x \(median; each repetition's runs back "
+                     r"to back: [\d.]+\)\.$", out, flags=re.M), out  # fmt: skip
 
 
 def test_run_measures_a_canary_qwen_shaped_model(tiny):
