@@ -428,8 +428,9 @@ class Engine:
                 continue
             worked = True
             try:
+                began = time.monotonic()
                 done = batcher.step()
-                self._book.note_started(batcher)
+                self._book.note_started(batcher, began)
                 for item in done:
                     self._book.complete(batcher, item)
                 self._book.stream_progress(batcher)

@@ -156,18 +156,19 @@ class JobBook:
             self.monitor.completed(job.seconds, tokens, time.monotonic() - began)
         job.deliver(result, error)
 
-    def note_started(self, batcher: BatcherLike) -> None:
-        """Record the queue wait of jobs whose first piece has left the scheduler's waiting list (a batcher
-        without a `waiting` list: on submission)."""
+    def note_started(self, batcher: BatcherLike, step_began: float) -> None:
+        """After a step that began at `step_began` (monotonic): record the queue wait of jobs whose first piece
+        has left the scheduler's waiting list (a batcher without a `waiting` list: on submission). Pieces leave it
+        as a step begins, before its work (the first encoder stage), so they began then: that work is decoding
+        time, not waiting."""
         fresh = [j for j in self.jobs if j.began_at is None]
         if not fresh:
             return
         waiting = {id(it) for it in getattr(batcher, "waiting", ())}
-        now = time.monotonic()
         for job in fresh:
             if job.results or any(id(it) not in waiting for it in job.items):
-                job.began_at = now
-                self.monitor.started(now - job.accepted_at)
+                job.began_at = max(step_began, job.accepted_at)
+                self.monitor.started(job.began_at - job.accepted_at)
 
     def stream_progress(self, batcher: BatcherLike, job: Job | None = None) -> None:
         """Send streaming requests the text decoded since the last step, chunk by chunk, in order."""

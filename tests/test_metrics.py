@@ -71,6 +71,26 @@ def test_metrics_count_requests_audio_tokens_and_times_of_what_was_sent(served):
     assert "canary_mlx_peak_memory_bytes" in text and "canary_decoder_active_rows" in text
 
 
+class SlowCanary(FakeCanary):
+    """Its work takes 0.5 s, as a real model's first encoder stage takes time after a piece leaves the queue."""
+
+    def transcribe(self, audio, **kwargs):
+        time.sleep(0.5)  # the work itself, not a wait for anything
+        return super().transcribe(audio, **kwargs)
+
+
+def test_queue_wait_ends_when_the_work_starts_not_after_its_first_step():
+    fake = SlowCanary()
+    engine = Engine(lambda: fake, batcher=fake_batcher)
+    with running_server(create_app(Settings(model="/models/fake-canary", api_key=KEY), engine=engine)) as url:
+        wait_ready(url)
+        assert post(url).status_code == 200
+        text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    # An idle engine starts the request at once: the 0.5 s of its first step is decoding, not waiting
+    assert sample(text, "canary_queue_wait_seconds_sum") < 0.4
+    assert sample(text, "canary_decode_seconds_sum") >= 0.5
+
+
 def test_metrics_are_behind_the_api_key_and_unknown_paths_do_not_grow_the_labels(served):
     url, _ = served
     assert httpx.get(f"{url}/metrics").status_code == 401
