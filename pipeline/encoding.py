@@ -38,6 +38,7 @@ class WorkItem:
     cancelled: bool = False
     beam_size: int | None = None  # None: the batcher's
     language: LanguageChoice | None = None  # detect the source language (shared by the request's items)
+    streams: bool = False  # its request streams its text as it is decoded (SSE): it starts decoding at once
     _seq: Sequence | None = field(default=None, repr=False)
 
 

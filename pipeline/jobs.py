@@ -114,7 +114,7 @@ class JobBook:
         # before the remaining chunks of a long file.
         job.items = [
             WorkItem(a, job.spec, tag=(job, i), priority=job.seconds, group=job, beam_size=job.beam_size,
-                     language=job.language)
+                     language=job.language, streams=job.stream is not None)
             for i, a in enumerate(job.audios)
         ]  # fmt: skip
         self.jobs.append(job)

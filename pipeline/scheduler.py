@@ -74,6 +74,8 @@ class ContinuousBatcher:
         self.decoders: dict[int, BatchDecoder] = {}
         self.waiting: list[WorkItem] = []
         self.encoding: list[Encoding] = []  # in progress; the last one runs, earlier ones were paused for it
+        # Encoded batches that join the decoders together with the next one, encoded right after (`_encode_step`)
+        self.encoded: list[tuple[list[WorkItem], list[Sequence | BaseException]]] = []
         self.parked: list[Parked] = []
         self.fair = FairShare(long_request_share, fair_grace_seconds)
         self.clock = clock
@@ -120,7 +122,7 @@ class ContinuousBatcher:
         return sum(len(p.seqs) for p in self.parked)
 
     def _encoding_count(self) -> int:
-        return sum(len(e.items) for e in self.encoding)
+        return sum(len(e.items) for e in self.encoding) + sum(len(items) for items, _ in self.encoded)
 
     def submit(self, items: list[WorkItem]) -> None:
         now = self.clock()
@@ -148,6 +150,7 @@ class ContinuousBatcher:
             if it._seq is not None:
                 it._seq.cancelled = True
         self.encoding = [e for e in self.encoding if not all(it.cancelled for it in e.items)]
+        self.encoded = [(its, seqs) for its, seqs in self.encoded if not all(it.cancelled for it in its)]
 
     def partial_text(self, item: WorkItem) -> str:
         """The text decoded so far for an item (final once it has a result; beam search: only final)."""
@@ -195,11 +198,12 @@ class ContinuousBatcher:
         log.warning("float16/bfloat16 overflow: recomputing in float32, and computing in float32 from now on")
         again = {id(it): it for it in redo}
         in_progress = [s.tag for s in self._active()] + [s.tag for p in self.parked for s in p.seqs]
-        for item in in_progress + [it for e in self.encoding for it in e.items]:
+        encoding = [it for e in self.encoding for it in e.items] + [it for its, _ in self.encoded for it in its]
+        for item in in_progress + encoding:
             again[id(item)] = item
         for item in again.values():
             item._seq = None
-        self.model, self.decoders, self.parked, self.encoding = twin, {}, [], []
+        self.model, self.decoders, self.parked, self.encoding, self.encoded = twin, {}, [], [], []
         self.waiting += again.values()
         return [it for it in done if id(it) not in again]
 
@@ -222,7 +226,7 @@ class ContinuousBatcher:
 
     def _shortest_in_progress(self) -> float | None:
         """The lowest priority among decoding rows and the encode that is running (parked rows excluded)."""
-        prios = [s.tag.priority for s in self._active()]
+        prios = [s.tag.priority for s in self._active()] + [it.priority for its, _ in self.encoded for it in its]
         if self.encoding:
             prios += [it.priority for it in self.encoding[-1].items]
         return min(prios, default=None)
@@ -265,14 +269,14 @@ class ContinuousBatcher:
         return self._defer(min(self._urgency(it, now) for it in items) > shortest_active)
 
     def _encode_step(self) -> tuple[list[WorkItem], bool]:
-        """Returns the items that completed and whether an encode was left mid-way."""
+        """Returns the items that completed and whether an encode was left mid-way (or follows at once)."""
         now = self.clock()
         done = self._maybe_start(now)
         if not self.encoding:
-            return done, False
+            return done + self._join_encoded(), False
         enc = self.encoding[-1]
         if self._held_back(enc.items, now):
-            return done, False
+            return done + self._join_encoded(), False
         try:
             mx.eval(next(enc.stages))
             return done, True
@@ -281,15 +285,45 @@ class ContinuousBatcher:
             try:
                 seqs = sequences(self.model, enc, finished.value, self.keywords_alpha)
             except Exception as exc:  # noqa: BLE001 - isolated below
-                return done + self._isolate(enc.items, exc), False
-            return done + self._join(enc.items, seqs), False
+                return done + self._isolate(enc.items, exc) + self._join_encoded(), False
+            self.encoded.append((enc.items, seqs))
+            if self._next_encode_follows(now):
+                return done, True
+            return done + self._join_encoded(), False
         except NonFiniteError:  # float16/bfloat16 overflow: the batch is redone in float32 (`_fall_back`)
             self.encoding.pop()
             self._overflowed += enc.items
-            return done, False
+            return done + self._join_encoded(), False
         except Exception as exc:  # noqa: BLE001 - a failing batch: find the culprit, the others still run
             self.encoding.pop()
-            return done + self._isolate(enc.items, exc), False
+            return done + self._isolate(enc.items, exc) + self._join_encoded(), False
+
+    def _next_encode_follows(self, now: float) -> bool:
+        """Whether the batches just encoded wait to join the decoders with the next one, which starts at the next
+        step: they would wait for its encode anyway (the decoders do not step while a batch is encoded), and
+        joined together they share one prefill and then finish together, not in staggered groups (16 clients
+        sending 5 s clips at once at 180m dims on 2 cores: 122 -> 114 decoder steps per 96 clips, 3-8% more
+        throughput). Not when a paused encode would run first, when a request in them or in the decoders streams
+        its text (it starts at once; a decoding one keeps its step between two encodes), when the decoders have
+        no room, or when the next waiting item is longer (less urgent) than they are: shortest first."""
+        if self.encoding or not self.waiting:
+            return False
+        pending = [it for its, _ in self.encoded for it in its]
+        if any(it.streams for it in pending) or any(s.tag.streams for s in self._active()):
+            return False
+        decoding = sum(len(d) for d in self.decoders.values())
+        if decoding + self._parked_count() + self._encoding_count() >= self.max_batch:
+            return False
+        return min(self._urgency(it, now) for it in self.waiting) <= min(it.priority for it in pending)
+
+    def _join_encoded(self) -> list[WorkItem]:
+        """Join the encoded batches waiting for the next one (`_next_encode_follows`) to the decoders, as one."""
+        if not self.encoded:
+            return []
+        items = [it for its, _ in self.encoded for it in its]
+        seqs = [s for _, batch in self.encoded for s in batch]
+        self.encoded = []
+        return self._join(items, seqs)
 
     def _maybe_start(self, now: float) -> list[WorkItem]:
         """Start encoding the most urgent waiting items when nothing is encoding, or pause the running encode for

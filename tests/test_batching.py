@@ -84,11 +84,12 @@ def test_encoder_frames_matches_the_encoder_tensor_length(espeak_model):
         assert enc.shape[1] == encoder_frames(n, 160, 3)
 
 
-def _item(clip: int, priority: float, tag=None, group=None):
+def _item(clip: int, priority: float, tag=None, group=None, streams: bool = False):
     from canary_server.pipeline.scheduler import WorkItem
 
     wave = load_audio(ESPEAK_CLIPS / f"clip{clip:02d}.wav")
-    return WorkItem(wave, PromptSpec("en", "en"), tag=clip if tag is None else tag, priority=priority, group=group)
+    tag = clip if tag is None else tag
+    return WorkItem(wave, PromptSpec("en", "en"), tag=tag, priority=priority, group=group, streams=streams)
 
 
 def _rows(batcher) -> list:
@@ -223,3 +224,87 @@ def test_cancelling_an_item_being_encoded_drops_its_batch(espeak_model):
     batcher.cancel([item])
     assert not batcher.encoding and len(batcher) == 0
     assert batcher.step() == []
+
+
+def test_batches_encoded_back_to_back_join_the_decoders_together(espeak_model):
+    """Four equal requests, one per encoder batch: each batch waits for the next one (the decoders would wait for
+    its encode anyway) and all four join at once, so they share one prefill and step together to the end."""
+    items = [_item(i, 4.0) for i in range(4)]
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0)  # one clip per encoder batch
+    batcher.submit(items)
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    assert sorted(_rows(batcher)) == [0, 1, 2, 3]
+    _run_all(batcher)
+    for it in items:
+        assert it.result.tokens == espeak_model.generate(it.audio).tokens, it.tag
+
+
+def test_a_streaming_request_joins_as_soon_as_it_is_encoded(espeak_model):
+    """A request that streams its text starts decoding after its own encode, not after the next batch's."""
+    first, second = _item(0, 4.0, tag="streams", streams=True), _item(1, 4.0, tag="later")
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0)
+    batcher.submit([first, second])
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    assert _rows(batcher) == ["streams"]
+    _run_all(batcher)
+    for it in (first, second):
+        assert it.result.tokens == espeak_model.generate(it.audio).tokens, it.tag
+
+
+def test_while_a_streaming_request_decodes_encoded_batches_join_at_once(espeak_model):
+    """A streaming request decoding keeps its step between two encodes: batches do not wait for each other."""
+    streaming = _item(2, 4.0, tag="streams", streams=True)
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0)
+    batcher.submit([streaming])
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    later = [_item(0, 4.0, tag="b"), _item(1, 4.0, tag="c")]
+    batcher.submit(later)
+    _step_until(batcher, lambda: "b" in _rows(batcher))
+    assert "c" not in _rows(batcher)
+    _run_all(batcher)
+    for it in [streaming, *later]:
+        assert it.result.tokens == espeak_model.generate(it.audio).tokens, it.tag
+
+
+def test_no_room_in_the_decoders_means_no_wait_for_the_next_batch(espeak_model):
+    """The next batch could not join anyway (the decoders are full): the encoded one joins at once."""
+    items = [_item(i, 4.0) for i in range(3)]
+    batcher = ContinuousBatcher(espeak_model, max_batch=1, encode_seconds=1.0)
+    batcher.submit(items)
+    _step_until(batcher, lambda: batcher.decoder.rows)
+    assert len(_rows(batcher)) == 1 and not batcher.encoded
+    _run_all(batcher)
+    assert all(it.result.tokens == espeak_model.generate(it.audio).tokens for it in items)
+
+
+def test_cancelling_an_encoded_item_waiting_for_the_next_batch_drops_it(espeak_model):
+    first, second = _item(0, 4.0, tag="first"), _item(1, 4.0, tag="second")
+    batcher = ContinuousBatcher(espeak_model, max_batch=8, encode_seconds=1.0)
+    batcher.submit([first, second])
+    _step_until(batcher, lambda: batcher.encoded)
+    assert [its for its, _ in batcher.encoded] == [[first]] and len(batcher) == 2
+    batcher.cancel([first])
+    assert not batcher.encoded and len(batcher) == 1
+    _run_all(batcher)
+    assert first.result is None and second.result.tokens == espeak_model.generate(second.audio).tokens
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_a_streaming_requests_pieces_are_marked_as_streaming(streams):
+    """The engine's job book tells the scheduler which pieces stream (they join the decoders at once)."""
+    import asyncio
+
+    from canary_server.pipeline.jobs import Job, JobBook, Stream
+
+    class Collect:
+        def submit(self, items):
+            self.items = items
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job([np.zeros(16000, np.float32)] * 2, PromptSpec("en", "en"), loop, loop.create_future())
+        job.stream = Stream(asyncio.Queue()) if streams else None
+        JobBook({}).submit(Collect(), job)
+    finally:
+        loop.close()
+    assert [it.streams for it in job.items] == [streams, streams]
