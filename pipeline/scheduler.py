@@ -115,14 +115,22 @@ class ContinuousBatcher:
         return seqs
 
     def __len__(self) -> int:
+        return len(self.waiting) + self._in_progress()
+
+    def _in_progress(self) -> int:
+        """Items taken up: encoding, encoded and waiting to join, decoding or parked."""
         decoding = sum(len(d) for d in self.decoders.values())
-        return len(self.waiting) + self._encoding_count() + decoding + self._parked_count()
+        return self._encoding_count() + decoding + self._parked_count()
 
     def _parked_count(self) -> int:
         return sum(len(p.seqs) for p in self.parked)
 
+    def _encoded_items(self) -> list[WorkItem]:
+        """The items of the batches encoded and waiting to join the decoders with the next one."""
+        return [it for items, _ in self.encoded for it in items]
+
     def _encoding_count(self) -> int:
-        return sum(len(e.items) for e in self.encoding) + sum(len(items) for items, _ in self.encoded)
+        return sum(len(e.items) for e in self.encoding) + len(self._encoded_items())
 
     def submit(self, items: list[WorkItem]) -> None:
         now = self.clock()
@@ -198,7 +206,7 @@ class ContinuousBatcher:
         log.warning("float16/bfloat16 overflow: recomputing in float32, and computing in float32 from now on")
         again = {id(it): it for it in redo}
         in_progress = [s.tag for s in self._active()] + [s.tag for p in self.parked for s in p.seqs]
-        encoding = [it for e in self.encoding for it in e.items] + [it for its, _ in self.encoded for it in its]
+        encoding = [it for e in self.encoding for it in e.items] + self._encoded_items()
         for item in in_progress + encoding:
             again[id(item)] = item
         for item in again.values():
@@ -226,7 +234,7 @@ class ContinuousBatcher:
 
     def _shortest_in_progress(self) -> float | None:
         """The lowest priority among decoding rows and the encode that is running (parked rows excluded)."""
-        prios = [s.tag.priority for s in self._active()] + [it.priority for its, _ in self.encoded for it in its]
+        prios = [s.tag.priority for s in self._active()] + [it.priority for it in self._encoded_items()]
         if self.encoding:
             prios += [it.priority for it in self.encoding[-1].items]
         return min(prios, default=None)
@@ -308,11 +316,10 @@ class ContinuousBatcher:
         no room, or when the next waiting item is longer (less urgent) than they are: shortest first."""
         if self.encoding or not self.waiting:
             return False
-        pending = [it for its, _ in self.encoded for it in its]
+        pending = self._encoded_items()
         if any(it.streams for it in pending) or any(s.tag.streams for s in self._active()):
             return False
-        decoding = sum(len(d) for d in self.decoders.values())
-        if decoding + self._parked_count() + self._encoding_count() >= self.max_batch:
+        if self._in_progress() >= self.max_batch:
             return False
         return min(self._urgency(it, now) for it in self.waiting) <= min(it.priority for it in pending)
 
@@ -320,7 +327,7 @@ class ContinuousBatcher:
         """Join the encoded batches waiting for the next one (`_next_encode_follows`) to the decoders, as one."""
         if not self.encoded:
             return []
-        items = [it for its, _ in self.encoded for it in its]
+        items = self._encoded_items()
         seqs = [s for _, batch in self.encoded for s in batch]
         self.encoded = []
         return self._join(items, seqs)
@@ -328,8 +335,7 @@ class ContinuousBatcher:
     def _maybe_start(self, now: float) -> list[WorkItem]:
         """Start encoding the most urgent waiting items when nothing is encoding, or pause the running encode for
         them when it belongs to a much longer request."""
-        decoding = sum(len(d) for d in self.decoders.values())
-        room = self.max_batch - decoding - self._parked_count() - self._encoding_count()
+        room = self.max_batch - self._in_progress()
         if room <= 0 or not self.waiting:
             return []
         self.waiting.sort(key=lambda it: (self._urgency(it, now), it._order))  # type: ignore[attr-defined]
