@@ -121,7 +121,7 @@ class BatchDecoder:
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         self_k, self_v, cross, cross_mask, logits = self._run_prompts(seqs)
-        token, token_lp = _pick(logits)
+        token, token_lp = cpu_kernels.pick(logits)  # greedy token and its log-softmax
         self._append_rows(self_k, self_v, cross, cross_mask, len(seqs[0].prompt), token)
         self.rows += seqs
         return self._collect(token, token_lp, seqs)
@@ -243,7 +243,7 @@ class BatchDecoder:
     def _forward(self, last, offsets, self_k, self_v, cross_k, cross_v, cross_mask):
         """One greedy decoder step for every row at its own position (pure: compilable)."""
         logits, new_k, new_v = self._forward_logits(last, offsets, self_k, self_v, cross_k, cross_v, cross_mask)
-        token, token_lp = _pick(logits)
+        token, token_lp = cpu_kernels.pick(logits)  # greedy token and its log-softmax
         return token, token_lp, new_k, new_v
 
     def _forward_logits(self, last, offsets, self_k, self_v, cross_k, cross_v, cross_mask):
@@ -334,11 +334,6 @@ def check_prompt_length(prompt_len: int, max_sequence_length: int) -> None:
     refused, never run past the table (NeMo fails on it with an IndexError)."""
     if prompt_len > max_sequence_length:
         raise PromptTooLong(prompt_len, max_sequence_length)
-
-
-def _pick(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Greedy token on the device and its log-probability (argmax and logsumexp; one fused pass on the CPU paths)."""
-    return cpu_kernels.pick(logits)
 
 
 def round_up(n: int, step: int) -> int:
