@@ -19,8 +19,8 @@ from datetime import date
 from pathlib import Path
 
 from run import (
+    Client,
     Server,
-    client,
     concurrent,
     during_long,
     log,
@@ -36,7 +36,7 @@ def measure(model_dir: Path, dtype: str, share: float, long_seconds: float) -> d
     try:
         server.wait_ready()
         clips = [wav_bytes(speech_like(5.0, seed=100 + i)) for i in range(16)]
-        with client(server.url) as c:  # warm-up
+        with Client(server.url) as c:  # warm-up
             for data in (clips[0], wav_bytes(speech_like(30.0, seed=1))):
                 transcribe(c, data)
         idle = concurrent(server.url, clips, 1, 16)

@@ -150,10 +150,6 @@ def transcribe(client: Client, data: bytes) -> tuple[float, int]:
     return latency, sum(len(s.get("tokens", [])) for s in json.loads(body).get("segments", []))
 
 
-def client(url: str) -> Client:
-    return Client(url)
-
-
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q)) if xs else float("nan")
 
@@ -161,7 +157,7 @@ def pct(xs: list[float], q: float) -> float:
 # ---- measurements ---------------------------------------------------------------------------------------------
 def single_stream(url: str, seconds: float, repeats: int) -> dict:
     data = wav_bytes(speech_like(seconds, seed=int(seconds)))
-    with client(url) as c:
+    with Client(url) as c:
         runs = [transcribe(c, data) for _ in range(repeats)]
     lat = statistics.median(r[0] for r in runs)
     # random canary-qwen ids decode to no text, so no segments to count: the forced count (checked in-process)
@@ -180,7 +176,7 @@ def concurrent(url: str, clips: list[bytes], concurrency: int, per_client: int) 
     lock = threading.Lock()
 
     def worker(k: int) -> None:
-        with client(url) as c:
+        with Client(url) as c:
             for j in range(per_client):
                 lat, _ = transcribe(c, clips[(k * per_client + j) % len(clips)])
                 with lock:
@@ -202,7 +198,7 @@ def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
     long_result: dict = {}
 
     def run_long() -> None:
-        with client(url) as c:
+        with Client(url) as c:
             long_result["latency_s"], _ = transcribe(c, long_clip)
         done.set()
 
@@ -211,7 +207,7 @@ def during_long(url: str, long_clip: bytes, clips: list[bytes]) -> dict:
     th.start()
     time.sleep(1.0)  # the long file is uploaded, chunked and being decoded
     lat, sent = [], []
-    with client(url) as c:
+    with Client(url) as c:
         i = 0
         while not done.is_set():
             start = time.perf_counter() - t0
@@ -233,7 +229,7 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes
         server.wait_ready()
         out["load_s"] = time.perf_counter() - t0
         clips = [wav_bytes(speech_like(5.0, seed=100 + i)) for i in range(16)]
-        with client(server.url) as c:  # warm-up: compile, allocate
+        with Client(server.url) as c:  # warm-up: compile, allocate
             for data in (clips[0], wav_bytes(speech_like(30.0, seed=1))):
                 transcribe(c, data)
         out["single"] = []
