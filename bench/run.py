@@ -237,7 +237,7 @@ def run_ours(model_dir: Path, dtype: str, repeats: int, single_only: bool, sizes
             out["single"].append(single_stream(server.url, s, repeats if s < 300 else max(1, repeats - 1)))
             log(f"single {s:g}s: {out['single'][-1]['rtfx']:.1f}x")
         if not single_only:
-            # Repetition by repetition, every concurrency back to back: the VM's speed drifts by up to 20% within
+            # Repetition by repetition, every concurrency back to back: the VM's speed drifts by up to 30% within
             # minutes, and a ratio of runs minutes apart would carry that drift.
             runs: dict[int, list[dict]] = {c: [] for c in sizes.concurrency}
             for _ in range(repeats):

@@ -233,7 +233,8 @@ class ContinuousBatcher:
         return wanted and self.fair.allow_defer()
 
     def _shortest_in_progress(self) -> float | None:
-        """The lowest priority among decoding rows and the encode that is running (parked rows excluded)."""
+        """The lowest priority among decoding rows, the batches encoded and waiting to join them, and the encode
+        that is running (parked rows excluded)."""
         prios = [s.tag.priority for s in self._active()] + [it.priority for it in self._encoded_items()]
         if self.encoding:
             prios += [it.priority for it in self.encoding[-1].items]
